@@ -1,0 +1,77 @@
+// Argument checks shared by the CPU and CUDA glue: every message names the argument and what was
+// expected, so a misuse surfaces in Python as a clear RuntimeError.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include "int4kit/format.h"
+
+namespace int4kit {
+
+inline DType to_kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    default: return DType::F16;
+  }
+}
+
+inline bool is_compute_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_compute_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_compute_dtype(t.scalar_type()), "int4kit: ", name,
+              " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
+  TORCH_CHECK(t.scalar_type() == want, "int4kit: ", name, " must be ", want, ", got ",
+              t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.dim() == dim, "int4kit: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "int4kit: ", name, " is on ", t.device(),
+              " but the weight is on ", ref.device());
+}
+
+// group_size -1 (per channel) or an even size in [2, K]; returns the effective size (K per channel).
+inline int64_t effective_group_size(int64_t group_size, int64_t K) {
+  TORCH_CHECK(K > 0, "int4kit: K (in_features) must be positive, got ", K);
+  if (group_size == -1) return K;
+  TORCH_CHECK(group_size > 0 && group_size % 2 == 0, "int4kit: group_size must be -1 (per channel) "
+              "or a positive even number, got ", group_size);
+  TORCH_CHECK(group_size <= K, "int4kit: group_size ", group_size, " is larger than K = ", K,
+              "; use -1 for one group per channel");
+  return group_size;
+}
+
+// Checks the canonical trio against [N, K] / G and returns N.
+inline int64_t check_canonical(const at::Tensor& qweight, const at::Tensor& scales,
+                               const c10::optional<at::Tensor>& zeros, int64_t K, int64_t G) {
+  check_dtype(qweight, at::kByte, "qweight");
+  check_dim(qweight, 2, "qweight");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == packed_row_bytes(K), "int4kit: qweight must have ceil(K/2) = ",
+              packed_row_bytes(K), " columns for K = ", K, ", got shape ", qweight.sizes());
+  check_compute_dtype(scales, "scales");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == num_groups(K, G),
+              "int4kit: scales must have shape [", N, ", ", num_groups(K, G), "] (N, ceil(K/G)), got ",
+              scales.sizes());
+  check_device(scales, qweight, "scales");
+  if (zeros) {
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), "int4kit: zeros must have the shape of scales ",
+                scales.sizes(), ", got ", zeros->sizes());
+    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type(), "int4kit: zeros must have the dtype "
+                "of scales (", scales.scalar_type(), "), got ", zeros->scalar_type());
+    check_device(*zeros, qweight, "zeros");
+  }
+  return N;
+}
+
+}  // namespace int4kit

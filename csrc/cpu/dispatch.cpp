@@ -1,0 +1,56 @@
+// CPU feature detection and the per-ISA dispatch of the fused linear. Compiled without ISA flags.
+#include <cstring>
+
+#include "kernels_internal.h"
+
+namespace int4kit {
+namespace cpu {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+bool parse_isa(const char* name, Isa* out) {
+  if (std::strcmp(name, "scalar") == 0) *out = Isa::Scalar;
+  else if (std::strcmp(name, "avx2") == 0) *out = Isa::Avx2;
+  else return false;
+  return true;
+}
+
+bool isa_supported(Isa isa) {
+  // __builtin_cpu_supports reads a table the runtime fills once at start-up: cheap to call.
+  switch (isa) {
+    case Isa::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    default: return true;
+  }
+}
+
+Isa best_isa() {
+  static const Isa best = isa_supported(Isa::Avx2) ? Isa::Avx2 : Isa::Scalar;
+  return best;
+}
+
+void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                         int64_t m_begin, int64_t m_end, float* xp, float* xsum) {
+  switch (isa) {
+    case Isa::Avx2: avx2::prepare_activations(x, dtype, ldx, s, m_begin, m_end, xp, xsum); break;
+    default: ref::prepare_activations(x, dtype, ldx, s, m_begin, m_end, xp, xsum); break;
+  }
+}
+
+void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
+            const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+            int64_t block_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    default: ref::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+  }
+}
+
+}  // namespace cpu
+}  // namespace int4kit

@@ -1,0 +1,25 @@
+// Per-ISA entry points behind the dispatcher in dispatch.cpp. Each ISA lives in its own translation
+// unit, compiled with that ISA's -m flags only, so nothing here may be inlined across ISAs.
+#pragma once
+
+#include "int4kit/kernels.h"
+
+namespace int4kit {
+namespace cpu {
+
+#define INT4KIT_DECLARE_ISA(ns)                                                               \
+  namespace ns {                                                                              \
+  void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,     \
+                           int64_t m_begin, int64_t m_end, float* xp, float* xsum);           \
+  void linear(const Activations& a, const uint8_t* packed, const PackedShape& s,              \
+              const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,      \
+              int64_t block_end);                                                             \
+  }
+
+INT4KIT_DECLARE_ISA(ref)
+INT4KIT_DECLARE_ISA(avx2)
+
+#undef INT4KIT_DECLARE_ISA
+
+}  // namespace cpu
+}  // namespace int4kit

@@ -1,0 +1,158 @@
+// int4kit weight formats: the canonical (saved, portable) format and the CPU prepacked layout.
+// Torch-free: included by kernels, glue, C++ tests and microbenchmarks. docs/FORMAT.md is the prose
+// version of this file; keep the two in step.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace int4kit {
+
+// ---------------------------------------------------------------------------------------------
+// Canonical format, for a weight W of shape [N, K] and group size G (G = K means per channel):
+//   qweight uint8 [N, ceil(K/2)]: byte j of row n holds k = 2j in its low nibble, k = 2j+1 in its
+//                                 high nibble (an odd K leaves the last high nibble 0). Codes 0..15.
+//   scales  [N, ceil(K/G)]        in the compute dtype (fp32, bf16 or fp16).
+//   zeros   [N, ceil(K/G)]        same dtype, zero point in code units; absent when symmetric (= 8).
+//   w[n, k] = (q[n, k] - zeros[n, k / G]) * scales[n, k / G]
+// ---------------------------------------------------------------------------------------------
+constexpr int kSymmetricZero = 8;
+constexpr int kMaxCode = 15;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+inline int64_t packed_row_bytes(int64_t K) { return ceil_div(K, 2); }
+inline int64_t num_groups(int64_t K, int64_t G) { return ceil_div(K, G); }
+
+inline uint8_t canonical_code(const uint8_t* qweight_row, int64_t k) {
+  const uint8_t byte = qweight_row[k >> 1];
+  return (k & 1) ? (byte >> 4) : (byte & 0xF);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU prepacked layout (what Int4Linear keeps in memory on CPU; never saved).
+//
+// Rows are taken in blocks of kBlockN = 16 output channels (N padded up to a multiple of 16 with
+// all-zero rows). Every group is padded up to Gp = round_up(G, 8) columns with code 0, so each
+// group starts on a whole 32-bit word and the kernels never split a word between two groups; the
+// activations are laid out with the same padding (zeros), see prepare_activations().
+//
+// The buffer is one stream per row block: for block b, for group g, a "group record" of
+//   Gp/8 words x 16 lanes of uint32   codes: lane l is row 16b+l; nibble i (bits 4i..4i+3) of
+//                                     word w holds column k = g*G + 8w + i
+//   16 x float32                      scales of the 16 rows for group g
+//   16 x float32                      zero points of the 16 rows for group g (8 when symmetric)
+// so a SIMD load of 16 consecutive words gives 8 columns of 16 rows, and each group's scale and
+// zero point sit right after their codes in the same sequential stream.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kBlockN = 16;
+constexpr int64_t kCodesPerWord = 8;
+
+struct PackedShape {
+  int64_t N = 0, K = 0, G = 0;  // G is the effective group size (K for per channel)
+  int64_t groups() const { return num_groups(K, G); }
+  int64_t padded_group() const { return round_up(G, kCodesPerWord); }
+  int64_t padded_k() const { return groups() * padded_group(); }
+  int64_t row_blocks() const { return ceil_div(N, kBlockN); }
+  int64_t words_per_group() const { return padded_group() / kCodesPerWord; }
+  // bytes of one group record: codes, then 16 scales, then 16 zero points
+  int64_t group_record_bytes() const {
+    return words_per_group() * kBlockN * 4 + 2 * kBlockN * 4;
+  }
+  int64_t row_block_bytes() const { return groups() * group_record_bytes(); }
+  int64_t total_bytes() const { return row_blocks() * row_block_bytes(); }
+  // length of group g in real (unpadded) columns; the last group may be shorter than G
+  int64_t group_len(int64_t g) const { return (g + 1) * G <= K ? G : K - g * G; }
+};
+
+inline const uint8_t* group_record(const uint8_t* packed, const PackedShape& s, int64_t block,
+                                   int64_t g) {
+  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
+}
+inline uint8_t* group_record(uint8_t* packed, const PackedShape& s, int64_t block, int64_t g) {
+  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
+}
+inline const uint32_t* record_codes(const uint8_t* rec) {
+  return reinterpret_cast<const uint32_t*>(rec);
+}
+inline const float* record_scales(const uint8_t* rec, const PackedShape& s) {
+  return reinterpret_cast<const float*>(rec + s.words_per_group() * kBlockN * 4);
+}
+inline const float* record_zeros(const uint8_t* rec, const PackedShape& s) {
+  return record_scales(rec, s) + kBlockN;
+}
+inline uint32_t* record_codes(uint8_t* rec) { return reinterpret_cast<uint32_t*>(rec); }
+inline float* record_scales(uint8_t* rec, const PackedShape& s) {
+  return reinterpret_cast<float*>(rec + s.words_per_group() * kBlockN * 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation dtypes the kernels read and write, and scalar conversions shared by every path
+// (round-to-nearest-even, as torch does).
+// ---------------------------------------------------------------------------------------------
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / nan
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float mag = float(man) * 5.9604644775390625e-8f;
+    return sign ? -mag : mag;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+inline uint16_t float_to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t au = u & 0x7fffffffu;
+  if (au > 0x7f800000u) return uint16_t(sign | 0x7e00u);  // NaN
+  if (au >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (au < 0x38800000u) {
+    // subnormal half (or zero): the value in units of 2^-24, rounded to nearest even. Adding
+    // 0.5 (2^-1) as a float puts the units in the low mantissa bits with the FPU's rounding.
+    const float scaled = bits_to_float(au) + 0.5f;
+    return uint16_t(sign | uint16_t(float_to_bits(scaled) - float_to_bits(0.5f)));
+  }
+  uint32_t v = au + 0xfffu + ((au >> 13) & 1u);  // round mantissa to 10 bits, nearest even
+  v -= 112u << 23;                                // rebias exponent 127 -> 15
+  return uint16_t(sign | uint16_t(v >> 13));
+}
+
+inline float load_as_float(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return f16_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+inline void store_from_float(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    default: static_cast<uint16_t*>(p)[i] = float_to_f16(v); break;
+  }
+}
+
+}  // namespace int4kit

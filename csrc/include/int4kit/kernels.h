@@ -1,0 +1,81 @@
+// Raw-pointer CPU kernels of int4kit. No ATen here: the torch glue (csrc/cpu/ops_cpu.cpp), the
+// C++ tests and the microbenchmarks all call these. Preconditions (shapes, code ranges, group size)
+// are checked by the caller; functions that can meet bad data return a Status.
+#pragma once
+
+#include <cstdint>
+
+#include "int4kit/format.h"
+
+namespace int4kit {
+
+enum class Status : int { Ok = 0, CodeOutOfRange = 1 };
+
+namespace cpu {
+
+// ---- canonical format (scalar; memory-bound and run once per weight) -------------------------
+// codes uint8 [N, K] (each 0..15) -> qweight uint8 [N, ceil(K/2)]
+Status pack(const uint8_t* codes, int64_t N, int64_t K, uint8_t* qweight);
+// qweight [N, ceil(K/2)] -> codes [N, K]
+void unpack(const uint8_t* qweight, int64_t N, int64_t K, uint8_t* codes);
+
+// Round-to-nearest quantization of finite fp32 weights w [N, K] with group size G (effective).
+// Scales are rounded to scale_dtype before the codes are computed, so the codes are those of the
+// scale that will be saved. Writes codes [N, K] (unpacked), scales and zeros fp32 [N, groups]
+// (zeros = 8 when symmetric).
+// Per group, symmetric: s = max|w| / 7.5, z = 8. Asymmetric: lo = min(w, 0), hi = max(w, 0),
+// s = (hi - lo) / 15, z = clamp(round(-lo / s), 0, 15). A group whose scale is 0 (all zeros, or
+// underflow in the scale dtype) gets s = 1, so its codes dequantize to 0.
+// q = clamp(round_half_even(w / s) + z, 0, 15).
+void quantize_rtn(const float* w, int64_t N, int64_t K, int64_t G, bool symmetric,
+                  DType scale_dtype, uint8_t* codes, float* scales, float* zeros);
+
+// (q - z) * s in fp32, for the canonical format; zeros == nullptr means symmetric (z = 8).
+void dequantize(const uint8_t* qweight, const float* scales, const float* zeros, int64_t N,
+                int64_t K, int64_t G, float* out);
+
+// ---- CPU prepacked layout (format.h) ----------------------------------------------------------
+// scales/zeros are fp32 [N, groups]; zeros == nullptr means symmetric.
+void prepack(const uint8_t* qweight, const float* scales, const float* zeros,
+             const PackedShape& shape, uint8_t* packed);
+// Inverse of prepack: qweight [N, ceil(K/2)], scales and zeros fp32 [N, groups].
+void unprepack(const uint8_t* packed, const PackedShape& shape, uint8_t* qweight, float* scales,
+               float* zeros);
+
+// ---- fused linear: y[M, N] = x[M, K] . dequant(W)^T + bias ------------------------------------
+enum class Isa : int { Scalar = 0, Avx2 = 1 };
+const char* isa_name(Isa isa);
+
+// Activations as the kernels read them: fp32 rows of padded_k() columns laid out group by group
+// with the same padding as the weights (zeros), plus per-row, per-group sums of x that fold the
+// zero point into one FMA per group.
+struct Activations {
+  const float* x = nullptr;     // [M, padded_k]
+  const float* xsum = nullptr;  // [M, groups]
+  int64_t M = 0;
+};
+
+// Sizes of the two buffers prepare_activations fills.
+inline int64_t activation_floats(const PackedShape& s, int64_t M) { return M * s.padded_k(); }
+inline int64_t activation_sum_floats(const PackedShape& s, int64_t M) { return M * s.groups(); }
+
+// x: [M, K] rows of dtype `dtype`, row stride ldx elements. Rows [m_begin, m_end) are written.
+void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                         int64_t m_begin, int64_t m_end, float* xp, float* xsum);
+
+// Computes output columns of row blocks [block_begin, block_end) for all M rows. bias is fp32 [N]
+// or nullptr; y is [M, N] of dtype `dtype` with row stride ldy. Independent across row blocks, so
+// callers parallelise over blocks.
+void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
+            const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+            int64_t block_end);
+
+// ---- dispatch ---------------------------------------------------------------------------------
+// Best ISA this CPU supports, detected once.
+Isa best_isa();
+bool isa_supported(Isa isa);
+// Parses "scalar" / "avx2"; returns false for an unknown name.
+bool parse_isa(const char* name, Isa* out);
+
+}  // namespace cpu
+}  // namespace int4kit

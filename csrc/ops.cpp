@@ -1,0 +1,37 @@
+// Every int4kit op schema, once (TORCH_LIBRARY), and the small Python module the package imports.
+// Device implementations register themselves in cpu/ops_cpu.cpp and cuda/ops_cuda.cpp.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "int4kit/format.h"
+#include "cpu/glue.h"
+
+TORCH_LIBRARY(int4kit, m) {
+  // codes uint8 [N, K] in 0..15 -> canonical qweight uint8 [N, ceil(K/2)]
+  m.def("pack(Tensor codes) -> Tensor");
+  m.def("unpack(Tensor qweight, int K) -> Tensor");
+  // Round-to-nearest into the canonical format; group_size -1 means per channel. Returns
+  // (qweight, scales, zeros); zeros holds 8 everywhere when symmetric.
+  m.def("quantize(Tensor weight, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int group_size, int K, "
+        "ScalarType dtype) -> Tensor");
+  // Canonical format -> the device's prepacked layout (CPU: docs/FORMAT.md), and back.
+  m.def("prepack(Tensor qweight, Tensor scales, Tensor? zeros, int group_size, int K) -> Tensor");
+  m.def("unprepack(Tensor packed, int N, int K, int group_size, ScalarType scale_dtype) "
+        "-> (Tensor, Tensor, Tensor)");
+  // y[..., N] = x[..., K] . dequant(W)^T + bias, from the prepacked layout.
+  m.def("linear(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "int4kit native extension: ops live in torch.ops.int4kit";
+  m.def("cpu_isa", [] { return std::string(int4kit::cpu::isa_name(int4kit::cpu::selected_isa())); },
+        "The CPU path the next linear call takes (INT4KIT_CPU_ISA or the best one detected).");
+  m.def("cpu_isa_supported", [](const std::string& name) {
+    int4kit::cpu::Isa isa;
+    return int4kit::cpu::parse_isa(name.c_str(), &isa) && int4kit::cpu::isa_supported(isa);
+  });
+  m.def("cpu_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size) {
+    return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size}.total_bytes();
+  });
+}

@@ -1,0 +1,15 @@
+"""int4kit: INT4 weight quantization for PyTorch with hand-written CPU and CUDA kernels.
+
+    import int4kit
+    layer = int4kit.Int4Linear.from_linear(linear, group_size=128, symmetric=False)
+    report = int4kit.quantize_model(model, int4kit.QuantConfig(group_size=128))
+
+The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
+"""
+from . import ops, reference
+from .nn import Int4Linear
+from .ops import cpu_isa
+from .quant import QuantConfig, QuantReport, quantize_model
+
+__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "reference", "cpu_isa"]
+__version__ = "0.1.0"

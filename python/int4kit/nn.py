@@ -1,0 +1,199 @@
+"""Int4Linear: a drop-in replacement for nn.Linear with int4 weights.
+
+The module keeps one copy of its weight, in the layout of the device it lives on:
+  * CPU: the prepacked layout of docs/FORMAT.md (buffer `packed`), consumed by the fused kernel;
+  * other devices: the canonical format (buffers `qweight`, `scales`, `zeros`); on CUDA, until the
+    fused CUDA kernel lands, forward dequantizes with int4kit's CUDA op and runs a dense matmul.
+Its state dict is always the canonical format (keys qweight, scales, zeros when asymmetric, bias),
+so checkpoints are portable between devices and bit-exact through save/load.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+
+_CANONICAL = ("qweight", "scales", "zeros")
+_LAYOUT_BUFFERS = ("packed",) + _CANONICAL
+_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_group_size(group_size, in_features: int) -> None:
+    """Raises ValueError unless group_size is -1 or an even number in [2, in_features]."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size == -1:
+        return
+    if group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be -1 (per channel) or a positive even number, "
+                         f"got {group_size}")
+    if group_size > in_features:
+        raise ValueError(f"group_size {group_size} is larger than in_features = {in_features}; "
+                         f"use -1 for one group per channel")
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias with W stored as 4-bit codes, per-group scales and zero points.
+
+    Build one from a trained layer with `Int4Linear.from_linear(linear, group_size, symmetric)`,
+    or construct an empty one and `load_state_dict` a canonical checkpoint into it.
+    x may be float32, bfloat16 or float16 with any leading dims; the output has x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = 128, symmetric: bool = True,
+                 scale_dtype: torch.dtype = torch.float32, device=None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if in_features <= 0 or out_features < 0:
+            raise ValueError(f"in_features must be positive and out_features non-negative, "
+                             f"got {in_features} and {out_features}")
+        check_group_size(group_size, in_features)
+        if scale_dtype not in _SCALE_DTYPES:
+            raise TypeError(f"scale_dtype must be float32, bfloat16 or float16, got {scale_dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.symmetric = bool(symmetric)
+        self.scale_dtype = scale_dtype
+        for name in _LAYOUT_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        # an empty module holds the all-zero weight: every code at the zero point, scale 1
+        groups = ops.num_groups(in_features, group_size)
+        self._store(torch.full((out_features, (in_features + 1) // 2), 0x88, dtype=torch.uint8),
+                    torch.ones(out_features, groups, dtype=scale_dtype),
+                    None if symmetric else torch.full((out_features, groups), 8, dtype=scale_dtype),
+                    device)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype or scale_dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128,
+                    symmetric: bool = True) -> "Int4Linear":
+        """Quantizes linear.weight with round-to-nearest into a new Int4Linear on its device."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.dtype not in _SCALE_DTYPES:
+            raise TypeError(f"linear.weight must be float32, bfloat16 or float16, got {weight.dtype}")
+        check_group_size(group_size, linear.in_features)
+        qweight, scales, zeros = ops.quantize(weight.cpu(), group_size, symmetric)
+        return cls.from_quantized(qweight, scales, None if symmetric else zeros, group_size,
+                                  bias=None if linear.bias is None else linear.bias.detach(),
+                                  in_features=linear.in_features, device=weight.device)
+
+    @classmethod
+    def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: Optional[torch.Tensor], group_size: int, in_features: int,
+                       bias: Optional[torch.Tensor] = None, device=None) -> "Int4Linear":
+        """Wraps weights already in the canonical format (zeros None means symmetric)."""
+        out_features = qweight.shape[0]
+        module = cls(in_features, out_features, bias=bias is not None, group_size=group_size,
+                     symmetric=zeros is None, scale_dtype=scales.dtype, device="meta")
+        device = torch.device(device) if device is not None else qweight.device
+        ops.dequantize(qweight[:0], scales[:0], None if zeros is None else zeros[:0], group_size,
+                       in_features)  # validates shapes and dtypes with the op's messages
+        module._store(qweight, scales, zeros, device)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
+        return module
+
+    # ---- weight layout ---------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return (self.packed if self.packed is not None else self.qweight).device
+
+    def _store(self, qweight, scales, zeros, device) -> None:
+        """Keeps the weight in the layout of `device` and drops every other copy."""
+        device = torch.device(device)
+        for name in _LAYOUT_BUFFERS:
+            self._buffers[name] = None
+        if device.type == "cpu":
+            self.packed = ops.prepack(qweight.cpu().contiguous(), scales.cpu().contiguous(),
+                                      None if zeros is None else zeros.cpu().contiguous(),
+                                      self.group_size, self.in_features)
+        else:
+            self.qweight = qweight.to(device).contiguous()
+            self.scales = scales.to(device).contiguous()
+            self.zeros = None if zeros is None else zeros.to(device).contiguous()
+        self.scale_dtype = scales.dtype
+
+    def canonical(self):
+        """(qweight, scales, zeros) in the canonical format; zeros is None when symmetric."""
+        if self.packed is None:
+            return self.qweight, self.scales, self.zeros
+        qweight, scales, zeros = ops.unprepack(self.packed, self.out_features, self.in_features,
+                                               self.group_size, self.scale_dtype)
+        return qweight, scales, None if self.symmetric else zeros
+
+    def _apply(self, fn, recurse=True):
+        # Layout buffers never go through fn: a dtype cast must not touch the quantized scales,
+        # and a device move needs a re-layout, not a copy of the bytes.
+        current = self._device()
+        target = fn(torch.empty(0, dtype=torch.uint8, device=current)).device
+        weights = self.canonical() if target != current else None
+        held = {name: self._buffers.pop(name) for name in _LAYOUT_BUFFERS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(held)
+        if weights is not None:
+            self._store(*weights, target)
+        return self
+
+    # ---- state dict: always the canonical format ---------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        qweight, scales, zeros = self.canonical()
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = scales
+        if not self.symmetric:
+            destination[prefix + "zeros"] = zeros
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = {name: prefix + name for name in _CANONICAL}
+        wanted = ["qweight", "scales"] + ([] if self.symmetric else ["zeros"])
+        present = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
+        if self.symmetric and "zeros" in present:
+            error_msgs.append(f"{prefix}zeros is present but this Int4Linear is symmetric; build it "
+                              f"with symmetric=False to load an asymmetric checkpoint")
+        missing = [keys[name] for name in wanted if name not in present]
+        missing_keys.extend(missing)
+        rest = {k: v for k, v in state_dict.items() if k not in keys.values()}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if missing or (self.symmetric and "zeros" in present):
+            return
+        qweight, scales = present["qweight"], present["scales"]
+        zeros = present.get("zeros")
+        N, K = self.out_features, self.in_features
+        groups = ops.num_groups(K, self.group_size)
+        expect = {"qweight": ((N, (K + 1) // 2), (torch.uint8,)),
+                  "scales": ((N, groups), _SCALE_DTYPES),
+                  "zeros": ((N, groups), (scales.dtype,))}
+        for name, tensor in present.items():
+            shape, dtypes = expect[name]
+            if tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
+                error_msgs.append(f"{prefix}{name}: expected shape {list(shape)} and dtype in "
+                                  f"{[str(d) for d in dtypes]}, got {list(tensor.shape)} "
+                                  f"{tensor.dtype}")
+                return
+        self._store(qweight.detach(), scales.detach(),
+                    None if zeros is None else zeros.detach(), self._device())
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, K, G = self.out_features, self.in_features, self.group_size
+        if self.packed is not None:
+            return ops.linear(x, self.packed, N, K, G, self.bias)
+        weight = ops.dequantize(self.qweight, self.scales, self.zeros, G, K, x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, scale_dtype={self.scale_dtype}")

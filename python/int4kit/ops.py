@@ -1,0 +1,112 @@
+"""Python face of the native ops in torch.ops.int4kit, with their fake (meta) implementations so
+torch.compile(fullgraph=True) and export can trace through them.
+
+Canonical format (docs/FORMAT.md): for W [N, K] with group size G (-1: per channel),
+qweight uint8 [N, ceil(K/2)] (low nibble = even k), scales/zeros [N, ceil(K/G)], w = (q - z) * s.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.int4kit)
+
+_ops = torch.ops.int4kit
+
+
+def cpu_isa() -> str:
+    """The CPU path the next linear call takes: INT4KIT_CPU_ISA if set, else the best detected."""
+    return _C.cpu_isa()
+
+
+def cpu_isa_supported(name: str) -> bool:
+    return _C.cpu_isa_supported(name)
+
+
+def effective_group_size(group_size: int, K: int) -> int:
+    return K if group_size == -1 else group_size
+
+
+def num_groups(K: int, group_size: int) -> int:
+    G = effective_group_size(group_size, K)
+    return -(-K // G)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> canonical qweight [N, ceil(K/2)]."""
+    return _ops.pack(codes)
+
+
+def unpack(qweight: torch.Tensor, K: int) -> torch.Tensor:
+    return _ops.unpack(qweight, K)
+
+
+def quantize(weight: torch.Tensor, group_size: int = 128,
+             symmetric: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: weight [N, K] -> (qweight, scales, zeros); zeros are 8 when symmetric."""
+    return _ops.quantize(weight, group_size, symmetric)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               group_size: int, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _ops.dequantize(qweight, scales, zeros, group_size, K, dtype)
+
+
+def prepack(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+            group_size: int, K: int) -> torch.Tensor:
+    """Canonical format -> the device's prepacked layout (a flat uint8 tensor)."""
+    return _ops.prepack(qweight, scales, zeros, group_size, K)
+
+
+def unprepack(packed: torch.Tensor, N: int, K: int, group_size: int,
+              scale_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ops.unprepack(packed, N, K, group_size, scale_dtype)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_size: int,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequantize(W).T + bias, fused, from the prepacked layout."""
+    return _ops.linear(x, packed, N, K, group_size, bias)
+
+
+# ---- fake implementations: shapes and dtypes only ------------------------------------------------
+
+@torch.library.register_fake("int4kit::pack")
+def _pack_fake(codes):
+    torch._check(codes.dim() == 2, lambda: "int4kit: codes must be 2-D")
+    return codes.new_empty((codes.shape[0], (codes.shape[1] + 1) // 2))
+
+
+@torch.library.register_fake("int4kit::unpack")
+def _unpack_fake(qweight, K):
+    return qweight.new_empty((qweight.shape[0], K))
+
+
+@torch.library.register_fake("int4kit::quantize")
+def _quantize_fake(weight, group_size, symmetric):
+    N, K = weight.shape
+    groups = num_groups(K, group_size)
+    scales = weight.new_empty((N, groups))
+    return weight.new_empty((N, (K + 1) // 2), dtype=torch.uint8), scales, torch.empty_like(scales)
+
+
+@torch.library.register_fake("int4kit::dequantize")
+def _dequantize_fake(qweight, scales, zeros, group_size, K, dtype):
+    return scales.new_empty((qweight.shape[0], K), dtype=dtype)
+
+
+@torch.library.register_fake("int4kit::prepack")
+def _prepack_fake(qweight, scales, zeros, group_size, K):
+    nbytes = _C.cpu_prepacked_bytes(qweight.shape[0], K, group_size)
+    return qweight.new_empty((nbytes,))
+
+
+@torch.library.register_fake("int4kit::unprepack")
+def _unprepack_fake(packed, N, K, group_size, scale_dtype):
+    groups = num_groups(K, group_size)
+    scales = packed.new_empty((N, groups), dtype=scale_dtype)
+    return packed.new_empty((N, (K + 1) // 2)), scales, torch.empty_like(scales)
+
+
+@torch.library.register_fake("int4kit::linear")
+def _linear_fake(x, packed, N, K, group_size, bias):
+    return x.new_empty((*x.shape[:-1], N))

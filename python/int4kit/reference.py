@@ -1,0 +1,72 @@
+"""Plain-PyTorch reference of int4kit's quantize / dequantize / linear: the oracle the tests compare
+the native kernels against. Written for clarity, not speed; it follows the canonical format and the
+round-to-nearest rules of docs/FORMAT.md step for step.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+SYMMETRIC_ZERO = 8
+MAX_CODE = 15
+
+
+def _group_size(group_size: int, K: int) -> int:
+    return K if group_size == -1 else group_size
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] -> [N, ceil(K/2)]: even k in the low nibble, odd k in the high nibble."""
+    N, K = codes.shape
+    c = F.pad(codes.to(torch.int32), (0, K % 2))
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack(qweight: torch.Tensor, K: int) -> torch.Tensor:
+    q = qweight.to(torch.int32)
+    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(q.shape[0], -1)
+    return codes[:, :K].to(torch.uint8)
+
+
+def quantize(weight: torch.Tensor, group_size: int = 128,
+             symmetric: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest. Returns (qweight, scales, zeros) with scales and zeros in weight's dtype."""
+    N, K = weight.shape
+    G = _group_size(group_size, K)
+    groups = -(-K // G)
+    w = F.pad(weight.float(), (0, groups * G - K)).view(N, groups, G)  # zero padding: range has 0
+    lo = w.amin(dim=-1).clamp(max=0)
+    hi = w.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        s = torch.maximum(hi, -lo) / 7.5
+    else:
+        s = (hi - lo) / 15
+    s = s.to(weight.dtype).float()  # codes are computed with the scale as it will be stored
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    if symmetric:
+        z = torch.full_like(s, SYMMETRIC_ZERO)
+    else:
+        z = torch.round(-lo / s).clamp(0, MAX_CODE)
+    codes = (torch.round(w / s[..., None]) + z[..., None]).clamp(0, MAX_CODE)
+    codes = codes.reshape(N, groups * G)[:, :K].to(torch.uint8)
+    return pack(codes), s.to(weight.dtype), z.to(weight.dtype)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               group_size: int, K: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """w = (q - z) * s, computed in float64 and rounded once to dtype."""
+    G = _group_size(group_size, K)
+    q = unpack(qweight, K).double()
+    s = scales.double().repeat_interleave(G, dim=1)[:, :K]
+    z = (zeros.double().repeat_interleave(G, dim=1)[:, :K] if zeros is not None
+         else torch.full_like(q, SYMMETRIC_ZERO))
+    return ((q - z) * s).to(dtype)
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+           zeros: Optional[torch.Tensor], group_size: int,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dequantize in float64, then matmul in float64: the oracle for the fused kernels."""
+    K = x.shape[-1]
+    w = dequantize(qweight, scales, zeros, group_size, K, torch.float64)
+    return F.linear(x.double(), w, None if bias is None else bias.double())
