@@ -26,6 +26,8 @@ INCLUDE_DIRS = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
 ISA_LIBRARIES = [
     ("int4kit_cpu_base", ["csrc/cpu/format_ref.cpp", "csrc/cpu/linear_ref.cpp", "csrc/cpu/dispatch.cpp"], []),
     ("int4kit_cpu_avx2", ["csrc/cpu/linear_avx2.cpp"], ["-mavx2", "-mfma", "-mf16c"]),
+    ("int4kit_cpu_avx512", ["csrc/cpu/linear_avx512.cpp"],
+     ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]),
 ]
 
 

@@ -3,6 +3,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "int4kit/format.h"
 #include "cpu/glue.h"
 
@@ -31,6 +34,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     int4kit::cpu::Isa isa;
     return int4kit::cpu::parse_isa(name.c_str(), &isa) && int4kit::cpu::isa_supported(isa);
   });
+  m.def("cpu_isas", [] {
+    std::vector<std::string> names;
+    for (const int4kit::cpu::Isa isa : int4kit::cpu::kAllIsas)
+      names.emplace_back(int4kit::cpu::isa_name(isa));
+    return names;
+  }, "Every CPU path int4kit has, supported by this CPU or not.");
   m.def("cpu_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size) {
     return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size}.total_bytes();
   });

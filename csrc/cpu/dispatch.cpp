@@ -9,6 +9,7 @@ namespace cpu {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
     default: return "scalar";
   }
 }
@@ -16,6 +17,7 @@ const char* isa_name(Isa isa) {
 bool parse_isa(const char* name, Isa* out) {
   if (std::strcmp(name, "scalar") == 0) *out = Isa::Scalar;
   else if (std::strcmp(name, "avx2") == 0) *out = Isa::Avx2;
+  else if (std::strcmp(name, "avx512") == 0) *out = Isa::Avx512;
   else return false;
   return true;
 }
@@ -26,20 +28,27 @@ bool isa_supported(Isa isa) {
     case Isa::Avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
+    case Isa::Avx512:
+      return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
     default: return true;
   }
 }
 
 Isa best_isa() {
-  static const Isa best = isa_supported(Isa::Avx2) ? Isa::Avx2 : Isa::Scalar;
+  static const Isa best = isa_supported(Isa::Avx512) ? Isa::Avx512
+                          : isa_supported(Isa::Avx2)  ? Isa::Avx2
+                                                      : Isa::Scalar;
   return best;
 }
 
 void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                         int64_t m_begin, int64_t m_end, float* xp, float* xsum) {
+                         const Activations& a, int64_t m_begin, int64_t m_end) {
   switch (isa) {
-    case Isa::Avx2: avx2::prepare_activations(x, dtype, ldx, s, m_begin, m_end, xp, xsum); break;
-    default: ref::prepare_activations(x, dtype, ldx, s, m_begin, m_end, xp, xsum); break;
+    case Isa::Avx2: avx2::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Avx512: avx512::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
+    default: ref::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
   }
 }
 
@@ -48,6 +57,7 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
             int64_t block_end) {
   switch (isa) {
     case Isa::Avx2: avx2::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Avx512: avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
     default: ref::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
   }
 }

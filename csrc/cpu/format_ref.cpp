@@ -99,7 +99,7 @@ void prepack(const uint8_t* qweight, const float* scales, const float* zeros,
         rz[l] = zeros ? zeros[n * groups + g] : float(kSymmetricZero);
         for (int64_t i = 0; i < s.group_len(g); ++i) {
           const uint32_t q = canonical_code(qweight + n * row_bytes, g * s.G + i);
-          words[(i / kCodesPerWord) * kBlockN + l] |= q << (4 * (i % kCodesPerWord));
+          words[(i / kCodesPerWord) * kBlockN + l] |= q << nibble_shift(int(i % kCodesPerWord));
         }
       }
     }
@@ -119,7 +119,7 @@ void unprepack(const uint8_t* packed, const PackedShape& s, uint8_t* qweight, fl
       zeros[n * groups + g] = record_zeros(rec, s)[l];
       for (int64_t i = 0; i < s.group_len(g); ++i) {
         const int64_t k = g * s.G + i;
-        const uint8_t q = (words[(i / kCodesPerWord) * kBlockN + l] >> (4 * (i % kCodesPerWord))) & 0xF;
+        const uint32_t q = word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
         qweight[n * row_bytes + (k >> 1)] |= uint8_t(q << (4 * (k & 1)));
       }
     }

@@ -10,7 +10,7 @@ namespace cpu {
 #define INT4KIT_DECLARE_ISA(ns)                                                               \
   namespace ns {                                                                              \
   void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,     \
-                           int64_t m_begin, int64_t m_end, float* xp, float* xsum);           \
+                           const Activations& a, int64_t m_begin, int64_t m_end);             \
   void linear(const Activations& a, const uint8_t* packed, const PackedShape& s,              \
               const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,      \
               int64_t block_end);                                                             \
@@ -18,6 +18,7 @@ namespace cpu {
 
 INT4KIT_DECLARE_ISA(ref)
 INT4KIT_DECLARE_ISA(avx2)
+INT4KIT_DECLARE_ISA(avx512)
 
 #undef INT4KIT_DECLARE_ISA
 

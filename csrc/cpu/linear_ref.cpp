@@ -8,18 +8,18 @@ namespace cpu {
 namespace ref {
 
 void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                         int64_t m_begin, int64_t m_end, float* xp, float* xsum) {
+                         const Activations& a, int64_t m_begin, int64_t m_end) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
   for (int64_t m = m_begin; m < m_end; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t len = s.group_len(g);
-      float* dst = xp + m * Kp + g * Gp;
+      float* dst = a.x + m * Kp + g * Gp;
       float sum = 0.f;
       for (int64_t i = 0; i < Gp; ++i) {
         dst[i] = i < len ? load_as_float(x, dtype, m * ldx + g * s.G + i) : 0.f;
         sum += dst[i];
       }
-      xsum[m * groups + g] = sum;
+      a.xsum[m * groups + g] = sum;
     }
   }
 }
@@ -38,7 +38,7 @@ void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, c
           const float* xg = a.x + m * Kp + g * Gp;
           float acc = 0.f;
           for (int64_t i = 0; i < Gp; ++i) {
-            const uint32_t q = (words[(i / kCodesPerWord) * kBlockN + l] >> (4 * (i % kCodesPerWord))) & 0xF;
+            const uint32_t q = word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
             acc += xg[i] * float(q);
           }
           out += record_scales(rec, s)[l] * (acc - record_zeros(rec, s)[l] * a.xsum[m * groups + g]);

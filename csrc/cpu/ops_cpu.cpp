@@ -18,7 +18,7 @@ Isa selected_isa() {
   if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
   Isa isa;
   TORCH_CHECK(parse_isa(env, &isa), "int4kit: INT4KIT_CPU_ISA=", env,
-              " is not one of auto, scalar, avx2");
+              " is not one of auto, scalar, avx2, avx512");
   TORCH_CHECK(isa_supported(isa), "int4kit: INT4KIT_CPU_ISA=", env,
               " is not supported by this CPU");
   return isa;
@@ -151,11 +151,13 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   const at::Tensor p = packed.contiguous();
   at::Tensor xp = at::empty({activation_floats(shape, M)}, x.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({activation_sum_floats(shape, M)}, xp.options());
+  at::Tensor xbf16 = at::empty({dtype == DType::BF16 ? activation_bf16_elems(shape, M) : 0},
+                               x.options().dtype(at::kBFloat16));
+  const Activations acts{xp.data_ptr<float>(), xsum.data_ptr<float>(),
+                         reinterpret_cast<uint16_t*>(xbf16.data_ptr()), M};
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), [&](int64_t b, int64_t e) {
-    prepare_activations(isa, x2.data_ptr(), dtype, K, shape, b, e, xp.data_ptr<float>(),
-                        xsum.data_ptr<float>());
+    prepare_activations(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });
-  const Activations acts{xp.data_ptr<float>(), xsum.data_ptr<float>(), M};
   // a row block costs 16 * Kp * M multiply-adds; hand each thread at least ~1M of them
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kBlockN * shape.padded_k() * M));
   const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;

@@ -22,6 +22,11 @@ def cpu_isa_supported(name: str) -> bool:
     return _C.cpu_isa_supported(name)
 
 
+def cpu_isas() -> list:
+    """Every CPU path int4kit has (force one with INT4KIT_CPU_ISA=<name>), supported here or not."""
+    return list(_C.cpu_isas())
+
+
 def effective_group_size(group_size: int, K: int) -> int:
     return K if group_size == -1 else group_size
 

@@ -39,8 +39,8 @@ inline uint8_t canonical_code(const uint8_t* qweight_row, int64_t k) {
 // activations are laid out with the same padding (zeros), see prepare_activations().
 //
 // The buffer is one stream per row block: for block b, for group g, a "group record" of
-//   Gp/8 words x 16 lanes of uint32   codes: lane l is row 16b+l; nibble i (bits 4i..4i+3) of
-//                                     word w holds column k = g*G + 8w + i
+//   Gp/8 words x 16 lanes of uint32   codes: lane l is row 16b+l; word w holds the 8 columns
+//                                     k = g*G + 8w + i, i = 0..7, column i at bit nibble_shift(i)
 //   16 x float32                      scales of the 16 rows for group g
 //   16 x float32                      zero points of the 16 rows for group g (8 when symmetric)
 // so a SIMD load of 16 consecutive words gives 8 columns of 16 rows, and each group's scale and
@@ -48,6 +48,13 @@ inline uint8_t canonical_code(const uint8_t* qweight_row, int64_t k) {
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kCodesPerWord = 8;
+
+// Column i of a word sits at bits nibble_shift(i)..+3: even columns in the low half-word, odd
+// columns in the high half-word (i = 0..7 -> 0, 16, 4, 20, 8, 24, 12, 28). One shift then lines up
+// a column pair (2p, 2p+1) in the two 16-bit halves of every lane, the shape that pairwise
+// 16-bit dot products (vdpbf16ps, vpmaddwd) consume.
+constexpr int nibble_shift(int i) { return 4 * (i / 2) + 16 * (i % 2); }
+inline uint32_t word_code(uint32_t word, int64_t i) { return (word >> nibble_shift(int(i))) & 0xF; }
 
 struct PackedShape {
   int64_t N = 0, K = 0, G = 0;  // G is the effective group size (K for per channel)

@@ -43,25 +43,32 @@ void unprepack(const uint8_t* packed, const PackedShape& shape, uint8_t* qweight
                float* zeros);
 
 // ---- fused linear: y[M, N] = x[M, K] . dequant(W)^T + bias ------------------------------------
-enum class Isa : int { Scalar = 0, Avx2 = 1 };
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512};  // every path, for tests and benchmarks
 const char* isa_name(Isa isa);
 
-// Activations as the kernels read them: fp32 rows of padded_k() columns laid out group by group
-// with the same padding as the weights (zeros), plus per-row, per-group sums of x that fold the
-// zero point into one FMA per group.
+// Activations as the kernels read them: x converted to fp32 with every group padded like the
+// weights (zeros), per-row per-group sums of x (they fold the zero point into one FMA per group),
+// and for bf16 x an exact bf16 copy for the paths that use bf16 dot products. The caller owns the
+// buffers (sized by the functions below); what layout goes inside is the ISA's own business
+// (rows for GEMV, panels of microkernel rows for GEMM), so fill them with prepare_activations of
+// the same ISA and M that linear() then runs with.
 struct Activations {
-  const float* x = nullptr;     // [M, padded_k]
-  const float* xsum = nullptr;  // [M, groups]
+  float* x = nullptr;          // activation_floats(s, M)
+  float* xsum = nullptr;       // activation_sum_floats(s, M)
+  uint16_t* x_bf16 = nullptr;  // activation_bf16_elems(s, M); only written when x is bf16
   int64_t M = 0;
 };
-
-// Sizes of the two buffers prepare_activations fills.
-inline int64_t activation_floats(const PackedShape& s, int64_t M) { return M * s.padded_k(); }
+inline int64_t activation_floats(const PackedShape& s, int64_t M) {
+  return (M + kBlockN) * s.padded_k();  // room to round M up to whole panels of <= 16 rows
+}
 inline int64_t activation_sum_floats(const PackedShape& s, int64_t M) { return M * s.groups(); }
+inline int64_t activation_bf16_elems(const PackedShape& s, int64_t M) { return M * s.padded_k(); }
 
-// x: [M, K] rows of dtype `dtype`, row stride ldx elements. Rows [m_begin, m_end) are written.
+// x: [M, K] rows of dtype `dtype`, row stride ldx elements. Fills rows [m_begin, m_end) of a
+// (a.M is the full M); independent across rows, so callers parallelise over them.
 void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                         int64_t m_begin, int64_t m_end, float* xp, float* xsum);
+                         const Activations& a, int64_t m_begin, int64_t m_end);
 
 // Computes output columns of row blocks [block_begin, block_end) for all M rows. bias is fp32 [N]
 // or nullptr; y is [M, N] of dtype `dtype` with row stride ldy. Independent across row blocks, so
@@ -74,7 +81,7 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
 // Best ISA this CPU supports, detected once.
 Isa best_isa();
 bool isa_supported(Isa isa);
-// Parses "scalar" / "avx2"; returns false for an unknown name.
+// Parses "scalar" / "avx2" / "avx512"; returns false for an unknown name.
 bool parse_isa(const char* name, Isa* out);
 
 }  // namespace cpu

@@ -1,0 +1,57 @@
+# int4kit: `make demo` and `make test` each set everything up on a fresh machine first.
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+PIP        := $(VENV)/bin/pip
+TORCH      ?= torch==2.14.1
+CMAKE_DIR  := build/cmake
+export CUDA_HOME ?= /usr/local/cuda
+
+.PHONY: demo test setup venv system-deps build cpp pytest ctest bench bench-cpp clean
+
+demo: setup
+	$(PY) bench/demo.py
+
+test: setup pytest ctest
+
+setup: venv system-deps build
+
+# Python environment: torch (the CUDA 13 build, so the CUDA sources compile) and the test/demo deps.
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# GoogleTest and Google Benchmark for the C++ tests and microbenchmarks (Debian packages).
+system-deps:
+	@if [ ! -f /usr/include/gtest/gtest.h ] || [ ! -f /usr/include/benchmark/benchmark.h ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q libgtest-dev libbenchmark-dev cmake; \
+	fi
+
+# The extension (CPU kernels always; CUDA sources too when torch has CUDA and nvcc is found).
+build: venv
+	$(PIP) install -q --no-build-isolation -e .
+
+cpp: system-deps
+	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja
+	cmake --build $(CMAKE_DIR)
+
+pytest: build
+	$(PY) -m pytest -q tests
+
+ctest: cpp
+	cd $(CMAKE_DIR) && ctest --output-on-failure
+
+bench: build
+	$(PY) bench/bench_linear.py
+
+bench-cpp: cpp
+	$(CMAKE_DIR)/bench_kernels
+
+clean:
+	rm -rf build $(VENV) python/int4kit/*.so python/*.egg-info

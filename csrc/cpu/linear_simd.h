@@ -1,0 +1,337 @@
+// The vector fused int4 linear on the CPU prepacked layout (format.h), written once over a SIMD
+// traits type and instantiated by each ISA's translation unit (linear_avx2.cpp, linear_avx512.cpp),
+// which defines `Simd` and includes this file inside its own namespace. Only include it from such a
+// file: everything here is compiled with that file's -m flags.
+//
+// Simd provides: V (fp32 vector), VI (int vector), kLanes (8 or 16), kMicroRows (rows of the GEMM
+// microkernel), zero(), load(p), store(p, v) (aligned), loadu(p), storeu(p, v), broadcast(p),
+// fmadd(a, b, c) = a*b+c, fnmadd(a, b, c) = c-a*b, fmsub(a, b, c) = a*b-c, mul, add, hsum(v),
+// load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
+// load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
+// fp32 values written to y as dtype), and kBf16Dot: whether the bf16 dot-product GEMV below exists
+// (then also bcast_pair, bf16_pair_codes<kRight>, dot_bf16).
+//
+// Two paths, chosen by M:
+//  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
+//    One word vector holds 8 columns of kLanes rows; each column is shifted out, turned to fp32 and
+//    multiplied into per-group accumulators. Scale and zero point are applied once per group:
+//    y += s * (acc - z * sum(x_group)).
+//    With bf16 x and kBf16Dot, a column pair is instead turned into the bf16 pair (1 + q/16) with
+//    one shift and one bit-select, and multiplied by the x pair with one dot-product instruction:
+//    acc = sum x (1 + q/16), so sum x q = 16 (acc - sum x). A third of the instructions per code.
+//  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
+//    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
+//    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
+//    broadcasts walk one contiguous stream instead of kMicroRows rows 4 KiB-aliased in L1.
+
+constexpr int64_t kVecs = kBlockN / Simd::kLanes;  // vectors per 16-row block
+constexpr int64_t kGemvRows = 4;                   // rows of x sharing one pass over the weights
+constexpr int64_t kGemmMinRows = 8;                // from here on dequantize-to-buffer GEMM wins
+constexpr int64_t kTileK = 256;                    // columns dequantized per tile (16 KiB fp32)
+constexpr int64_t kRowChunk = 192;                 // rows of x per accumulator tile (12 KiB)
+constexpr int64_t kPanel = Simd::kMicroRows;       // rows of x per GEMM panel
+static_assert(kRowChunk % kPanel == 0, "row chunks must hold whole panels");
+
+inline bool use_gemm(int64_t M) { return M >= kGemmMinRows; }
+
+// Loop-invariant sizes of one problem, computed once (PackedShape recomputes them by division).
+struct Geometry {
+  int64_t Kp, Gp, groups, words, record_bytes, block_bytes;
+  explicit Geometry(const PackedShape& s)
+      : Kp(s.padded_k()), Gp(s.padded_group()), groups(s.groups()), words(s.words_per_group()),
+        record_bytes(s.group_record_bytes()), block_bytes(s.row_block_bytes()) {}
+  const float* scales(const uint8_t* rec) const {
+    return reinterpret_cast<const float*>(rec + words * kBlockN * 4);
+  }
+};
+
+// Applies fn(i, column_i_as_fp32[kVecs]) for the 8 columns of word w of a group record, with the
+// shift amounts as compile-time constants.
+template <typename Fn, int... I>
+inline void for_each_column_impl(const uint32_t* words, Fn&& fn, std::integer_sequence<int, I...>) {
+  typename Simd::VI v[kVecs];
+  for (int64_t h = 0; h < kVecs; ++h) v[h] = Simd::load_words(words + h * Simd::kLanes);
+  (
+      [&] {
+        typename Simd::V q[kVecs];
+        for (int64_t h = 0; h < kVecs; ++h) q[h] = Simd::template codes_to_float<nibble_shift(I)>(v[h]);
+        fn(I, q);
+      }(),
+      ...);
+}
+template <typename Fn>
+inline void for_each_column(const uint32_t* words, Fn&& fn) {
+  for_each_column_impl(words, fn, std::make_integer_sequence<int, kCodesPerWord>{});
+}
+
+// Writes 16 fp32 values of one output row (n0 .. n0+15, clipped at N) plus bias as dtype.
+inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
+                        int64_t n0, int64_t N) {
+  const int64_t count = std::min<int64_t>(kBlockN, N - n0);
+  alignas(64) float out[kBlockN];
+  for (int64_t j = 0; j < count; ++j) out[j] = bias ? vals[j] + bias[n0 + j] : vals[j];
+  if (count == kBlockN) {
+    Simd::store_y16(y, dtype, offset, out);
+  } else {
+    for (int64_t j = 0; j < count; ++j) store_from_float(y, dtype, offset + j, out[j]);
+  }
+}
+
+// ---- GEMV ---------------------------------------------------------------------------------------
+// Rows [m0, m0 + R) of y for row block b. Each accumulator is split kSplit ways (by column parity)
+// so consecutive FMAs do not wait on each other's latency when R is small.
+template <int R>
+void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
+               const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
+  alignas(64) float out[R][kBlockN] = {};
+  const uint8_t* rec = packed + b * geo.block_bytes;
+  for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
+    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
+    const float* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
+    typename Simd::V acc[R][kSplit][kVecs];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kSplit; ++c)
+        for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = Simd::zero();
+    for (int64_t w = 0; w < geo.words; ++w) {
+      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
+        for (int r = 0; r < R; ++r) {
+          const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
+          for (int64_t h = 0; h < kVecs; ++h)
+            acc[r][i % kSplit][h] = Simd::fmadd(xb, q[h], acc[r][i % kSplit][h]);
+        }
+      });
+    }
+    const float* sc = geo.scales(rec);
+    const float* zr = sc + kBlockN;
+    for (int r = 0; r < R; ++r) {
+      const typename Simd::V xs = Simd::broadcast(a.xsum + (m0 + r) * geo.groups + g);
+      for (int64_t h = 0; h < kVecs; ++h) {
+        typename Simd::V sum = acc[r][0][h];
+        for (int c = 1; c < kSplit; ++c) sum = Simd::add(sum, acc[r][c][h]);
+        const int64_t o = h * Simd::kLanes;
+        const typename Simd::V centred = Simd::fnmadd(Simd::loadu(zr + o), xs, sum);
+        Simd::store(out[r] + o, Simd::fmadd(Simd::loadu(sc + o), centred, Simd::load(out[r] + o)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
+}
+
+// The same rows from the exact bf16 copy of x, with bf16 dot products (see the top of the file).
+template <int R, typename S>
+void gemv_rows_bf16(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
+                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
+  alignas(64) float out[R][kBlockN] = {};
+  const uint8_t* rec = packed + b * geo.block_bytes;
+  for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
+    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
+    const uint16_t* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = a.x_bf16 + (m0 + r) * geo.Kp + g * geo.Gp;
+    typename S::V acc[R][kSplit][kVecs];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kSplit; ++c)
+        for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = S::zero();
+    for (int64_t w = 0; w < geo.words; ++w) {
+      typename S::VI v[kVecs];
+      for (int64_t h = 0; h < kVecs; ++h) v[h] = S::load_words(codes + w * kBlockN + h * S::kLanes);
+      // column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p; bring it to bits 3 and 19
+      auto pair = [&](auto shift, int p) {
+        typename S::VI q[kVecs];
+        for (int64_t h = 0; h < kVecs; ++h) q[h] = S::template bf16_pair_codes<decltype(shift)::value>(v[h]);
+        for (int r = 0; r < R; ++r) {
+          const typename S::VI xpair = S::bcast_pair(xg[r] + w * kCodesPerWord + 2 * p);
+          for (int64_t h = 0; h < kVecs; ++h)
+            acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h], xpair);
+        }
+      };
+      pair(std::integral_constant<int, -3>{}, 0);
+      pair(std::integral_constant<int, 1>{}, 1);
+      pair(std::integral_constant<int, 5>{}, 2);
+      pair(std::integral_constant<int, 9>{}, 3);
+    }
+    const float* sc = geo.scales(rec);
+    const float* zr = sc + kBlockN;
+    const typename S::V sixteen = S::broadcast_value(16.f);
+    for (int r = 0; r < R; ++r) {
+      const typename S::V xs = S::broadcast(a.xsum + (m0 + r) * geo.groups + g);
+      for (int64_t h = 0; h < kVecs; ++h) {
+        typename S::V sum = acc[r][0][h];
+        for (int c = 1; c < kSplit; ++c) sum = S::add(sum, acc[r][c][h]);
+        const int64_t o = h * S::kLanes;
+        // sum x q - z sum x = 16 acc - (16 + z) sum x
+        const typename S::V zx = S::mul(S::add(S::loadu(zr + o), sixteen), xs);
+        const typename S::V centred = S::fmsub(sixteen, sum, zx);
+        S::store(out[r] + o, S::fmadd(S::loadu(sc + o), centred, S::load(out[r] + o)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
+}
+
+// Calls fn(std::integral_constant<int, R>, m0) over rows of x in chunks of up to kGemvRows.
+template <typename Fn>
+void for_row_chunks(int64_t M, Fn&& fn) {
+  int64_t m = 0;
+  for (; m + kGemvRows <= M; m += kGemvRows) fn(std::integral_constant<int, kGemvRows>{}, m);
+  switch (M - m) {
+    case 3: fn(std::integral_constant<int, 3>{}, m); break;
+    case 2: fn(std::integral_constant<int, 2>{}, m); break;
+    case 1: fn(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// A template only so that the bf16 branch is never instantiated for ISAs without kBf16Dot.
+template <typename S = Simd>
+void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+          void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  if constexpr (S::kBf16Dot) {
+    if (dtype == DType::BF16) {
+      for_row_chunks(a.M, [&](auto rows, int64_t m) {
+        gemv_rows_bf16<decltype(rows)::value, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+      });
+      return;
+    }
+  }
+  for_row_chunks(a.M, [&](auto rows, int64_t m) {
+    gemv_rows<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+  });
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------------
+// Dequantizes groups [g0, g1) of row block b into tile[k][16] fp32 (k over padded columns).
+void dequantize_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_t g0, int64_t g1,
+                     float* tile) {
+  const uint8_t* rec = packed + b * geo.block_bytes + g0 * geo.record_bytes;
+  for (int64_t g = g0; g < g1; ++g, rec += geo.record_bytes) {
+    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
+    const float* sc = geo.scales(rec);
+    typename Simd::V s[kVecs], zs[kVecs];
+    for (int64_t h = 0; h < kVecs; ++h) {  // (q - z) * s = q * s - z * s: one FMA per code
+      s[h] = Simd::loadu(sc + h * Simd::kLanes);
+      zs[h] = Simd::mul(Simd::loadu(sc + kBlockN + h * Simd::kLanes), s[h]);
+    }
+    float* dst = tile + (g - g0) * geo.Gp * kBlockN;
+    for (int64_t w = 0; w < geo.words; ++w) {
+      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
+        float* row = dst + (w * kCodesPerWord + i) * kBlockN;
+        for (int64_t h = 0; h < kVecs; ++h)
+          Simd::store(row + h * Simd::kLanes, Simd::fmsub(q[h], s[h], zs[h]));
+      });
+    }
+  }
+}
+
+// c[r][16] += x[r][0:kc] . tile[0:kc][16] for R rows of one x panel (x[k * kPanel + r]).
+template <int R>
+void microkernel(const float* x, const float* tile, int64_t kc, float* c) {
+  typename Simd::V acc[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::load(c + r * kBlockN + h * Simd::kLanes);
+  for (int64_t k = 0; k < kc; ++k) {
+    typename Simd::V wv[kVecs];
+    for (int64_t h = 0; h < kVecs; ++h) wv[h] = Simd::load(tile + k * kBlockN + h * Simd::kLanes);
+    for (int r = 0; r < R; ++r) {
+      const typename Simd::V xb = Simd::broadcast(x + k * kPanel + r);
+      for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::fmadd(xb, wv[h], acc[r][h]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t h = 0; h < kVecs; ++h) Simd::store(c + r * kBlockN + h * Simd::kLanes, acc[r][h]);
+}
+
+using MicroFn = void (*)(const float*, const float*, int64_t, float*);
+template <int... R>
+constexpr std::array<MicroFn, sizeof...(R) + 1> micro_table(std::integer_sequence<int, R...>) {
+  return {nullptr, &microkernel<R + 1>...};
+}
+// kMicro[r] handles r rows, r = 1 .. kMicroRows
+constexpr auto kMicro = micro_table(std::make_integer_sequence<int, Simd::kMicroRows>{});
+
+struct AlignedFree {
+  void operator()(float* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<float, AlignedFree>;
+inline AlignedBuffer aligned_floats(int64_t count) {
+  return AlignedBuffer(static_cast<float*>(std::aligned_alloc(64, size_t(round_up(count * 4, 64)))));
+}
+
+void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+          void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end, int64_t N) {
+  const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
+  AlignedBuffer tile = aligned_floats(tile_groups * geo.Gp * kBlockN);
+  AlignedBuffer acc = aligned_floats(kRowChunk * kBlockN);
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, a.M - m0);
+      std::fill(acc.get(), acc.get() + rows * kBlockN, 0.f);
+      for (int64_t g0 = 0; g0 < geo.groups; g0 += tile_groups) {
+        const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
+        dequantize_tile(packed, geo, b, g0, g1, tile.get());
+        const int64_t kc = (g1 - g0) * geo.Gp;
+        for (int64_t r = 0; r < rows; r += kPanel) {
+          const float* panel = a.x + (m0 + r) * geo.Kp;  // panel (m0 + r) / kPanel
+          kMicro[std::min(kPanel, rows - r)](panel + g0 * geo.Gp * kPanel, tile.get(), kc,
+                                            acc.get() + r * kBlockN);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, acc.get() + r * kBlockN, bias,
+                    b * kBlockN, N);
+    }
+  }
+}
+
+// ---- entry points -------------------------------------------------------------------------------
+void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                              const Activations& a, int64_t m_begin, int64_t m_end) {
+  const Geometry geo(s);
+  const bool panels = use_gemm(a.M);
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    // GEMV reads rows; GEMM reads panels of kPanel rows, column-major inside the panel
+    float* row = panels ? a.x + (m / kPanel) * geo.Kp * kPanel + m % kPanel : a.x + m * geo.Kp;
+    const int64_t stride = panels ? kPanel : 1;
+    for (int64_t g = 0; g < geo.groups; ++g) {
+      const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
+      float* dst = row + g * geo.Gp * stride;
+      typename Simd::V sum = Simd::zero();
+      int64_t i = 0;
+      for (; i + Simd::kLanes <= len; i += Simd::kLanes) {
+        const typename Simd::V v = Simd::load_x(x, dtype, src + i);
+        sum = Simd::add(sum, v);
+        if (stride == 1) {
+          Simd::storeu(dst + i, v);
+        } else {
+          alignas(64) float lanes[Simd::kLanes];
+          Simd::store(lanes, v);
+          for (int j = 0; j < Simd::kLanes; ++j) dst[(i + j) * stride] = lanes[j];
+        }
+      }
+      float tail = 0.f;
+      for (; i < geo.Gp; ++i) {
+        const float v = i < len ? load_as_float(x, dtype, src + i) : 0.f;
+        dst[i * stride] = v;
+        tail += v;
+      }
+      a.xsum[m * geo.groups + g] = Simd::hsum(sum) + tail;
+      if (Simd::kBf16Dot && !panels && dtype == DType::BF16) {
+        uint16_t* xb = a.x_bf16 + m * geo.Kp + g * geo.Gp;
+        std::memcpy(xb, static_cast<const uint16_t*>(x) + src, size_t(len) * 2);
+        std::fill(xb + len, xb + geo.Gp, uint16_t(0));
+      }
+    }
+  }
+}
+
+void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
+            void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
+  const Geometry geo(s);
+  if (use_gemm(a.M)) {
+    gemm(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
+    return;
+  }
+  for (int64_t b = block_begin; b < block_end; ++b) gemv(a, packed, geo, bias, y, dtype, ldy, b, s.N);
+}
