@@ -1,0 +1,166 @@
+// Google Benchmark microbenchmarks of int4kit's torch-free CPU kernels, single-threaded: the
+// canonical pack/unpack, the CPU prepack, and the fused linear on every ISA in cpu::kAllIsas that
+// this CPU supports, at model shapes. bytes_per_second counts weight bytes (the int4 weight, or for
+// the linear the whole prepacked stream with its scales and zero points); items_per_second counts
+// codes, or multiply-adds for the linear.
+//
+//   build/cmake/bench_kernels [--benchmark_filter=linear/avx2]
+#include <benchmark/benchmark.h>
+
+#include <map>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "int4kit/kernels.h"
+
+namespace int4kit {
+namespace {
+
+using cpu::Isa;
+
+constexpr int64_t kGroup = 128;
+
+std::vector<uint8_t> random_codes(int64_t count) {
+  std::mt19937 rng(42);
+  std::uniform_int_distribution<int> dist(0, 15);
+  std::vector<uint8_t> codes(static_cast<size_t>(count));
+  for (auto& c : codes) c = uint8_t(dist(rng));
+  return codes;
+}
+
+// A random canonical weight [N, K] (asymmetric, group kGroup), built once per shape and shared.
+struct CanonicalWeight {
+  int64_t N, K;
+  std::vector<uint8_t> qweight;
+  std::vector<float> scales, zeros;
+};
+
+const CanonicalWeight& canonical_weight(int64_t N, int64_t K) {
+  static std::map<std::pair<int64_t, int64_t>, CanonicalWeight> cache;
+  auto it = cache.find({N, K});
+  if (it != cache.end()) return it->second;
+  CanonicalWeight w{N, K, std::vector<uint8_t>(size_t(N * packed_row_bytes(K))), {}, {}};
+  cpu::pack(random_codes(N * K).data(), N, K, w.qweight.data());
+  const int64_t groups = num_groups(K, kGroup);
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> scale(0.01f, 0.1f), zero(0.f, 15.f);
+  for (int64_t i = 0; i < N * groups; ++i) {
+    w.scales.push_back(scale(rng));
+    w.zeros.push_back(zero(rng));
+  }
+  return cache.emplace(std::pair{N, K}, std::move(w)).first->second;
+}
+
+const std::vector<uint8_t>& packed_weight(int64_t N, int64_t K) {
+  static std::map<std::pair<int64_t, int64_t>, std::vector<uint8_t>> cache;
+  auto it = cache.find({N, K});
+  if (it != cache.end()) return it->second;
+  const CanonicalWeight& w = canonical_weight(N, K);
+  const PackedShape shape{N, K, kGroup};
+  std::vector<uint8_t> packed(size_t(shape.total_bytes()));
+  cpu::prepack(w.qweight.data(), w.scales.data(), w.zeros.data(), shape, packed.data());
+  return cache.emplace(std::pair{N, K}, std::move(packed)).first->second;
+}
+
+void BM_pack(benchmark::State& state, int64_t N, int64_t K) {
+  const std::vector<uint8_t> codes = random_codes(N * K);
+  std::vector<uint8_t> qweight(size_t(N * packed_row_bytes(K)));
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(cpu::pack(codes.data(), N, K, qweight.data()));
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(qweight.size()));
+  state.SetItemsProcessed(state.iterations() * N * K);
+}
+
+void BM_unpack(benchmark::State& state, int64_t N, int64_t K) {
+  const CanonicalWeight& w = canonical_weight(N, K);
+  std::vector<uint8_t> codes(size_t(N * K));
+  for (auto _ : state) {
+    cpu::unpack(w.qweight.data(), N, K, codes.data());
+    benchmark::DoNotOptimize(codes.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(w.qweight.size()));
+  state.SetItemsProcessed(state.iterations() * N * K);
+}
+
+void BM_prepack(benchmark::State& state, int64_t N, int64_t K) {
+  const CanonicalWeight& w = canonical_weight(N, K);
+  const PackedShape shape{N, K, kGroup};
+  std::vector<uint8_t> packed(size_t(shape.total_bytes()));
+  for (auto _ : state) {
+    cpu::prepack(w.qweight.data(), w.scales.data(), w.zeros.data(), shape, packed.data());
+    benchmark::DoNotOptimize(packed.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(w.qweight.size()));
+  state.SetItemsProcessed(state.iterations() * N * K);
+}
+
+// One op as the glue runs it, on one thread: prepare the activations, then every row block.
+void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
+  const PackedShape shape{N, K, kGroup};
+  const std::vector<uint8_t>& packed = packed_weight(N, K);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  std::vector<float> x(size_t(M * K));  // fp32 storage, large enough for bf16 rows too
+  for (int64_t i = 0; i < M * K; ++i) store_from_float(x.data(), dtype, i, dist(rng));
+  std::vector<float> xp(size_t(cpu::activation_floats(shape, M)));
+  std::vector<float> xsum(size_t(cpu::activation_sum_floats(shape, M)));
+  const int64_t bf16_elems = dtype == DType::BF16 ? cpu::activation_bf16_elems(shape, M) : 0;
+  std::vector<uint16_t> xbf16(static_cast<size_t>(bf16_elems));
+  std::vector<float> y(size_t(M * N));
+  const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
+  for (auto _ : state) {
+    cpu::prepare_activations(isa, x.data(), dtype, K, shape, acts, 0, M);
+    cpu::linear(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
+                shape.row_blocks());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(packed.size()));
+  state.SetItemsProcessed(state.iterations() * M * N * K);
+}
+
+void register_benchmarks() {
+  constexpr double kMinTime = 0.2;  // seconds; the whole binary stays within a couple of minutes
+  const auto add = [](const std::string& name, auto fn, auto... args) {
+    benchmark::RegisterBenchmark(name.c_str(), fn, args...)
+        ->Unit(benchmark::kMillisecond)
+        ->MinTime(kMinTime);
+  };
+  add("pack/4096x4096", BM_pack, int64_t(4096), int64_t(4096));
+  add("unpack/4096x4096", BM_unpack, int64_t(4096), int64_t(4096));
+  add("prepack/4096x4096/g128", BM_prepack, int64_t(4096), int64_t(4096));
+
+  const std::pair<int64_t, int64_t> shapes[] = {{4096, 4096}, {4096, 11008}};  // K x N
+  for (Isa isa : cpu::kAllIsas) {
+    if (!cpu::isa_supported(isa)) continue;
+    for (DType dtype : {DType::F32, DType::BF16}) {
+      for (const auto& [K, N] : shapes) {
+        for (int64_t M : {1, 16, 128}) {
+          const std::string name = std::string("linear/") + cpu::isa_name(isa) +
+                                   (dtype == DType::F32 ? "/f32" : "/bf16") + "/K" +
+                                   std::to_string(K) + "xN" + std::to_string(N) + "/M" +
+                                   std::to_string(M);
+          add(name, BM_linear, isa, dtype, M, N, K);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace int4kit
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  int4kit::register_benchmarks();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,520 @@
+// GoogleTest suite of int4kit's torch-free CPU kernels (csrc/include/int4kit/kernels.h). Every
+// expectation comes from a reference written here in plain loops, or worked out by hand, never
+// from the kernels' own output. The fused linear runs on every ISA in cpu::kAllIsas that this CPU
+// supports, so a new instruction-set path is covered as soon as it is listed there.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <ostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "int4kit/kernels.h"
+
+namespace int4kit {
+namespace {
+
+using cpu::Isa;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+std::vector<uint8_t> random_codes(int64_t count, std::mt19937& rng) {
+  std::uniform_int_distribution<int> dist(0, 15);
+  std::vector<uint8_t> codes(static_cast<size_t>(count));
+  for (auto& c : codes) c = uint8_t(dist(rng));
+  return codes;
+}
+
+std::vector<float> random_floats(int64_t count, float lo, float hi, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(static_cast<size_t>(count));
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+int64_t groups_of(int64_t K, int64_t G) { return (K + G - 1) / G; }
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::BF16: return "bf16";
+    default: return "f16";
+  }
+}
+
+// The canonical packing as format.h words it: byte j of a row holds k = 2j in its low nibble and
+// k = 2j + 1 in its high nibble.
+std::vector<uint8_t> reference_pack(const std::vector<uint8_t>& codes, int64_t N, int64_t K) {
+  const int64_t row_bytes = (K + 1) / 2;
+  std::vector<uint8_t> out(size_t(N * row_bytes), 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      out[n * row_bytes + k / 2] |= uint8_t(codes[n * K + k] << (k % 2 ? 4 : 0));
+  return out;
+}
+
+// ---- pack / unpack ------------------------------------------------------------------------------
+TEST(Pack, RoundTripIsBitExact) {
+  std::mt19937 rng(1);
+  const std::pair<int64_t, int64_t> shapes[] = {{4, 64}, {5, 7}, {3, 1}, {1, 2}, {13, 33}, {0, 8}};
+  for (const auto& [N, K] : shapes) {
+    SCOPED_TRACE("N=" + std::to_string(N) + " K=" + std::to_string(K));
+    const std::vector<uint8_t> codes = random_codes(N * K, rng);
+    std::vector<uint8_t> qweight(size_t(N * ((K + 1) / 2)), 0xAA);  // 0xAA: unwritten bytes show
+    ASSERT_EQ(cpu::pack(codes.data(), N, K, qweight.data()), Status::Ok);
+    EXPECT_EQ(qweight, reference_pack(codes, N, K));
+    std::vector<uint8_t> back(size_t(N * K), 0xFF);
+    cpu::unpack(qweight.data(), N, K, back.data());
+    EXPECT_EQ(back, codes);
+  }
+}
+
+TEST(Pack, RejectsCodeAbove15) {
+  // a low nibble, a high nibble, and the unpaired last code of an odd K
+  for (int pos : {0, 3, 6}) {
+    for (uint8_t bad : {uint8_t(16), uint8_t(255)}) {
+      std::vector<uint8_t> codes(7, 3);
+      codes[pos] = bad;
+      std::vector<uint8_t> qweight(4);
+      EXPECT_EQ(cpu::pack(codes.data(), 1, 7, qweight.data()), Status::CodeOutOfRange)
+          << "code " << int(bad) << " at " << pos;
+    }
+  }
+}
+
+// ---- quantize_rtn -------------------------------------------------------------------------------
+struct Quantized {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales, zeros;
+};
+
+Quantized quantize(const std::vector<float>& w, int64_t N, int64_t K, int64_t G, bool symmetric,
+                   DType scale_dtype) {
+  const size_t groups = size_t(N * groups_of(K, G));
+  Quantized q{std::vector<uint8_t>(size_t(N * K), 0xFF), std::vector<float>(groups, kNaN),
+              std::vector<float>(groups, kNaN)};
+  cpu::quantize_rtn(w.data(), N, K, G, symmetric, scale_dtype, q.codes.data(), q.scales.data(),
+                    q.zeros.data());
+  return q;
+}
+
+// Row of K = 10 with G = 8: a full group and a partial one of 2. All scales are powers of two, so
+// every quotient below is exact and the rounding is the documented half-to-even.
+TEST(QuantizeRtn, AsymmetricHandComputed) {
+  const std::vector<float> w = {
+      // min -2, max 5.5: s = 7.5 / 15 = 0.5, z = round(2 / 0.5) = 4. 0.25 / 0.5 = 0.5 -> 0,
+      // 0.75 / 0.5 = 1.5 -> 2, -1.25 / 0.5 = -2.5 -> -2.
+      -2.f, 0.f, 1.f, 5.5f, 0.25f, 0.75f, -1.25f, 3.f,
+      -1.f, 14.f,  // min -1, max 14: s = 1, z = 1
+      // all positive, so the range is [0, 15]: s = 1, z = 0, and 7.5 -> 8
+      7.5f, 15.f, 3.f, 0.f, 1.f, 2.f, 4.f, 5.f,
+      -15.f, -7.5f};  // all negative, range [-15, 0]: s = 1, z = 15, and -7.5 -> -8
+  const Quantized q = quantize(w, 2, 10, 8, /*symmetric=*/false, DType::F32);
+  EXPECT_EQ(q.scales, (std::vector<float>{0.5f, 1.f, 1.f, 1.f}));
+  EXPECT_EQ(q.zeros, (std::vector<float>{4.f, 1.f, 0.f, 15.f}));
+  EXPECT_EQ(q.codes, (std::vector<uint8_t>{0, 4, 6, 15, 4, 6, 2, 10, 0, 15,  //
+                                           8, 15, 3, 0, 1, 2, 4, 5, 0, 7}));
+}
+
+TEST(QuantizeRtn, SymmetricHandComputed) {
+  const std::vector<float> w = {
+      // max |w| = 3.75: s = 3.75 / 7.5 = 0.5, z = 8; 3.75 / 0.5 = 7.5 -> 8 -> 16, clamped to 15
+      -3.75f, 3.75f, 0.25f, 0.75f, 1.f, -1.25f, 0.f, 2.f,
+      7.5f, -3.f};  // max |w| = 7.5: s = 1; 7.5 -> 8 -> 16 -> 15
+  const Quantized q = quantize(w, 1, 10, 8, /*symmetric=*/true, DType::F32);
+  EXPECT_EQ(q.scales, (std::vector<float>{0.5f, 1.f}));
+  EXPECT_EQ(q.zeros, (std::vector<float>{8.f, 8.f}));
+  EXPECT_EQ(q.codes, (std::vector<uint8_t>{0, 15, 8, 10, 10, 6, 8, 12, 15, 5}));
+}
+
+TEST(QuantizeRtn, ZeroScaleBecomesOne) {
+  // group 0 is all zeros; group 1's scale 1e-10 / 7.5 underflows to 0 in fp16
+  const std::vector<float> w = {0.f, -0.f, 0.f, 0.f, 1e-10f, -1e-10f, 0.f, 5e-11f};
+  for (bool symmetric : {true, false}) {
+    SCOPED_TRACE(symmetric ? "symmetric" : "asymmetric");
+    const Quantized q = quantize(w, 1, 8, 4, symmetric, DType::F16);
+    for (int g = 0; g < 2; ++g) {
+      EXPECT_EQ(q.scales[g], 1.f) << "group " << g;
+      for (int i = 0; i < 4; ++i) EXPECT_EQ(float(q.codes[4 * g + i]), q.zeros[g]) << "group " << g;
+    }
+  }
+}
+
+// The documented formula, evaluated here group by group, for random weights; with bf16 and fp16
+// scales it also checks the scale is rounded to that dtype before the codes are computed.
+TEST(QuantizeRtn, RandomWeightsFollowTheFormula) {
+  const int64_t N = 6, K = 100, G = 32, groups = groups_of(K, G);
+  std::mt19937 rng(2);
+  const std::vector<float> w = random_floats(N * K, -2.f, 1.5f, rng);
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+    for (bool symmetric : {true, false}) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + (symmetric ? " symmetric" : " asymmetric"));
+      const Quantized q = quantize(w, N, K, G, symmetric, dtype);
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t k0 = g * G, k1 = std::min(K, k0 + G);
+          float lo = 0.f, hi = 0.f;
+          for (int64_t k = k0; k < k1; ++k) {
+            lo = std::min(lo, w[n * K + k]);
+            hi = std::max(hi, w[n * K + k]);
+          }
+          float s = symmetric ? std::max(hi, -lo) / 7.5f : (hi - lo) / 15.f;
+          if (dtype == DType::BF16) s = bf16_to_float(float_to_bf16(s));
+          if (dtype == DType::F16) s = f16_to_float(float_to_f16(s));
+          const float z = symmetric ? 8.f : std::clamp(std::nearbyint(-lo / s), 0.f, 15.f);
+          ASSERT_EQ(q.scales[n * groups + g], s) << "n=" << n << " g=" << g;
+          ASSERT_EQ(q.zeros[n * groups + g], z) << "n=" << n << " g=" << g;
+          for (int64_t k = k0; k < k1; ++k) {
+            const float code = std::clamp(std::nearbyint(w[n * K + k] / s) + z, 0.f, 15.f);
+            ASSERT_EQ(q.codes[n * K + k], uint8_t(code)) << "n=" << n << " k=" << k;
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- dequantize ---------------------------------------------------------------------------------
+TEST(Dequantize, MatchesFormula) {
+  const int64_t N = 5, K = 37, G = 6, groups = groups_of(K, G);  // last group has one column
+  std::mt19937 rng(3);
+  const std::vector<uint8_t> codes = random_codes(N * K, rng);
+  const std::vector<uint8_t> qweight = reference_pack(codes, N, K);
+  const std::vector<float> scales = random_floats(N * groups, 0.01f, 2.f, rng);
+  const std::vector<float> zeros = random_floats(N * groups, 0.f, 15.f, rng);  // fractional (HQQ)
+  for (bool symmetric : {true, false}) {
+    SCOPED_TRACE(symmetric ? "symmetric" : "asymmetric");
+    std::vector<float> out(size_t(N * K), kNaN);
+    cpu::dequantize(qweight.data(), scales.data(), symmetric ? nullptr : zeros.data(), N, K, G,
+                    out.data());
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = n * groups + k / G;
+        const double z = symmetric ? 8.0 : zeros[i];
+        const double expected = (codes[n * K + k] - z) * scales[i];
+        // the kernel may compute q * s - z * s in fp32: a few ulps of 15 * s
+        EXPECT_NEAR(out[n * K + k], expected, 1e-5 * scales[i]) << "n=" << n << " k=" << k;
+      }
+    }
+  }
+}
+
+// ---- CPU prepacked layout -----------------------------------------------------------------------
+struct Layout {
+  int64_t N, K, G;
+};
+
+void PrintTo(const Layout& c, std::ostream* os) { *os << "N" << c.N << "_K" << c.K << "_G" << c.G; }
+std::string layout_name(const Layout& c) {
+  std::ostringstream os;
+  PrintTo(c, &os);
+  return os.str();
+}
+
+// A random int4 weight in canonical form and its prepacked copy.
+struct Weight {
+  PackedShape shape;
+  std::vector<uint8_t> codes;        // [N, K]
+  std::vector<float> scales, zeros;  // [N, groups]; zeros empty when symmetric
+  std::vector<uint8_t> packed;
+
+  float zero(int64_t i) const { return zeros.empty() ? 8.f : zeros[i]; }
+};
+
+Weight make_weight(const Layout& c, bool symmetric, std::mt19937& rng) {
+  const int64_t groups = groups_of(c.K, c.G);
+  Weight w;
+  w.shape = PackedShape{c.N, c.K, c.G};
+  w.codes = random_codes(c.N * c.K, rng);
+  w.scales = random_floats(c.N * groups, 0.01f, 0.1f, rng);
+  if (!symmetric) w.zeros = random_floats(c.N * groups, 0.f, 15.f, rng);
+  w.packed.assign(size_t(w.shape.total_bytes()), 0xAA);
+  const std::vector<uint8_t> qweight = reference_pack(w.codes, c.N, c.K);
+  cpu::prepack(qweight.data(), w.scales.data(), symmetric ? nullptr : w.zeros.data(), w.shape,
+               w.packed.data());
+  return w;
+}
+
+class Prepack : public ::testing::TestWithParam<Layout> {};
+
+TEST_P(Prepack, UnprepackRoundTripIsBitExact) {
+  const Layout c = GetParam();
+  const int64_t groups = groups_of(c.K, c.G);
+  std::mt19937 rng(4);
+  for (bool symmetric : {true, false}) {
+    SCOPED_TRACE(symmetric ? "symmetric" : "asymmetric");
+    const Weight w = make_weight(c, symmetric, rng);
+    std::vector<uint8_t> qweight(size_t(c.N * ((c.K + 1) / 2)), 0xAA);
+    std::vector<float> scales(size_t(c.N * groups), kNaN), zeros(scales.size(), kNaN);
+    cpu::unprepack(w.packed.data(), w.shape, qweight.data(), scales.data(), zeros.data());
+    EXPECT_EQ(qweight, reference_pack(w.codes, c.N, c.K));
+    EXPECT_EQ(scales, w.scales);
+    EXPECT_EQ(zeros, symmetric ? std::vector<float>(scales.size(), 8.f) : w.zeros);
+  }
+}
+
+// Reads the prepacked buffer byte by byte as format.h describes it: per row block of 16 rows, per
+// group, Gp/8 words x 16 lanes of codes (word w holds columns 8w .. 8w + 7 of the group, column i
+// at bit nibble_shift(i)), then 16 scales and 16 zero points; padding rows and columns hold code 0.
+TEST_P(Prepack, MatchesDocumentedLayout) {
+  const Layout c = GetParam();
+  const int64_t groups = groups_of(c.K, c.G), Gp = (c.G + 7) / 8 * 8, blocks = (c.N + 15) / 16;
+  const int64_t code_bytes = Gp / 8 * 16 * 4, record_bytes = code_bytes + 2 * 16 * 4;
+  std::mt19937 rng(5);
+  const Weight w = make_weight(c, /*symmetric=*/false, rng);
+  ASSERT_EQ(int64_t(w.packed.size()), blocks * groups * record_bytes);
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = w.packed.data() + (b * groups + g) * record_bytes;
+      for (int64_t l = 0; l < 16; ++l) {
+        const int64_t n = 16 * b + l;
+        for (int64_t col = 0; col < Gp; ++col) {
+          uint32_t word;
+          std::memcpy(&word, rec + ((col / 8) * 16 + l) * 4, 4);
+          const int64_t k = g * c.G + col;
+          const bool real = n < c.N && col < c.G && k < c.K;
+          ASSERT_EQ((word >> nibble_shift(int(col % 8))) & 0xF, real ? w.codes[n * c.K + k] : 0u)
+              << "block " << b << " group " << g << " lane " << l << " column " << col;
+        }
+        if (n >= c.N) continue;
+        float scale, zero;
+        std::memcpy(&scale, rec + code_bytes + l * 4, 4);
+        std::memcpy(&zero, rec + code_bytes + (16 + l) * 4, 4);
+        EXPECT_EQ(scale, w.scales[n * groups + g]);
+        EXPECT_EQ(zero, w.zeros[n * groups + g]);
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, Prepack,
+    ::testing::Values(Layout{16, 64, 32}, Layout{15, 100, 32}, Layout{17, 130, 64},
+                      Layout{33, 257, 128}, Layout{20, 9, 2}, Layout{7, 64, 6}, Layout{5, 99, 6},
+                      Layout{3, 37, 37}, Layout{18, 256, 256}, Layout{1, 1, 1}),
+    [](const ::testing::TestParamInfo<Layout>& info) { return layout_name(info.param); });
+
+// ---- fused linear -------------------------------------------------------------------------------
+TEST(Dispatch, IsaNamesParseBack) {
+  for (Isa isa : cpu::kAllIsas) {
+    Isa parsed;
+    ASSERT_TRUE(cpu::parse_isa(cpu::isa_name(isa), &parsed)) << cpu::isa_name(isa);
+    EXPECT_EQ(parsed, isa);
+  }
+  Isa unused;
+  EXPECT_FALSE(cpu::parse_isa("sse9", &unused));
+  EXPECT_TRUE(cpu::isa_supported(cpu::best_isa()));
+  EXPECT_TRUE(cpu::isa_supported(Isa::Scalar));
+}
+
+int64_t dtype_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// A [rows, ld] matrix of fp32, bf16 or fp16, stored as raw bytes.
+struct Matrix {
+  DType dtype;
+  int64_t ld;
+  std::vector<uint8_t> bytes;
+
+  Matrix(DType t, int64_t rows, int64_t ld_, float fill)
+      : dtype(t), ld(ld_), bytes(size_t(rows * ld_ * dtype_bytes(t))) {
+    for (int64_t i = 0; i < rows * ld; ++i) set(i / ld, i % ld, fill);
+  }
+  float get(int64_t r, int64_t c) const { return load_as_float(bytes.data(), dtype, r * ld + c); }
+  void set(int64_t r, int64_t c, float v) { store_from_float(bytes.data(), dtype, r * ld + c, v); }
+};
+
+// y = x . ((q - z) * s)^T in double: "dequantize, then matmul" (the bias is added by the caller).
+std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M) {
+  const int64_t N = w.shape.N, K = w.shape.K, G = w.shape.G, groups = groups_of(K, G);
+  std::vector<double> y(size_t(M * N));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = n * groups + k / G;
+        acc += double(x.get(m, k)) * ((double(w.codes[n * K + k]) - w.zero(i)) * w.scales[i]);
+      }
+      y[m * N + n] = acc;
+    }
+  }
+  return y;
+}
+
+// Runs the kernels as csrc/cpu/ops_cpu.cpp does: prepare_activations over row ranges (here two),
+// then linear over row blocks, split into [0, split) and [split, row_blocks) calls.
+Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const float* bias,
+                  int64_t ldy, int64_t split) {
+  const PackedShape& s = w.shape;
+  // NaN-filled, like the uninitialised tensors of the glue: nothing may depend on what they held
+  std::vector<float> xp(size_t(cpu::activation_floats(s, M)), kNaN);
+  std::vector<float> xsum(size_t(cpu::activation_sum_floats(s, M)), kNaN);
+  std::vector<uint16_t> xbf16(x.dtype == DType::BF16 ? size_t(cpu::activation_bf16_elems(s, M)) : 0,
+                              float_to_bf16(kNaN));
+  const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
+  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
+  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
+  Matrix y(x.dtype, M, ldy, kNaN);  // NaN: outputs the kernel fails to write show up
+  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, 0, split);
+  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, split,
+              s.row_blocks());
+  return y;
+}
+
+}  // namespace
+
+namespace cpu {
+// gtest prints test parameters with this: "avx2" rather than the enum's raw bytes
+void PrintTo(Isa isa, std::ostream* os) { *os << isa_name(isa); }
+}  // namespace cpu
+
+namespace {
+
+class FusedLinear : public ::testing::TestWithParam<std::tuple<Isa, Layout>> {};
+
+TEST_P(FusedLinear, MatchesDequantizedMatmul) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(6);
+  const int64_t ldx = c.K + 3, ldy = c.N + 5;  // strided rows: gaps are neither read nor written
+  const int64_t blocks = (c.N + 15) / 16;
+  for (bool symmetric : {false, true}) {
+    const Weight w = make_weight(c, symmetric, rng);
+    const std::vector<float> bias_values = random_floats(c.N, -1.f, 1.f, rng);
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 200}) {
+      for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+        Matrix x(dtype, M, ldx, kNaN);
+        const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t k = 0; k < c.K; ++k) x.set(m, k, xv[m * c.K + k]);
+        const std::vector<double> ref = reference_linear(w, x, M);
+        for (bool with_bias : {false, true}) {
+          SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " M=" +
+                       std::to_string(M) + " " + dtype_name(dtype) + (with_bias ? " bias" : ""));
+          const float* bias = with_bias ? bias_values.data() : nullptr;
+          const Matrix y = run_linear(isa, w, x, M, bias, ldy, blocks);
+          const Matrix y_split = run_linear(isa, w, x, M, bias, ldy, blocks / 2);
+          EXPECT_TRUE(y.bytes == y_split.bytes) << "splitting the row blocks changed the result";
+
+          double err2 = 0.0, ref2 = 0.0;
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t n = 0; n < c.N; ++n) {
+              const double expected = ref[m * c.N + n] + (with_bias ? bias[n] : 0.0);
+              const double d = double(y.get(m, n)) - expected;
+              err2 += d * d;
+              ref2 += expected * expected;
+            }
+            for (int64_t n = c.N; n < ldy; ++n)
+              ASSERT_TRUE(std::isnan(y.get(m, n))) << "wrote past N: row " << m << " column " << n;
+          }
+          const double rel = std::sqrt(err2 / ref2);
+          EXPECT_LE(rel, dtype == DType::F32 ? 1e-5 : 1e-2);  // NaN (a missed output) fails too
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllIsas, FusedLinear,
+    ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),
+                       ::testing::Values(Layout{3, 100, 32}, Layout{7, 256, 256},
+                                         Layout{37, 384, 128}, Layout{64, 1000, 64},
+                                         Layout{17, 130, 6}, Layout{20, 33, 33}, Layout{16, 9, 2})),
+    [](const ::testing::TestParamInfo<std::tuple<Isa, Layout>>& info) {
+      return std::string(cpu::isa_name(std::get<0>(info.param))) + "_" +
+             layout_name(std::get<1>(info.param));
+    });
+
+// ---- fp16 / bf16 conversions --------------------------------------------------------------------
+TEST(Convert, Bf16KnownValues) {
+  EXPECT_EQ(float_to_bf16(1.f), 0x3F80);
+  EXPECT_EQ(float_to_bf16(-2.5f), 0xC020);
+  EXPECT_EQ(float_to_bf16(0.f), 0x0000);
+  EXPECT_EQ(float_to_bf16(-0.f), 0x8000);
+  EXPECT_EQ(float_to_bf16(kInf), 0x7F80);
+  EXPECT_EQ(float_to_bf16(-kInf), 0xFF80);
+  EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::max()), 0x7F80);  // rounds up to inf
+  EXPECT_EQ(float_to_bf16(std::ldexp(1.f, -133)), 0x0001);             // smallest subnormal
+  EXPECT_EQ(bf16_to_float(0x0001), std::ldexp(1.f, -133));
+  EXPECT_EQ(bf16_to_float(0xC020), -2.5f);
+  // ties: 1 + 2^-8 lies halfway between 0x3F80 and 0x3F81 and goes to the even one
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3F808000u)), 0x3F80);
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3F818000u)), 0x3F82);
+  EXPECT_EQ(float_to_bf16(bits_to_float(0x3F808001u)), 0x3F81);
+  // NaN stays NaN, even one whose payload sits only in the bits truncation drops
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(kNaN))));
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(bits_to_float(0x7F800001u)))));
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(bits_to_float(0xFF800001u)))));
+}
+
+TEST(Convert, F16KnownValues) {
+  EXPECT_EQ(float_to_f16(1.f), 0x3C00);
+  EXPECT_EQ(float_to_f16(-2.5f), 0xC100);
+  EXPECT_EQ(float_to_f16(65504.f), 0x7BFF);  // largest finite half
+  EXPECT_EQ(float_to_f16(65519.f), 0x7BFF);  // just under the tie with 65536
+  EXPECT_EQ(float_to_f16(65520.f), 0x7C00);  // the tie goes to even: inf
+  EXPECT_EQ(float_to_f16(kInf), 0x7C00);
+  EXPECT_EQ(float_to_f16(-kInf), 0xFC00);
+  EXPECT_EQ(float_to_f16(-0.f), 0x8000);
+  EXPECT_EQ(float_to_f16(std::ldexp(1.f, -14)), 0x0400);      // smallest normal
+  EXPECT_EQ(float_to_f16(std::ldexp(1.f, -24)), 0x0001);      // smallest subnormal
+  EXPECT_EQ(float_to_f16(-std::ldexp(1023.f, -24)), 0x83FF);  // largest subnormal
+  EXPECT_EQ(float_to_f16(std::ldexp(1.f, -25)), 0x0000);      // tie between 0 and 2^-24: even
+  EXPECT_EQ(float_to_f16(std::ldexp(3.f, -25)), 0x0002);      // tie between 1 and 2 units: even
+  EXPECT_EQ(float_to_f16(std::ldexp(1.f, -26)), 0x0000);
+  EXPECT_EQ(float_to_f16(1.f + std::ldexp(1.f, -11)), 0x3C00);  // tie: even
+  EXPECT_EQ(float_to_f16(1.f + std::ldexp(3.f, -11)), 0x3C02);  // tie: even
+  EXPECT_EQ(f16_to_float(0x7BFF), 65504.f);
+  EXPECT_EQ(f16_to_float(0x0001), std::ldexp(1.f, -24));
+  EXPECT_EQ(f16_to_float(0x8001), -std::ldexp(1.f, -24));
+  EXPECT_EQ(f16_to_float(0x7C00), kInf);
+  EXPECT_TRUE(std::isnan(f16_to_float(0x7E00)));
+  EXPECT_TRUE(std::isnan(f16_to_float(0x7C01)));
+  const uint16_t h = float_to_f16(kNaN);
+  EXPECT_TRUE((h & 0x7C00) == 0x7C00 && (h & 0x03FF) != 0) << std::hex << h;
+}
+
+// Exhaustive over the 16-bit formats: every finite value converts back to its own bits, and the
+// midpoint between two neighbours rounds to the one with the even bit pattern (just above or
+// below it, to the nearer one). Midpoints are exact in fp32, which has more mantissa bits.
+template <typename ToFloat, typename FromFloat>
+void check_rounding(uint16_t largest_finite, ToFloat to_float, FromFloat from_float) {
+  for (uint32_t h = 0; h <= largest_finite; ++h) {
+    for (uint16_t sign : {uint16_t(0), uint16_t(0x8000)}) {
+      const uint16_t bits = uint16_t(h | sign);
+      ASSERT_EQ(from_float(to_float(bits)), bits) << std::hex << bits;
+    }
+    if (h == largest_finite) break;
+    const float lo = to_float(uint16_t(h)), hi = to_float(uint16_t(h + 1));
+    const float mid = lo + (hi - lo) / 2;  // lo + hi overflows near the top of bf16
+    ASSERT_EQ(from_float(mid), (h % 2 == 0) ? h : h + 1) << std::hex << h;
+    ASSERT_EQ(from_float(std::nextafter(mid, kInf)), h + 1) << std::hex << h;
+    ASSERT_EQ(from_float(std::nextafter(mid, 0.f)), h) << std::hex << h;
+    ASSERT_EQ(from_float(-mid), uint16_t(0x8000 | ((h % 2 == 0) ? h : h + 1))) << std::hex << h;
+  }
+}
+
+TEST(Convert, F16RoundTripAndTiesExhaustive) {
+  check_rounding(0x7BFF, f16_to_float, float_to_f16);
+  for (uint32_t nan = 0x7C01; nan <= 0x7FFF; ++nan)
+    ASSERT_TRUE(std::isnan(f16_to_float(uint16_t(nan)))) << std::hex << nan;
+}
+
+TEST(Convert, Bf16RoundTripAndTiesExhaustive) {
+  check_rounding(0x7F7F, bf16_to_float, float_to_bf16);
+  for (uint32_t nan = 0x7F81; nan <= 0x7FFF; ++nan) {
+    const float f = bf16_to_float(uint16_t(nan));
+    ASSERT_TRUE(std::isnan(f)) << std::hex << nan;
+    ASSERT_TRUE(std::isnan(bf16_to_float(float_to_bf16(f)))) << std::hex << nan;
+  }
+}
+
+}  // namespace
+}  // namespace int4kit
