@@ -2,8 +2,10 @@
 // the CUDA prepacked layout come with the CUDA kernels issue; until then Int4Linear on a GPU
 // dequantizes with this op and calls cuBLAS.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers, not ATen/cuda/CUDAContext.h: that one pulls in the cuSPARSE
+// and cuBLAS headers, which a bare CUDA toolkit does not ship.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -19,7 +21,7 @@ void check_launch(int err, const char* what) {
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor pack_cuda(const at::Tensor& codes) {
   check_dtype(codes, at::kByte, "codes");
