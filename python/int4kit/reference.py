@@ -24,7 +24,7 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack(qweight: torch.Tensor, K: int) -> torch.Tensor:
     q = qweight.to(torch.int32)
-    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(q.shape[0], -1)
+    codes = torch.stack([q & 0xF, q >> 4], dim=-1).reshape(q.shape[0], 2 * q.shape[1])
     return codes[:, :K].to(torch.uint8)
 
 

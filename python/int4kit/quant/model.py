@@ -47,6 +47,9 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     calib_data: batches for calibration-based methods; round-to-nearest needs none.
     Returns a QuantReport: layers swapped and skipped (with the reason), bytes before and after.
     """
+    if isinstance(model, nn.Linear):
+        raise TypeError("model is itself an nn.Linear, which quantize_model cannot replace in place; "
+                        "use int4kit.Int4Linear.from_linear(model, group_size, symmetric) instead")
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an int4kit.QuantConfig, got {type(config).__name__}")

@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""Kernel benchmark: int4kit's fused int4 linear next to its peers, side by side in one process.
+
+Peers (DESIGN.md, section Benchmarks):
+  * int4kit      int4kit.ops.linear on a prepacked weight (what Int4Linear.forward calls on CPU)
+  * F.linear     dense, weight in bf16 (x bf16) and in fp32 (x fp32)
+  * torch int4   torch.ops.aten._weight_int4pack_mm_for_cpu on the *same* quantized weights
+
+Shapes are K x N (K = in_features), M rows of activations, group size 128, asymmetric weights.
+Two modes: "hot" reuses one weight on every call (it may sit in the 480 MiB L3), "cold" rotates
+over enough copies of each implementation's weight that the set is > 1.1 GiB, so every call
+streams its weight from DRAM. Each timing is the median of single calls (time.perf_counter) after
+a warm-up, within a per-case time budget. On a shared 2-core machine absolute times are noise:
+quote medians and ratios.
+
+    python bench/bench_linear.py                       # hot + cold, bf16 + fp32, ~5 minutes
+    python bench/bench_linear.py --quick --mode hot --shapes 4096x4096 --m 1 16
+    python bench/bench_linear.py --json bench/results/linear.json --plot bench/results/linear.png
+
+`run(...)` returns the result rows (dicts) and `format_table(rows)` renders them, for bench/demo.py.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import int4kit
+from int4kit import ops, reference
+
+GiB = 1 << 30
+DEFAULT_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (K, N)
+DEFAULT_MS = (1, 16, 128)
+COLD_BYTES = int(1.1 * GiB)       # each implementation's rotation set in cold mode exceeds this
+COLD_MAX_COPIES = 256             # sanity cap (a 4096x4096 int4 weight is ~8.5 MB: 133 copies)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+IMPLS = ("int4kit", "dense_bf16", "dense_fp32", "torch_int4")
+LABELS = {"int4kit": "int4kit", "dense_bf16": "F.lin bf16", "dense_fp32": "F.lin fp32",
+          "torch_int4": "torch int4"}
+
+
+# ---- environment ----------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: str = "cpu") -> dict:
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "cpu": cpu_model(), "threads": torch.get_num_threads(),
+           "int4kit_cpu_isa": int4kit.cpu_isa(), "torch": torch.__version__,
+           "int4kit": int4kit.__version__, "device": device,
+           "loadavg": [round(v, 2) for v in os.getloadavg()]}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def describe(env: dict) -> str:
+    s = (f"date {env['date']} | CPU {env['cpu']} | torch threads {env['threads']} | "
+         f"int4kit CPU path {env['int4kit_cpu_isa']} | torch {env['torch']} | "
+         f"load avg {env['loadavg'][0]:.2f}")
+    if "gpu" in env:
+        s += f" | GPU {env['gpu']}"
+    return s
+
+
+# ---- weights for each implementation --------------------------------------------------------------
+
+class Weights:
+    """One random [N, K] weight, quantized once (RTN, asymmetric), in every layout under test."""
+
+    def __init__(self, K: int, N: int, group_size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.K, self.N, self.G = K, N, group_size
+        self.w = torch.randn(N, K, generator=g) * 0.02
+        self.qweight, self.scales, self.zeros = ops.quantize(self.w, group_size, False)
+        groups = ops.num_groups(K, group_size)
+        # weight bytes an int4 kernel has to read: the codes plus per-group scales and zeros
+        self.int4_bytes = N * ((K + 1) // 2) + 2 * N * groups * self.scales.element_size()
+
+    # torch's int4 CPU op: dequantized weight = (q - 8) * scale + zero, "zero" an additive float
+    # offset, so int4kit's (q - z) * s becomes scale = s, zero = (8 - z) * s.
+    def torch_int4_cpu(self, dtype: torch.dtype):
+        codes = ops.unpack(self.qweight, self.K).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        return packed, self._scales_and_zeros(dtype)
+
+    def torch_int4_cuda(self, inner_k_tiles: int = 8):
+        codes = ops.unpack(self.qweight, self.K).to(torch.int32)
+        # the CUDA op takes uint8 [N, K/2] with the even k in the high nibble
+        u8 = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(u8.cuda(), inner_k_tiles)
+        return packed, self._scales_and_zeros(torch.bfloat16).cuda()
+
+    def _scales_and_zeros(self, dtype):
+        s = self.scales.float()
+        offset = (8 - self.zeros.float()) * s
+        return torch.stack([s.t(), offset.t()], dim=-1).contiguous().to(dtype)  # [K/G, N, 2]
+
+
+def nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(o) for o in obj)
+    if isinstance(obj, torch.nn.Module):
+        return sum(nbytes(b) for b in obj.buffers()) + sum(nbytes(p) for p in obj.parameters())
+    raise TypeError(type(obj))
+
+
+def clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(clone(o) for o in obj)
+    if isinstance(obj, torch.nn.Module):
+        import copy
+        return copy.deepcopy(obj)
+    raise TypeError(type(obj))
+
+
+def cpu_variants(W: Weights, dtypes):
+    """name -> (build the weight object, call(x, weight) -> y, activation dtype per run dtype).
+
+    The dense variants do not depend on the run's dtype: they are measured once per case and their
+    time appears in both the bf16 and the fp32 rows."""
+    K, N, G = W.K, W.N, W.G
+    v = {
+        "int4kit": (lambda: ops.prepack(W.qweight, W.scales, W.zeros, G, K),
+                    lambda x, p: ops.linear(x, p, N, K, G)),
+        "dense_bf16": (lambda: W.w.to(torch.bfloat16), lambda x, w: F.linear(x, w)),
+        "dense_fp32": (lambda: W.w.clone(), lambda x, w: F.linear(x, w)),
+    }
+    for dt in dtypes:
+        v[f"torch_int4/{dt}"] = (
+            (lambda d=DTYPES[dt]: W.torch_int4_cpu(d)),
+            lambda x, pw: torch.ops.aten._weight_int4pack_mm_for_cpu(x, pw[0], G, pw[1]))
+    return v
+
+
+def cuda_variants(W: Weights, dtypes):
+    K, N, G = W.K, W.N, W.G
+
+    def build_int4kit():
+        return int4kit.Int4Linear.from_quantized(W.qweight, W.scales, W.zeros, G, in_features=K,
+                                                 device="cuda")
+    v = {
+        "int4kit": (build_int4kit, lambda x, m: m(x)),
+        "dense_bf16": (lambda: W.w.to("cuda", torch.bfloat16), lambda x, w: torch.matmul(x, w.t())),
+        "dense_fp32": (lambda: W.w.cuda(), lambda x, w: torch.matmul(x, w.t())),
+    }
+    if hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        v["torch_int4/bf16"] = (W.torch_int4_cuda,
+                                lambda x, pw: torch.ops.aten._weight_int4pack_mm(x, pw[0], G, pw[1]))
+    return v
+
+
+# ---- correctness check of every implementation's preparation ---------------------------------------
+
+def rel_err(y, ref) -> float:
+    ref = ref.double()
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def verify(device: str = "cpu", dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
+           group_size: int = 128, M: int = 8, log=print) -> dict:
+    """Compares each implementation once against int4kit.reference.linear on a small shape."""
+    W = Weights(K, N, group_size, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x64 = torch.randn(M, K, generator=g)
+    tol = {"bf16": 3e-2, "fp32": 1e-4}
+    variants = cpu_variants(W, dtypes) if device == "cpu" else cuda_variants(W, dtypes)
+    errs, problems = {}, []
+    for dt in dtypes:
+        x = x64.to(DTYPES[dt])
+        ref = reference.linear(x, W.qweight, W.scales, W.zeros, group_size)
+        for name in ("int4kit", f"torch_int4/{dt}"):
+            if name not in variants:
+                continue
+            build, call = variants[name]
+            try:
+                y = call(x.to(device), build()).cpu()
+                e = rel_err(y, ref)
+            except Exception as exc:  # noqa: BLE001  (reported, the timing marks it n/a)
+                e = float("nan")
+                problems.append(f"{name} ({dt}) raised {type(exc).__name__}: {exc}")
+            errs[f"{name.split('/')[0]}/{dt}"] = e
+            if not e <= tol[dt]:
+                problems.append(f"{name} ({dt}) relative error {e:.2e} > {tol[dt]:.0e}")
+    log("check vs int4kit.reference.linear (K=%d N=%d M=%d, group %d): " % (K, N, M, group_size)
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    for p in problems:
+        log(f"  WARNING: {p}")
+    return {"errors": errs, "problems": problems}
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(call, weights, x, device, budget_s, min_reps, max_reps, warmup):
+    """Median seconds of single calls, rotating over `weights` (one entry: hot)."""
+    n = len(weights)
+    i = 0
+    start = time.perf_counter()
+    while i < warmup and (i == 0 or time.perf_counter() - start < budget_s):
+        call(x, weights[i % n])
+        _sync(device)
+        i += 1
+        first = time.perf_counter() - start
+        if device == "cpu" and i == 1 and first > 2 * budget_s:
+            # a single call outlasts the budget several times over (torch's int4 op with fp32 x
+            # takes seconds): one-time costs are noise next to it, so that call is the timing
+            time_calls.last_min = first
+            return first, 1
+        if device == "cpu" and i == 1 and first > budget_s:
+            min_reps = 1
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        w = weights[i % n]
+        i += 1
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call(x, w)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            call(x, w)
+            times.append(time.perf_counter() - t0)
+    time_calls.last_min = min(times)
+    return statistics.median(times), len(times)
+
+
+def _parse_shape(s):
+    if isinstance(s, (tuple, list)):
+        return int(s[0]), int(s[1])
+    k, n = s.lower().split("x")
+    return int(k), int(n)
+
+
+def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf16", "fp32"),
+        quick=False, group_size=128, device="cpu", budget_s=None, cold_bytes=COLD_BYTES,
+        check=True, log=print):
+    """Runs the benchmark; returns one row (dict) per (mode, shape, M, dtype).
+
+    A row holds ms[impl] (median milliseconds, None when the implementation is unavailable),
+    ms_min[impl] (fastest call, a hint of the noise on a shared machine),
+    reps[impl], copies[impl] (weights rotated over), weight_bytes and gbps (int4kit's int4 weight
+    bytes over its time), speedup[peer] = peer ms / int4kit ms (> 1: int4kit is faster).
+    """
+    if isinstance(modes, str):
+        modes = ("hot", "cold") if modes == "both" else (modes,)
+    if isinstance(dtypes, str):
+        dtypes = ("bf16", "fp32") if dtypes == "both" else (dtypes,)
+    dtypes = tuple(dtypes)
+    shapes = [_parse_shape(s) for s in shapes]
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            log("--device cuda: no CUDA device is available here; skipping the CUDA benchmark.")
+            return []
+        if "fp32" in dtypes:
+            log("--device cuda: benchmarking bf16 activations only.")
+        dtypes = ("bf16",)
+    if budget_s is None:
+        budget_s = 0.25 if quick else 1.0
+    min_reps, max_reps, warmup = (3, 50, 1) if quick else (3, 400, 2)
+    if check:
+        verify(device, dtypes, group_size=group_size, log=log)
+
+    rows = []
+    for mode in modes:
+        for K, N in shapes:
+            W = Weights(K, N, group_size)
+            variants = cpu_variants(W, dtypes) if device == "cpu" else cuda_variants(W, dtypes)
+            gen = torch.Generator().manual_seed(3)
+            xs = {(M, dt): torch.randn(M, K, generator=gen).to(device, DTYPES[dt])
+                  for M in ms for dt in dtypes}
+            x32 = {M: xs[(M, dtypes[0])].float() for M in ms}
+            results, copies, unavailable = {}, {}, {}
+            for name, (build, call) in variants.items():
+                try:
+                    first = build()
+                except Exception as exc:  # noqa: BLE001
+                    unavailable[name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                n = 1
+                if mode == "cold":
+                    n = min(COLD_MAX_COPIES, max(2, math.ceil(cold_bytes / nbytes(first))))
+                weights = [first] + [clone(first) for _ in range(n - 1)]
+                copies[name] = (n, nbytes(first))
+                for M in ms:
+                    if name.startswith("dense"):
+                        runs = [(None, (x32[M] if name == "dense_fp32" else x32[M].bfloat16()))]
+                    elif name.startswith("torch_int4/"):
+                        dt = name.split("/")[1]
+                        runs = [(dt, xs[(M, dt)])]
+                    else:
+                        runs = [(dt, xs[(M, dt)]) for dt in dtypes]
+                    for dt, x in runs:
+                        try:
+                            with torch.inference_mode():
+                                t, reps = time_calls(call, weights, x, device, budget_s, min_reps,
+                                                     max_reps, warmup)
+                            results[(name.split("/")[0], M, dt)] = (t, reps,
+                                                                    time_calls.last_min)
+                        except Exception as exc:  # noqa: BLE001
+                            unavailable[name] = f"{type(exc).__name__}: {exc}"
+                del weights, first
+            for name, why in unavailable.items():
+                log(f"  note: {name} unavailable for {K}x{N} ({why.splitlines()[0][:160]})")
+            for M in ms:
+                for dt in dtypes:
+                    row = {"mode": mode, "K": K, "N": N, "M": M, "dtype": dt, "device": device,
+                           "group_size": group_size, "ms": {}, "ms_min": {}, "reps": {},
+                           "copies": {}}
+                    for impl in IMPLS:
+                        key = (impl, M, None if impl.startswith("dense") else dt)
+                        vname = f"{impl}/{dt}" if impl == "torch_int4" else impl
+                        if key in results:
+                            t, reps, tmin = results[key]
+                            row["ms"][impl] = t * 1e3
+                            row["ms_min"][impl] = tmin * 1e3
+                            row["reps"][impl] = reps
+                            row["copies"][impl] = copies[vname][0]
+                        else:
+                            row["ms"][impl] = row["ms_min"][impl] = None
+                    row["weight_bytes"] = W.int4_bytes
+                    t4 = row["ms"]["int4kit"]
+                    row["gbps"] = W.int4_bytes / (t4 * 1e-3) / 1e9 if t4 else None
+                    row["speedup"] = {p: (row["ms"][p] / t4 if t4 and row["ms"][p] else None)
+                                      for p in IMPLS[1:]}
+                    rows.append(row)
+            if mode == "cold":
+                log(f"  cold {K}x{N}: copies rotated: " + ", ".join(
+                    f"{k} {n} ({n * b / GiB:.2f} GiB)" for k, (n, b) in copies.items()))
+            del W, variants
+    return rows
+
+
+# ---- output -----------------------------------------------------------------------------------------
+
+def _f(v, fmt):
+    return "n/a" if v is None else format(v, fmt)
+
+
+def format_table(rows, title=None) -> str:
+    """Fixed-width table: one line per (shape, M, dtype); ratios are peer ms / int4kit ms."""
+    if not rows:
+        return "(no results)"
+    head = (f"{'K x N':>12} {'M':>4} {'dtype':>5} | {'int4kit':>8} {'F.lin bf16':>10} "
+            f"{'F.lin fp32':>10} {'torch int4':>10} | {'int4kit':>7} | {'vs bf16':>7} "
+            f"{'vs fp32':>7} {'vs tint4':>8}")
+    sub = (f"{'':>12} {'':>4} {'':>5} | {'ms':>8} {'ms':>10} {'ms':>10} {'ms':>10} | "
+           f"{'GB/s':>7} | {'x':>7} {'x':>7} {'x':>8}")
+    lines = []
+    if title:
+        lines.append(title)
+    lines += [head, sub, "-" * len(head)]
+    prev = None
+    for r in rows:
+        shape = f"{r['K']}x{r['N']}"
+        if prev is not None and prev != shape:
+            lines.append("")
+        prev = shape
+        ms, sp = r["ms"], r["speedup"]
+        lines.append(
+            f"{shape:>12} {r['M']:>4} {r['dtype']:>5} | {_f(ms['int4kit'], '8.3f')} "
+            f"{_f(ms['dense_bf16'], '10.3f')} {_f(ms['dense_fp32'], '10.3f')} "
+            f"{_f(ms['torch_int4'], '10.3f')} | {_f(r['gbps'], '7.1f')} | "
+            f"{_f(sp['dense_bf16'], '7.2f')} {_f(sp['dense_fp32'], '7.2f')} "
+            f"{_f(sp['torch_int4'], '8.2f')}")
+    return "\n".join(lines)
+
+
+def print_tables(rows, log=print):
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mrows = [r for r in rows if r["mode"] == mode]
+        note = ("one weight reused every call (may sit in L3)" if mode == "hot" else
+                "rotating over > 1.1 GiB of weight copies per implementation (streams from DRAM)")
+        log("")
+        log(format_table(mrows, title=f"== {mode}: {note} =="))
+    log("")
+    log("ms: median of single calls. GB/s: int4kit's int4 weight bytes (N*K/2 + fp32 scales and "
+        "zeros) per second.\nvs X: X's ms / int4kit's ms (> 1 means int4kit is faster). "
+        "F.linear: dense weight and x in that dtype, measured once per (shape, M) and shown in "
+        "both dtype rows.\ntorch int4: aten._weight_int4pack_mm_for_cpu on the same int4 codes, "
+        "with x and scales/offsets in the row's dtype.")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    dts = list(dict.fromkeys(r["dtype"] for r in rows))
+    fig, axes = plt.subplots(len(modes), len(dts), figsize=(6 * len(dts), 4.2 * len(modes)),
+                             squeeze=False)
+    for (i, mode), (j, dt) in ((a, b) for a in enumerate(modes) for b in enumerate(dts)):
+        ax = axes[i][j]
+        prow = [r for r in rows if r["mode"] == mode and r["dtype"] == dt]
+        shapes = list(dict.fromkeys(f"{r['K']}x{r['N']}" for r in prow))
+        ms = list(dict.fromkeys(r["M"] for r in prow))
+        width = 0.8 / max(1, len(ms))
+        for k, M in enumerate(ms):
+            vals = []
+            for s in shapes:
+                r = next((r for r in prow if f"{r['K']}x{r['N']}" == s and r["M"] == M), None)
+                v = r["speedup"]["dense_bf16"] if r else None
+                vals.append(v if v is not None else 0.0)
+            xs = [c + (k - (len(ms) - 1) / 2) * width for c in range(len(shapes))]
+            bars = ax.bar(xs, vals, width, label=f"M={M}")
+            for b, v in zip(bars, vals):
+                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                            va="bottom", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes)
+        ax.set_xlabel("K x N")
+        ax.set_ylabel("speedup of int4kit over F.linear bf16")
+        ax.set_title(f"{mode} weights, {dt} activations")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("hot", "cold", "both"), default="both")
+    p.add_argument("--shapes", nargs="+", default=[f"{k}x{n}" for k, n in DEFAULT_SHAPES],
+                   help="K x N shapes (K = in_features), e.g. 4096x4096 4096x11008")
+    p.add_argument("--m", nargs="+", type=int, default=list(DEFAULT_MS), help="activation rows M")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "both"), default="both")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, shorter time budget")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed calls per case (default 1.0, --quick 0.25)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--json", metavar="PATH", help="save the rows and the environment as JSON")
+    p.add_argument("--plot", metavar="PATH", help="save a PNG of int4kit's speedup over bf16")
+    args = p.parse_args(argv)
+    shapes = [s for tok in args.shapes for s in tok.split(",") if s]
+
+    env = environment(args.device)
+    print(describe(env))
+    t0 = time.perf_counter()
+    rows = run(modes=args.mode, shapes=shapes, ms=args.m, dtypes=args.dtype, quick=args.quick,
+               group_size=args.group_size, device=args.device, budget_s=args.budget)
+    if not rows:
+        return 0
+    print_tables(rows)
+    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average at the end "
+          f"{env['loadavg_end'][0]:.2f} (above ~0.5, other work shared the {os.cpu_count()} "
+          f"cores and the times are noisy)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+        print(f"saved {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"saved {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

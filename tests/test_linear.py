@@ -1,0 +1,187 @@
+"""Tier 2: the fused linear (prepacked layout) against "dequantize in float64, then matmul"
+(int4kit.reference.linear), for every CPU path this machine supports."""
+import functools
+import zlib
+
+import pytest
+import torch
+
+from int4kit import ops
+from int4kit import reference as R
+
+from conftest import random_weight, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+M_SWEEP = [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 128]
+
+# (N, K, group_size): N not a multiple of the 16-row block, K at and off group boundaries
+SHAPES = [
+    (3, 100, 32),     # last group partial (4 columns)
+    (7, 256, -1),     # per channel
+    (37, 384, 128),
+    (64, 1000, 64),   # last group partial (40 columns)
+    (17, 130, 6),     # groups not a multiple of 8 columns, last group partial
+    (16, 99, 32),     # odd K
+    (5, 1, -1),       # K = 1
+]
+
+
+def _shape_id(shape):
+    N, K, G = shape
+    return f"N{N}-K{K}-G{G}"
+
+
+@functools.lru_cache(maxsize=None)
+def make_layer(N, K, G, symmetric, with_bias, dtype):
+    """Quantized weights (canonical and prepacked) and a bias, all from a fixed seed."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(zlib.crc32(repr((N, K, G, symmetric, with_bias, dtype)).encode()))
+    try:
+        weight = random_weight(N, K, dtype)
+        bias = (torch.randn(N) * 0.1).to(dtype) if with_bias else None
+    finally:
+        torch.random.set_rng_state(gen_state)
+    qweight, scales, zeros = ops.quantize(weight, G, symmetric)
+    zeros = None if symmetric else zeros
+    packed = ops.prepack(qweight, scales, zeros, G, K)
+    return qweight, scales, zeros, packed, bias
+
+
+def check_linear(x, N, K, G, symmetric, with_bias, weight_dtype=None):
+    dtype = x.dtype
+    qweight, scales, zeros, packed, bias = make_layer(N, K, G, symmetric, with_bias,
+                                                      weight_dtype or dtype)
+    y = ops.linear(x, packed, N, K, G, bias)
+    assert y.dtype == dtype
+    assert tuple(y.shape) == (*x.shape[:-1], N)
+    ref = R.linear(x, qweight, scales, zeros, G, bias)
+    assert torch.isfinite(y).all()
+    err = rel_err(y, ref)
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]:g}"
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("M", M_SWEEP)
+def test_linear_matches_reference(cpu_isa, M, shape, with_bias, symmetric, dtype):
+    N, K, G = shape
+    x = torch.randn(M, K).to(dtype)
+    check_linear(x, N, K, G, symmetric, with_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 9, 33])
+def test_linear_low_precision_x_with_fp32_scales(cpu_isa, M, dtype):
+    # a float32 checkpoint run with bf16/fp16 activations (Int4Linear.to(bf16) keeps fp32 scales)
+    N, K, G = 37, 384, 128
+    x = torch.randn(M, K).to(dtype)
+    check_linear(x, N, K, G, False, True, weight_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M", [1, 33])
+def test_linear_model_sized_shape(cpu_isa, M, dtype):
+    N, K, G = 4096, 512, 128
+    x = torch.randn(M, K).to(dtype)
+    check_linear(x, N, K, G, False, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1, 5), (4,), ()], ids=["2x3", "1x1x5", "4", "1d"])
+def test_linear_leading_dims(cpu_isa, lead, dtype):
+    N, K, G = 37, 384, 128
+    x = torch.randn(*lead, K).to(dtype)
+    check_linear(x, N, K, G, False, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=["0", "2x0", "0x3"])
+def test_linear_empty_batch(cpu_isa, lead, dtype):
+    N, K, G = 17, 130, 6
+    _, _, _, packed, bias = make_layer(N, K, G, False, True, dtype)
+    x = torch.randn(*lead, K).to(dtype)
+    y = ops.linear(x, packed, N, K, G, bias)
+    assert tuple(y.shape) == (*lead, N)
+    assert y.dtype == dtype
+
+
+def test_linear_zero_output_features(cpu_isa):
+    K, G = 64, 32
+    qweight, scales, zeros = ops.quantize(torch.empty(0, K), G, True)
+    packed = ops.prepack(qweight, scales, None, G, K)
+    y = ops.linear(torch.randn(3, K), packed, 0, K, G, None)
+    assert tuple(y.shape) == (3, 0)
+
+
+def _views(M, K, dtype=torch.float32):
+    """(name, non-contiguous view of an [.., K] activation)."""
+    def randn(*shape):
+        return torch.randn(*shape).to(dtype)
+    return [
+        ("transposed", randn(K, M + 1).t()[:M]),
+        ("every_other_column", randn(M, 2 * K)[:, ::2]),
+        ("row_stride_gt_K", randn(M + 1, K + 5)[:M, 2:K + 2]),
+        ("every_other_row", randn(2 * M, K)[::2]),
+        ("batch_transposed", randn(M, 3, K).transpose(0, 1)),
+    ]
+
+
+VIEW_NAMES = [name for name, _ in _views(1, 2)]
+# a single row taken with a row stride or from a transposed batch is still contiguous
+VIEW_CASES = [(M, i) for M in (1, 5, 33) for i in range(len(VIEW_NAMES))
+              if M > 1 or VIEW_NAMES[i] in ("transposed", "every_other_column", "row_stride_gt_K")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M,view", VIEW_CASES, ids=[f"M{M}-{VIEW_NAMES[i]}" for M, i in VIEW_CASES])
+def test_linear_non_contiguous_x(cpu_isa, M, view, dtype):
+    N, K, G = 37, 384, 128
+    _, x = _views(M, K, dtype)[view]
+    assert not x.is_contiguous() or x.storage_offset() != 0  # a one-row slice is "contiguous"
+    _, _, _, packed, bias = make_layer(N, K, G, False, True, dtype)
+    y = check_linear(x, N, K, G, False, True)
+    y_contig = ops.linear(x.contiguous(), packed, N, K, G, bias)
+    assert torch.equal(y, y_contig)
+
+
+def test_linear_non_contiguous_bias(cpu_isa):
+    N, K, G = 37, 384, 128
+    qweight, scales, zeros, packed, _ = make_layer(N, K, G, False, False, torch.float32)
+    bias = torch.randn(2 * N)[::2]
+    x = torch.randn(9, K)
+    y = ops.linear(x, packed, N, K, G, bias)
+    assert rel_err(y, R.linear(x, qweight, scales, zeros, G, bias)) <= 1e-5
+
+
+@pytest.mark.parametrize("bias_dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_bias_dtype_differs_from_x(cpu_isa, bias_dtype):
+    N, K, G = 17, 130, 6
+    qweight, scales, zeros, packed, _ = make_layer(N, K, G, True, False, torch.float32)
+    bias = torch.randn(N).to(bias_dtype)
+    x = torch.randn(7, K)
+    y = ops.linear(x, packed, N, K, G, bias)
+    assert y.dtype == torch.float32
+    assert rel_err(y, R.linear(x, qweight, scales, None, G, bias)) <= 1e-5
+
+
+def test_linear_large_activations(cpu_isa):
+    # per-group sums of x feed the zero-point term: large, offset activations must not lose it
+    N, K, G = 33, 256, 32
+    qweight, scales, zeros, packed, bias = make_layer(N, K, G, False, True, torch.float32)
+    x = torch.randn(8, K) * 50 + 100
+    y = ops.linear(x, packed, N, K, G, bias)
+    assert rel_err(y, R.linear(x, qweight, scales, zeros, G, bias)) <= 1e-5
+
+
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_linear_default_path(monkeypatch, value):
+    monkeypatch.setenv("INT4KIT_CPU_ISA", value)
+    assert ops.cpu_isa() in ops.cpu_isas()
+    x = torch.randn(9, 130)
+    check_linear(x, 17, 130, 6, False, True)
