@@ -70,6 +70,13 @@ def gencode_flags(archs):
     return flags
 
 
+# at::parallel_for is inline OpenMP in torch's headers: without -fopenmp the glue would run it
+# serially. Compile-only on purpose: the GOMP symbols then resolve to the OpenMP runtime torch
+# already loaded (through libtorch_cpu), so one thread pool serves both and torch.set_num_threads
+# governs int4kit too. Linking -fopenmp would load a second runtime with its own pool.
+GLUE_CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]
+
+
 def make_extension():
     ext_sources = ["csrc/ops.cpp", "csrc/cpu/ops_cpu.cpp"]
     libraries = [name for name, _, _ in ISA_LIBRARIES]
@@ -80,12 +87,12 @@ def make_extension():
         ext_sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/format.cu"]
         return cpp_extension.CUDAExtension(
             "int4kit._C", ext_sources, include_dirs=INCLUDE_DIRS, libraries=libraries,
-            extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+            extra_compile_args={"cxx": GLUE_CXX_FLAGS,
                                 "nvcc": ["-O3", "-std=c++20", "-Xptxas=-v", *gencode_flags(archs)]})
     print("int4kit: building CPU kernels only")
     return cpp_extension.CppExtension(
         "int4kit._C", ext_sources, include_dirs=INCLUDE_DIRS, libraries=libraries,
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"]})
+        extra_compile_args={"cxx": GLUE_CXX_FLAGS})
 
 
 if shutil.which("ninja") is None:

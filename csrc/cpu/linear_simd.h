@@ -34,6 +34,14 @@ static_assert(kRowChunk % kPanel == 0, "row chunks must hold whole panels");
 
 inline bool use_gemm(int64_t M) { return M >= kGemmMinRows; }
 
+// The GEMV streams each row block once; the hardware prefetcher alone reached ~12 GB/s of the
+// ~23 GB/s this machine reads from DRAM with two cores, a software prefetch 4 KiB ahead (one per
+// 64-byte word, into L1) ~18.5 GB/s. Measured 2-32 KiB: 3-8 KiB is the plateau.
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch_ahead(const uint32_t* word) {
+  __builtin_prefetch(reinterpret_cast<const char*>(word) + kPrefetchBytes, 0, 3);
+}
+
 // Loop-invariant sizes of one problem, computed once (PackedShape recomputes them by division).
 struct Geometry {
   int64_t Kp, Gp, groups, words, record_bytes, block_bytes;
@@ -95,6 +103,7 @@ void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Ge
       for (int c = 0; c < kSplit; ++c)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = Simd::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
+      prefetch_ahead(codes + w * kBlockN);
       for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
         for (int r = 0; r < R; ++r) {
           const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
@@ -135,6 +144,7 @@ void gemv_rows_bf16(const Activations& a, int64_t m0, const uint8_t* packed, con
       for (int c = 0; c < kSplit; ++c)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = S::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
+      prefetch_ahead(codes + w * kBlockN);
       typename S::VI v[kVecs];
       for (int64_t h = 0; h < kVecs; ++h) v[h] = S::load_words(codes + w * kBlockN + h * S::kLanes);
       // column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p; bring it to bits 3 and 19
