@@ -474,10 +474,9 @@ def main(argv=None):
     if not rows:
         return 0
     print_tables(rows)
-    env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average at the end "
-          f"{env['loadavg_end'][0]:.2f} (above ~0.5, other work shared the {os.cpu_count()} "
-          f"cores and the times are noisy)")
+    # the benchmark's own threads raise the load average, so only the one taken before the run
+    # (printed in the header) says whether other work shared the cores
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
