@@ -1,4 +1,6 @@
 // CPU feature detection and the per-ISA dispatch of the fused linear. Compiled without ISA flags.
+#include <cpuid.h>
+
 #include <cstring>
 
 #include "kernels_internal.h"
@@ -10,6 +12,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Amx: return "amx";
     default: return "scalar";
   }
 }
@@ -18,8 +21,17 @@ bool parse_isa(const char* name, Isa* out) {
   if (std::strcmp(name, "scalar") == 0) *out = Isa::Scalar;
   else if (std::strcmp(name, "avx2") == 0) *out = Isa::Avx2;
   else if (std::strcmp(name, "avx512") == 0) *out = Isa::Avx512;
+  else if (std::strcmp(name, "amx") == 0) *out = Isa::Amx;
   else return false;
   return true;
+}
+
+// gcc 12's __builtin_cpu_supports does not know AMX: CPUID leaf 7 EDX bits 24 (tile) and
+// 22 (bf16) and 25 (int8).
+static bool cpu_has_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  return (edx >> 24 & 1) && (edx >> 22 & 1) && (edx >> 25 & 1);
 }
 
 bool isa_supported(Isa isa) {
@@ -32,12 +44,17 @@ bool isa_supported(Isa isa) {
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+    case Isa::Amx: {
+      static const bool ok = isa_supported(Isa::Avx512) && cpu_has_amx() && amx::request_permission();
+      return ok;
+    }
     default: return true;
   }
 }
 
 Isa best_isa() {
-  static const Isa best = isa_supported(Isa::Avx512) ? Isa::Avx512
+  static const Isa best = isa_supported(Isa::Amx)      ? Isa::Amx
+                          : isa_supported(Isa::Avx512) ? Isa::Avx512
                           : isa_supported(Isa::Avx2)  ? Isa::Avx2
                                                       : Isa::Scalar;
   return best;
@@ -48,6 +65,7 @@ void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const
   switch (isa) {
     case Isa::Avx2: avx2::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
     case Isa::Avx512: avx512::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Amx: amx::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
     default: ref::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
   }
 }
@@ -58,6 +76,7 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
   switch (isa) {
     case Isa::Avx2: avx2::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
     case Isa::Avx512: avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Amx: amx::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
     default: ref::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
   }
 }

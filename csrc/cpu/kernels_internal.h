@@ -19,6 +19,12 @@ namespace cpu {
 INT4KIT_DECLARE_ISA(ref)
 INT4KIT_DECLARE_ISA(avx2)
 INT4KIT_DECLARE_ISA(avx512)
+INT4KIT_DECLARE_ISA(amx)
+
+namespace amx {
+// Asks the kernel for the AMX tile state (once per process); false when refused.
+bool request_permission();
+}  // namespace amx
 
 #undef INT4KIT_DECLARE_ISA
 

@@ -18,7 +18,7 @@ Isa selected_isa() {
   if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
   Isa isa;
   TORCH_CHECK(parse_isa(env, &isa), "int4kit: INT4KIT_CPU_ISA=", env,
-              " is not one of auto, scalar, avx2, avx512");
+              " is not one of auto, scalar, avx2, avx512, amx");
   TORCH_CHECK(isa_supported(isa), "int4kit: INT4KIT_CPU_ISA=", env,
               " is not supported by this CPU");
   return isa;

@@ -43,8 +43,9 @@ void unprepack(const uint8_t* packed, const PackedShape& shape, uint8_t* qweight
                float* zeros);
 
 // ---- fused linear: y[M, N] = x[M, K] . dequant(W)^T + bias ------------------------------------
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512};  // every path, for tests and benchmarks
+// Amx is the AVX-512 path plus AMX bf16 tiles for bf16 activations with several rows.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
+constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx};  // every path, for tests and benchmarks
 const char* isa_name(Isa isa);
 
 // Activations as the kernels read them: x converted to fp32 with every group padded like the
@@ -63,7 +64,9 @@ inline int64_t activation_floats(const PackedShape& s, int64_t M) {
   return (M + kBlockN) * s.padded_k();  // room to round M up to whole panels of <= 16 rows
 }
 inline int64_t activation_sum_floats(const PackedShape& s, int64_t M) { return M * s.groups(); }
-inline int64_t activation_bf16_elems(const PackedShape& s, int64_t M) { return M * s.padded_k(); }
+inline int64_t activation_bf16_elems(const PackedShape& s, int64_t M) {
+  return round_up(M, 16) * s.padded_k();  // whole 16-row AMX tiles
+}
 
 // x: [M, K] rows of dtype `dtype`, row stride ldx elements. Fills rows [m_begin, m_end) of a
 // (a.M is the full M); independent across rows, so callers parallelise over them.
@@ -81,7 +84,7 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
 // Best ISA this CPU supports, detected once.
 Isa best_isa();
 bool isa_supported(Isa isa);
-// Parses "scalar" / "avx2" / "avx512"; returns false for an unknown name.
+// Parses "scalar" / "avx2" / "avx512" / "amx"; returns false for an unknown name.
 bool parse_isa(const char* name, Isa* out);
 
 }  // namespace cpu

@@ -1,0 +1,78 @@
+// AVX-512 (F/BW/VL/BF16) SIMD traits for linear_simd.h, shared by the AVX-512 and AMX translation
+// units; include only from files compiled with those flags, inside their own anonymous namespace.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "int4kit/format.h"
+
+namespace int4kit {
+namespace cpu {
+namespace avx512_simd {
+
+struct Simd {
+  using V = __m512;
+  using VI = __m512i;
+  static constexpr int kLanes = 16;
+  static constexpr int kMicroRows = 12;  // 12 x 16: 12 accumulators + 1 weight vector + 1 x
+  static constexpr bool kBf16Dot = true;  // AVX512-BF16 vdpbf16ps
+
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static V broadcast_value(float v) { return _mm512_set1_ps(v); }
+  static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  // The two bf16 x values at p (an aligned pair of columns) in every 32-bit lane.
+  static VI bcast_pair(const uint16_t* p) {
+    uint32_t pair;
+    std::memcpy(&pair, p, 4);
+    return _mm512_set1_epi32(int(pair));
+  }
+  // words shifted right by kRight (left when negative) put a column pair's codes at bits 3..6 and
+  // 19..22; keep those and OR in 0x3F80, bf16 for 1.0: each half becomes bf16(1 + q / 16), exact.
+  template <int kRight>
+  static VI bf16_pair_codes(VI words) {
+    VI shifted;
+    if constexpr (kRight < 0) shifted = _mm512_slli_epi32(words, -kRight);
+    else shifted = _mm512_srli_epi32(words, kRight);
+    // ternary logic 0xEA: (shifted & mask) | one
+    return _mm512_ternarylogic_epi32(shifted, _mm512_set1_epi32(0x00780078), _mm512_set1_epi32(0x3F803F80), 0xEA);
+  }
+  static V dot_bf16(V acc, VI a, VI b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  template <int kShift>
+  static V codes_to_float(VI words) {
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words, kShift), _mm512_set1_epi32(0xF)));
+  }
+  static V load_x(const void* x, DType dtype, int64_t i) {
+    const auto* h = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i);
+    switch (dtype) {
+      case DType::F32: return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+      case DType::BF16: return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
+      default: return _mm512_cvtph_ps(_mm256_loadu_si256(h));
+    }
+  }
+  static void store_y16(void* y, DType dtype, int64_t offset, const float* out) {
+    const V v = _mm512_load_ps(out);
+    auto* h = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + offset);
+    switch (dtype) {
+      case DType::F32: _mm512_storeu_ps(static_cast<float*>(y) + offset, v); break;
+      case DType::BF16: _mm256_storeu_si256(h, (__m256i)_mm512_cvtneps_pbh(v)); break;
+      default: _mm256_storeu_si256(h, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); break;
+    }
+  }
+};
+
+}  // namespace avx512_simd
+}  // namespace cpu
+}  // namespace int4kit
