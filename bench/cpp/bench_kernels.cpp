@@ -110,7 +110,7 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
   for (int64_t i = 0; i < M * K; ++i) store_from_float(x.data(), dtype, i, dist(rng));
   std::vector<float> xp(size_t(cpu::activation_floats(shape, M)));
   std::vector<float> xsum(size_t(cpu::activation_sum_floats(shape, M)));
-  const int64_t bf16_elems = dtype == DType::BF16 ? cpu::activation_bf16_elems(shape, M) : 0;
+  const int64_t bf16_elems = cpu::activation_bf16_elems(shape, M);
   std::vector<uint16_t> xbf16(static_cast<size_t>(bf16_elems));
   std::vector<float> y(size_t(M * N));
   const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};

@@ -1,14 +1,16 @@
-// AMX path of the fused int4 linear, for bf16 activations with M >= kMinRows; everything else
-// goes to the AVX-512 path. Built with the AVX-512 flags plus -mamx-tile -mamx-bf16 -mamx-int8.
+// AMX path of the fused int4 linear, for M >= kMinRows; smaller M goes to the AVX-512 path.
+// Built with the AVX-512 flags plus -mamx-tile -mamx-bf16 -mamx-int8.
 //
 // The weights never leave the exact domain: each column pair of a word becomes the bf16 pair
-// (1 + q/16) with one shift and one bit-select (as in the AVX-512 bf16 GEMV), 16 such rows make a
-// B tile (16 column pairs x 16 output rows, the VNNI layout tdpbf16ps wants), and the A tiles are
-// 16 rows x 32 columns of the exact bf16 copy of x. Per group, C = sum_k x (1 + q/16) accumulates
-// in fp32 tiles, and the group's scale and zero point are applied on the way out of the tiles:
-//   y += s * (16 C - (16 + z) * sum_k x).
-// Up to kMTiles C tiles (64 rows of x) share every B tile, so the B tiles of a group are built once
-// per 64 rows.
+// (1 + q/16) with one shift and one bit-select (as in the AVX-512 bf16 GEMV), and 16 such rows make
+// a B tile (16 column pairs x 16 output rows: the VNNI layout tdpbf16ps wants). The A tiles are 16
+// rows x 32 columns of x in bf16: exact for bf16 x; fp16 and fp32 x are split into 2 or 3 bf16
+// planes (x = hi + mid + lo, 8 mantissa bits each), one tdpbf16ps per plane, so fp32 keeps its
+// 24 bits. Per group, C = sum_k x (1 + q/16) accumulates in fp32 tiles, and the group's scale
+// and zero point are applied on the way out of the tiles: y += s * (16 C - (16 + z) * sum_k x).
+//
+// Tiles: a 2 x 2 block of C tiles (32 rows of x x 2 row blocks = 32 output channels), two A tiles
+// and two B tiles, so every A and B tile load feeds two tdpbf16ps.
 #include <immintrin.h>
 
 // GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_ps(), which its flow
@@ -22,7 +24,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <type_traits>
 
 #include "kernels_internal.h"
 #include "simd_avx512.h"
@@ -36,13 +37,14 @@ using Simd = avx512_simd::Simd;
 
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
 constexpr int64_t kTileK = 32;     // bf16 columns of x per A tile = 16 column pairs per B tile
-constexpr int kMTiles = 4;         // C tiles (tmm0-3) per pass over a group's B tiles
-constexpr int64_t kMinRows = 4;    // below this the AVX-512 bf16 GEMV is as fast
+constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
+constexpr int64_t kMinRows = 4;    // below this the AVX-512 GEMV is as fast
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Palette 1: tmm0-3 C (16 rows x 64 bytes fp32), tmm4 A (16 rows x 32 bf16), tmm5 B (16 pair rows
-// x 16 columns x 2 bf16). A static object in read-only data: ldtilecfg reads memory the compiler
-// cannot have optimised away (llama.cpp's AMX path crashes here because its stack copy was).
+// Palette 1, eight 16-row x 64-byte tiles: tmm0-3 C (C[i][j] = tmm(2i + j) for A tile i and B
+// tile j), tmm4-5 A, tmm6-7 B. A static object in read-only data: ldtilecfg reads memory the
+// compiler cannot have optimised away (llama.cpp's AMX path crashes here because its stack copy
+// was).
 struct alignas(64) TileConfig {
   uint8_t palette;
   uint8_t start_row;
@@ -51,10 +53,12 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 alignas(64) const TileConfig kTileConfig = {
-    1, 0, {}, {64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16}};
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-bool usable(const PackedShape& s, DType dtype, int64_t M) {
-  return dtype == DType::BF16 && M >= kMinRows && s.padded_group() % kTileK == 0;
+int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : dtype == DType::F16 ? 2 : 3; }
+
+bool usable(const PackedShape& s, int64_t M) {
+  return M >= kMinRows && s.padded_group() % kTileK == 0;
 }
 
 struct AlignedFree {
@@ -65,17 +69,6 @@ std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
   return std::unique_ptr<T[], AlignedFree>(
       static_cast<T*>(std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)))));
 }
-
-// GCC's AMX intrinsics are macros that paste their tile numbers into the assembly text, so tile
-// numbers must be literal digits: C tiles are tmm0-3, A is tmm4, B is tmm5 (see kTileConfig).
-// Runs STEP(t) for the literal C tiles t < count.
-#define INT4KIT_FOR_C_TILES(count, STEP) \
-  do {                                  \
-    { STEP(0); }                        \
-    if ((count) > 1) { STEP(1); }       \
-    if ((count) > 2) { STEP(2); }       \
-    if ((count) > 3) { STEP(3); }       \
-  } while (0)
 
 // B tiles of one group record: tile t, row r = column pair (2r, 2r+1) of columns 32t .. 32t+31,
 // i.e. pair r % 4 of word 4t + r / 4.
@@ -91,38 +84,64 @@ void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
   }
 }
 
-void store_bf16_row(uint16_t* y, const float* vals, const float* bias, int64_t n0, int64_t N) {
-  const int64_t count = std::min<int64_t>(kBlockN, N - n0);
-  __m512 v = _mm512_load_ps(vals);
-  if (count == kBlockN) {
-    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(v));
-    return;
+// Splits 16 fp32 values into bf16 planes hi, mid, lo (truncations, so each remainder is exact).
+inline void split_bf16(__m512 v, int planes, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+  const __m512i keep_hi = _mm512_set1_epi32(int(0xFFFF0000u));
+  __m512 rest = v;
+  uint16_t* dst[3] = {hi, mid, lo};
+  for (int p = 0; p < planes; ++p) {
+    const __m512i bits = _mm512_castps_si512(rest);
+    const __m512i top = p + 1 < planes ? _mm512_and_si512(bits, keep_hi) : bits;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[p]), _mm512_cvtepi32_epi16(_mm512_srli_epi32(top, 16)));
+    rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(top));
   }
-  for (int64_t j = 0; j < count; ++j) y[j] = float_to_bf16(bias ? vals[j] + bias[n0 + j] : vals[j]);
+}
+
+// Writes 16 fp32 values (+ bias) of one output row as dtype, clipped at N.
+void store_row(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
+               int64_t n0, int64_t N) {
+  const int64_t count = std::min<int64_t>(kBlockN, N - n0);
+  alignas(64) float out[kBlockN];
+  for (int64_t j = 0; j < count; ++j) out[j] = bias ? vals[j] + bias[n0 + j] : vals[j];
+  if (count == kBlockN) {
+    Simd::store_y16(y, dtype, offset, out);
+  } else {
+    for (int64_t j = 0; j < count; ++j) store_from_float(y, dtype, offset + j, out[j]);
+  }
 }
 
 }  // namespace
 
 void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
-  if (!usable(s, dtype, a.M)) {
+  if (!usable(s, a.M)) {
     avx512::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end);
     return;
   }
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
-  const uint16_t* xb = static_cast<const uint16_t*>(x);
+  const int64_t plane = round_up(a.M, kTileRows) * Kp;  // elements per bf16 plane
+  const int planes = planes_for(dtype);
   for (int64_t m = m_begin; m < m_end; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
       uint16_t* dst = a.x_bf16 + m * Kp + g * Gp;
-      std::memcpy(dst, xb + src, size_t(len) * 2);
-      std::fill(dst + len, dst + Gp, uint16_t(0));
       __m512 sum = _mm512_setzero_ps();
       int64_t i = 0;
-      for (; i + 16 <= len; i += 16) sum = _mm512_add_ps(sum, Simd::load_x(x, dtype, src + i));
+      for (; i + 16 <= len; i += 16) {
+        const __m512 v = Simd::load_x(x, dtype, src + i);
+        sum = _mm512_add_ps(sum, v);
+        split_bf16(v, planes, dst + i, dst + plane + i, dst + 2 * plane + i);
+      }
       float tail = 0.f;
-      for (; i < len; ++i) tail += bf16_to_float(xb[src + i]);
+      for (; i < Gp; ++i) {
+        float rest = i < len ? load_as_float(x, dtype, src + i) : 0.f;
+        tail += rest;
+        for (int p = 0; p < planes; ++p) {
+          const uint32_t bits = float_to_bits(rest) & (p + 1 < planes ? 0xFFFF0000u : 0xFFFFFFFFu);
+          dst[p * plane + i] = uint16_t(bits >> 16);
+          rest -= bits_to_float(bits);
+        }
+      }
       a.xsum[m * groups + g] = _mm512_reduce_add_ps(sum) + tail;
     }
   }
@@ -130,61 +149,86 @@ void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedSh
 
 void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
-  if (!usable(s, dtype, a.M)) {
+  if (!usable(s, a.M)) {
     avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
     return;
   }
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
   const int64_t words = s.words_per_group(), tiles_per_group = Gp / kTileK;
   const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
-  auto b_tiles = aligned_array<uint32_t>(tiles_per_group * kTileRows * kBlockN);
-  auto out = aligned_array<float>(kMTiles * kTileRows * kBlockN);
+  const int64_t plane = round_up(a.M, kTileRows) * Kp;
+  const int planes = planes_for(dtype);
+  const int64_t b_tile_words = tiles_per_group * kTileRows * kBlockN;
+  auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
+  auto out = aligned_array<float>(2 * kPassRows * kBlockN);  // [row block][row][16]
   alignas(64) float c[kTileRows][kBlockN];
   const __m512 sixteen = _mm512_set1_ps(16.f);
 
   _tile_loadconfig(&kTileConfig);
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    for (int64_t m0 = 0; m0 < a.M; m0 += kMTiles * kTileRows) {
-      const int m_tiles = int(std::min<int64_t>(kMTiles, ceil_div(a.M - m0, kTileRows)));
-      const int64_t rows = std::min<int64_t>(m_tiles * kTileRows, a.M - m0);
-      std::fill(out.get(), out.get() + m_tiles * kTileRows * kBlockN, 0.f);
-      const uint8_t* rec = packed + b * block_bytes;
-      for (int64_t g = 0; g < groups; ++g, rec += record_bytes) {
-        build_b_tiles(reinterpret_cast<const uint32_t*>(rec), words, b_tiles.get());
-#define ZERO_C(t) _tile_zero(t)
-        INT4KIT_FOR_C_TILES(m_tiles, ZERO_C);
+  for (int64_t b = block_begin; b < block_end; b += 2) {
+    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
+    for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
+      const int64_t rows = std::min(kPassRows, a.M - m0);
+      const bool two_a = rows > kTileRows;
+      std::fill(out.get(), out.get() + 2 * kPassRows * kBlockN, 0.f);
+      const uint8_t* rec0 = packed + b * block_bytes;
+      for (int64_t g = 0; g < groups; ++g, rec0 += record_bytes) {
+        const uint8_t* rec1 = rec0 + block_bytes;
+        build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
+        if (pair) build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
+        // GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
         for (int64_t t = 0; t < tiles_per_group; ++t) {
-          _tile_loadd(5, b_tiles.get() + t * kTileRows * kBlockN, kBlockN * 4);
-          const uint16_t* a_col = a.x_bf16 + m0 * Kp + g * Gp + t * kTileK;
-#define MULTIPLY(i)                                          \
-  _tile_loadd(4, a_col + (i) * kTileRows * Kp, Kp * 2); \
-  _tile_dpbf16ps(i, 4, 5)
-          INT4KIT_FOR_C_TILES(m_tiles, MULTIPLY);
+          const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
+          _tile_loadd(6, b_tile, kBlockN * 4);
+          if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
+          for (int p = 0; p < planes; ++p) {
+            const uint16_t* a_tile = a.x_bf16 + p * plane + m0 * Kp + g * Gp + t * kTileK;
+            _tile_loadd(4, a_tile, Kp * 2);
+            _tile_dpbf16ps(0, 4, 6);
+            if (pair) _tile_dpbf16ps(1, 4, 7);
+            if (two_a) {
+              _tile_loadd(5, a_tile + kTileRows * Kp, Kp * 2);
+              _tile_dpbf16ps(2, 5, 6);
+              if (pair) _tile_dpbf16ps(3, 5, 7);
+            }
+          }
         }
-        const float* sc = reinterpret_cast<const float*>(rec + words * kBlockN * 4);
-        const __m512 scale = _mm512_loadu_ps(sc);
-        const __m512 zero16 = _mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen);
-        // C tile i -> rows m0 + 16i .. of the fp32 accumulators, scale and zero point applied
-        auto apply_group = [&](int i) {
+        // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators, with scale and zero point
+        auto drain = [&](int i, int j) {
+          const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
+          const __m512 scale = _mm512_loadu_ps(sc);
+          const __m512 zero16 = _mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen);
           for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r) {
             const int64_t m = m0 + i * kTileRows + r;
-            float* o = out.get() + (i * kTileRows + r) * kBlockN;
+            float* o = out.get() + (j * kPassRows + i * kTileRows + r) * kBlockN;
             const __m512 zx = _mm512_mul_ps(zero16, _mm512_set1_ps(a.xsum[m * groups + g]));
             const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c[r]), zx);
             _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
           }
         };
-#define DRAIN_C(i)                    \
-  _tile_stored(i, c, kBlockN * 4); \
-  apply_group(i)
-        INT4KIT_FOR_C_TILES(m_tiles, DRAIN_C);
-#undef ZERO_C
-#undef MULTIPLY
-#undef DRAIN_C
+        _tile_stored(0, c, kBlockN * 4);
+        drain(0, 0);
+        if (pair) {
+          _tile_stored(1, c, kBlockN * 4);
+          drain(0, 1);
+        }
+        if (two_a) {
+          _tile_stored(2, c, kBlockN * 4);
+          drain(1, 0);
+          if (pair) {
+            _tile_stored(3, c, kBlockN * 4);
+            drain(1, 1);
+          }
+        }
       }
-      for (int64_t r = 0; r < rows; ++r)
-        store_bf16_row(static_cast<uint16_t*>(y) + (m0 + r) * ldy + b * kBlockN,
-                       out.get() + r * kBlockN, bias, b * kBlockN, s.N);
+      for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
+        for (int64_t r = 0; r < rows; ++r)
+          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN,
+                    out.get() + (j * kPassRows + r) * kBlockN, bias, (b + j) * kBlockN, s.N);
     }
   }
   _tile_release();

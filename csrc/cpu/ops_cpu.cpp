@@ -151,8 +151,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   const at::Tensor p = packed.contiguous();
   at::Tensor xp = at::empty({activation_floats(shape, M)}, x.options().dtype(at::kFloat));
   at::Tensor xsum = at::empty({activation_sum_floats(shape, M)}, xp.options());
-  at::Tensor xbf16 = at::empty({dtype == DType::BF16 ? activation_bf16_elems(shape, M) : 0},
-                               x.options().dtype(at::kBFloat16));
+  at::Tensor xbf16 = at::empty({activation_bf16_elems(shape, M)}, x.options().dtype(at::kBFloat16));
   const Activations acts{xp.data_ptr<float>(), xsum.data_ptr<float>(),
                          reinterpret_cast<uint16_t*>(xbf16.data_ptr()), M};
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), [&](int64_t b, int64_t e) {

@@ -355,7 +355,7 @@ Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const fl
   // NaN-filled, like the uninitialised tensors of the glue: nothing may depend on what they held
   std::vector<float> xp(size_t(cpu::activation_floats(s, M)), kNaN);
   std::vector<float> xsum(size_t(cpu::activation_sum_floats(s, M)), kNaN);
-  std::vector<uint16_t> xbf16(x.dtype == DType::BF16 ? size_t(cpu::activation_bf16_elems(s, M)) : 0,
+  std::vector<uint16_t> xbf16(size_t(cpu::activation_bf16_elems(s, M)),
                               float_to_bf16(kNaN));
   const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);

@@ -50,14 +50,15 @@ const char* isa_name(Isa isa);
 
 // Activations as the kernels read them: x converted to fp32 with every group padded like the
 // weights (zeros), per-row per-group sums of x (they fold the zero point into one FMA per group),
-// and for bf16 x an exact bf16 copy for the paths that use bf16 dot products. The caller owns the
-// buffers (sized by the functions below); what layout goes inside is the ISA's own business
-// (rows for GEMV, panels of microkernel rows for GEMM), so fill them with prepare_activations of
-// the same ISA and M that linear() then runs with.
+// and x as bf16 for the paths built on bf16 dot products (an exact copy of bf16 x, or fp16/fp32
+// x split into up to three bf16 planes). The caller owns the buffers, sized by the functions
+// below; what layout goes inside is the ISA's own business (rows for the GEMV, panels of
+// microkernel rows for the FMA GEMM, 16-row tiles for AMX), so fill them with
+// prepare_activations of the same ISA and M that linear() then runs with.
 struct Activations {
   float* x = nullptr;          // activation_floats(s, M)
   float* xsum = nullptr;       // activation_sum_floats(s, M)
-  uint16_t* x_bf16 = nullptr;  // activation_bf16_elems(s, M); only written when x is bf16
+  uint16_t* x_bf16 = nullptr;  // activation_bf16_elems(s, M)
   int64_t M = 0;
 };
 inline int64_t activation_floats(const PackedShape& s, int64_t M) {
@@ -65,7 +66,7 @@ inline int64_t activation_floats(const PackedShape& s, int64_t M) {
 }
 inline int64_t activation_sum_floats(const PackedShape& s, int64_t M) { return M * s.groups(); }
 inline int64_t activation_bf16_elems(const PackedShape& s, int64_t M) {
-  return round_up(M, 16) * s.padded_k();  // whole 16-row AMX tiles
+  return 3 * round_up(M, 16) * s.padded_k();  // three planes of whole 16-row AMX tiles
 }
 
 // x: [M, K] rows of dtype `dtype`, row stride ldx elements. Fills rows [m_begin, m_end) of a
