@@ -108,10 +108,10 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
   std::uniform_real_distribution<float> dist(-1.f, 1.f);
   std::vector<float> x(size_t(M * K));  // fp32 storage, large enough for bf16 rows too
   for (int64_t i = 0; i < M * K; ++i) store_from_float(x.data(), dtype, i, dist(rng));
-  std::vector<float> xp(size_t(cpu::activation_floats(shape, M)));
-  std::vector<float> xsum(size_t(cpu::activation_sum_floats(shape, M)));
-  const int64_t bf16_elems = cpu::activation_bf16_elems(shape, M);
-  std::vector<uint16_t> xbf16(static_cast<size_t>(bf16_elems));
+  const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, shape, M, dtype);
+  std::vector<float> xp(size_t(sizes.floats));
+  std::vector<float> xsum(size_t(sizes.sums));
+  std::vector<uint16_t> xbf16(size_t(sizes.bf16));
   std::vector<float> y(size_t(M * N));
   const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
   for (auto _ : state) {

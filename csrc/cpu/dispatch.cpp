@@ -60,6 +60,15 @@ Isa best_isa() {
   return best;
 }
 
+ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
+  switch (isa) {
+    case Isa::Avx2: return avx2::activation_sizes(s, M, dtype);
+    case Isa::Avx512: return avx512::activation_sizes(s, M, dtype);
+    case Isa::Amx: return amx::activation_sizes(s, M, dtype);
+    default: return ref::activation_sizes(s, M, dtype);
+  }
+}
+
 void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
   switch (isa) {

@@ -9,6 +9,7 @@ namespace cpu {
 
 #define INT4KIT_DECLARE_ISA(ns)                                                               \
   namespace ns {                                                                              \
+  ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype);             \
   void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,     \
                            const Activations& a, int64_t m_begin, int64_t m_end);             \
   void linear(const Activations& a, const uint8_t* packed, const PackedShape& s,              \

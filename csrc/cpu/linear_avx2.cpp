@@ -70,6 +70,10 @@ struct Simd {
 
 }  // namespace
 
+ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {
+  return activation_sizes_impl(s, M, dtype);
+}
+
 void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
   prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);

@@ -7,6 +7,10 @@ namespace int4kit {
 namespace cpu {
 namespace ref {
 
+ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType) {
+  return {M * s.padded_k(), M * s.groups(), 0};
+}
+
 void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();

@@ -296,6 +296,13 @@ void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
 }
 
 // ---- entry points -------------------------------------------------------------------------------
+ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
+  const int64_t Kp = s.padded_k();
+  const bool gemm = use_gemm(M);
+  return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(),
+          Simd::kBf16Dot && !gemm && dtype == DType::BF16 ? M * Kp : 0};
+}
+
 void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                               const Activations& a, int64_t m_begin, int64_t m_end) {
   const Geometry geo(s);

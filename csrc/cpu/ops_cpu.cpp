@@ -26,6 +26,28 @@ Isa selected_isa() {
 
 namespace {
 
+// The activation buffers of linear(), carved from one per-thread workspace that only grows: a
+// fresh multi-megabyte allocation per call would be mmap'ed and page-faulted every time. Plain
+// aligned memory, so nothing of torch's is left to destroy at thread or process exit.
+Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
+  struct Workspace {
+    uint8_t* data = nullptr;
+    int64_t bytes = 0;
+    ~Workspace() { std::free(data); }
+  };
+  thread_local Workspace ws;
+  const int64_t floats = round_up(sizes.floats, 16), sums = round_up(sizes.sums, 16);
+  const int64_t bytes = round_up(4 * (floats + sums) + 2 * sizes.bf16, 64);
+  if (ws.bytes < bytes) {
+    std::free(ws.data);
+    ws.data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(bytes)));
+    TORCH_CHECK(ws.data != nullptr, "int4kit: out of memory for ", bytes, " bytes of activations");
+    ws.bytes = bytes;
+  }
+  return {reinterpret_cast<float*>(ws.data), reinterpret_cast<float*>(ws.data + 4 * floats),
+          reinterpret_cast<uint16_t*>(ws.data + 4 * (floats + sums)), M};
+}
+
 at::Tensor pack_cpu(const at::Tensor& codes) {
   check_dtype(codes, at::kByte, "codes");
   check_dim(codes, 2, "codes");
@@ -149,11 +171,8 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
   const at::Tensor p = packed.contiguous();
-  at::Tensor xp = at::empty({activation_floats(shape, M)}, x.options().dtype(at::kFloat));
-  at::Tensor xsum = at::empty({activation_sum_floats(shape, M)}, xp.options());
-  at::Tensor xbf16 = at::empty({activation_bf16_elems(shape, M)}, x.options().dtype(at::kBFloat16));
-  const Activations acts{xp.data_ptr<float>(), xsum.data_ptr<float>(),
-                         reinterpret_cast<uint16_t*>(xbf16.data_ptr()), M};
+  const ActivationSizes sizes = activation_sizes(isa, shape, M, dtype);
+  const Activations acts = activation_workspace(sizes, M);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), [&](int64_t b, int64_t e) {
     prepare_activations(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });

@@ -353,10 +353,10 @@ Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const fl
                   int64_t ldy, int64_t split) {
   const PackedShape& s = w.shape;
   // NaN-filled, like the uninitialised tensors of the glue: nothing may depend on what they held
-  std::vector<float> xp(size_t(cpu::activation_floats(s, M)), kNaN);
-  std::vector<float> xsum(size_t(cpu::activation_sum_floats(s, M)), kNaN);
-  std::vector<uint16_t> xbf16(size_t(cpu::activation_bf16_elems(s, M)),
-                              float_to_bf16(kNaN));
+  const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, s, M, x.dtype);
+  std::vector<float> xp(size_t(sizes.floats), kNaN);
+  std::vector<float> xsum(size_t(sizes.sums), kNaN);
+  std::vector<uint16_t> xbf16(size_t(sizes.bf16), float_to_bf16(kNaN));
   const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);

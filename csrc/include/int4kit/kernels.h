@@ -51,23 +51,20 @@ const char* isa_name(Isa isa);
 // Activations as the kernels read them: x converted to fp32 with every group padded like the
 // weights (zeros), per-row per-group sums of x (they fold the zero point into one FMA per group),
 // and x as bf16 for the paths built on bf16 dot products (an exact copy of bf16 x, or fp16/fp32
-// x split into up to three bf16 planes). The caller owns the buffers, sized by the functions
-// below; what layout goes inside is the ISA's own business (rows for the GEMV, panels of
-// microkernel rows for the FMA GEMM, 16-row tiles for AMX), so fill them with
-// prepare_activations of the same ISA and M that linear() then runs with.
+// x split into bf16 planes). The caller owns the buffers, sized by activation_sizes() for the
+// ISA, M and dtype that prepare_activations and linear then run with; what goes inside is that
+// ISA's business (rows for the GEMV, panels of microkernel rows for the FMA GEMM, 16-row tiles
+// for AMX), and a path that does not need a buffer asks for 0 elements of it.
 struct Activations {
-  float* x = nullptr;          // activation_floats(s, M)
-  float* xsum = nullptr;       // activation_sum_floats(s, M)
-  uint16_t* x_bf16 = nullptr;  // activation_bf16_elems(s, M)
+  float* x = nullptr;
+  float* xsum = nullptr;
+  uint16_t* x_bf16 = nullptr;
   int64_t M = 0;
 };
-inline int64_t activation_floats(const PackedShape& s, int64_t M) {
-  return (M + kBlockN) * s.padded_k();  // room to round M up to whole panels of <= 16 rows
-}
-inline int64_t activation_sum_floats(const PackedShape& s, int64_t M) { return M * s.groups(); }
-inline int64_t activation_bf16_elems(const PackedShape& s, int64_t M) {
-  return 3 * round_up(M, 16) * s.padded_k();  // three planes of whole 16-row AMX tiles
-}
+struct ActivationSizes {
+  int64_t floats = 0, sums = 0, bf16 = 0;  // elements of x, xsum and x_bf16
+};
+ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype);
 
 // x: [M, K] rows of dtype `dtype`, row stride ldx elements. Fills rows [m_begin, m_end) of a
 // (a.M is the full M); independent across rows, so callers parallelise over them.
