@@ -28,6 +28,7 @@
 
 #include "kernels_internal.h"
 #include "simd_avx512.h"
+#include "store_row.h"
 
 namespace int4kit {
 namespace cpu {
@@ -98,17 +99,9 @@ inline void split_bf16(__m512 v, int planes, uint16_t* hi, uint16_t* mid, uint16
   }
 }
 
-// Writes 16 fp32 values (+ bias) of one output row as dtype, clipped at N.
-void store_row(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
-               int64_t n0, int64_t N) {
-  const int64_t count = std::min<int64_t>(kBlockN, N - n0);
-  alignas(64) float out[kBlockN];
-  for (int64_t j = 0; j < count; ++j) out[j] = bias ? vals[j] + bias[n0 + j] : vals[j];
-  if (count == kBlockN) {
-    Simd::store_y16(y, dtype, offset, out);
-  } else {
-    for (int64_t j = 0; j < count; ++j) store_from_float(y, dtype, offset + j, out[j]);
-  }
+inline void store_row(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
+                      int64_t n0, int64_t N) {
+  store_row16_as<Simd>(y, dtype, offset, vals, bias, n0, N);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "kernels_internal.h"
+#include "store_row.h"
 
 namespace int4kit {
 namespace cpu {
@@ -70,19 +71,7 @@ struct Simd {
 
 }  // namespace
 
-ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {
-  return activation_sizes_impl(s, M, dtype);
-}
-
-void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                         const Activations& a, int64_t m_begin, int64_t m_end) {
-  prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);
-}
-
-void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
-            void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
-  linear_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
-}
+INT4KIT_SIMD_ENTRY_POINTS
 
 }  // namespace avx2
 }  // namespace cpu

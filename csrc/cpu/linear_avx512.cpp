@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "kernels_internal.h"
+#include "store_row.h"
 #include "simd_avx512.h"
 
 namespace int4kit {
@@ -28,19 +29,7 @@ using Simd = avx512_simd::Simd;
 
 }  // namespace
 
-ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {
-  return activation_sizes_impl(s, M, dtype);
-}
-
-void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                         const Activations& a, int64_t m_begin, int64_t m_end) {
-  prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);
-}
-
-void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
-            void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
-  linear_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
-}
+INT4KIT_SIMD_ENTRY_POINTS
 
 }  // namespace avx512
 }  // namespace cpu

@@ -72,17 +72,9 @@ inline void for_each_column(const uint32_t* words, Fn&& fn) {
   for_each_column_impl(words, fn, std::make_integer_sequence<int, kCodesPerWord>{});
 }
 
-// Writes 16 fp32 values of one output row (n0 .. n0+15, clipped at N) plus bias as dtype.
 inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
                         int64_t n0, int64_t N) {
-  const int64_t count = std::min<int64_t>(kBlockN, N - n0);
-  alignas(64) float out[kBlockN];
-  for (int64_t j = 0; j < count; ++j) out[j] = bias ? vals[j] + bias[n0 + j] : vals[j];
-  if (count == kBlockN) {
-    Simd::store_y16(y, dtype, offset, out);
-  } else {
-    for (int64_t j = 0; j < count; ++j) store_from_float(y, dtype, offset + j, out[j]);
-  }
+  store_row16_as<Simd>(y, dtype, offset, vals, bias, n0, N);
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------
@@ -352,3 +344,18 @@ void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape&
   }
   for (int64_t b = block_begin; b < block_end; ++b) gemv(a, packed, geo, bias, y, dtype, ldy, b, s.N);
 }
+
+// The ISA's entry points (kernels_internal.h), defined by the including file after its anonymous
+// namespace closes, inside its ISA namespace.
+#define INT4KIT_SIMD_ENTRY_POINTS                                                                   \
+  ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {                  \
+    return activation_sizes_impl(s, M, dtype);                                                      \
+  }                                                                                                 \
+  void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,           \
+                           const Activations& a, int64_t m_begin, int64_t m_end) {                  \
+    prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);                                  \
+  }                                                                                                 \
+  void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias, \
+              void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {          \
+    linear_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                         \
+  }
