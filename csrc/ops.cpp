@@ -24,6 +24,8 @@ TORCH_LIBRARY(int4kit, m) {
         "-> (Tensor, Tensor, Tensor)");
   // y[..., N] = x[..., K] . dequant(W)^T + bias, from the prepacked layout.
   m.def("linear(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
+  // The same with x quantized per row to int8 on the fly (W4A8): integer dot products.
+  m.def("linear_w4a8(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

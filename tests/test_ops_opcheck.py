@@ -51,6 +51,9 @@ def _opcheck_cases():
          (torch.randn(5, K, dtype=torch.bfloat16), packed, N, K, G, torch.randn(N).bfloat16())),
         ("linear-fp16", "linear", (torch.randn(5, K, dtype=torch.float16), packed, N, K, G, None)),
         ("linear-empty-batch", "linear", (torch.randn(0, K), packed, N, K, G, None)),
+        ("linear_w4a8", "linear_w4a8", (torch.randn(3, K), packed, N, K, G, None)),
+        ("linear_w4a8-bf16-bias-3d", "linear_w4a8",
+         (torch.randn(2, 3, K, dtype=torch.bfloat16), packed, N, K, G, torch.randn(N))),
     ]
     return cases
 

@@ -79,6 +79,27 @@ void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const
   }
 }
 
+void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                            const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Avx512: avx512::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Amx: amx::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    default: ref::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
+  }
+}
+
+void linear_a8(Isa isa, const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
+               const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+               int64_t block_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Avx512: avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Amx: amx::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    default: ref::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+  }
+}
+
 void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end) {

@@ -15,6 +15,11 @@ namespace cpu {
   void linear(const Activations& a, const uint8_t* packed, const PackedShape& s,              \
               const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,      \
               int64_t block_end);                                                             \
+  void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,  \
+                              const ActivationsA8& a, int64_t m_begin, int64_t m_end);        \
+  void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,         \
+                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,   \
+                 int64_t block_end);                                                          \
   }
 
 INT4KIT_DECLARE_ISA(ref)

@@ -235,6 +235,18 @@ void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, c
   _tile_release();
 }
 
+// W4A8 runs on the AVX-512 VNNI path for now.
+void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                            const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
+  avx512::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end);
+}
+
+void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
+               const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+               int64_t block_end) {
+  avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+}
+
 bool request_permission() {
   // Linux hands out the AMX tile state per process on request (ARCH_REQ_XCOMP_PERM for
   // XFEATURE_XTILEDATA); without it the first tile instruction faults.

@@ -9,6 +9,7 @@
 #include <memory>
 #include <utility>
 
+#include "act_quant.h"
 #include "kernels_internal.h"
 #include "store_row.h"
 
@@ -40,6 +41,22 @@ struct Simd {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
+  static V broadcast_value(float v) { return _mm256_set1_ps(v); }
+  static VI zero_i() { return _mm256_setzero_si256(); }
+  static VI low_nibbles(VI w) { return _mm256_and_si256(w, _mm256_set1_epi32(0x0F0F0F0F)); }
+  static VI high_nibbles(VI w) { return _mm256_and_si256(_mm256_srli_epi32(w, 4), _mm256_set1_epi32(0x0F0F0F0F)); }
+  static VI bcast4(const int8_t* p) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm256_set1_epi32(four);
+  }
+  // Plain AVX2 has no vpdpbusd: u8 x s8 pairs to int16 (at most 2 * 15 * 127, no saturation),
+  // then pairs of int16 to int32.
+  static VI dot_u8s8(VI acc, VI u8, VI s8) {
+    const VI pairs = _mm256_maddubs_epi16(u8, s8);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static V to_float(VI v) { return _mm256_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   template <int kShift>
   static V codes_to_float(VI words) {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <utility>
 
+#include "act_quant.h"
 #include "kernels_internal.h"
 #include "store_row.h"
 #include "simd_avx512.h"

@@ -9,7 +9,9 @@
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
 // fp32 values written to y as dtype), and kBf16Dot: whether the bf16 dot-product GEMV below exists
-// (then also bcast_pair, bf16_pair_codes<kRight>, dot_bf16).
+// (then also bcast_pair, bf16_pair_codes<kRight>, dot_bf16). For W4A8: zero_i(), low_nibbles(w),
+// high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), dot_u8s8(acc, u8, s8)
+// (4-way byte dot product into int32 lanes), to_float(vi).
 //
 // Two paths, chosen by M:
 //  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
@@ -287,6 +289,71 @@ void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
   }
 }
 
+// ---- W4A8 ---------------------------------------------------------------------------------------
+// Masking a word with 0x0F0F0F0F gives, per lane, the bytes of columns (0, 4, 1, 5); shifting it
+// right by 4 first gives (2, 6, 3, 7). x is quantized with each word's 8 columns stored in that
+// order, so two 4-byte broadcasts meet the two code vectors in integer dot products.
+constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
+
+template <int R>
+void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
+                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  alignas(64) float out[R][kBlockN] = {};
+  const uint8_t* rec = packed + b * geo.block_bytes;
+  for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
+    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
+    const int8_t* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = a.xq + (m0 + r) * geo.Kp + g * geo.Gp;
+    typename Simd::VI acc[R][kVecs];
+    for (int r = 0; r < R; ++r)
+      for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::zero_i();
+    for (int64_t w = 0; w < geo.words; ++w) {
+      prefetch_ahead(codes + w * kBlockN);
+      typename Simd::VI lo[kVecs], hi[kVecs];
+      for (int64_t h = 0; h < kVecs; ++h) {
+        const typename Simd::VI v = Simd::load_words(codes + w * kBlockN + h * Simd::kLanes);
+        lo[h] = Simd::low_nibbles(v);
+        hi[h] = Simd::high_nibbles(v);
+      }
+      for (int r = 0; r < R; ++r) {
+        const typename Simd::VI x_lo = Simd::bcast4(xg[r] + w * kCodesPerWord);
+        const typename Simd::VI x_hi = Simd::bcast4(xg[r] + w * kCodesPerWord + 4);
+        for (int64_t h = 0; h < kVecs; ++h)
+          acc[r][h] = Simd::dot_u8s8(Simd::dot_u8s8(acc[r][h], lo[h], x_lo), hi[h], x_hi);
+      }
+    }
+    const float* sc = geo.scales(rec);
+    const float* zr = sc + kBlockN;
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = m0 + r;
+      const typename Simd::V xs = Simd::broadcast_value(float(a.xq_sum[m * geo.groups + g]));
+      const typename Simd::V row_scale = Simd::broadcast(a.scale + m);
+      for (int64_t h = 0; h < kVecs; ++h) {
+        const int64_t o = h * Simd::kLanes;
+        const typename Simd::V centred = Simd::fnmadd(Simd::loadu(zr + o), xs, Simd::to_float(acc[r][h]));
+        const typename Simd::V scale = Simd::mul(Simd::loadu(sc + o), row_scale);
+        Simd::store(out[r] + o, Simd::fmadd(scale, centred, Simd::load(out[r] + o)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
+}
+
+void prepare_activations_a8_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                                 const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
+  quantize_rows_int8(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
+}
+
+void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
+                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                    int64_t block_end) {
+  const Geometry geo(s);
+  for (int64_t b = block_begin; b < block_end; ++b)
+    for_row_chunks(a.M, [&](auto rows, int64_t m) {
+      gemv_rows_a8<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, s.N);
+    });
+}
+
 // ---- entry points -------------------------------------------------------------------------------
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
   const int64_t Kp = s.padded_k();
@@ -358,4 +425,13 @@ void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape&
   void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias, \
               void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {          \
     linear_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                         \
+  }                                                                                                 \
+  void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,        \
+                              const ActivationsA8& a, int64_t m_begin, int64_t m_end) {             \
+    prepare_activations_a8_impl(x, dtype, ldx, s, a, m_begin, m_end);                               \
+  }                                                                                                 \
+  void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,               \
+                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,         \
+                 int64_t block_end) {                                                               \
+    linear_a8_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                      \
   }

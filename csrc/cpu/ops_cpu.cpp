@@ -26,26 +26,38 @@ Isa selected_isa() {
 
 namespace {
 
-// The activation buffers of linear(), carved from one per-thread workspace that only grows: a
-// fresh multi-megabyte allocation per call would be mmap'ed and page-faulted every time. Plain
-// aligned memory, so nothing of torch's is left to destroy at thread or process exit.
-Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
+// Per-thread scratch memory for the activation buffers of the linear ops. It only grows: a fresh
+// multi-megabyte allocation per call would be mmap'ed and page-faulted every time. Plain aligned
+// memory, so nothing of torch's is left to destroy at thread or process exit.
+uint8_t* thread_workspace(int64_t bytes) {
   struct Workspace {
     uint8_t* data = nullptr;
     int64_t bytes = 0;
     ~Workspace() { std::free(data); }
   };
   thread_local Workspace ws;
-  const int64_t floats = round_up(sizes.floats, 16), sums = round_up(sizes.sums, 16);
-  const int64_t bytes = round_up(4 * (floats + sums) + 2 * sizes.bf16, 64);
+  bytes = round_up(std::max<int64_t>(bytes, 64), 64);
   if (ws.bytes < bytes) {
     std::free(ws.data);
     ws.data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(bytes)));
+    ws.bytes = ws.data ? bytes : 0;
     TORCH_CHECK(ws.data != nullptr, "int4kit: out of memory for ", bytes, " bytes of activations");
-    ws.bytes = bytes;
   }
-  return {reinterpret_cast<float*>(ws.data), reinterpret_cast<float*>(ws.data + 4 * floats),
-          reinterpret_cast<uint16_t*>(ws.data + 4 * (floats + sums)), M};
+  return ws.data;
+}
+
+Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
+  const int64_t floats = round_up(sizes.floats, 16), sums = round_up(sizes.sums, 16);
+  uint8_t* base = thread_workspace(4 * (floats + sums) + 2 * sizes.bf16);
+  return {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + 4 * floats),
+          reinterpret_cast<uint16_t*>(base + 4 * (floats + sums)), M};
+}
+
+ActivationsA8 activation_a8_workspace(const ActivationA8Sizes& sizes, int64_t M) {
+  const int64_t sums = round_up(sizes.sums, 16), scales = round_up(sizes.scales, 16);
+  uint8_t* base = thread_workspace(4 * (sums + scales) + sizes.codes);
+  return {reinterpret_cast<int8_t*>(base + 4 * (sums + scales)), reinterpret_cast<int32_t*>(base),
+          reinterpret_cast<float*>(base + 4 * sums), M};
 }
 
 at::Tensor pack_cpu(const at::Tensor& codes) {
@@ -144,43 +156,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& p
   return {qweight, scales.to(scale_dtype), zeros.to(scale_dtype)};
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
-                      int64_t group_size, const c10::optional<at::Tensor>& bias) {
+// Checks shared by linear and linear_w4a8; returns the output tensor, with x as [M, K] rows in
+// x2 and bias as fp32 in bias_f.
+at::Tensor start_linear(const at::Tensor& x, const at::Tensor& packed, const PackedShape& shape,
+                        const c10::optional<at::Tensor>& bias, at::Tensor& x2, at::Tensor& bias_f) {
   check_compute_dtype(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int4kit: x must have K = ", K,
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == shape.K, "int4kit: x must have K = ", shape.K,
               " features in its last dimension, got shape ", x.sizes());
-  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
-  const PackedShape shape{N, K, effective_group_size(group_size, K)};
   check_packed(packed, shape);
   check_device(x, packed, "x");
-  at::Tensor bias_f;
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "int4kit: bias must have shape [", N,
-                "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == shape.N, "int4kit: bias must have shape [",
+                shape.N, "], got ", bias->sizes());
     check_compute_dtype(*bias, "bias");
     check_device(*bias, packed, "bias");
     bias_f = bias->to(at::kFloat).contiguous();
   }
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());
-  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  out_sizes.back() = shape.N;
+  x2 = x.reshape({-1, shape.K}).contiguous();
+  return at::empty(out_sizes, x.options());
+}
+
+PackedShape linear_shape(int64_t N, int64_t K, int64_t group_size) {
+  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
+  return PackedShape{N, K, effective_group_size(group_size, K)};
+}
+
+// Runs fn(row_block_begin, row_block_end) over the row blocks in parallel; a row block costs
+// 16 * Kp * M multiply-adds, and each thread gets at least ~1M of them.
+template <typename Fn>
+void parallel_row_blocks(const PackedShape& shape, int64_t M, Fn&& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kBlockN * shape.padded_k() * M));
+  at::parallel_for(0, shape.row_blocks(), grain, fn);
+}
+
+template <typename Fn>
+void parallel_rows(const PackedShape& shape, int64_t M, Fn&& fn) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), fn);
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
+                      int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const PackedShape shape = linear_shape(N, K, group_size);
+  at::Tensor x2, bias_f;
+  at::Tensor y = start_linear(x, packed, shape, bias, x2, bias_f);
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return y;
-
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
-  const at::Tensor p = packed.contiguous();
-  const ActivationSizes sizes = activation_sizes(isa, shape, M, dtype);
-  const Activations acts = activation_workspace(sizes, M);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), [&](int64_t b, int64_t e) {
+  const Activations acts = activation_workspace(activation_sizes(isa, shape, M, dtype), M);
+  parallel_rows(shape, M, [&](int64_t b, int64_t e) {
     prepare_activations(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });
-  // a row block costs 16 * Kp * M multiply-adds; hand each thread at least ~1M of them
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kBlockN * shape.padded_k() * M));
   const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
-  at::parallel_for(0, shape.row_blocks(), grain, [&](int64_t b, int64_t e) {
-    linear(isa, acts, p.data_ptr<uint8_t>(), shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
+  const at::Tensor weights_c = packed.contiguous();
+  const uint8_t* weights = weights_c.data_ptr<uint8_t>();
+  parallel_row_blocks(shape, M, [&](int64_t b, int64_t e) {
+    linear(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
+  });
+  return y;
+}
+
+at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
+                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  const PackedShape shape = linear_shape(N, K, group_size);
+  at::Tensor x2, bias_f;
+  at::Tensor y = start_linear(x, packed, shape, bias, x2, bias_f);
+  const int64_t M = x2.size(0);
+  if (M == 0 || N == 0) return y;
+  TORCH_CHECK(at::isfinite(x2).all().item<bool>(), "int4kit: x contains NaN or Inf, which int8 "
+              "activation quantization cannot represent");
+  const Isa isa = selected_isa();
+  const DType dtype = to_kernel_dtype(x.scalar_type());
+  const ActivationsA8 acts = activation_a8_workspace(activation_a8_sizes(shape, M), M);
+  parallel_rows(shape, M, [&](int64_t b, int64_t e) {
+    prepare_activations_a8(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
+  });
+  const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
+  const at::Tensor weights_c = packed.contiguous();
+  const uint8_t* weights = weights_c.data_ptr<uint8_t>();
+  parallel_row_blocks(shape, M, [&](int64_t b, int64_t e) {
+    linear_a8(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
   });
   return y;
 }
@@ -195,6 +252,7 @@ TORCH_LIBRARY_IMPL(int4kit, CPU, m) {
   m.impl("prepack", &prepack_cpu);
   m.impl("unprepack", &unprepack_cpu);
   m.impl("linear", &linear_cpu);
+  m.impl("linear_w4a8", &linear_w4a8_cpu);
 }
 
 }  // namespace cpu

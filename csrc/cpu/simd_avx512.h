@@ -32,6 +32,16 @@ struct Simd {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
   static V broadcast_value(float v) { return _mm512_set1_ps(v); }
+  static VI zero_i() { return _mm512_setzero_si512(); }
+  static VI low_nibbles(VI w) { return _mm512_and_si512(w, _mm512_set1_epi32(0x0F0F0F0F)); }
+  static VI high_nibbles(VI w) { return _mm512_and_si512(_mm512_srli_epi32(w, 4), _mm512_set1_epi32(0x0F0F0F0F)); }
+  static VI bcast4(const int8_t* p) {
+    int32_t four;
+    std::memcpy(&four, p, 4);
+    return _mm512_set1_epi32(four);
+  }
+  static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
+  static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
   // The two bf16 x values at p (an aligned pair of columns) in every 32-bit lane.
   static VI bcast_pair(const uint16_t* p) {

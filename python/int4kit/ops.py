@@ -73,6 +73,12 @@ def linear(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_size: in
     return _ops.linear(x, packed, N, K, group_size, bias)
 
 
+def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_size: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Like linear, with x quantized per row to int8 on the fly (scale max|x|/127): W4A8."""
+    return _ops.linear_w4a8(x, packed, N, K, group_size, bias)
+
+
 # ---- fake implementations: shapes and dtypes only ------------------------------------------------
 
 @torch.library.register_fake("int4kit::pack")
@@ -114,4 +120,9 @@ def _unprepack_fake(packed, N, K, group_size, scale_dtype):
 
 @torch.library.register_fake("int4kit::linear")
 def _linear_fake(x, packed, N, K, group_size, bias):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("int4kit::linear_w4a8")
+def _linear_w4a8_fake(x, packed, N, K, group_size, bias):
     return x.new_empty((*x.shape[:-1], N))

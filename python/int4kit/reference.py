@@ -70,3 +70,20 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     K = x.shape[-1]
     w = dequantize(qweight, scales, zeros, group_size, K, torch.float64)
     return F.linear(x.double(), w, None if bias is None else bias.double())
+
+
+def quantize_activations_int8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row int8: scale = max|x| / 127 per row (1 for an all-zero row), codes
+    round_half_even(x / scale) clamped to +-127. Returns (codes as float32, scales [..., 1])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(xf / scale).clamp(-127, 127), scale
+
+
+def linear_w4a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: Optional[torch.Tensor], group_size: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A8 oracle: x quantized per row to int8 as the kernels do, then the float64 linear."""
+    codes, scale = quantize_activations_int8(x)
+    return linear(codes.double() * scale.double(), qweight, scales, zeros, group_size, bias)

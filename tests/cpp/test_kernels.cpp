@@ -432,6 +432,68 @@ INSTANTIATE_TEST_SUITE_P(
              layout_name(std::get<1>(info.param));
     });
 
+// ---- W4A8 ------------------------------------------------------------------------------------------
+
+// x quantized per row as documented in kernels.h (scale max|x| / 127, round half even, +-127),
+// then the same double "dequantize, then matmul" as reference_linear.
+std::vector<double> reference_linear_a8(const Weight& w, const Matrix& x, int64_t M) {
+  Matrix xq(DType::F32, M, w.shape.K, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < w.shape.K; ++k) amax = std::max(amax, std::fabs(x.get(m, k)));
+    const float scale = amax > 0.f ? amax / 127.f : 1.f;
+    for (int64_t k = 0; k < w.shape.K; ++k)
+      xq.set(m, k, std::clamp(std::nearbyint(x.get(m, k) / scale), -127.f, 127.f) * scale);
+  }
+  return reference_linear(w, xq, M);
+}
+
+class W4A8Linear : public ::testing::TestWithParam<std::tuple<Isa, Layout>> {};
+
+TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(8);
+  const int64_t ldy = c.N + 3;
+  for (bool symmetric : {false, true}) {
+    const Weight w = make_weight(c, symmetric, rng);
+    for (int64_t M : {1, 3, 4, 5, 9, 33}) {
+      SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " M=" + std::to_string(M));
+      Matrix x(DType::F32, M, c.K, 0.f);
+      const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
+      for (int64_t i = 0; i < M * c.K; ++i) x.set(i / c.K, i % c.K, xv[i]);
+      const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
+      std::vector<int8_t> codes(size_t(sizes.codes), 0x55);
+      std::vector<int32_t> sums(size_t(sizes.sums), -1);
+      std::vector<float> scales(size_t(sizes.scales), kNaN);
+      const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
+      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
+      Matrix y(DType::F32, M, ldy, kNaN);
+      cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, ldy,
+                     0, w.shape.row_blocks());
+      const std::vector<double> ref = reference_linear_a8(w, x, M);
+      double err2 = 0.0, ref2 = 0.0;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < c.N; ++n) {
+          const double d = double(y.get(m, n)) - ref[m * c.N + n];
+          err2 += d * d;
+          ref2 += ref[m * c.N + n] * ref[m * c.N + n];
+        }
+      EXPECT_LE(std::sqrt(err2 / ref2), 1e-5);  // integer dot products: exact up to the epilogue
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllIsas, W4A8Linear,
+    ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),
+                       ::testing::Values(Layout{3, 100, 32}, Layout{37, 384, 128},
+                                         Layout{64, 1000, 64}, Layout{17, 130, 6})),
+    [](const ::testing::TestParamInfo<std::tuple<Isa, Layout>>& info) {
+      return std::string(cpu::isa_name(std::get<0>(info.param))) + "_" +
+             layout_name(std::get<1>(info.param));
+    });
+
 // ---- fp16 / bf16 conversions --------------------------------------------------------------------
 TEST(Convert, Bf16KnownValues) {
   EXPECT_EQ(float_to_bf16(1.f), 0x3F80);

@@ -78,6 +78,29 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end);
 
+// ---- W4A8: int4 weights x dynamically quantized int8 activations -----------------------------
+// Each row of x gets its own scale, max|x| / 127 (1 for an all-zero row), and int8 codes
+// round_half_even(x / scale); the kernels multiply them with the weight codes in integer dot
+// products (vpdpbusd, vpmaddubsw) and apply per row and group: y += s * scale * (sum xq q - z sum xq).
+struct ActivationsA8 {
+  int8_t* xq = nullptr;       // activation_a8_sizes().codes, padded like the weights
+  int32_t* xq_sum = nullptr;  // [M, groups]
+  float* scale = nullptr;     // [M]
+  int64_t M = 0;
+};
+struct ActivationA8Sizes {
+  int64_t codes = 0, sums = 0, scales = 0;
+};
+inline ActivationA8Sizes activation_a8_sizes(const PackedShape& s, int64_t M) {
+  return {M * s.padded_k(), M * s.groups(), M};
+}
+// Same contract as prepare_activations / linear: fill with the ISA that then runs.
+void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                            const ActivationsA8& a, int64_t m_begin, int64_t m_end);
+void linear_a8(Isa isa, const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
+               const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+               int64_t block_end);
+
 // ---- dispatch ---------------------------------------------------------------------------------
 // Best ISA this CPU supports, detected once.
 Isa best_isa();
