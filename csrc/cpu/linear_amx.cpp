@@ -40,7 +40,6 @@ namespace {
 using Simd = avx512_simd::Simd;
 
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
-constexpr int64_t kTileK = 32;     // bf16 columns of x per A tile = 16 column pairs per B tile
 constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
 constexpr int64_t kMinRows = 4;    // below this the AVX-512 GEMV is as fast
 constexpr int64_t kPrefetchBytes = 4096;
@@ -61,10 +60,6 @@ alignas(64) const TileConfig kTileConfig = {
 
 int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : dtype == DType::F16 ? 2 : 3; }
 
-bool usable(const PackedShape& s, int64_t M) {
-  return M >= kMinRows && s.padded_group() % kTileK == 0;
-}
-
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
 };
@@ -72,20 +67,6 @@ template <typename T>
 std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
   return std::unique_ptr<T[], AlignedFree>(
       static_cast<T*>(std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)))));
-}
-
-// B tiles of one group record: tile t, row r = column pair (2r, 2r+1) of columns 32t .. 32t+31,
-// i.e. pair r % 4 of word 4t + r / 4.
-void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
-  for (int64_t w = 0; w < words; ++w) {
-    __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
-    const __m512i v = Simd::load_words(codes + w * kBlockN);
-    uint32_t* row = tiles + w * 4 * kBlockN;  // rows 4w .. 4w+3 across consecutive tiles
-    _mm512_store_si512(row, Simd::bf16_pair_codes<-3>(v));
-    _mm512_store_si512(row + kBlockN, Simd::bf16_pair_codes<1>(v));
-    _mm512_store_si512(row + 2 * kBlockN, Simd::bf16_pair_codes<5>(v));
-    _mm512_store_si512(row + 3 * kBlockN, Simd::bf16_pair_codes<9>(v));
-  }
 }
 
 // Splits 16 fp32 values into bf16 planes hi, mid, lo (truncations, so each remainder is exact).
@@ -105,6 +86,161 @@ inline void store_row(void* y, DType dtype, int64_t offset, const float* vals, c
                       int64_t n0, int64_t N) {
   store_row16_as<Simd>(y, dtype, offset, vals, bias, n0, N);
 }
+
+// ---- the tile loop, shared by the bf16 (W4A16) and int8 (W4A8) flavours -----------------------
+// Bf16 flavour: A = x as bf16 planes, B = bf16(1 + q/16) pairs, tdpbf16ps, fp32 C tiles.
+struct Bf16Flavour {
+  static constexpr bool kInt8 = false;
+  static constexpr int64_t kTileK = 32;  // x columns per A tile (16 bf16 pairs)
+  static constexpr int64_t kElemBytes = 2;
+  const Activations& a;
+  int planes;
+  int64_t plane;  // elements per bf16 plane
+
+  static void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
+    for (int64_t w = 0; w < words; ++w) {
+      __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
+      const __m512i v = Simd::load_words(codes + w * kBlockN);
+      uint32_t* row = tiles + w * 4 * kBlockN;  // tile rows 4w .. 4w+3: column pairs of word w
+      _mm512_store_si512(row, Simd::bf16_pair_codes<-3>(v));
+      _mm512_store_si512(row + kBlockN, Simd::bf16_pair_codes<1>(v));
+      _mm512_store_si512(row + 2 * kBlockN, Simd::bf16_pair_codes<5>(v));
+      _mm512_store_si512(row + 3 * kBlockN, Simd::bf16_pair_codes<9>(v));
+    }
+  }
+  const void* a_tile(int p, int64_t offset) const { return a.x_bf16 + p * plane + offset; }
+  // out += s * (16 C - (16 + z) sum x) for one row of a drained fp32 C tile
+  void drain_row(const float* c, const float* sc, int64_t m, int64_t g, int64_t groups, float* o) const {
+    const __m512 sixteen = _mm512_set1_ps(16.f);
+    const __m512 zx = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen),
+                                    _mm512_set1_ps(a.xsum[m * groups + g]));
+    const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c), zx);
+    _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(sc), centred, _mm512_load_ps(o)));
+  }
+};
+
+// Int8 flavour: A = x quantized per row to int8 (columns in the W4A8 word order), B = the code
+// bytes exactly as vpdpbusd sees them (low nibbles: columns 0,4,1,5 of a word; high: 2,6,3,7),
+// tdpbsud (signed A x unsigned B), int32 C tiles.
+struct Int8Flavour {
+  static constexpr bool kInt8 = true;
+  static constexpr int64_t kTileK = 64;  // x columns per A tile (16 rows of 4 bytes in B)
+  static constexpr int64_t kElemBytes = 1;
+  const ActivationsA8& a;
+  int planes = 1;
+
+  static void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
+    for (int64_t w = 0; w < words; ++w) {
+      __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
+      const __m512i v = Simd::load_words(codes + w * kBlockN);
+      uint32_t* row = tiles + w * 2 * kBlockN;  // tile rows 2w, 2w+1: word w's two byte quads
+      _mm512_store_si512(row, Simd::low_nibbles(v));
+      _mm512_store_si512(row + kBlockN, Simd::high_nibbles(v));
+    }
+  }
+  const void* a_tile(int, int64_t offset) const { return a.xq + offset; }
+  // out += s * scale_m * (C - z sum xq) for one row of a drained int32 C tile
+  void drain_row(const float* c, const float* sc, int64_t m, int64_t g, int64_t groups, float* o) const {
+    const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(c));
+    const __m512 centred = _mm512_fnmadd_ps(_mm512_loadu_ps(sc + kBlockN),
+                                            _mm512_set1_ps(float(a.xq_sum[m * groups + g])), acc);
+    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(a.scale[m]));
+    _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+  }
+};
+
+template <typename Flavour>
+bool tiles_fit(const PackedShape& s, int64_t M) {
+  return M >= kMinRows && s.padded_group() % Flavour::kTileK == 0;
+}
+
+bool usable(const PackedShape& s, int64_t M) { return tiles_fit<Bf16Flavour>(s, M); }
+
+// GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
+#define INT4KIT_TDP(c, a, b)          \
+  if constexpr (Flavour::kInt8) {     \
+    _tile_dpbsud(c, a, b);            \
+  } else {                            \
+    _tile_dpbf16ps(c, a, b);          \
+  }
+
+template <typename Flavour>
+void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const PackedShape& s,
+                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                  int64_t block_end) {
+  constexpr int64_t kTileK = Flavour::kTileK;
+  const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
+  const int64_t words = s.words_per_group(), tiles_per_group = Gp / kTileK;
+  const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
+  const int64_t a_stride = Kp * Flavour::kElemBytes;
+  const int64_t b_tile_words = tiles_per_group * kTileRows * kBlockN;
+  auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
+  auto out = aligned_array<float>(2 * kPassRows * kBlockN);  // [row block][row][16]
+  alignas(64) float c[kTileRows][kBlockN];  // a drained C tile (fp32 or int32)
+
+  _tile_loadconfig(&kTileConfig);
+  for (int64_t b = block_begin; b < block_end; b += 2) {
+    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
+    for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
+      const int64_t rows = std::min(kPassRows, M - m0);
+      const bool two_a = rows > kTileRows;
+      std::fill(out.get(), out.get() + 2 * kPassRows * kBlockN, 0.f);
+      const uint8_t* rec0 = packed + b * block_bytes;
+      for (int64_t g = 0; g < groups; ++g, rec0 += record_bytes) {
+        const uint8_t* rec1 = rec0 + block_bytes;
+        Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
+        if (pair) Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = 0; t < tiles_per_group; ++t) {
+          const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
+          _tile_loadd(6, b_tile, kBlockN * 4);
+          if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
+          for (int p = 0; p < f.planes; ++p) {
+            const auto* a_tile = static_cast<const uint8_t*>(f.a_tile(p, m0 * Kp + g * Gp + t * kTileK));
+            _tile_loadd(4, a_tile, a_stride);
+            INT4KIT_TDP(0, 4, 6)
+            if (pair) { INT4KIT_TDP(1, 4, 7) }
+            if (two_a) {
+              _tile_loadd(5, a_tile + kTileRows * a_stride, a_stride);
+              INT4KIT_TDP(2, 5, 6)
+              if (pair) { INT4KIT_TDP(3, 5, 7) }
+            }
+          }
+        }
+        // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
+        auto drain = [&](int i, int j) {
+          const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
+          for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
+            f.drain_row(c[r], sc, m0 + i * kTileRows + r, g, groups,
+                        out.get() + (j * kPassRows + i * kTileRows + r) * kBlockN);
+        };
+        _tile_stored(0, c, kBlockN * 4);
+        drain(0, 0);
+        if (pair) {
+          _tile_stored(1, c, kBlockN * 4);
+          drain(0, 1);
+        }
+        if (two_a) {
+          _tile_stored(2, c, kBlockN * 4);
+          drain(1, 0);
+          if (pair) {
+            _tile_stored(3, c, kBlockN * 4);
+            drain(1, 1);
+          }
+        }
+      }
+      for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
+        for (int64_t r = 0; r < rows; ++r)
+          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN,
+                    out.get() + (j * kPassRows + r) * kBlockN, bias, (b + j) * kBlockN, s.N);
+    }
+  }
+  _tile_release();
+}
+#undef INT4KIT_TDP
 
 }  // namespace
 
@@ -154,88 +290,12 @@ void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, c
     avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
     return;
   }
-  const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
-  const int64_t words = s.words_per_group(), tiles_per_group = Gp / kTileK;
-  const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
-  const int64_t plane = round_up(a.M, kTileRows) * Kp;
-  const int planes = planes_for(dtype);
-  const int64_t b_tile_words = tiles_per_group * kTileRows * kBlockN;
-  auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
-  auto out = aligned_array<float>(2 * kPassRows * kBlockN);  // [row block][row][16]
-  alignas(64) float c[kTileRows][kBlockN];
-  const __m512 sixteen = _mm512_set1_ps(16.f);
-
-  _tile_loadconfig(&kTileConfig);
-  for (int64_t b = block_begin; b < block_end; b += 2) {
-    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
-    for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
-      const int64_t rows = std::min(kPassRows, a.M - m0);
-      const bool two_a = rows > kTileRows;
-      std::fill(out.get(), out.get() + 2 * kPassRows * kBlockN, 0.f);
-      const uint8_t* rec0 = packed + b * block_bytes;
-      for (int64_t g = 0; g < groups; ++g, rec0 += record_bytes) {
-        const uint8_t* rec1 = rec0 + block_bytes;
-        build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
-        if (pair) build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
-        // GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t t = 0; t < tiles_per_group; ++t) {
-          const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
-          _tile_loadd(6, b_tile, kBlockN * 4);
-          if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
-          for (int p = 0; p < planes; ++p) {
-            const uint16_t* a_tile = a.x_bf16 + p * plane + m0 * Kp + g * Gp + t * kTileK;
-            _tile_loadd(4, a_tile, Kp * 2);
-            _tile_dpbf16ps(0, 4, 6);
-            if (pair) _tile_dpbf16ps(1, 4, 7);
-            if (two_a) {
-              _tile_loadd(5, a_tile + kTileRows * Kp, Kp * 2);
-              _tile_dpbf16ps(2, 5, 6);
-              if (pair) _tile_dpbf16ps(3, 5, 7);
-            }
-          }
-        }
-        // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators, with scale and zero point
-        auto drain = [&](int i, int j) {
-          const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
-          const __m512 scale = _mm512_loadu_ps(sc);
-          const __m512 zero16 = _mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen);
-          for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r) {
-            const int64_t m = m0 + i * kTileRows + r;
-            float* o = out.get() + (j * kPassRows + i * kTileRows + r) * kBlockN;
-            const __m512 zx = _mm512_mul_ps(zero16, _mm512_set1_ps(a.xsum[m * groups + g]));
-            const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c[r]), zx);
-            _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
-          }
-        };
-        _tile_stored(0, c, kBlockN * 4);
-        drain(0, 0);
-        if (pair) {
-          _tile_stored(1, c, kBlockN * 4);
-          drain(0, 1);
-        }
-        if (two_a) {
-          _tile_stored(2, c, kBlockN * 4);
-          drain(1, 0);
-          if (pair) {
-            _tile_stored(3, c, kBlockN * 4);
-            drain(1, 1);
-          }
-        }
-      }
-      for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
-        for (int64_t r = 0; r < rows; ++r)
-          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN,
-                    out.get() + (j * kPassRows + r) * kBlockN, bias, (b + j) * kBlockN, s.N);
-    }
-  }
-  _tile_release();
+  const Bf16Flavour f{a, planes_for(dtype), round_up(a.M, kTileRows) * s.padded_k()};
+  tiled_linear(f, a.M, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
-// W4A8 runs on the AVX-512 VNNI path for now.
+// W4A8 shares the AVX-512 path's int8 activation layout; groups of whole 64-column tiles run on
+// AMX int8 tiles, the rest on AVX-512 VNNI.
 void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                             const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
   avx512::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end);
@@ -244,7 +304,11 @@ void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const Packe
 void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                int64_t block_end) {
-  avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+  if (!tiles_fit<Int8Flavour>(s, a.M)) {
+    avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+    return;
+  }
+  tiled_linear(Int8Flavour{a}, a.M, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
 bool request_permission() {

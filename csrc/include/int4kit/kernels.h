@@ -92,7 +92,7 @@ struct ActivationA8Sizes {
   int64_t codes = 0, sums = 0, scales = 0;
 };
 inline ActivationA8Sizes activation_a8_sizes(const PackedShape& s, int64_t M) {
-  return {M * s.padded_k(), M * s.groups(), M};
+  return {round_up(M, 16) * s.padded_k(), M * s.groups(), M};  // codes: whole 16-row AMX tiles
 }
 // Same contract as prepare_activations / linear: fill with the ISA that then runs.
 void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
