@@ -536,7 +536,7 @@ def test_load_checkpoint_with_other_group_size():
     (dict(group_size=True), ValueError, r"group_size"),
     (dict(symmetric=1), TypeError, r"symmetric must be a bool"),
     (dict(symmetric="yes"), TypeError, r"symmetric must be a bool"),
-    (dict(method="gptq"), ValueError, r"method 'gptq' is unknown"),
+    (dict(method="spqr"), ValueError, r"method 'spqr' is unknown"),
     (dict(method="RTN"), ValueError, r"method 'RTN' is unknown"),
     (dict(method=None), ValueError, r"method None is unknown"),
 ])

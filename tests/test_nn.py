@@ -351,7 +351,7 @@ def test_quant_config_accepts(kwargs):
 
 @pytest.mark.parametrize("kwargs", [dict(group_size=0), dict(group_size=5), dict(group_size=-4),
                                     dict(group_size=1.5), dict(symmetric="no"),
-                                    dict(method="awq")])
+                                    dict(method="smoothquant")])
 def test_quant_config_rejects(kwargs):
     with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
         QuantConfig(**kwargs)

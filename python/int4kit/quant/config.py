@@ -1,17 +1,42 @@
 """QuantConfig: what quantize_model does to each eligible layer."""
 from dataclasses import dataclass
+from typing import Optional
 
-METHODS = ("rtn",)  # calibration-based methods (gptq, awq, hqq) come with the calibration issue
+from ..nn import check_act_quant
+
+METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
+DATA_FREE_METHODS = ("rtn", "hqq")  # the others need calib_data
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """group_size: columns sharing one scale and zero point (-1: per output channel).
     symmetric: zero point fixed at 8 (no zeros tensor) instead of one per group.
-    method: "rtn" (round-to-nearest)."""
+    method: "rtn" (round-to-nearest; data-free), "hqq" (half-quadratic fit of zero point / scale;
+      data-free), "gptq" (Hessian-based error compensation), "awq" (activation-aware input-channel
+      scaling plus clipping search) or "awq+gptq" (AWQ's scaling, then GPTQ); the last three need
+      calib_data in quantize_model.
+    clip_search: shrink each group's range to the MSE-optimal factor (rtn: weight MSE; gptq: MSE
+      weighted by the input's second moment; awq always searches, on the output error).
+    damp: GPTQ damping, as a fraction of the mean of the Hessian diagonal (0.1 by default: on
+      MiniLM it generalised better to text unlike the calibration text than the paper's 0.01;
+      docs/ACCURACY.md).
+    block_size: GPTQ lazy-update block (columns).
+    act_order: GPTQ visits columns by decreasing Hessian diagonal (with static groups).
+    calib_max_tokens: at most this many (non-padding) tokens per layer are used (None: all).
+    show_progress: tqdm bars over stages and batches, when tqdm is installed.
+    act_quant: None (W4A16) or "int8" (W4A8: activations quantized per token at run time; the
+      weights are the same)."""
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"
+    clip_search: bool = False
+    damp: float = 0.1
+    block_size: int = 128
+    act_order: bool = False
+    calib_max_tokens: Optional[int] = None
+    show_progress: bool = False
+    act_quant: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (
@@ -20,6 +45,25 @@ class QuantConfig:
                              f"int, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"QuantConfig.symmetric must be a bool, got {self.symmetric!r}")
+        check_act_quant(self.act_quant)
         if self.method not in METHODS:
             raise ValueError(f"QuantConfig.method {self.method!r} is unknown; supported: "
                              f"{', '.join(METHODS)}")
+        for name in ("clip_search", "act_order", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not (
+                0 <= self.damp < 1e3):
+            raise ValueError(f"QuantConfig.damp must be a non-negative number, got {self.damp!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or \
+                self.block_size <= 0:
+            raise ValueError(f"QuantConfig.block_size must be a positive int, got {self.block_size!r}")
+        if self.calib_max_tokens is not None and (
+                not isinstance(self.calib_max_tokens, int) or isinstance(self.calib_max_tokens, bool)
+                or self.calib_max_tokens <= 0):
+            raise ValueError(f"QuantConfig.calib_max_tokens must be None or a positive int, got "
+                             f"{self.calib_max_tokens!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in DATA_FREE_METHODS

@@ -1,12 +1,27 @@
 """quantize_model: swap every eligible nn.Linear of a model for an Int4Linear, in place."""
 import fnmatch
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from ..nn import Int4Linear
+from . import calibration
+from .awq import awq, awq_scales, scaled_hessian
 from .config import QuantConfig
+from .gptq import gptq
+from .hqq import hqq
+from .rtn import dequant, group_size_of, layer_objective, rtn, to_int4linear
+
+# (consumer suffix, producer suffix): the producer's output feeds only the consumer, through a map
+# that is linear per channel (attention's weighted sum of values), so AWQ's 1/s can be folded into
+# the producer's output rows. BERT's LayerNorms are not on this list on purpose: BERT is post-LN,
+# so a LayerNorm's output is also the residual stream and scaling it would change the model.
+FOLD_RULES = (("attention.output.dense", "attention.self.value"),
+              ("self_attn.o_proj", "self_attn.v_proj"),
+              ("self_attn.out_proj", "self_attn.v_proj"))
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -20,6 +35,18 @@ class QuantReport:
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (layer name, reason)
     bytes_before: int = 0
     bytes_after: int = 0
+    method: str = "rtn"
+    # layers the configured method could not handle, and what was done instead: (name, reason)
+    fallbacks: List[Tuple[str, str]] = field(default_factory=list)
+    # other per-layer decisions worth knowing (e.g. GPTQ result replaced by a better RTN one)
+    notes: List[Tuple[str, str]] = field(default_factory=list)
+    # relative layer error on the calibration data, tr(D H D^T) / tr(W H W^T), where measured
+    layer_errors: Dict[str, float] = field(default_factory=dict)
+    # AWQ folds: name -> (input multiplier, output multiplier) that map the quantized layer back to
+    # the original layer's coordinates: original(x) ~ quantized(x * in) * out (None: 1)
+    io_scales: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = \
+        field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def compression(self) -> float:
@@ -29,12 +56,124 @@ class QuantReport:
         lines = [f"int4kit: swapped {len(self.swapped)} Linear layers, skipped {len(self.skipped)}",
                  f"  model size {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} "
                  f"MiB ({self.compression:.2f}x smaller)"]
+        if self.method != "rtn" or self.fallbacks:
+            lines.append(f"  method {self.method}, {self.seconds:.1f} s")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
+        lines += [f"  fallback {name}: {reason}" for name, reason in self.fallbacks]
+        lines += [f"  note {name}: {note}" for name, note in self.notes]
         return "\n".join(lines)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _data_free(linear: nn.Linear, config: QuantConfig) -> Int4Linear:
+    if config.method == "rtn" and not config.clip_search:
+        return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
+    w = linear.weight.detach().cpu()
+    if config.method == "hqq":
+        codes, s, z = hqq(w, config.group_size, config.symmetric)
+    else:
+        codes, s, z = rtn(w, config.group_size, config.symmetric, clip_search=config.clip_search)
+    return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+
+
+def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
+    base = layer_objective(w, torch.zeros_like(w), H)
+    return obj / base if base > 0 else 0.0
+
+
+def _gptq_guarded(name, w, H, config, report, dtype):
+    """GPTQ, unless plain rounding (with the same clip setting) does better on the layer objective."""
+    G = group_size_of(config.group_size, w.shape[1])
+    cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
+                block_size=config.block_size, act_order=config.act_order,
+                clip_search=config.clip_search)
+    obj = layer_objective(w, dequant(*cand, G), H)
+    alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search)
+    obj_alt = layer_objective(w, dequant(*alt, G), H)
+    if obj_alt < obj:
+        report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
+                                   f"({obj_alt:.4g} < {obj:.4g}); kept RTN"))
+        return alt, obj_alt
+    return cand, obj
+
+
+def _fold_into_producer(model, name, s, report, final=None) -> bool:
+    """Divides the producer's output rows by s (AWQ fold). Returns False if no producer fits.
+
+    final: name -> Int4Linear already built but not yet in the model (the model holds a dense
+    stand-in meanwhile); both are updated."""
+    for consumer, producer in FOLD_RULES:
+        if not name.endswith(consumer):
+            continue
+        pname = name[: len(name) - len(consumer)] + producer
+        try:
+            prod = model.get_submodule(pname)
+        except AttributeError:
+            continue
+        if not isinstance(prod, (nn.Linear, Int4Linear)) or prod.out_features != s.numel():
+            continue
+        with torch.no_grad():
+            if isinstance(prod, nn.Linear):
+                sd = s.to(prod.weight.device, prod.weight.dtype)
+                prod.weight.div_(sd[:, None])
+                if prod.bias is not None:
+                    prod.bias.div_(sd)
+            if final is not None and pname in final:
+                final[pname] = _scale_rows(final[pname], s)
+            elif isinstance(prod, Int4Linear):
+                _replace(model, pname, _scale_rows(prod, s))
+        old_in, old_out = report.io_scales.get(pname, (None, None))
+        out = s.detach().float().cpu()
+        report.io_scales[pname] = (old_in, out if old_out is None else old_out * out)
+        report.io_scales[name] = (1.0 / s.detach().float().cpu(), None)
+        return True
+    return False
+
+
+def _scale_rows(prod: Int4Linear, s: torch.Tensor) -> Int4Linear:
+    """An Int4Linear whose output row n is prod's divided by s[n]: its scales and bias rows are."""
+    with torch.no_grad():
+        qweight, scales, zeros = prod.canonical()
+        sd = s.to(scales.device, torch.float32)
+        new = Int4Linear.from_quantized(
+            qweight, (scales.float() / sd[:, None]).to(scales.dtype), zeros,
+            prod.group_size, prod.in_features,
+            bias=None if prod.bias is None else (prod.bias.float() / sd).to(prod.bias.dtype),
+            device=prod._device())
+        new.input_scale = prod.input_scale
+    return new
+
+
+def _calibrated(model, name, linear, stats, config, report, final=None) -> Int4Linear:
+    w = linear.weight.detach().cpu()
+    H = stats.hessian
+    if config.method == "gptq":
+        (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, w.dtype)
+        report.layer_errors[name] = _rel(obj, w, H)
+        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+    # AWQ, and AWQ's scaling followed by GPTQ
+    G = group_size_of(config.group_size, w.shape[1])
+    if config.method == "awq":
+        codes, s, z, a = awq(w, H, stats.absmean, config.group_size, config.symmetric, w.dtype)
+    else:
+        a, _, _ = awq_scales(w, H, stats.absmean, config.group_size, config.symmetric, w.dtype)
+        (codes, s, z), _ = _gptq_guarded(name, w.float() * a[None, :], scaled_hessian(H, a),
+                                         config, report, w.dtype)
+    w_hat = dequant(codes, s, z, G) / a[None, :]
+    report.layer_errors[name] = _rel(layer_objective(w, w_hat, H), w, H)
+    if _fold_into_producer(model, name, a, report, final):
+        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+    return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric,
+                         input_scale=1.0 / a)
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None,
@@ -44,8 +183,11 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
 
     skip: layer names (or fnmatch patterns such as "classifier*") to leave in full precision.
     filter_fn(name, module) -> bool: only layers for which it returns True are quantized.
-    calib_data: batches for calibration-based methods; round-to-nearest needs none.
-    Returns a QuantReport: layers swapped and skipped (with the reason), bytes before and after.
+    calib_data: an iterable of batches for the calibration-based methods (gptq, awq, awq+gptq);
+      each is passed as model(**item) if a mapping (an `attention_mask` in it keeps padding tokens
+      out of the statistics), model(*item) if a tuple, else model(item). rtn and hqq need none.
+    Returns a QuantReport: layers swapped and skipped (with the reason), fallbacks (layers the
+    calibration never reached, quantized with RTN instead, with the reason), bytes before and after.
     """
     if isinstance(model, nn.Linear):
         raise TypeError("model is itself an nn.Linear, which quantize_model cannot replace in place; "
@@ -56,7 +198,18 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
-    report = QuantReport(bytes_before=state_dict_bytes(model))
+    batches = None
+    if config.needs_calibration:
+        if calib_data is None:
+            raise ValueError(f"QuantConfig.method {config.method!r} needs calib_data (an iterable "
+                             f"of model inputs); pass calib_data=..., or use a data-free method "
+                             f"('rtn', 'hqq')")
+        batches = list(calib_data)
+        if not batches:
+            raise ValueError("calib_data is empty: at least one batch is needed for method "
+                             f"{config.method!r}")
+    t0 = time.perf_counter()
+    report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -70,11 +223,77 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                                          f"{config.group_size}"))
         else:
             targets.append(name)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, Int4Linear.from_linear(linear, config.group_size, config.symmetric))
-        report.swapped.append(name)
+
+    if batches is None:
+        for name in targets:
+            _replace(model, name, _data_free(model.get_submodule(name), config))
+            report.swapped.append(name)
+    else:
+        _quantize_sequential(model, targets, batches, config, report)
+    for name in report.swapped:  # W4A8 changes how the layers run, not what they store
+        model.get_submodule(name).act_quant = config.act_quant
     report.bytes_after = state_dict_bytes(model)
+    report.seconds = time.perf_counter() - t0
     return report
+
+
+def dense_stand_in(module: Int4Linear) -> nn.Linear:
+    """An nn.Linear computing what `module` computes (its dequantized weight, input_scale folded
+    into the columns): calibration runs through it, which is faster than the int4 kernels on
+    small batches and independent of them."""
+    qweight, scales, zeros = module.canonical()
+    w = dequant_canonical(qweight, scales, zeros, module.group_size, module.in_features)
+    if module.input_scale is not None:
+        w = w * module.input_scale.float().cpu()[None, :]
+    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                      device="meta")
+    dense.weight = nn.Parameter(w.to(module._device(), module.scale_dtype), requires_grad=False)
+    if module.bias is not None:
+        dense.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return dense
+
+
+def dequant_canonical(qweight, scales, zeros, group_size, K) -> torch.Tensor:
+    from .. import reference
+    return reference.dequantize(qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
+                                group_size, K, torch.float32)
+
+
+def _quantize_sequential(model, targets, batches, config, report):
+    layers = {name: model.get_submodule(name) for name in targets}
+    final: Dict[str, Int4Linear] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        stages, unreached = calibration.plan_stages(model, batches[0], layers)
+        for stage in calibration.progress(stages, config.show_progress, desc=config.method):
+            stats = calibration.collect(model, batches, {n: layers[n] for n in stage},
+                                        hessian=True, absmean=config.method != "gptq",
+                                        max_tokens=config.calib_max_tokens,
+                                        show_progress=config.show_progress)
+            for name in stage:
+                if stats[name].count == 0:
+                    unreached.append(name)
+                    continue
+                final[name] = _calibrated(model, name, layers[name], stats[name], config, report,
+                                          final)
+            for name in stage:  # the rest of the model now sees this stage quantized
+                if name in final:
+                    _replace(model, name, dense_stand_in(final[name]))
+        for name in unreached:
+            if name in final:
+                continue
+            final[name] = _data_free(layers[name], QuantConfig(
+                group_size=config.group_size, symmetric=config.symmetric,
+                clip_search=config.clip_search))
+            report.fallbacks.append((name, "calib_data never reached this layer (no tokens); "
+                                           "quantized with RTN instead"))
+        for name in targets:
+            _replace(model, name, final[name])
+        report.swapped.extend(targets)
+    except BaseException:
+        for name in targets:  # leave the model as it was, not half swapped for stand-ins
+            _replace(model, name, layers[name])
+        raise
+    finally:
+        model.train(was_training)

@@ -1,0 +1,182 @@
+"""Calibration engine: streaming statistics of each nn.Linear's input, by forward hooks.
+
+Nothing stores activations: each hook folds its batch into the layer's running statistics at once:
+  * H = sum over tokens of x x^T (the GPTQ/AWQ Hessian up to a factor), accumulated in float64 from
+    float32 per-batch products;
+  * sum over tokens of |x| per input channel (AWQ's activation magnitude);
+  * the token count.
+Padding tokens are left out: when a batch is a mapping with an `attention_mask`, a layer input
+whose leading dims equal the mask's shape keeps only the rows where the mask is nonzero.
+
+`plan_stages` runs one batch through the model to find the order in which the target layers are
+called, and groups consecutive layers that read the very same input tensor (BERT's query, key and
+value) into one stage; `quantize_model` then calibrates stage after stage, with every earlier stage
+already quantized in place ("true sequential"). Each stage reruns the calibration batches, and a
+forward pass stops (by an exception raised from the hook) as soon as every layer of the stage has
+seen the batch, so a stage costs only the model up to that point.
+"""
+from collections.abc import Mapping
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+try:  # progress bars when tqdm is available
+    from tqdm.auto import tqdm as _tqdm
+except ImportError:  # pragma: no cover
+    _tqdm = None
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot be used (empty, or producing NaN/inf activations)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+def progress(iterable, enabled: bool, **kwargs):
+    if enabled and _tqdm is not None:
+        return _tqdm(iterable, **kwargs)
+    return iterable
+
+
+def call_model(model: nn.Module, item):
+    """item -> model(**item) if a mapping, model(*item) if a tuple, else model(item)."""
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, tuple):
+        return model(*item)
+    return model(item)
+
+
+def attention_mask_of(item) -> Optional[torch.Tensor]:
+    if isinstance(item, Mapping) and item.get("attention_mask") is not None:
+        return item["attention_mask"]
+    return None
+
+
+class LayerStats:
+    """Running input statistics of one Linear layer."""
+
+    def __init__(self, in_features: int, hessian: bool = True, absmean: bool = True,
+                 max_tokens: Optional[int] = None):
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64) if absmean else None
+        self.count = 0
+        self.max_tokens = max_tokens
+
+    @property
+    def full(self) -> bool:
+        return self.max_tokens is not None and self.count >= self.max_tokens
+
+    def add(self, x: torch.Tensor) -> None:
+        """x [tokens, in_features]."""
+        if self.max_tokens is not None:
+            x = x[:max(0, self.max_tokens - self.count)]
+        if x.shape[0] == 0:
+            return
+        x = x.detach().to("cpu", torch.float32)
+        if self.H is not None:
+            self.H += (x.T @ x).double()
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0).double()
+        self.count += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """Mean x x^T over the tokens seen (float64)."""
+        return self.H / max(self.count, 1)
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+
+def _rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is not None and x.dim() >= 2 and tuple(x.shape[:-1]) == tuple(mask.shape):
+        x = x[mask.to(x.device) != 0]
+    return x.reshape(-1, x.shape[-1])
+
+
+def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessian: bool = True,
+            absmean: bool = True, max_tokens: Optional[int] = None, stop_early: bool = True,
+            show_progress: bool = False, desc: str = "calibrating") -> Dict[str, LayerStats]:
+    """Runs `batches` through `model` and returns each named layer's LayerStats.
+
+    Raises CalibrationError when a layer's input holds NaN or inf (naming the batch and layer)."""
+    stats = {name: LayerStats(m.in_features, hessian, absmean, max_tokens)
+             for name, m in layers.items()}
+    state = {"mask": None, "batch": 0, "seen": set()}
+    wanted = set(layers)
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            if not inputs or not torch.is_tensor(inputs[0]):
+                return
+            x = _rows(inputs[0].detach(), state["mask"])
+            if not bool(torch.isfinite(x).all()):
+                raise CalibrationError(
+                    f"calibration batch {state['batch']} produces NaN or inf in the input of "
+                    f"layer {name!r}; check the batch (or the model in full precision)")
+            stats[name].add(x)
+            state["seen"].add(name)
+            if stop_early and state["seen"] >= wanted:
+                raise _StopForward
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
+                if all(s.full for s in stats.values()):
+                    break
+                state.update(mask=attention_mask_of(item), batch=i, seen=set())
+                try:
+                    call_model(model, item)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def plan_stages(model: nn.Module, batch, layers: Dict[str, nn.Module]
+                ) -> Tuple[List[List[str]], List[str]]:
+    """Runs one batch and returns (stages in call order, layer names never called).
+
+    A stage is a run of consecutive calls that read the same input tensor; a layer called several
+    times is placed at its first call."""
+    order: List[str] = []
+    inputs: List[Optional[torch.Tensor]] = []
+    # `inputs` keeps each input of this one batch alive until the comparison below, so two layers
+    # can never look alike through a reused allocation
+
+    def make_hook(name):
+        def hook(module, inp, output):
+            if name in order:
+                return
+            x = inp[0] if inp and torch.is_tensor(inp[0]) else None
+            order.append(name)
+            inputs.append(x)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: List[List[str]] = []
+    for i, name in enumerate(order):
+        same = (i > 0 and inputs[i] is not None and inputs[i - 1] is not None
+                and inputs[i] is inputs[i - 1])
+        if same:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    unreached = [name for name in layers if name not in order]
+    return stages, unreached

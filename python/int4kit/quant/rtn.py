@@ -1,0 +1,169 @@
+"""Shared quantization arithmetic for every method, in plain PyTorch (float32 unless noted).
+
+Every method ends in the same place: integer codes 0..15 [N, K], scales [N, groups] and zero points
+[N, groups] (8 when symmetric) that follow the canonical rules of docs/FORMAT.md:
+
+* the scale is rounded to the weight's dtype before any code is computed, and a scale of 0 becomes 1;
+* codes are `clamp(round(w / s + z), 0, 15)` for the stored (s, z), so `w ~ (q - z) * s`;
+* zero points are integers for RTN, GPTQ and AWQ; HQQ's are fractional, rounded to the weight dtype.
+
+`to_int4linear` packs them and builds an `Int4Linear` with `Int4Linear.from_quantized`, so every
+method runs on the existing fused kernels.
+"""
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import reference
+from ..nn import Int4Linear
+
+MAX_CODE = 15
+SYMMETRIC_ZERO = 8.0
+# the shrink factors the clipping search tries (1.0 first: ties keep the plain min/max range)
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
+
+
+SMALL_WORK = 1 << 20  # elements per op below which extra intra-op threads cost more than they give
+
+
+@contextlib.contextmanager
+def threads_for(elements: int):
+    """One intra-op thread while the ops are small (thread hand-offs dominate there, badly so on a
+    loaded machine); the caller's setting otherwise."""
+    before = torch.get_num_threads()
+    if elements < SMALL_WORK and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def group_size_of(group_size: int, K: int) -> int:
+    return K if group_size == -1 else group_size
+
+
+def grouped(w: torch.Tensor, G: int) -> torch.Tensor:
+    """[N, K] -> [N, groups, G], the tail group zero-padded (zero is always inside the range)."""
+    N, K = w.shape
+    groups = -(-K // G)
+    return F.pad(w, (0, groups * G - K)).view(N, groups, G)
+
+
+def ungrouped(wg: torch.Tensor, K: int) -> torch.Tensor:
+    N, groups, G = wg.shape
+    return wg.reshape(N, groups * G)[:, :K]
+
+
+def store_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rounds a scale to the stored dtype (as FORMAT.md requires) and maps 0 (or underflow) to 1."""
+    s = s.to(dtype).to(s.dtype)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def minmax_params(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool,
+                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RTN scale and zero point for a range [lo, hi] with lo <= 0 <= hi (any shape)."""
+    if symmetric:
+        s = store_scale(torch.maximum(hi, -lo) / 7.5, dtype)
+        z = torch.full_like(s, SYMMETRIC_ZERO)
+    else:
+        s = store_scale((hi - lo) / MAX_CODE, dtype)
+        z = torch.round(-lo / s).clamp(0, MAX_CODE)
+    return s, z
+
+
+def range_of(wg: torch.Tensor, ratio=1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    lo = wg.amin(dim=-1).clamp(max=0) * ratio
+    hi = wg.amax(dim=-1).clamp(min=0) * ratio
+    return lo, hi
+
+
+def fake_quant_grouped(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize [..., G] with per-group s, z of shape [...]."""
+    q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, MAX_CODE)
+    return (q - z[..., None]) * s[..., None]
+
+
+def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
+    """Codes [N, K] (int64) of w for per-group s, z [N, groups]; z may be fractional (HQQ)."""
+    K = w.shape[1]
+    wg = grouped(w, G)
+    if torch.equal(z, torch.round(z)):
+        q = torch.round(wg / s[..., None]) + z[..., None]  # the kernels' / reference's order
+    else:
+        q = torch.round(wg / s[..., None] + z[..., None])
+    return ungrouped(q.clamp(0, MAX_CODE), K).long()
+
+
+def dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
+    K = codes.shape[1]
+    cg = grouped(codes.to(s.dtype), G)
+    return ungrouped((cg - z[..., None]) * s[..., None], K)
+
+
+def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch.dtype] = None,
+        clip_search: bool = False, channel_weight: Optional[torch.Tensor] = None):
+    """Round-to-nearest of w [N, K] (computed in float32). Returns (codes, s, z) in float32.
+
+    clip_search: per group, shrink the range by each factor of CLIP_GRID and keep the one with the
+    smallest squared error, weighted per input channel by `channel_weight` [K] when given (AWQ passes
+    the diagonal of X^T X, i.e. the mean squared activation; data-free RTN passes nothing).
+    Without clip_search the result is bit-identical to int4kit.reference.quantize.
+    """
+    dtype = dtype or w.dtype
+    w = w.float()
+    K = w.shape[1]
+    G = group_size_of(group_size, K)
+    wg = grouped(w, G)
+    lo, hi = range_of(wg)
+    s, z = minmax_params(lo, hi, symmetric, dtype)
+    if clip_search:
+        cw = None if channel_weight is None else grouped(channel_weight.float()[None], G)
+        best = _group_err(wg, s, z, cw)
+        for ratio in CLIP_GRID[1:]:
+            s_r, z_r = minmax_params(lo * ratio, hi * ratio, symmetric, dtype)
+            err = _group_err(wg, s_r, z_r, cw)
+            better = err < best
+            best = torch.where(better, err, best)
+            s = torch.where(better, s_r, s)
+            z = torch.where(better, z_r, z)
+    return codes_for(w, s, z, G), s, z
+
+
+def _group_err(wg, s, z, cw):
+    d = (fake_quant_grouped(wg, s, z) - wg) ** 2
+    if cw is not None:
+        d = d * cw
+    return d.sum(-1)
+
+
+def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                  group_size: int, symmetric: bool, bias: Optional[torch.Tensor] = None,
+                  input_scale: Optional[torch.Tensor] = None) -> Int4Linear:
+    """Packs (codes, s, z) into the canonical format and builds an Int4Linear on linear's device.
+
+    The scale and zero dtype is linear.weight's dtype; bias defaults to linear.bias."""
+    weight = linear.weight
+    dtype = weight.dtype
+    qweight = reference.pack(codes.to(torch.uint8).cpu())
+    scales = s.to(dtype).cpu()
+    zeros = None if symmetric else z.to(dtype).cpu()
+    if bias is None and linear.bias is not None:
+        bias = linear.bias.detach()
+    module = Int4Linear.from_quantized(qweight, scales, zeros, group_size, linear.in_features,
+                                       bias=bias, device=weight.device)
+    if input_scale is not None:
+        module.input_scale = input_scale.detach().to(device=weight.device, dtype=dtype)
+    return module
+
+
+def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T) in float64: the summed squared output error over the
+    calibration tokens when H = X^T X."""
+    d = (w.double() - w_hat.double())
+    return float(((d @ H.double()) * d).sum())

@@ -1,0 +1,246 @@
+"""quantize_model with the calibration-based methods: the calibration engine, folding, bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from int4kit import Int4Linear, QuantConfig, quantize_model
+from int4kit import reference as R
+from int4kit.quant import calibration
+from int4kit.quant import model as qmodel
+
+from conftest import rel_err
+
+METHODS = ["rtn", "hqq", "gptq", "awq", "awq+gptq"]
+SETTINGS = [(32, False), (-1, True)]
+
+
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def bert_batches(n=3, B=4, T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 60, (B, T), generator=g)
+        lengths = torch.randint(3, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def layer_inputs(model, batch, names):
+    seen = {}
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, inputs[0].detach())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in names]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=["g32-asym", "chan-sym"])
+@pytest.mark.parametrize("method", METHODS)
+def test_quantize_bert_each_method(method, setting):
+    G, sym = setting
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+    data = bert_batches()
+    report = quantize_model(model, QuantConfig(group_size=G, symmetric=sym, method=method),
+                            calib_data=data if method not in ("rtn", "hqq") else None)
+    assert len(report.swapped) == 2 * 6 + 1 and not report.fallbacks
+    batch = data[0]
+    names = report.swapped
+    q_inputs = layer_inputs(model, batch, names)
+    fp_inputs = layer_inputs(original, batch, names)
+    for name in names:
+        module = model.get_submodule(name)
+        assert isinstance(module, Int4Linear), name
+        assert module.group_size == G and module.symmetric == sym
+        # the module computes exactly what its own canonical weights say
+        x = q_inputs[name]
+        qweight, scales, zeros = module.canonical()
+        xs = x if module.input_scale is None else x * module.input_scale
+        ref = R.linear(xs, qweight, scales, zeros, G, module.bias)
+        assert rel_err(module(x), ref) <= 1e-5, name
+        # and, mapped back through any AWQ fold, approximates the original layer
+        in_mul, out_mul = report.io_scales.get(name, (None, None))
+        xf = fp_inputs[name]
+        y = module(xf if in_mul is None else xf * in_mul)
+        y = y if out_mul is None else y * out_mul
+        assert rel_err(y, original.get_submodule(name)(xf)) < 0.25, name
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+        ref_out = original(**batch).last_hidden_state
+    assert rel_err(out, ref_out) < 0.2
+    if method.startswith("awq"):
+        value = "encoder.layer.0.attention.self.value"
+        dense = "encoder.layer.0.attention.output.dense"
+        assert model.get_submodule(dense).input_scale is None  # folded into value
+        assert value in report.io_scales and dense in report.io_scales
+        assert model.get_submodule("encoder.layer.0.intermediate.dense").input_scale is not None
+    if method in ("gptq", "awq", "awq+gptq"):
+        assert set(report.layer_errors) == set(names)
+
+
+def test_awq_state_dict_round_trip(tmp_path):
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(group_size=32, symmetric=False, method="awq"),
+                   calib_data=bert_batches())
+    state = model.state_dict()
+    assert "encoder.layer.1.output.dense.input_scale" in state
+    assert "encoder.layer.1.attention.output.dense.input_scale" not in state
+    fresh = tiny_bert()
+    quantize_model(fresh, QuantConfig(group_size=32, symmetric=False))  # plain RTN skeleton
+    torch.save(state, tmp_path / "awq.pt")
+    fresh.load_state_dict(torch.load(tmp_path / "awq.pt", weights_only=True))
+    batch = bert_batches(1)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+def test_input_scale_module_behaviour():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8)
+    module = Int4Linear.from_linear(lin, 32, False)
+    plain_state = module.state_dict()
+    assert "input_scale" not in plain_state
+    module.input_scale = torch.rand(64) + 0.5
+    x = torch.randn(3, 64)
+    qweight, scales, zeros = module.canonical()
+    ref = R.linear(x * module.input_scale, qweight, scales, zeros, 32, module.bias)
+    assert rel_err(module(x), ref) <= 1e-5
+    state = module.state_dict()
+    assert torch.equal(state["input_scale"], module.input_scale)
+    other = Int4Linear(64, 8, True, 32, False)
+    other.load_state_dict(state)
+    assert torch.equal(other(x), module(x))
+    bad = dict(state, input_scale=torch.ones(63))
+    with pytest.raises(RuntimeError, match="input_scale"):
+        Int4Linear(64, 8, True, 32, False).load_state_dict(bad)
+    # a module with an input scale, loading a checkpoint without one, reports the missing key
+    with pytest.raises(RuntimeError, match="input_scale"):
+        other.load_state_dict(plain_state)
+    assert module.to(torch.float16).input_scale.dtype == torch.float16
+
+
+# ---- calibration engine -------------------------------------------------------------------------
+
+class MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(32, 8)
+        self.never = nn.Linear(16, 16)
+
+    def forward(self, x, attention_mask=None):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_padding_tokens_left_out_of_statistics():
+    net = MaskedNet()
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    stats = calibration.collect(net, [{"x": x, "attention_mask": mask}], {"a": net.a})
+    rows = x[mask.bool()]
+    assert stats["a"].count == 7
+    torch.testing.assert_close(stats["a"].hessian, (rows.double().T @ rows.double()) / 7)
+    torch.testing.assert_close(stats["a"].absmean, rows.double().abs().mean(0))
+
+
+def test_calib_max_tokens_and_item_kinds():
+    net = nn.Sequential(nn.Linear(8, 8))
+    data = [torch.randn(10, 8), (torch.randn(10, 8),)]
+    stats = calibration.collect(net, data, {"0": net[0]}, max_tokens=15)
+    assert stats["0"].count == 15
+
+
+def test_true_sequential_calibration(monkeypatch):
+    """Layer 2's Hessian comes from layer 1 already quantized."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    original = copy.deepcopy(net)
+    data = [torch.randn(40, 64) for _ in range(2)]
+    seen = {}
+    real = qmodel.gptq
+
+    def spy(w, H, *args, **kwargs):
+        seen[w.shape] = H.clone()
+        return real(w, H, *args, **kwargs)
+
+    monkeypatch.setattr(qmodel, "gptq", spy)
+    quantize_model(net, QuantConfig(group_size=32, symmetric=False, method="gptq"), calib_data=data)
+    x = torch.cat(data)
+    with torch.no_grad():
+        h_q = torch.relu(net[0](x)).double()
+        h_fp = torch.relu(original[0](x)).double()
+    H2 = seen[torch.Size([32, 64])]
+    torch.testing.assert_close(H2, h_q.T @ h_q / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(H2, h_fp.T @ h_fp / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_need_calib_data(method):
+    net = MaskedNet()
+    with pytest.raises(ValueError, match="calib_data"):
+        quantize_model(net, QuantConfig(group_size=16, symmetric=False, method=method))
+    with pytest.raises(ValueError, match="empty"):
+        quantize_model(net, QuantConfig(group_size=16, method=method), calib_data=[])
+    assert all(type(m) is nn.Linear for m in (net.a, net.b, net.never))
+
+
+def test_nan_batch_raises_and_leaves_model_untouched():
+    net = MaskedNet()
+    bad = torch.randn(4, 16)
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 1 .*NaN"):
+        quantize_model(net, QuantConfig(group_size=16, method="gptq"),
+                       calib_data=[torch.randn(4, 16), bad])
+    assert all(type(m) is nn.Linear for m in (net.a, net.b, net.never))
+
+
+def test_unreached_layer_is_reported_not_silent():
+    net = MaskedNet()
+    report = quantize_model(net, QuantConfig(group_size=16, symmetric=False, method="gptq"),
+                            calib_data=[torch.randn(6, 16)])
+    assert [name for name, _ in report.fallbacks] == ["never"]
+    assert "RTN" in report.fallbacks[0][1] and "never reached" in report.fallbacks[0][1]
+    assert "fallback never" in str(report)
+    assert isinstance(net.never, Int4Linear) and isinstance(net.a, Int4Linear)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="gptqq"), dict(damp=-1), dict(block_size=0),
+                                    dict(calib_max_tokens=0), dict(clip_search="yes"),
+                                    dict(act_order=1)])
+def test_config_rejects(kwargs):
+    with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
+        QuantConfig(**kwargs)
+
+
+def test_clip_search_rtn_is_data_free_and_not_worse():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 64))
+    w = net[0].weight.detach().clone()
+    quantize_model(net, QuantConfig(group_size=32, symmetric=False, clip_search=True))
+    qweight, scales, zeros = net[0].canonical()
+    err = (R.dequantize(qweight, scales, zeros, 32, 128) - w.double()).pow(2).sum()
+    rq, rs, rz = R.quantize(w, 32, False)
+    err_rtn = (R.dequantize(rq, rs, rz, 32, 128) - w.double()).pow(2).sum()
+    assert err <= err_rtn
