@@ -41,9 +41,10 @@ DEFAULT_MS = (1, 16, 128)
 COLD_BYTES = int(1.1 * GiB)       # each implementation's rotation set in cold mode exceeds this
 COLD_MAX_COPIES = 256             # sanity cap (a 4096x4096 int4 weight is ~8.5 MB: 133 copies)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-IMPLS = ("int4kit", "dense_bf16", "dense_fp32", "torch_int4")
-LABELS = {"int4kit": "int4kit", "dense_bf16": "F.lin bf16", "dense_fp32": "F.lin fp32",
-          "torch_int4": "torch int4"}
+IMPLS = ("int4kit", "int4kit_a8", "dense_bf16", "dense_fp32", "torch_int4")
+PEERS = ("dense_bf16", "dense_fp32", "torch_int4")  # what int4kit (W4A16) is compared with
+LABELS = {"int4kit": "int4kit", "int4kit_a8": "int4kit W4A8", "dense_bf16": "F.lin bf16",
+          "dense_fp32": "F.lin fp32", "torch_int4": "torch int4"}
 
 
 # ---- environment ----------------------------------------------------------------------------------
@@ -143,6 +144,8 @@ def cpu_variants(W: Weights, dtypes):
     v = {
         "int4kit": (lambda: ops.prepack(W.qweight, W.scales, W.zeros, G, K),
                     lambda x, p: ops.linear(x, p, N, K, G)),
+        "int4kit_a8": (lambda: ops.prepack(W.qweight, W.scales, W.zeros, G, K),
+                       lambda x, p: ops.linear_w4a8(x, p, N, K, G)),
         "dense_bf16": (lambda: W.w.to(torch.bfloat16), lambda x, w: F.linear(x, w)),
         "dense_fp32": (lambda: W.w.clone(), lambda x, w: F.linear(x, w)),
     }
@@ -350,7 +353,9 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                     t4 = row["ms"]["int4kit"]
                     row["gbps"] = W.int4_bytes / (t4 * 1e-3) / 1e9 if t4 else None
                     row["speedup"] = {p: (row["ms"][p] / t4 if t4 and row["ms"][p] else None)
-                                      for p in IMPLS[1:]}
+                                      for p in PEERS}
+                    a8, bf16 = row["ms"]["int4kit_a8"], row["ms"]["dense_bf16"]
+                    row["a8_vs_bf16"] = bf16 / a8 if a8 and bf16 else None
                     rows.append(row)
             if mode == "cold":
                 log(f"  cold {K}x{N}: copies rotated: " + ", ".join(
@@ -369,11 +374,11 @@ def format_table(rows, title=None) -> str:
     """Fixed-width table: one line per (shape, M, dtype); ratios are peer ms / int4kit ms."""
     if not rows:
         return "(no results)"
-    head = (f"{'K x N':>12} {'M':>4} {'dtype':>5} | {'int4kit':>8} {'F.lin bf16':>10} "
+    head = (f"{'K x N':>12} {'M':>4} {'dtype':>5} | {'int4kit':>8} {'W4A8':>8} {'F.lin bf16':>10} "
             f"{'F.lin fp32':>10} {'torch int4':>10} | {'int4kit':>7} | {'vs bf16':>7} "
-            f"{'vs fp32':>7} {'vs tint4':>8}")
-    sub = (f"{'':>12} {'':>4} {'':>5} | {'ms':>8} {'ms':>10} {'ms':>10} {'ms':>10} | "
-           f"{'GB/s':>7} | {'x':>7} {'x':>7} {'x':>8}")
+            f"{'vs fp32':>7} {'vs tint4':>8} | {'W4A8 vs bf16':>12}")
+    sub = (f"{'':>12} {'':>4} {'':>5} | {'ms':>8} {'ms':>8} {'ms':>10} {'ms':>10} {'ms':>10} | "
+           f"{'GB/s':>7} | {'x':>7} {'x':>7} {'x':>8} | {'x':>12}")
     lines = []
     if title:
         lines.append(title)
@@ -387,10 +392,11 @@ def format_table(rows, title=None) -> str:
         ms, sp = r["ms"], r["speedup"]
         lines.append(
             f"{shape:>12} {r['M']:>4} {r['dtype']:>5} | {_f(ms['int4kit'], '8.3f')} "
-            f"{_f(ms['dense_bf16'], '10.3f')} {_f(ms['dense_fp32'], '10.3f')} "
-            f"{_f(ms['torch_int4'], '10.3f')} | {_f(r['gbps'], '7.1f')} | "
-            f"{_f(sp['dense_bf16'], '7.2f')} {_f(sp['dense_fp32'], '7.2f')} "
-            f"{_f(sp['torch_int4'], '8.2f')}")
+            f"{_f(ms['int4kit_a8'], '8.3f')} {_f(ms['dense_bf16'], '10.3f')} "
+            f"{_f(ms['dense_fp32'], '10.3f')} {_f(ms['torch_int4'], '10.3f')} | "
+            f"{_f(r['gbps'], '7.1f')} | {_f(sp['dense_bf16'], '7.2f')} "
+            f"{_f(sp['dense_fp32'], '7.2f')} {_f(sp['torch_int4'], '8.2f')} | "
+            f"{_f(r['a8_vs_bf16'], '12.2f')}")
     return "\n".join(lines)
 
 
@@ -406,7 +412,8 @@ def print_tables(rows, log=print):
         "zeros) per second.\nvs X: X's ms / int4kit's ms (> 1 means int4kit is faster). "
         "F.linear: dense weight and x in that dtype, measured once per (shape, M) and shown in "
         "both dtype rows.\ntorch int4: aten._weight_int4pack_mm_for_cpu on the same int4 codes, "
-        "with x and scales/offsets in the row's dtype.")
+        "with x and scales/offsets in the row's dtype.\nW4A8: int4kit with x quantized per row to "
+        "int8 at run time (ops.linear_w4a8); W4A8 vs bf16 = F.linear bf16 ms / W4A8 ms.")
 
 
 def plot(rows, path):
