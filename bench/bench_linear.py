@@ -263,6 +263,21 @@ def _parse_shape(s):
     return int(k), int(n)
 
 
+def read_bandwidth_gbps(device: str = "cpu", nbytes: int = GiB, reps: int = 7) -> float:
+    """The machine's streaming read bandwidth as torch reaches it: the best of a few torch.sum
+    passes over a buffer of twice the L3 size, so every pass reads from DRAM."""
+    t = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    t.sum()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        t.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
 def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf16", "fp32"),
         quick=False, group_size=128, device="cpu", budget_s=None, cold_bytes=COLD_BYTES,
         check=True, log=print):
@@ -292,6 +307,9 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
     if check:
         verify(device, dtypes, group_size=group_size, log=log)
 
+    read_gbps = read_bandwidth_gbps(device) if "cold" in modes else None
+    if read_gbps:
+        log(f"read bandwidth (torch.sum over 1 GiB, best of 7): {read_gbps:.1f} GB/s")
     rows = []
     for mode in modes:
         for K, N in shapes:
@@ -352,6 +370,8 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                     row["weight_bytes"] = W.int4_bytes
                     t4 = row["ms"]["int4kit"]
                     row["gbps"] = W.int4_bytes / (t4 * 1e-3) / 1e9 if t4 else None
+                    if mode == "cold" and read_gbps and row["gbps"]:
+                        row["read_bw_fraction"] = row["gbps"] / read_gbps
                     row["speedup"] = {p: (row["ms"][p] / t4 if t4 and row["ms"][p] else None)
                                       for p in PEERS}
                     a8, bf16 = row["ms"]["int4kit_a8"], row["ms"]["dense_bf16"]
@@ -407,6 +427,11 @@ def print_tables(rows, log=print):
                 "rotating over > 1.1 GiB of weight copies per implementation (streams from DRAM)")
         log("")
         log(format_table(mrows, title=f"== {mode}: {note} =="))
+        for r in mrows:
+            if r.get("read_bw_fraction") and r["M"] == 1:
+                log(f"  {r['K']}x{r['N']} M=1 {r['dtype']}: int4kit streams its weights at "
+                    f"{r['gbps']:.1f} GB/s = {100 * r['read_bw_fraction']:.0f}% of the read "
+                    f"bandwidth measured above")
     log("")
     log("ms: median of single calls. GB/s: int4kit's int4 weight bytes (N*K/2 + fp32 scales and "
         "zeros) per second.\nvs X: X's ms / int4kit's ms (> 1 means int4kit is faster). "
