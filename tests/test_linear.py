@@ -185,3 +185,29 @@ def test_linear_default_path(monkeypatch, value):
     assert ops.cpu_isa() in ops.cpu_isas()
     x = torch.randn(9, 130)
     check_linear(x, 17, 130, 6, False, True)
+
+
+@pytest.mark.parametrize("op", ["linear", "linear_w4a8"])
+def test_linear_from_several_python_threads(op):
+    # concurrent calls (each then runs on its own thread while another is in flight) give exactly
+    # the results of the same calls made one at a time
+    import threading
+
+    N, K, G = 37, 384, 128
+    _, _, _, packed, bias = make_layer(N, K, G, False, True, torch.float32)
+    xs = [torch.randn(m, K) for m in (1, 4, 9, 33, 64, 2, 17, 128)]
+    fn = getattr(ops, op)
+    expected = [fn(x, packed, N, K, G, bias) for x in xs]
+    results = [None] * len(xs)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = fn(xs[i], packed, N, K, G, bias)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert torch.equal(got, want)

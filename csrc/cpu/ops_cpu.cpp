@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <tuple>
 
@@ -183,18 +184,33 @@ PackedShape linear_shape(int64_t N, int64_t K, int64_t group_size) {
   return PackedShape{N, K, effective_group_size(group_size, K)};
 }
 
-// Runs fn(row_block_begin, row_block_end) over the row blocks in parallel; a row block costs
-// 16 * Kp * M multiply-adds, and each thread gets at least ~1M of them.
-template <typename Fn>
-void parallel_row_blocks(const PackedShape& shape, int64_t M, Fn&& fn) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / (kBlockN * shape.padded_k() * M));
-  at::parallel_for(0, shape.row_blocks(), grain, fn);
-}
+// Calls from several Python threads at once would each start a team of torch.get_num_threads()
+// OpenMP threads and oversubscribe the cores. While another linear call is in flight, a call runs
+// its work on the calling thread alone; the first call keeps the thread team.
+class ThreadBudget {
+ public:
+  ThreadBudget() : alone_(in_flight_.fetch_add(1) == 0) {}
+  ~ThreadBudget() { in_flight_.fetch_sub(1); }
+  ThreadBudget(const ThreadBudget&) = delete;
+  ThreadBudget& operator=(const ThreadBudget&) = delete;
 
-template <typename Fn>
-void parallel_rows(const PackedShape& shape, int64_t M, Fn&& fn) {
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / shape.padded_k()), fn);
+  // fn(begin, end) over [0, count): in parallel chunks of at least `grain` when this call is alone
+  template <typename Fn>
+  void run(int64_t count, int64_t grain, Fn&& fn) const {
+    if (alone_) at::parallel_for(0, count, grain, fn);
+    else if (count > 0) fn(int64_t(0), count);
+  }
+
+ private:
+  static inline std::atomic<int> in_flight_{0};
+  const bool alone_;
+};
+
+// A row block costs 16 * Kp * M multiply-adds; each thread gets at least ~1M of them.
+int64_t row_block_grain(const PackedShape& shape, int64_t M) {
+  return std::max<int64_t>(1, (int64_t(1) << 20) / (kBlockN * shape.padded_k() * M));
 }
+int64_t row_grain(const PackedShape& shape) { return std::max<int64_t>(1, 16384 / shape.padded_k()); }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
                       int64_t group_size, const c10::optional<at::Tensor>& bias) {
@@ -205,14 +221,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   if (M == 0 || N == 0) return y;
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
+  const ThreadBudget threads;
   const Activations acts = activation_workspace(activation_sizes(isa, shape, M, dtype), M);
-  parallel_rows(shape, M, [&](int64_t b, int64_t e) {
+  threads.run(M, row_grain(shape), [&](int64_t b, int64_t e) {
     prepare_activations(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });
   const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
   const at::Tensor weights_c = packed.contiguous();
   const uint8_t* weights = weights_c.data_ptr<uint8_t>();
-  parallel_row_blocks(shape, M, [&](int64_t b, int64_t e) {
+  threads.run(shape.row_blocks(), row_block_grain(shape, M), [&](int64_t b, int64_t e) {
     linear(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
   });
   return y;
@@ -229,14 +246,15 @@ at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& packed, int64_
               "activation quantization cannot represent");
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
+  const ThreadBudget threads;
   const ActivationsA8 acts = activation_a8_workspace(activation_a8_sizes(shape, M), M);
-  parallel_rows(shape, M, [&](int64_t b, int64_t e) {
+  threads.run(M, row_grain(shape), [&](int64_t b, int64_t e) {
     prepare_activations_a8(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });
   const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
   const at::Tensor weights_c = packed.contiguous();
   const uint8_t* weights = weights_c.data_ptr<uint8_t>();
-  parallel_row_blocks(shape, M, [&](int64_t b, int64_t e) {
+  threads.run(shape.row_blocks(), row_block_grain(shape, M), [&](int64_t b, int64_t e) {
     linear_a8(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
   });
   return y;
