@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <tuple>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/glue.h"
@@ -157,33 +158,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& p
   return {qweight, scales.to(scale_dtype), zeros.to(scale_dtype)};
 }
 
-// Checks shared by linear and linear_w4a8; returns the output tensor, with x as [M, K] rows in
-// x2 and bias as fp32 in bias_f.
-at::Tensor start_linear(const at::Tensor& x, const at::Tensor& packed, const PackedShape& shape,
-                        const c10::optional<at::Tensor>& bias, at::Tensor& x2, at::Tensor& bias_f) {
-  check_compute_dtype(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == shape.K, "int4kit: x must have K = ", shape.K,
-              " features in its last dimension, got shape ", x.sizes());
-  check_packed(packed, shape);
-  check_device(x, packed, "x");
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == shape.N, "int4kit: bias must have shape [",
-                shape.N, "], got ", bias->sizes());
-    check_compute_dtype(*bias, "bias");
-    check_device(*bias, packed, "bias");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
-  out_sizes.back() = shape.N;
-  x2 = x.reshape({-1, shape.K}).contiguous();
-  return at::empty(out_sizes, x.options());
-}
-
-PackedShape linear_shape(int64_t N, int64_t K, int64_t group_size) {
-  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
-  return PackedShape{N, K, effective_group_size(group_size, K)};
-}
-
 // Calls from several Python threads at once would each start a team of torch.get_num_threads()
 // OpenMP threads and oversubscribe the cores. While another linear call is in flight, a call runs
 // its work on the calling thread alone; the first call keeps the thread team.
@@ -212,50 +186,66 @@ int64_t row_block_grain(const PackedShape& shape, int64_t M) {
 }
 int64_t row_grain(const PackedShape& shape) { return std::max<int64_t>(1, 16384 / shape.padded_k()); }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
-                      int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  const PackedShape shape = linear_shape(N, K, group_size);
-  at::Tensor x2, bias_f;
-  at::Tensor y = start_linear(x, packed, shape, bias, x2, bias_f);
-  const int64_t M = x2.size(0);
-  if (M == 0 || N == 0) return y;
-  const Isa isa = selected_isa();
-  const DType dtype = to_kernel_dtype(x.scalar_type());
-  const ThreadBudget threads;
-  const Activations acts = activation_workspace(activation_sizes(isa, shape, M, dtype), M);
-  threads.run(M, row_grain(shape), [&](int64_t b, int64_t e) {
-    prepare_activations(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
-  });
-  const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
-  const at::Tensor weights_c = packed.contiguous();
-  const uint8_t* weights = weights_c.data_ptr<uint8_t>();
-  threads.run(shape.row_blocks(), row_block_grain(shape, M), [&](int64_t b, int64_t e) {
-    linear(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
-  });
-  return y;
-}
+// W4A16 and W4A8 share everything but their activation buffers and kernels.
+struct W4A16 {
+  using Acts = Activations;
+  static Acts workspace(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
+    return activation_workspace(activation_sizes(isa, s, M, dtype), M);
+  }
+  static constexpr auto prepare = &prepare_activations;
+  static constexpr auto compute = &linear;
+};
+struct W4A8 {
+  using Acts = ActivationsA8;
+  static Acts workspace(Isa, const PackedShape& s, int64_t M, DType) {
+    return activation_a8_workspace(activation_a8_sizes(s, M), M);
+  }
+  static constexpr auto prepare = &prepare_activations_a8;
+  static constexpr auto compute = &linear_a8;
+};
 
-at::Tensor linear_w4a8_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
-                           int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  const PackedShape shape = linear_shape(N, K, group_size);
-  at::Tensor x2, bias_f;
-  at::Tensor y = start_linear(x, packed, shape, bias, x2, bias_f);
+// y[..., N] = x[..., K] . W^T + bias: checks, then the activations are prepared in parallel over
+// rows of x and the output computed in parallel over row blocks of W.
+template <typename Kind>
+at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
+                      int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  check_compute_dtype(x, "x");
+  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
+  const PackedShape shape{N, K, effective_group_size(group_size, K)};
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int4kit: x must have K = ", K,
+              " features in its last dimension, got shape ", x.sizes());
+  check_packed(packed, shape);
+  check_device(x, packed, "x");
+  at::Tensor bias_f;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "int4kit: bias must have shape [", N,
+                "], got ", bias->sizes());
+    check_compute_dtype(*bias, "bias");
+    check_device(*bias, packed, "bias");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = N;
+  at::Tensor y = at::empty(out_sizes, x.options());
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   if (M == 0 || N == 0) return y;
-  TORCH_CHECK(at::isfinite(x2).all().item<bool>(), "int4kit: x contains NaN or Inf, which int8 "
-              "activation quantization cannot represent");
+  if constexpr (std::is_same_v<Kind, W4A8>)
+    TORCH_CHECK(at::isfinite(x2).all().item<bool>(), "int4kit: x contains NaN or Inf, which int8 "
+                "activation quantization cannot represent");
+
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
   const ThreadBudget threads;
-  const ActivationsA8 acts = activation_a8_workspace(activation_a8_sizes(shape, M), M);
+  const typename Kind::Acts acts = Kind::workspace(isa, shape, M, dtype);
   threads.run(M, row_grain(shape), [&](int64_t b, int64_t e) {
-    prepare_activations_a8(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
+    Kind::prepare(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);
   });
   const float* bias_ptr = bias ? bias_f.data_ptr<float>() : nullptr;
-  const at::Tensor weights_c = packed.contiguous();
-  const uint8_t* weights = weights_c.data_ptr<uint8_t>();
+  const at::Tensor weights = packed.contiguous();
   threads.run(shape.row_blocks(), row_block_grain(shape, M), [&](int64_t b, int64_t e) {
-    linear_a8(isa, acts, weights, shape, bias_ptr, y.data_ptr(), dtype, N, b, e);
+    Kind::compute(isa, acts, weights.data_ptr<uint8_t>(), shape, bias_ptr, y.data_ptr(), dtype, N,
+                  b, e);
   });
   return y;
 }
@@ -269,8 +259,8 @@ TORCH_LIBRARY_IMPL(int4kit, CPU, m) {
   m.impl("dequantize", &dequantize_cpu);
   m.impl("prepack", &prepack_cpu);
   m.impl("unprepack", &unprepack_cpu);
-  m.impl("linear", &linear_cpu);
-  m.impl("linear_w4a8", &linear_w4a8_cpu);
+  m.impl("linear", &run_linear<W4A16>);
+  m.impl("linear_w4a8", &run_linear<W4A8>);
 }
 
 }  // namespace cpu
