@@ -242,6 +242,105 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
 }
 #undef INT4KIT_TDP
 
+// ---- bf16 x at large M: dequantized B tiles, one drain -------------------------------------------
+// With many rows of bf16 x, draining C tiles once per group costs more than the tile products.
+// From kDequantRows rows on, the B tiles of a row-block pair are dequantized once to bf16
+// ((q - z) * s rounded to bf16: the rounding a bf16 dense layer's weights have) for all of K, and
+// C accumulates over the whole of K, drained once per 32-row pass.
+constexpr int64_t kDequantRows = 64;
+
+// B tiles of all groups of one row block: tile t covers columns 32t .. 32t+31; row r holds the
+// bf16 pair (w[2r], w[2r+1]) of the tile's columns for each of the 16 output rows.
+void build_dequantized_b_tiles(const uint8_t* block, const PackedShape& s, uint32_t* tiles) {
+  const int64_t words = s.words_per_group(), record_bytes = s.group_record_bytes();
+  // pairs (2p, 2p+1) arrive as [w_2p for 16 lanes | w_2p+1 for 16 lanes]; interleave per lane
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  uint32_t* row = tiles;
+  for (int64_t g = 0; g < s.groups(); ++g) {
+    const uint8_t* rec = block + g * record_bytes;
+    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
+    const float* sc = reinterpret_cast<const float*>(rec + words * kBlockN * 4);
+    const __m512 scale = _mm512_loadu_ps(sc);
+    const __m512 zs = _mm512_mul_ps(_mm512_loadu_ps(sc + kBlockN), scale);  // (q - z) s = q s - z s
+    for (int64_t w = 0; w < words; ++w, row += 4 * kBlockN) {
+      __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
+      const __m512i v = Simd::load_words(codes + w * kBlockN);
+      auto pair = [&](auto even, auto odd, int p) {
+        const __m512 lo = _mm512_fmsub_ps(Simd::codes_to_float<decltype(even)::value>(v), scale, zs);
+        const __m512 hi = _mm512_fmsub_ps(Simd::codes_to_float<decltype(odd)::value>(v), scale, zs);
+        const __m512i packed_pair = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_store_si512(row + p * kBlockN, _mm512_permutexvar_epi16(interleave, packed_pair));
+      };
+      pair(std::integral_constant<int, nibble_shift(0)>{}, std::integral_constant<int, nibble_shift(1)>{}, 0);
+      pair(std::integral_constant<int, nibble_shift(2)>{}, std::integral_constant<int, nibble_shift(3)>{}, 1);
+      pair(std::integral_constant<int, nibble_shift(4)>{}, std::integral_constant<int, nibble_shift(5)>{}, 2);
+      pair(std::integral_constant<int, nibble_shift(6)>{}, std::integral_constant<int, nibble_shift(7)>{}, 3);
+    }
+  }
+}
+
+void dequantized_linear(const Activations& a, const uint8_t* packed, const PackedShape& s,
+                        const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                        int64_t block_end) {
+  const int64_t Kp = s.padded_k(), block_bytes = s.row_block_bytes();
+  const int64_t tiles = Kp / Bf16Flavour::kTileK;
+  const int64_t block_tile_words = tiles * kTileRows * kBlockN;
+  auto b_tiles = aligned_array<uint32_t>(2 * block_tile_words);
+  alignas(64) float c[kTileRows][kBlockN];
+  _tile_loadconfig(&kTileConfig);
+  for (int64_t b = block_begin; b < block_end; b += 2) {
+    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
+    build_dequantized_b_tiles(packed + b * block_bytes, s, b_tiles.get());
+    if (pair) build_dequantized_b_tiles(packed + (b + 1) * block_bytes, s, b_tiles.get() + block_tile_words);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
+      const int64_t rows = std::min(kPassRows, a.M - m0);
+      const bool two_a = rows > kTileRows;
+      // GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
+        _tile_loadd(6, b_tile, kBlockN * 4);
+        if (pair) _tile_loadd(7, b_tile + block_tile_words, kBlockN * 4);
+        const uint16_t* a_tile = a.x_bf16 + m0 * Kp + t * Bf16Flavour::kTileK;
+        _tile_loadd(4, a_tile, Kp * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        if (pair) _tile_dpbf16ps(1, 4, 7);
+        if (two_a) {
+          _tile_loadd(5, a_tile + kTileRows * Kp, Kp * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          if (pair) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      // C tile (i, j): rows m0 + 16i .. of row block b + j, straight to y
+      auto drain = [&](int i, int j) {
+        for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
+          store_row(y, dtype, (m0 + i * kTileRows + r) * ldy + (b + j) * kBlockN, c[r], bias,
+                    (b + j) * kBlockN, s.N);
+      };
+      _tile_stored(0, c, kBlockN * 4);
+      drain(0, 0);
+      if (pair) {
+        _tile_stored(1, c, kBlockN * 4);
+        drain(0, 1);
+      }
+      if (two_a) {
+        _tile_stored(2, c, kBlockN * 4);
+        drain(1, 0);
+        if (pair) {
+          _tile_stored(3, c, kBlockN * 4);
+          drain(1, 1);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
 }  // namespace
 
 ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {
@@ -288,6 +387,10 @@ void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, c
             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   if (!usable(s, a.M)) {
     avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+    return;
+  }
+  if (dtype == DType::BF16 && a.M >= kDequantRows) {
+    dequantized_linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
     return;
   }
   const Bf16Flavour f{a, planes_for(dtype), round_up(a.M, kTileRows) * s.padded_k()};
