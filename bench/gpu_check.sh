@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The one script for a device call (see /work/.library/device/METHOD.md in the dev workplace):
+# builds int4kit from this working tree against the device image's own torch, runs the CUDA tests
+# and the GPU benchmark, and writes every log under $OUT; the last lines printed are a summary.
+#
+#   run: bash bench/gpu_check.sh        (on the device machine; OUT is set by the device tool)
+#
+# Budget: well under 8 minutes on 16 cores (build ~2-3 min for one arch, tests < 1 min, benchmark
+# < 3 min). Each stage has its own timeout so one slow stage cannot eat the whole call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export INT4KIT_CUDA=1                                   # fail loudly if CUDA cannot be built
+export INT4KIT_CUDA_ARCHS=${INT4KIT_CUDA_ARCHS:-9.0a}   # the H200; CI builds every arch
+export MAX_JOBS=${MAX_JOBS:-16}
+summary=()
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log")")")
+  return $rc
+}
+
+{
+  nvidia-smi
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  "$CUDA_HOME/bin/nvcc" --version | tail -n 2
+} > "$OUT/env.log" 2>&1
+
+# build in place (no pip: the image has no network); the .so lands in python/int4kit
+if stage build 420 "$PY" setup.py build_clib build_ext --inplace; then
+  export PYTHONPATH=$PWD/python
+  grep -h "registers\|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
+  stage cuda_tests 180 "$PY" -m pytest -q -rs tests/test_nn.py -k cuda
+  stage cpu_smoke 180 "$PY" -m pytest -q -x tests/test_format.py
+  stage bench 240 "$PY" bench/bench_linear.py --device cuda --json "$OUT/bench_cuda.json"
+  tail -n 30 "$OUT/bench.log"
+fi
+
+echo
+echo "== gpu_check summary (logs in $OUT) =="
+printf '%s\n' "${summary[@]}"
