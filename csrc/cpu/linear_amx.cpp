@@ -156,13 +156,56 @@ bool tiles_fit(const PackedShape& s, int64_t M) {
 
 bool usable(const PackedShape& s, int64_t M) { return tiles_fit<Bf16Flavour>(s, M); }
 
-// GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
-#define INT4KIT_TDP(c, a, b)          \
-  if constexpr (Flavour::kInt8) {     \
-    _tile_dpbsud(c, a, b);            \
-  } else {                            \
-    _tile_dpbf16ps(c, a, b);          \
+// GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals. C tile
+// (i, j) is tmm(2i + j): A tile i (tmm4 + i, rows 16i ..) times B tile j (tmm6 + j, row block j).
+
+// C(0, j) += A0 B_j and, with two_a, C(1, j) += A1 B_j, for j < (pair ? 2 : 1); the B tiles are
+// loaded by the caller; A0 is at a_tile, A1 16 rows further.
+template <bool kInt8>
+inline void multiply_a_tiles(const void* a_tile, int64_t a_stride, bool pair, bool two_a) {
+  _tile_loadd(4, a_tile, a_stride);
+  if constexpr (kInt8) {
+    _tile_dpbsud(0, 4, 6);
+    if (pair) _tile_dpbsud(1, 4, 7);
+  } else {
+    _tile_dpbf16ps(0, 4, 6);
+    if (pair) _tile_dpbf16ps(1, 4, 7);
   }
+  if (!two_a) return;
+  _tile_loadd(5, static_cast<const uint8_t*>(a_tile) + kTileRows * a_stride, a_stride);
+  if constexpr (kInt8) {
+    _tile_dpbsud(2, 5, 6);
+    if (pair) _tile_dpbsud(3, 5, 7);
+  } else {
+    _tile_dpbf16ps(2, 5, 6);
+    if (pair) _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+inline void zero_c_tiles() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Stores each live C tile (i, j) into c and calls drain(i, j) on it.
+template <typename Drain>
+inline void drain_c_tiles(float (&c)[kTileRows][kBlockN], bool pair, bool two_a, Drain&& drain) {
+  _tile_stored(0, c, kBlockN * 4);
+  drain(0, 0);
+  if (pair) {
+    _tile_stored(1, c, kBlockN * 4);
+    drain(0, 1);
+  }
+  if (!two_a) return;
+  _tile_stored(2, c, kBlockN * 4);
+  drain(1, 0);
+  if (pair) {
+    _tile_stored(3, c, kBlockN * 4);
+    drain(1, 1);
+  }
+}
 
 template <typename Flavour>
 void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const PackedShape& s,
@@ -190,47 +233,22 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
         const uint8_t* rec1 = rec0 + block_bytes;
         Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
         if (pair) Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        zero_c_tiles();
         for (int64_t t = 0; t < tiles_per_group; ++t) {
           const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
           _tile_loadd(6, b_tile, kBlockN * 4);
           if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
-          for (int p = 0; p < f.planes; ++p) {
-            const auto* a_tile = static_cast<const uint8_t*>(f.a_tile(p, m0 * Kp + g * Gp + t * kTileK));
-            _tile_loadd(4, a_tile, a_stride);
-            INT4KIT_TDP(0, 4, 6)
-            if (pair) { INT4KIT_TDP(1, 4, 7) }
-            if (two_a) {
-              _tile_loadd(5, a_tile + kTileRows * a_stride, a_stride);
-              INT4KIT_TDP(2, 5, 6)
-              if (pair) { INT4KIT_TDP(3, 5, 7) }
-            }
-          }
+          for (int p = 0; p < f.planes; ++p)
+            multiply_a_tiles<Flavour::kInt8>(f.a_tile(p, m0 * Kp + g * Gp + t * kTileK), a_stride,
+                                             pair, two_a);
         }
         // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
-        auto drain = [&](int i, int j) {
+        drain_c_tiles(c, pair, two_a, [&](int i, int j) {
           const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
           for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
             f.drain_row(c[r], sc, m0 + i * kTileRows + r, g, groups,
                         out.get() + (j * kPassRows + i * kTileRows + r) * kBlockN);
-        };
-        _tile_stored(0, c, kBlockN * 4);
-        drain(0, 0);
-        if (pair) {
-          _tile_stored(1, c, kBlockN * 4);
-          drain(0, 1);
-        }
-        if (two_a) {
-          _tile_stored(2, c, kBlockN * 4);
-          drain(1, 0);
-          if (pair) {
-            _tile_stored(3, c, kBlockN * 4);
-            drain(1, 1);
-          }
-        }
+        });
       }
       for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
         for (int64_t r = 0; r < rows; ++r)
@@ -240,7 +258,6 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
   }
   _tile_release();
 }
-#undef INT4KIT_TDP
 
 // ---- bf16 x at large M: dequantized B tiles, one drain -------------------------------------------
 // With many rows of bf16 x, draining C tiles once per group costs more than the tile products.
@@ -297,45 +314,19 @@ void dequantized_linear(const Activations& a, const uint8_t* packed, const Packe
     for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
       const int64_t rows = std::min(kPassRows, a.M - m0);
       const bool two_a = rows > kTileRows;
-      // GCC's AMX intrinsics paste tile numbers into the assembly text: they must be literals.
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_c_tiles();
       for (int64_t t = 0; t < tiles; ++t) {
         const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
         _tile_loadd(6, b_tile, kBlockN * 4);
         if (pair) _tile_loadd(7, b_tile + block_tile_words, kBlockN * 4);
-        const uint16_t* a_tile = a.x_bf16 + m0 * Kp + t * Bf16Flavour::kTileK;
-        _tile_loadd(4, a_tile, Kp * 2);
-        _tile_dpbf16ps(0, 4, 6);
-        if (pair) _tile_dpbf16ps(1, 4, 7);
-        if (two_a) {
-          _tile_loadd(5, a_tile + kTileRows * Kp, Kp * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          if (pair) _tile_dpbf16ps(3, 5, 7);
-        }
+        multiply_a_tiles<false>(a.x_bf16 + m0 * Kp + t * Bf16Flavour::kTileK, Kp * 2, pair, two_a);
       }
       // C tile (i, j): rows m0 + 16i .. of row block b + j, straight to y
-      auto drain = [&](int i, int j) {
+      drain_c_tiles(c, pair, two_a, [&](int i, int j) {
         for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
           store_row(y, dtype, (m0 + i * kTileRows + r) * ldy + (b + j) * kBlockN, c[r], bias,
                     (b + j) * kBlockN, s.N);
-      };
-      _tile_stored(0, c, kBlockN * 4);
-      drain(0, 0);
-      if (pair) {
-        _tile_stored(1, c, kBlockN * 4);
-        drain(0, 1);
-      }
-      if (two_a) {
-        _tile_stored(2, c, kBlockN * 4);
-        drain(1, 0);
-        if (pair) {
-          _tile_stored(3, c, kBlockN * 4);
-          drain(1, 1);
-        }
-      }
+      });
     }
   }
   _tile_release();
