@@ -8,6 +8,36 @@ namespace int4kit {
 namespace cpu {
 namespace ref {
 
+namespace {
+
+// y[m, n] = sum over groups of group_term(m, g, codes of row n in group g, scale, zero) (+ bias),
+// for the rows of row blocks [block_begin, block_end): the loop both reference linears share.
+// code(i) gives row n's code of column i of the group.
+template <typename GroupTerm>
+void reference_linear(int64_t M, const uint8_t* packed, const PackedShape& s, const float* bias,
+                      void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end,
+                      GroupTerm&& group_term) {
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
+      const int64_t n = b * kBlockN + l;
+      for (int64_t m = 0; m < M; ++m) {
+        float out = 0.f;
+        for (int64_t g = 0; g < s.groups(); ++g) {
+          const uint8_t* rec = group_record(packed, s, b, g);
+          const uint32_t* words = record_codes(rec);
+          auto code = [&](int64_t i) {
+            return word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
+          };
+          out += group_term(m, g, code, record_scales(rec, s)[l], record_zeros(rec, s)[l]);
+        }
+        store_from_float(y, dtype, m * ldy + n, bias ? out + bias[n] : out);
+      }
+    }
+  }
+}
+
+}  // namespace
+
 ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType) {
   return {M * s.padded_k(), M * s.groups(), 0};
 }
@@ -32,26 +62,13 @@ void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedSh
 void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
-      const int64_t n = b * kBlockN + l;
-      for (int64_t m = 0; m < a.M; ++m) {
-        float out = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* rec = group_record(packed, s, b, g);
-          const uint32_t* words = record_codes(rec);
-          const float* xg = a.x + m * Kp + g * Gp;
-          float acc = 0.f;
-          for (int64_t i = 0; i < Gp; ++i) {
-            const uint32_t q = word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
-            acc += xg[i] * float(q);
-          }
-          out += record_scales(rec, s)[l] * (acc - record_zeros(rec, s)[l] * a.xsum[m * groups + g]);
-        }
-        store_from_float(y, dtype, m * ldy + n, bias ? out + bias[n] : out);
-      }
-    }
-  }
+  reference_linear(a.M, packed, s, bias, y, dtype, ldy, block_begin, block_end,
+                   [&](int64_t m, int64_t g, auto code, float scale, float zero) {
+                     const float* xg = a.x + m * Kp + g * Gp;
+                     float acc = 0.f;
+                     for (int64_t i = 0; i < Gp; ++i) acc += xg[i] * float(code(i));
+                     return scale * (acc - zero * a.xsum[m * groups + g]);
+                   });
 }
 
 void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
@@ -63,25 +80,14 @@ void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape&
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                int64_t block_end) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
-  for (int64_t b = block_begin; b < block_end; ++b) {
-    for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
-      const int64_t n = b * kBlockN + l;
-      for (int64_t m = 0; m < a.M; ++m) {
-        float out = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* rec = group_record(packed, s, b, g);
-          const uint32_t* words = record_codes(rec);
-          const int8_t* xg = a.xq + m * Kp + g * Gp;
-          int32_t acc = 0;
-          for (int64_t i = 0; i < Gp; ++i)
-            acc += int32_t(xg[i]) * int32_t(word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord));
-          const float centred = float(acc) - record_zeros(rec, s)[l] * float(a.xq_sum[m * groups + g]);
-          out += record_scales(rec, s)[l] * a.scale[m] * centred;
-        }
-        store_from_float(y, dtype, m * ldy + n, bias ? out + bias[n] : out);
-      }
-    }
-  }
+  reference_linear(a.M, packed, s, bias, y, dtype, ldy, block_begin, block_end,
+                   [&](int64_t m, int64_t g, auto code, float scale, float zero) {
+                     const int8_t* xg = a.xq + m * Kp + g * Gp;
+                     int32_t acc = 0;
+                     for (int64_t i = 0; i < Gp; ++i) acc += int32_t(xg[i]) * int32_t(code(i));
+                     const float centred = float(acc) - zero * float(a.xq_sum[m * groups + g]);
+                     return scale * a.scale[m] * centred;
+                   });
 }
 
 }  // namespace ref
