@@ -82,92 +82,72 @@ inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals,
 // ---- GEMV ---------------------------------------------------------------------------------------
 // Rows [m0, m0 + R) of y for row block b. Each accumulator is split kSplit ways (by column parity)
 // so consecutive FMAs do not wait on each other's latency when R is small.
-template <int R>
+// kPairs = false: fp32 x, each column's codes as fp32, acc = sum x q.
+// kPairs = true: the exact bf16 copy of x, column pairs as bf16 (1 + q/16) in bf16 dot products
+// (see the top of the file), acc = sum x (1 + q/16); S is a parameter so that ISAs without
+// kBf16Dot never instantiate that branch.
+template <int R, bool kPairs, typename S = Simd>
 void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
   constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
+  using XType = std::conditional_t<kPairs, uint16_t, float>;
+  const XType* x = nullptr;
+  if constexpr (kPairs) x = a.x_bf16;
+  else x = a.x;
   alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const float* xg[R];
-    for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
-    typename Simd::V acc[R][kSplit][kVecs];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kSplit; ++c)
-        for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = Simd::zero();
-    for (int64_t w = 0; w < geo.words; ++w) {
-      prefetch_ahead(codes + w * kBlockN);
-      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
-        for (int r = 0; r < R; ++r) {
-          const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
-          for (int64_t h = 0; h < kVecs; ++h)
-            acc[r][i % kSplit][h] = Simd::fmadd(xb, q[h], acc[r][i % kSplit][h]);
-        }
-      });
-    }
-    const float* sc = geo.scales(rec);
-    const float* zr = sc + kBlockN;
-    for (int r = 0; r < R; ++r) {
-      const typename Simd::V xs = Simd::broadcast(a.xsum + (m0 + r) * geo.groups + g);
-      for (int64_t h = 0; h < kVecs; ++h) {
-        typename Simd::V sum = acc[r][0][h];
-        for (int c = 1; c < kSplit; ++c) sum = Simd::add(sum, acc[r][c][h]);
-        const int64_t o = h * Simd::kLanes;
-        const typename Simd::V centred = Simd::fnmadd(Simd::loadu(zr + o), xs, sum);
-        Simd::store(out[r] + o, Simd::fmadd(Simd::loadu(sc + o), centred, Simd::load(out[r] + o)));
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
-}
-
-// The same rows from the exact bf16 copy of x, with bf16 dot products (see the top of the file).
-template <int R, typename S>
-void gemv_rows_bf16(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
-                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
-  alignas(64) float out[R][kBlockN] = {};
-  const uint8_t* rec = packed + b * geo.block_bytes;
-  for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
-    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const uint16_t* xg[R];
-    for (int r = 0; r < R; ++r) xg[r] = a.x_bf16 + (m0 + r) * geo.Kp + g * geo.Gp;
+    const XType* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = x + (m0 + r) * geo.Kp + g * geo.Gp;
     typename S::V acc[R][kSplit][kVecs];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < kSplit; ++c)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = S::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
       prefetch_ahead(codes + w * kBlockN);
-      typename S::VI v[kVecs];
-      for (int64_t h = 0; h < kVecs; ++h) v[h] = S::load_words(codes + w * kBlockN + h * S::kLanes);
-      // column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p; bring it to bits 3 and 19
-      auto pair = [&](auto shift, int p) {
-        typename S::VI q[kVecs];
-        for (int64_t h = 0; h < kVecs; ++h) q[h] = S::template bf16_pair_codes<decltype(shift)::value>(v[h]);
-        for (int r = 0; r < R; ++r) {
-          const typename S::VI xpair = S::bcast_pair(xg[r] + w * kCodesPerWord + 2 * p);
-          for (int64_t h = 0; h < kVecs; ++h)
-            acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h], xpair);
-        }
-      };
-      pair(std::integral_constant<int, -3>{}, 0);
-      pair(std::integral_constant<int, 1>{}, 1);
-      pair(std::integral_constant<int, 5>{}, 2);
-      pair(std::integral_constant<int, 9>{}, 3);
+      if constexpr (kPairs) {
+        typename S::VI v[kVecs];
+        for (int64_t h = 0; h < kVecs; ++h) v[h] = S::load_words(codes + w * kBlockN + h * S::kLanes);
+        // column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p; bring it to bits 3 and 19
+        auto pair = [&](auto shift, int p) {
+          typename S::VI q[kVecs];
+          for (int64_t h = 0; h < kVecs; ++h) q[h] = S::template bf16_pair_codes<decltype(shift)::value>(v[h]);
+          for (int r = 0; r < R; ++r) {
+            const typename S::VI xpair = S::bcast_pair(xg[r] + w * kCodesPerWord + 2 * p);
+            for (int64_t h = 0; h < kVecs; ++h)
+              acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h], xpair);
+          }
+        };
+        pair(std::integral_constant<int, -3>{}, 0);
+        pair(std::integral_constant<int, 1>{}, 1);
+        pair(std::integral_constant<int, 5>{}, 2);
+        pair(std::integral_constant<int, 9>{}, 3);
+      } else {
+        for_each_column(codes + w * kBlockN, [&](int i, const typename S::V* q) {
+          for (int r = 0; r < R; ++r) {
+            const typename S::V xb = S::broadcast(xg[r] + w * kCodesPerWord + i);
+            for (int64_t h = 0; h < kVecs; ++h)
+              acc[r][i % kSplit][h] = S::fmadd(xb, q[h], acc[r][i % kSplit][h]);
+          }
+        });
+      }
     }
     const float* sc = geo.scales(rec);
     const float* zr = sc + kBlockN;
-    const typename S::V sixteen = S::broadcast_value(16.f);
     for (int r = 0; r < R; ++r) {
       const typename S::V xs = S::broadcast(a.xsum + (m0 + r) * geo.groups + g);
       for (int64_t h = 0; h < kVecs; ++h) {
         typename S::V sum = acc[r][0][h];
         for (int c = 1; c < kSplit; ++c) sum = S::add(sum, acc[r][c][h]);
         const int64_t o = h * S::kLanes;
-        // sum x q - z sum x = 16 acc - (16 + z) sum x
-        const typename S::V zx = S::mul(S::add(S::loadu(zr + o), sixteen), xs);
-        const typename S::V centred = S::fmsub(sixteen, sum, zx);
+        typename S::V centred;  // sum x q - z sum x
+        if constexpr (kPairs) {  // = 16 acc - (16 + z) sum x
+          const typename S::V sixteen = S::broadcast_value(16.f);
+          centred = S::fmsub(sixteen, sum, S::mul(S::add(S::loadu(zr + o), sixteen), xs));
+        } else {
+          centred = S::fnmadd(S::loadu(zr + o), xs, sum);
+        }
         S::store(out[r] + o, S::fmadd(S::loadu(sc + o), centred, S::load(out[r] + o)));
       }
     }
@@ -195,13 +175,13 @@ void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
   if constexpr (S::kBf16Dot) {
     if (dtype == DType::BF16) {
       for_row_chunks(a.M, [&](auto rows, int64_t m) {
-        gemv_rows_bf16<decltype(rows)::value, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+        gemv_rows<decltype(rows)::value, true, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
       });
       return;
     }
   }
   for_row_chunks(a.M, [&](auto rows, int64_t m) {
-    gemv_rows<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+    gemv_rows<decltype(rows)::value, false>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
   });
 }
 
