@@ -86,9 +86,11 @@ def make_extension():
     if want_cuda():
         archs = os.environ.get("INT4KIT_CUDA_ARCHS", "8.0;8.6;8.9;9.0a")
         print(f"int4kit: building CUDA sources for {archs} with {cpp_extension.CUDA_HOME}")
-        ext_sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/format.cu"]
+        ext_sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/format.cu", "csrc/cuda/layout.cu",
+                        "csrc/cuda/linear.cu"]
         return cpp_extension.CUDAExtension(
             "int4kit._C", ext_sources, include_dirs=INCLUDE_DIRS, libraries=libraries,
+            define_macros=[("INT4KIT_CUDA_BUILT", "1")],
             extra_compile_args={"cxx": GLUE_CXX_FLAGS,
                                 "nvcc": ["-O3", "-std=c++20", "-Xptxas=-v", *gencode_flags(archs)]})
     print("int4kit: building CPU kernels only")

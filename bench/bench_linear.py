@@ -60,15 +60,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(device: str = "cpu") -> dict:
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "cpu": cpu_model(), "threads": torch.get_num_threads(),
-           "int4kit_cpu_isa": int4kit.cpu_isa(), "torch": torch.__version__,
-           "int4kit": int4kit.__version__, "device": device,
-           "loadavg": [round(v, 2) for v in os.getloadavg()]}
-    if device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
+def environment() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "int4kit_cpu_isa": int4kit.cpu_isa(), "torch": torch.__version__,
+            "int4kit": int4kit.__version__,
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
 def describe(env: dict) -> str:
@@ -100,13 +97,6 @@ class Weights:
         codes = ops.unpack(self.qweight, self.K).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         return packed, self._scales_and_zeros(dtype)
-
-    def torch_int4_cuda(self, inner_k_tiles: int = 8):
-        codes = ops.unpack(self.qweight, self.K).to(torch.int32)
-        # the CUDA op takes uint8 [N, K/2] with the even k in the high nibble
-        u8 = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(u8.cuda(), inner_k_tiles)
-        return packed, self._scales_and_zeros(torch.bfloat16).cuda()
 
     def _scales_and_zeros(self, dtype):
         s = self.scales.float()
@@ -156,23 +146,6 @@ def cpu_variants(W: Weights, dtypes):
     return v
 
 
-def cuda_variants(W: Weights, dtypes):
-    K, N, G = W.K, W.N, W.G
-
-    def build_int4kit():
-        return int4kit.Int4Linear.from_quantized(W.qweight, W.scales, W.zeros, G, in_features=K,
-                                                 device="cuda")
-    v = {
-        "int4kit": (build_int4kit, lambda x, m: m(x)),
-        "dense_bf16": (lambda: W.w.to("cuda", torch.bfloat16), lambda x, w: torch.matmul(x, w.t())),
-        "dense_fp32": (lambda: W.w.cuda(), lambda x, w: torch.matmul(x, w.t())),
-    }
-    if hasattr(torch.ops.aten, "_weight_int4pack_mm"):
-        v["torch_int4/bf16"] = (W.torch_int4_cuda,
-                                lambda x, pw: torch.ops.aten._weight_int4pack_mm(x, pw[0], G, pw[1]))
-    return v
-
-
 # ---- correctness check of every implementation's preparation ---------------------------------------
 
 def rel_err(y, ref) -> float:
@@ -180,14 +153,14 @@ def rel_err(y, ref) -> float:
     return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def verify(device: str = "cpu", dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
+def verify(dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
            group_size: int = 128, M: int = 8, log=print) -> dict:
     """Compares each implementation once against int4kit.reference.linear on a small shape."""
     W = Weights(K, N, group_size, seed=1)
     g = torch.Generator().manual_seed(2)
     x64 = torch.randn(M, K, generator=g)
     tol = {"bf16": 3e-2, "fp32": 1e-4}
-    variants = cpu_variants(W, dtypes) if device == "cpu" else cuda_variants(W, dtypes)
+    variants = cpu_variants(W, dtypes)
     errs, problems = {}, []
     for dt in dtypes:
         x = x64.to(DTYPES[dt])
@@ -197,7 +170,7 @@ def verify(device: str = "cpu", dtypes=("bf16", "fp32"), K: int = 512, N: int = 
                 continue
             build, call = variants[name]
             try:
-                y = call(x.to(device), build()).cpu()
+                y = call(x, build())
                 e = rel_err(y, ref)
             except Exception as exc:  # noqa: BLE001  (reported, the timing marks it n/a)
                 e = float("nan")
@@ -214,44 +187,30 @@ def verify(device: str = "cpu", dtypes=("bf16", "fp32"), K: int = 512, N: int = 
 
 # ---- timing -----------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_calls(call, weights, x, device, budget_s, min_reps, max_reps, warmup):
+def time_calls(call, weights, x, budget_s, min_reps, max_reps, warmup):
     """Median seconds of single calls, rotating over `weights` (one entry: hot)."""
     n = len(weights)
     i = 0
     start = time.perf_counter()
     while i < warmup and (i == 0 or time.perf_counter() - start < budget_s):
         call(x, weights[i % n])
-        _sync(device)
         i += 1
         first = time.perf_counter() - start
-        if device == "cpu" and i == 1 and first > 2 * budget_s:
+        if i == 1 and first > 2 * budget_s:
             # a single call outlasts the budget several times over (torch's int4 op with fp32 x
             # takes seconds): one-time costs are noise next to it, so that call is the timing
             time_calls.last_min = first
             return first, 1
-        if device == "cpu" and i == 1 and first > budget_s:
+        if i == 1 and first > budget_s:
             min_reps = 1
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
         w = weights[i % n]
         i += 1
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call(x, w)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            call(x, w)
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        call(x, w)
+        times.append(time.perf_counter() - t0)
     time_calls.last_min = min(times)
     return statistics.median(times), len(times)
 
@@ -263,23 +222,21 @@ def _parse_shape(s):
     return int(k), int(n)
 
 
-def read_bandwidth_gbps(device: str = "cpu", nbytes: int = GiB, reps: int = 7) -> float:
+def read_bandwidth_gbps(nbytes: int = GiB, reps: int = 7) -> float:
     """The machine's streaming read bandwidth as torch reaches it: the best of a few torch.sum
     passes over a buffer of twice the L3 size, so every pass reads from DRAM."""
-    t = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    t = torch.ones(nbytes // 4, dtype=torch.float32)
     t.sum()
     best = float("inf")
     for _ in range(reps):
-        _sync(device)
         start = time.perf_counter()
         t.sum()
-        _sync(device)
         best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
 
 def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf16", "fp32"),
-        quick=False, group_size=128, device="cpu", budget_s=None, cold_bytes=COLD_BYTES,
+        quick=False, group_size=128, budget_s=None, cold_bytes=COLD_BYTES,
         check=True, log=print):
     """Runs the benchmark; returns one row (dict) per (mode, shape, M, dtype).
 
@@ -294,29 +251,22 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
         dtypes = ("bf16", "fp32") if dtypes == "both" else (dtypes,)
     dtypes = tuple(dtypes)
     shapes = [_parse_shape(s) for s in shapes]
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            log("--device cuda: no CUDA device is available here; skipping the CUDA benchmark.")
-            return []
-        if "fp32" in dtypes:
-            log("--device cuda: benchmarking bf16 activations only.")
-        dtypes = ("bf16",)
     if budget_s is None:
         budget_s = 0.25 if quick else 1.0
     min_reps, max_reps, warmup = (3, 50, 1) if quick else (3, 400, 2)
     if check:
-        verify(device, dtypes, group_size=group_size, log=log)
+        verify(dtypes, group_size=group_size, log=log)
 
-    read_gbps = read_bandwidth_gbps(device) if "cold" in modes else None
+    read_gbps = read_bandwidth_gbps() if "cold" in modes else None
     if read_gbps:
         log(f"read bandwidth (torch.sum over 1 GiB, best of 7): {read_gbps:.1f} GB/s")
     rows = []
     for mode in modes:
         for K, N in shapes:
             W = Weights(K, N, group_size)
-            variants = cpu_variants(W, dtypes) if device == "cpu" else cuda_variants(W, dtypes)
+            variants = cpu_variants(W, dtypes)
             gen = torch.Generator().manual_seed(3)
-            xs = {(M, dt): torch.randn(M, K, generator=gen).to(device, DTYPES[dt])
+            xs = {(M, dt): torch.randn(M, K, generator=gen).to(DTYPES[dt])
                   for M in ms for dt in dtypes}
             x32 = {M: xs[(M, dtypes[0])].float() for M in ms}
             results, copies, unavailable = {}, {}, {}
@@ -342,7 +292,7 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                     for dt, x in runs:
                         try:
                             with torch.inference_mode():
-                                t, reps = time_calls(call, weights, x, device, budget_s, min_reps,
+                                t, reps = time_calls(call, weights, x, budget_s, min_reps,
                                                      max_reps, warmup)
                             results[(name.split("/")[0], M, dt)] = (t, reps,
                                                                     time_calls.last_min)
@@ -353,7 +303,7 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                 log(f"  note: {name} unavailable for {K}x{N} ({why.splitlines()[0][:160]})")
             for M in ms:
                 for dt in dtypes:
-                    row = {"mode": mode, "K": K, "N": N, "M": M, "dtype": dt, "device": device,
+                    row = {"mode": mode, "K": K, "N": N, "M": M, "dtype": dt,
                            "group_size": group_size, "ms": {}, "ms_min": {}, "reps": {},
                            "copies": {}}
                     for impl in IMPLS:
@@ -492,17 +442,27 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer repeats, shorter time budget")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed calls per case (default 1.0, --quick 0.25)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda runs bench/bench_linear_cuda.py (its own shapes and M unless given)")
     p.add_argument("--json", metavar="PATH", help="save the rows and the environment as JSON")
     p.add_argument("--plot", metavar="PATH", help="save a PNG of int4kit's speedup over bf16")
+    p.add_argument("--markdown", metavar="PATH", help="(--device cuda) save the table as Markdown")
     args = p.parse_args(argv)
     shapes = [s for tok in args.shapes for s in tok.split(",") if s]
+    if args.device == "cuda":
+        import bench_linear_cuda
+        given = sys.argv[1:] if argv is None else argv
+        cuda_argv = ((["--shapes", *shapes] if "--shapes" in given else [])
+                     + (["--m", *map(str, args.m)] if "--m" in given else [])
+                     + (["--json", args.json] if args.json else [])
+                     + (["--markdown", args.markdown] if args.markdown else []))
+        return bench_linear_cuda.main(cuda_argv)
 
-    env = environment(args.device)
+    env = environment()
     print(describe(env))
     t0 = time.perf_counter()
     rows = run(modes=args.mode, shapes=shapes, ms=args.m, dtypes=args.dtype, quick=args.quick,
-               group_size=args.group_size, device=args.device, budget_s=args.budget)
+               group_size=args.group_size, budget_s=args.budget)
     if not rows:
         return 0
     print_tables(rows)

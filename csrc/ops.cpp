@@ -6,8 +6,13 @@
 #include <string>
 #include <vector>
 
+#include "int4kit/cuda_layout.h"
 #include "int4kit/format.h"
 #include "cpu/glue.h"
+
+#ifndef INT4KIT_CUDA_BUILT
+#define INT4KIT_CUDA_BUILT 0
+#endif
 
 TORCH_LIBRARY(int4kit, m) {
   // codes uint8 [N, K] in 0..15 -> canonical qweight uint8 [N, ceil(K/2)]
@@ -45,4 +50,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size) {
     return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size}.total_bytes();
   });
+  m.def("cuda_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size,
+                                   const std::string& scale_dtype) {
+    const int4kit::DType t = scale_dtype == "float32"    ? int4kit::DType::F32
+                             : scale_dtype == "bfloat16" ? int4kit::DType::BF16
+                                                         : int4kit::DType::F16;
+    return int4kit::cuda_layout::Shape{N, K, group_size == -1 ? K : group_size, t}.total_bytes();
+  }, "Bytes of the CUDA prepacked layout; scale_dtype is float32, bfloat16 or float16.");
+  m.def("cuda_built", [] { return bool(INT4KIT_CUDA_BUILT); },
+        "Whether this build carries the CUDA kernels (setup.py defines INT4KIT_CUDA_BUILT).");
 }

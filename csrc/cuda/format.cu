@@ -1,21 +1,16 @@
-// CUDA kernels for the canonical format: pack, unpack and dequantize. Memory-bound element-wise
-// kernels: one thread per output byte (pack) or per code (unpack, dequantize), grid-stride loops.
+// CUDA kernels for the canonical format: pack, unpack, quantize (round to nearest) and dequantize.
+// Memory-bound element-wise kernels with grid-stride loops: one thread per output byte (pack), per
+// code (unpack, dequantize) or per group (quantize).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/device_utils.cuh"
 #include "int4kit/cuda_kernels.h"
 
 namespace int4kit {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-inline unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return unsigned(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
-}
 
 __global__ void pack_kernel(const uint8_t* __restrict__ codes, int64_t N, int64_t K,
                             uint8_t* __restrict__ qweight, int* bad_code) {
@@ -41,19 +36,32 @@ __global__ void unpack_kernel(const uint8_t* __restrict__ qweight, int64_t N, in
   }
 }
 
-__device__ inline float load_float(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return __half2float(static_cast<const __half*>(p)[i]);
-  }
-}
-
-__device__ inline void store_float(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+// One thread per (row, group); the same arithmetic, in the same order, as the CPU's quantize_rtn
+// (IEEE division and round-to-nearest-even), so both devices give the same codes.
+__global__ void quantize_kernel(const float* __restrict__ w, int64_t N, int64_t K, int64_t G,
+                                bool symmetric, DType scale_dtype, uint8_t* __restrict__ codes,
+                                float* __restrict__ scales, float* __restrict__ zeros) {
+  const int64_t groups = (K + G - 1) / G, total = N * groups;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / groups, g = i % groups;
+    const float* wg = w + n * K + g * G;
+    const int64_t len = min(G, K - g * G);
+    float lo = 0.f, hi = 0.f;  // the range always includes 0, so 0 is exactly representable
+    for (int64_t j = 0; j < len; ++j) {
+      lo = fminf(lo, wg[j]);
+      hi = fmaxf(hi, wg[j]);
+    }
+    float s = symmetric ? round_to_dtype(fmaxf(hi, -lo) / 7.5f, scale_dtype)
+                        : round_to_dtype((hi - lo) / 15.f, scale_dtype);
+    if (!(s > 0.f)) s = 1.f;
+    const float z = symmetric ? float(kSymmetricZero)
+                              : fminf(fmaxf(rintf(-lo / s), 0.f), float(kMaxCode));
+    scales[i] = s;
+    zeros[i] = z;
+    uint8_t* cg = codes + n * K + g * G;
+    for (int64_t j = 0; j < len; ++j)
+      cg[j] = uint8_t(fminf(fmaxf(rintf(wg[j] / s) + z, 0.f), float(kMaxCode)));
   }
 }
 
@@ -76,22 +84,32 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ qweight, const voi
 int pack(const uint8_t* codes, int64_t N, int64_t K, uint8_t* qweight, int* bad_code, void* stream) {
   const int64_t total = N * ((K + 1) / 2);
   if (total == 0) return cudaSuccess;
-  pack_kernel<<<grid_for(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(codes, N, K, qweight,
+  pack_kernel<<<elementwise_grid(total), kElementwiseThreads, 0, static_cast<cudaStream_t>(stream)>>>(codes, N, K, qweight,
                                                                                  bad_code);
   return cudaGetLastError();
 }
 
 int unpack(const uint8_t* qweight, int64_t N, int64_t K, uint8_t* codes, void* stream) {
   if (N * K == 0) return cudaSuccess;
-  unpack_kernel<<<grid_for(N * K), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(qweight, N, K,
+  unpack_kernel<<<elementwise_grid(N * K), kElementwiseThreads, 0, static_cast<cudaStream_t>(stream)>>>(qweight, N, K,
                                                                                      codes);
+  return cudaGetLastError();
+}
+
+int quantize(const float* w, int64_t N, int64_t K, int64_t G, bool symmetric, DType scale_dtype,
+             uint8_t* codes, float* scales, float* zeros, void* stream) {
+  const int64_t total = N * ((K + G - 1) / G);
+  if (total == 0) return cudaSuccess;
+  quantize_kernel<<<elementwise_grid(total), kElementwiseThreads, 0,
+                    static_cast<cudaStream_t>(stream)>>>(w, N, K, G, symmetric, scale_dtype, codes,
+                                                         scales, zeros);
   return cudaGetLastError();
 }
 
 int dequantize(const uint8_t* qweight, const void* scales, const void* zeros, DType scale_dtype,
                int64_t N, int64_t K, int64_t G, void* out, DType out_dtype, void* stream) {
   if (N * K == 0) return cudaSuccess;
-  dequantize_kernel<<<grid_for(N * K), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  dequantize_kernel<<<elementwise_grid(N * K), kElementwiseThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       qweight, scales, zeros, scale_dtype, N, K, G, out, out_dtype);
   return cudaGetLastError();
 }

@@ -1,6 +1,5 @@
-// CUDA implementations of the canonical-format ops (pack, unpack, dequantize). The fused linear and
-// the CUDA prepacked layout come with the CUDA kernels issue; until then Int4Linear on a GPU
-// dequantizes with this op and calls cuBLAS.
+// CUDA implementations of the int4kit ops: argument checks, then the torch-free kernels of
+// csrc/cuda/*.cu on the current stream, with every launch checked.
 #include <ATen/ATen.h>
 // c10's stream and guard headers, not ATen/cuda/CUDAContext.h: that one pulls in the cuSPARSE
 // and cuBLAS headers, which a bare CUDA toolkit does not ship.
@@ -9,8 +8,13 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+#include <tuple>
+
 #include "checks.h"
 #include "int4kit/cuda_kernels.h"
+#include "int4kit/cuda_layout.h"
 
 namespace int4kit {
 namespace cuda {
@@ -69,12 +73,152 @@ at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales,
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& weight,
+                                                             int64_t group_size, bool symmetric) {
+  check_compute_dtype(weight, "weight");
+  check_dim(weight, 2, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t G = effective_group_size(group_size, K);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "int4kit: weight contains NaN or Inf");
+  at::Tensor codes = at::empty({N, K}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, num_groups(K, G)}, w.options());
+  at::Tensor zeros = at::empty_like(scales);
+  check_launch(quantize(w.data_ptr<float>(), N, K, G, symmetric, to_kernel_dtype(weight.scalar_type()),
+                        codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
+                        current_stream()),
+               "quantize");
+  return {pack_cuda(codes), scales.to(weight.scalar_type()), zeros.to(weight.scalar_type())};
+}
+
+// ---- the CUDA prepacked layout ------------------------------------------------------------------
+
+at::Tensor prepack_cuda(const at::Tensor& qweight, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& zeros, int64_t group_size, int64_t K) {
+  const int64_t G = effective_group_size(group_size, K);
+  const int64_t N = check_canonical(qweight, scales, zeros, K, G);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const cuda_layout::Shape shape{N, K, G, to_kernel_dtype(scales.scalar_type())};
+  const at::Tensor q = qweight.contiguous(), s = scales.contiguous();
+  const at::Tensor z = zeros ? zeros->contiguous() : at::Tensor();
+  at::Tensor packed = at::empty({shape.total_bytes()}, q.options());
+  check_launch(prepack(q.data_ptr<uint8_t>(), s.data_ptr(), z.defined() ? z.data_ptr() : nullptr,
+                       shape, packed.data_ptr<uint8_t>(), current_stream()),
+               "prepack");
+  return packed;
+}
+
+// The layout's shape for [N, K] / group_size, its scale dtype read from the buffer's size (see the
+// footer in cuda_layout.h): no device memory is read, so this is safe inside a CUDA graph.
+cuda_layout::Shape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size) {
+  check_dtype(packed, at::kByte, "packed");
+  check_dim(packed, 1, "packed");
+  TORCH_CHECK(packed.is_contiguous() && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              "int4kit: packed must be a contiguous, 16-byte aligned buffer as int4kit.prepack returns");
+  TORCH_CHECK(N > 0, "int4kit: N (out_features) must be positive, got ", N);
+  const int64_t G = effective_group_size(group_size, K);
+  for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
+    const cuda_layout::Shape shape{N, K, G, t};
+    if (shape.total_bytes() == packed.numel()) return shape;
+  }
+  TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no CUDA prepacked "
+              "layout of N = ", N, ", K = ", K, ", group_size = ", group_size, " (expected ",
+              cuda_layout::Shape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
+              cuda_layout::Shape{N, K, G, DType::BF16}.total_bytes(), " / ",
+              cuda_layout::Shape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); "
+              "was it made by int4kit.prepack on a CUDA device with the same N, K and group_size?");
+  return {};
+}
+
+at::ScalarType scalar_type_of(DType t) {
+  return t == DType::F32 ? at::kFloat : t == DType::BF16 ? at::kBFloat16 : at::kHalf;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cuda(const at::Tensor& packed, int64_t N,
+                                                               int64_t K, int64_t group_size,
+                                                               at::ScalarType scale_dtype) {
+  const cuda_layout::Shape shape = packed_shape(packed, N, K, group_size);
+  TORCH_CHECK(scalar_type_of(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
+              scale_dtype, " but packed holds ", scalar_type_of(shape.scale_dtype), " scales");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, packed.options());
+  at::Tensor scales = at::empty({N, shape.groups()}, packed.options().dtype(scale_dtype));
+  at::Tensor zeros = at::empty_like(scales);
+  check_launch(unprepack(packed.data_ptr<uint8_t>(), shape, qweight.data_ptr<uint8_t>(),
+                         scales.data_ptr(), zeros.data_ptr(), current_stream()),
+               "unprepack");
+  return {qweight, scales, zeros};
+}
+
+// ---- linear ---------------------------------------------------------------------------------------
+
+// The largest M the fused kernel takes; above it (and for float32 x or a group size the fused
+// kernel cannot read) linear dequantizes into a temporary and calls cuBLAS. INT4KIT_CUDA_FUSED_MAX_M
+// overrides it, read on every call so a benchmark can compare both paths in one process.
+int64_t fused_max_m() {
+  const char* env = std::getenv("INT4KIT_CUDA_FUSED_MAX_M");
+  if (env == nullptr || *env == '\0') return 256;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && value >= 0, "int4kit: INT4KIT_CUDA_FUSED_MAX_M=", env,
+              " is not a non-negative integer");
+  return value;
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
+                       int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  check_compute_dtype(x, "x");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int4kit: x must have K = ", K,
+              " features in its last dimension, got shape ", x.sizes());
+  check_device(x, packed, "x");
+  const cuda_layout::Shape shape = packed_shape(packed, N, K, group_size);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "int4kit: bias must have shape [", N,
+                "], got ", bias->sizes());
+    check_device(*bias, packed, "bias");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
+  out_sizes.back() = N;
+  const at::Tensor x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  const at::ScalarType dtype = x.scalar_type();
+  const c10::optional<at::Tensor> b =
+      bias ? c10::optional<at::Tensor>(bias->to(dtype).contiguous()) : c10::nullopt;
+
+  if (dtype == at::kFloat || M > fused_max_m() || !cuda_layout::fused_group_ok(K, shape.G)) {
+    at::Tensor weight = at::empty({N, K}, x.options());
+    check_launch(dequantize_prepacked(packed.data_ptr<uint8_t>(), shape, weight.data_ptr(),
+                                      to_kernel_dtype(dtype), current_stream()),
+                 "dequantize_prepacked");
+    return at::linear(x2, weight, b).reshape(out_sizes);
+  }
+  // The kernel reads x in 16-byte pieces: rows padded with zeros to a multiple of 8 elements.
+  at::Tensor xc = x2.contiguous();
+  if (K % 8 != 0 || reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) {
+    at::Tensor padded = at::zeros({M, round_up(K, 8)}, xc.options());
+    padded.narrow(1, 0, K).copy_(xc);
+    xc = padded;
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  check_launch(linear(xc.data_ptr(), M, xc.size(1), packed.data_ptr<uint8_t>(), shape,
+                      b ? b->data_ptr() : nullptr, out.data_ptr(), to_kernel_dtype(dtype),
+                      current_stream()),
+               "linear");
+  return out.reshape(out_sizes);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(int4kit, CUDA, m) {
   m.impl("pack", &pack_cuda);
   m.impl("unpack", &unpack_cuda);
+  m.impl("quantize", &quantize_cuda);
   m.impl("dequantize", &dequantize_cuda);
+  m.impl("prepack", &prepack_cuda);
+  m.impl("unprepack", &unprepack_cuda);
+  m.impl("linear", &linear_cuda);
 }
 
 }  // namespace cuda

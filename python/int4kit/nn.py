@@ -1,9 +1,10 @@
 """Int4Linear: a drop-in replacement for nn.Linear with int4 weights.
 
 The module keeps one copy of its weight, in the layout of the device it lives on:
-  * CPU: the prepacked layout of docs/FORMAT.md (buffer `packed`), consumed by the fused kernel;
-  * other devices: the canonical format (buffers `qweight`, `scales`, `zeros`); on CUDA, until the
-    fused CUDA kernel lands, forward dequantizes with int4kit's CUDA op and runs a dense matmul.
+  * CPU and CUDA: that device's prepacked layout (buffer `packed`, docs/FORMAT.md), made when the
+    module moves there or loads there and consumed by the fused kernels;
+  * other devices: the canonical format (buffers `qweight`, `scales`, `zeros`); forward
+    dequantizes and runs a dense matmul.
 Its state dict is always the canonical format (keys qweight, scales, zeros when asymmetric, bias),
 so checkpoints are portable between devices and bit-exact through save/load.
 """
@@ -129,9 +130,14 @@ class Int4Linear(nn.Module):
         device = torch.device(device)
         for name in _LAYOUT_BUFFERS:
             self._buffers[name] = None
-        if device.type == "cpu":
-            self.packed = ops.prepack(qweight.cpu().contiguous(), scales.cpu().contiguous(),
-                                      None if zeros is None else zeros.cpu().contiguous(),
+        if device.type == "cuda" and not ops.cuda_built():
+            raise RuntimeError("int4kit was built without its CUDA kernels, so Int4Linear cannot "
+                               "run on a GPU; rebuild with INT4KIT_CUDA=1 (torch with CUDA and "
+                               "nvcc are needed)")
+        if device.type in ("cpu", "cuda"):
+            self.packed = ops.prepack(qweight.to(device).contiguous(),
+                                      scales.to(device).contiguous(),
+                                      None if zeros is None else zeros.to(device).contiguous(),
                                       self.group_size, self.in_features)
         else:
             self.qweight = qweight.to(device).contiguous()
@@ -217,13 +223,13 @@ class Int4Linear(nn.Module):
         N, K, G = self.out_features, self.in_features, self.group_size
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
+        if self.act_quant is not None and self._device().type != "cpu":
+            raise NotImplementedError(f"Int4Linear(act_quant={self.act_quant!r}) runs on CPU only; "
+                                      f"this module is on {self._device()}")
         if self.packed is not None:
             if self.act_quant == "int8":
                 return ops.linear_w4a8(x, self.packed, N, K, G, self.bias)
             return ops.linear(x, self.packed, N, K, G, self.bias)
-        if self.act_quant is not None:
-            raise NotImplementedError(f"Int4Linear(act_quant={self.act_quant!r}) runs on CPU only; "
-                                      f"this module is on {self._device()}")
         weight = ops.dequantize(self.qweight, self.scales, self.zeros, G, K, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -27,6 +27,19 @@ def cpu_isas() -> list:
     return list(_C.cpu_isas())
 
 
+def cuda_built() -> bool:
+    """Whether this build of int4kit carries its CUDA kernels."""
+    return _C.cuda_built()
+
+
+def prepacked_bytes(N: int, K: int, group_size: int, scale_dtype: torch.dtype,
+                    device: torch.device) -> int:
+    """Size of the prepacked layout `prepack` makes for `device` (CPU or CUDA)."""
+    if torch.device(device).type == "cuda":
+        return _C.cuda_prepacked_bytes(N, K, group_size, str(scale_dtype).removeprefix("torch."))
+    return _C.cpu_prepacked_bytes(N, K, group_size)
+
+
 def effective_group_size(group_size: int, K: int) -> int:
     return K if group_size == -1 else group_size
 
@@ -58,7 +71,8 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torc
 
 def prepack(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group_size: int, K: int) -> torch.Tensor:
-    """Canonical format -> the device's prepacked layout (a flat uint8 tensor)."""
+    """Canonical format -> the prepacked layout of the tensors' device (a flat uint8 tensor):
+    SIMD blocks on CPU, tensor-core fragments on CUDA (docs/FORMAT.md)."""
     return _ops.prepack(qweight, scales, zeros, group_size, K)
 
 
@@ -107,8 +121,8 @@ def _dequantize_fake(qweight, scales, zeros, group_size, K, dtype):
 
 @torch.library.register_fake("int4kit::prepack")
 def _prepack_fake(qweight, scales, zeros, group_size, K):
-    nbytes = _C.cpu_prepacked_bytes(qweight.shape[0], K, group_size)
-    return qweight.new_empty((nbytes,))
+    return qweight.new_empty((prepacked_bytes(qweight.shape[0], K, group_size, scales.dtype,
+                                              qweight.device),))
 
 
 @torch.library.register_fake("int4kit::unprepack")

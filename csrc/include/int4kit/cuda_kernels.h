@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "int4kit/cuda_layout.h"
 #include "int4kit/format.h"
 
 namespace int4kit {
@@ -14,10 +15,32 @@ namespace cuda {
 int pack(const uint8_t* codes, int64_t N, int64_t K, uint8_t* qweight, int* bad_code, void* stream);
 // qweight [N, ceil(K/2)] -> codes [N, K]
 int unpack(const uint8_t* qweight, int64_t N, int64_t K, uint8_t* codes, void* stream);
+// Round-to-nearest quantization of w (fp32 [N, K]) with the CPU's arithmetic: codes uint8 [N, K],
+// scales and zeros fp32 [N, ceil(K/G)], scales rounded to scale_dtype.
+int quantize(const float* w, int64_t N, int64_t K, int64_t G, bool symmetric, DType scale_dtype,
+             uint8_t* codes, float* scales, float* zeros, void* stream);
 // (q - z) * s in fp32 -> out [N, K] of dtype out_dtype. scales, zeros: [N, ceil(K/G)] of
 // scale_dtype; zeros == nullptr means symmetric (8).
 int dequantize(const uint8_t* qweight, const void* scales, const void* zeros, DType scale_dtype,
                int64_t N, int64_t K, int64_t G, void* out, DType out_dtype, void* stream);
+
+
+// Canonical (qweight, scales, zeros of shape.scale_dtype; zeros == nullptr: symmetric) -> the CUDA
+// prepacked layout, shape.total_bytes() bytes at `packed` (16-byte aligned).
+int prepack(const uint8_t* qweight, const void* scales, const void* zeros,
+            const cuda_layout::Shape& shape, uint8_t* packed, void* stream);
+// The inverse, bit-exact: qweight [N, ceil(K/2)], scales and zeros [N, groups] of shape.scale_dtype.
+int unprepack(const uint8_t* packed, const cuda_layout::Shape& shape, uint8_t* qweight,
+              void* scales, void* zeros, void* stream);
+// The dense weight [N, K] of out_dtype, straight from the prepacked layout (any group size).
+int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape, void* out,
+                         DType out_dtype, void* stream);
+// out [M, N] = x [M, K] @ W^T (+ bias [N]), x, bias and out of dtype (F16 or BF16), fp32
+// accumulation. x rows are ldx elements apart (ldx % 8 == 0, zeros between K and ldx), x is
+// 16-byte aligned, and the group size is one the fused path reads (cuda_layout::fused_group_ok).
+// No allocation, no host synchronisation: CUDA-graph safe.
+int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
+           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream);
 
 }  // namespace cuda
 }  // namespace int4kit

@@ -1,0 +1,189 @@
+// Conversions between the canonical format and the CUDA prepacked layout (int4kit/cuda_layout.h),
+// and dequantization straight from the prepacked layout (the dense-matmul path of linear).
+// Offline or once-per-load kernels: one thread per layout word or record, grid-stride loops.
+#include "cuda/device_utils.cuh"
+#include "int4kit/cuda_kernels.h"
+#include "int4kit/cuda_layout.h"
+
+namespace int4kit {
+namespace cuda {
+namespace {
+
+using namespace cuda_layout;
+
+// Word index -> (tile, chunk, lane, step), the order of the codes array.
+struct WordPosition {
+  int64_t tile, chunk;
+  int lane, step;
+};
+__device__ inline WordPosition word_position(int64_t i, int64_t chunks) {
+  const int64_t tile_chunk = i / (kLanes * kSteps);
+  return {tile_chunk / chunks, tile_chunk % chunks, int(i / kSteps) % kLanes, int(i % kSteps)};
+}
+
+__global__ void prepack_codes_kernel(const uint8_t* __restrict__ qweight, int64_t N, int64_t K,
+                                     int64_t chunks, int64_t words, uint32_t* __restrict__ codes) {
+  const int64_t row_bytes = (K + 1) / 2;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const WordPosition p = word_position(i, chunks);
+    uint32_t word = 0;
+    for (int nibble = 0; nibble < 8; ++nibble) {
+      const TileElement e = fragment_element(p.lane, p.step, nibble);
+      const int64_t n = p.tile * kTileRows + e.row, k = p.chunk * kChunkK + e.k;
+      if (n < N && k < K) {
+        const uint8_t byte = qweight[n * row_bytes + (k >> 1)];
+        word |= uint32_t((k & 1) ? (byte >> 4) : (byte & 0xF)) << (4 * nibble);
+      }
+    }
+    codes[i] = word;
+  }
+}
+
+// One thread per canonical byte: two codes, gathered from their fragment positions.
+__global__ void unprepack_codes_kernel(const uint32_t* __restrict__ codes, int64_t N, int64_t K,
+                                       int64_t chunks, uint8_t* __restrict__ qweight) {
+  const int64_t row_bytes = (K + 1) / 2, total = N * row_bytes;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / row_bytes, tile = n / kTileRows;
+    uint8_t byte = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = 2 * (i % row_bytes) + h;
+      if (k >= K) break;
+      const FragmentPosition f = fragment_position(int(n % kTileRows), int(k % kChunkK));
+      const uint32_t word = codes[((tile * chunks + k / kChunkK) * kLanes + f.lane) * kSteps + f.step];
+      byte |= uint8_t(((word >> (4 * f.nibble)) & 0xF) << (4 * h));
+    }
+    qweight[i] = byte;
+  }
+}
+
+// Records are copied as raw bits (Bits = uint32_t for fp32 scales, uint16_t for 16-bit ones), so
+// the round trip is exact. zeros == nullptr stores the symmetric zero point.
+template <typename Bits>
+__global__ void prepack_records_kernel(const Bits* __restrict__ scales, const Bits* __restrict__ zeros,
+                                       Bits symmetric_zero, int64_t N, int64_t groups, int64_t total,
+                                       Bits* __restrict__ records) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int value = int(i % kRecordValues);
+    const int64_t lane_group = (i / kRecordValues) % kLaneGroups;
+    const int64_t tile_group = i / (kRecordValues * kLaneGroups);
+    const int64_t tile = tile_group / groups, group = tile_group % groups;
+    const int64_t n = tile * kTileRows + lane_group + 8 * (value & 1);
+    Bits bits = 0;  // padded rows: scale 0, zero 0
+    if (n < N) {
+      if (value < 2) bits = scales[n * groups + group];
+      else bits = zeros ? zeros[n * groups + group] : symmetric_zero;
+    }
+    records[i] = bits;
+  }
+}
+
+template <typename Bits>
+__global__ void unprepack_records_kernel(const Bits* __restrict__ records, int64_t N, int64_t groups,
+                                         Bits* __restrict__ scales, Bits* __restrict__ zeros) {
+  const int64_t total = N * groups;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / groups, group = i % groups, tile = n / kTileRows;
+    const int row = int(n % kTileRows), lane_group = row % 8, hi = row / 8;
+    const int64_t record = ((tile * groups + group) * kLaneGroups + lane_group) * kRecordValues;
+    scales[i] = records[record + hi];
+    zeros[i] = records[record + 2 + hi];
+  }
+}
+
+// Any group size: each code looks up its own group (this path does not rely on lane_group).
+__global__ void dequantize_prepacked_kernel(const uint32_t* __restrict__ codes,
+                                            const uint8_t* __restrict__ records, DType scale_dtype,
+                                            int64_t N, int64_t K, int64_t G, int64_t chunks,
+                                            int64_t words, void* out, DType out_dtype) {
+  const int64_t groups = (K + G - 1) / G;
+  const int64_t record_bytes = kRecordValues * (scale_dtype == DType::F32 ? 4 : 2);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const WordPosition p = word_position(i, chunks);
+    const uint32_t word = codes[i];
+    for (int nibble = 0; nibble < 8; ++nibble) {
+      const TileElement e = fragment_element(p.lane, p.step, nibble);
+      const int64_t n = p.tile * kTileRows + e.row, k = p.chunk * kChunkK + e.k;
+      if (n >= N || k >= K) continue;
+      const int64_t record = (p.tile * groups + k / G) * kLaneGroups + e.row % 8;
+      const uint8_t* r = records + record * record_bytes;
+      const uint4 raw = scale_dtype == DType::F32
+                            ? *reinterpret_cast<const uint4*>(r)
+                            : make_uint4(reinterpret_cast<const uint2*>(r)->x,
+                                         reinterpret_cast<const uint2*>(r)->y, 0, 0);
+      const LaneRecord rec = decode_record(raw, scale_dtype);
+      const bool hi = e.row >= 8;
+      const float q = float((word >> (4 * nibble)) & 0xF);
+      store_float(out, out_dtype, n * K + k,
+                  (q - (hi ? rec.zero_hi : rec.zero_lo)) * (hi ? rec.scale_hi : rec.scale_lo));
+    }
+  }
+}
+
+// The raw bits of 8.0 (the symmetric zero point) in each scale dtype.
+constexpr uint32_t kEightF32 = 0x41000000u;
+constexpr uint16_t kEightBF16 = 0x4100u, kEightF16 = 0x4800u;
+
+}  // namespace
+
+int prepack(const uint8_t* qweight, const void* scales, const void* zeros,
+            const cuda_layout::Shape& shape, uint8_t* packed, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t words = shape.codes_bytes() / 4;
+  prepack_codes_kernel<<<elementwise_grid(words), kElementwiseThreads, 0, stream>>>(
+      qweight, shape.N, shape.K, shape.chunks(), words, reinterpret_cast<uint32_t*>(packed));
+  uint8_t* records = packed + shape.codes_bytes();
+  const int64_t values = shape.records_bytes() / scale_bytes(shape.scale_dtype);
+  const unsigned grid = elementwise_grid(values);
+  if (shape.scale_dtype == DType::F32) {
+    prepack_records_kernel<uint32_t><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const uint32_t*>(scales), static_cast<const uint32_t*>(zeros), kEightF32,
+        shape.N, shape.groups(), values, reinterpret_cast<uint32_t*>(records));
+  } else {
+    prepack_records_kernel<uint16_t><<<grid, kElementwiseThreads, 0, stream>>>(
+        static_cast<const uint16_t*>(scales), static_cast<const uint16_t*>(zeros),
+        shape.scale_dtype == DType::BF16 ? kEightBF16 : kEightF16, shape.N, shape.groups(), values,
+        reinterpret_cast<uint16_t*>(records));
+  }
+  const int err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return cudaMemsetAsync(records + shape.records_bytes(), 0, shape.footer_bytes(), stream);
+}
+
+int unprepack(const uint8_t* packed, const cuda_layout::Shape& shape, uint8_t* qweight,
+              void* scales, void* zeros, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t bytes = shape.N * packed_row_bytes(shape.K);
+  unprepack_codes_kernel<<<elementwise_grid(bytes), kElementwiseThreads, 0, stream>>>(
+      reinterpret_cast<const uint32_t*>(packed), shape.N, shape.K, shape.chunks(), qweight);
+  const uint8_t* records = packed + shape.codes_bytes();
+  const unsigned grid = elementwise_grid(shape.N * shape.groups());
+  if (shape.scale_dtype == DType::F32) {
+    unprepack_records_kernel<uint32_t><<<grid, kElementwiseThreads, 0, stream>>>(
+        reinterpret_cast<const uint32_t*>(records), shape.N, shape.groups(),
+        static_cast<uint32_t*>(scales), static_cast<uint32_t*>(zeros));
+  } else {
+    unprepack_records_kernel<uint16_t><<<grid, kElementwiseThreads, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(records), shape.N, shape.groups(),
+        static_cast<uint16_t*>(scales), static_cast<uint16_t*>(zeros));
+  }
+  return cudaGetLastError();
+}
+
+int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape, void* out,
+                         DType out_dtype, void* stream) {
+  const int64_t words = shape.codes_bytes() / 4;
+  dequantize_prepacked_kernel<<<elementwise_grid(words), kElementwiseThreads, 0,
+                                static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<const uint32_t*>(packed), packed + shape.codes_bytes(), shape.scale_dtype,
+      shape.N, shape.K, shape.G, shape.chunks(), words, out, out_dtype);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace int4kit

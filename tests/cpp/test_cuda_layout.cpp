@@ -1,0 +1,175 @@
+// The CUDA prepacked layout checked on the CPU, where no GPU is needed: the fragment maps of
+// int4kit/cuda_layout.h are bijections, and a step-by-step emulation of what the fused kernel
+// computes (its nibble extraction, its x-fragment loads, mma.sync.m16n8k16 as the PTX ISA defines
+// its fragments, its accumulator map) reproduces x @ W^T. The PTX fragment tables are written out
+// here independently of the layout header, so a wrong layout cannot agree with them by accident.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#include "int4kit/cuda_layout.h"
+
+namespace int4kit {
+namespace {
+
+using namespace cuda_layout;
+
+TEST(CudaLayout, FragmentMapsAreInverseBijections) {
+  std::set<std::pair<int, int>> seen;
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int step = 0; step < kSteps; ++step)
+      for (int nibble = 0; nibble < 8; ++nibble) {
+        const TileElement e = fragment_element(lane, step, nibble);
+        ASSERT_TRUE(e.row >= 0 && e.row < kTileRows && e.k >= 0 && e.k < kChunkK);
+        seen.insert({e.row, e.k});
+        const FragmentPosition p = fragment_position(e.row, e.k);
+        EXPECT_EQ(std::make_tuple(p.lane, p.step, p.nibble), std::make_tuple(lane, step, nibble));
+      }
+  EXPECT_EQ(seen.size(), size_t(kTileRows * kChunkK));
+}
+
+TEST(CudaLayout, SizesAndDtypeFooter) {
+  const Shape f32{100, 200, 64, DType::F32}, bf16{100, 200, 64, DType::BF16},
+      f16{100, 200, 64, DType::F16};
+  EXPECT_EQ(f32.tiles(), 7);
+  EXPECT_EQ(f32.chunks(), 4);
+  EXPECT_EQ(f32.codes_bytes(), 7 * 4 * 512);
+  EXPECT_EQ(f32.records_bytes(), 7 * 4 * 8 * 4 * 4);
+  EXPECT_EQ(bf16.records_bytes(), 7 * 4 * 8 * 4 * 2);
+  // The three scale dtypes give three different sizes, so the size names the dtype.
+  EXPECT_NE(f32.total_bytes(), bf16.total_bytes());
+  EXPECT_NE(bf16.total_bytes(), f16.total_bytes());
+  EXPECT_NE(f32.total_bytes(), f16.total_bytes());
+}
+
+TEST(CudaLayout, LaneGroupStaysInsideOneGroup) {
+  for (int64_t G : {16, 32, 64, 128, 192}) {
+    const int64_t K = 1000, groups = num_groups(K, G);
+    for (int64_t chunk = 0; chunk < ceil_div(K, kChunkK); ++chunk)
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int64_t g = lane_group(chunk, lane, G, groups);
+        for (int i = 0; i < 16; ++i) {
+          const int64_t k = chunk * kChunkK + 16 * (lane & 3) + i;
+          if (k < K) {
+            EXPECT_EQ(g, k / G) << "G " << G << " k " << k;
+          }
+        }
+      }
+  }
+}
+
+// PTX ISA, mma.m16n8k16 with 16-bit A/B and fp32 C ("row.col"); g = lane / 4, q = lane % 4.
+//   A (16 x 16): a0,a1 (g, 2q+{0,1}); a2,a3 (g+8, 2q+{0,1}); a4,a5 (g, 2q+8+{0,1}); a6,a7 (g+8, ...)
+//   B (16 x 8):  b0,b1 (2q+{0,1}, g);  b2,b3 (2q+8+{0,1}, g)
+//   C (16 x 8):  c0,c1 (g, 2q+{0,1});  c2,c3 (g+8, 2q+{0,1})
+// Register r of A holds elements 2r and 2r+1 (low half first); B likewise.
+struct Fragments {
+  float a[kLanes][8], b[kLanes][4];
+};
+void emulate_mma(const Fragments& f, float (&c)[kLanes][4]) {
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const int g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 8; ++i) A[g + 8 * ((i / 2) % 2)][2 * q + 8 * (i / 4) + i % 2] = f.a[lane][i];
+    for (int i = 0; i < 4; ++i) B[2 * q + 8 * (i / 2) + i % 2][g] = f.b[lane][i];
+  }
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const int g = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + 8 * (i / 2), col = 2 * q + i % 2;
+      for (int k = 0; k < 16; ++k) c[lane][i] += A[row][k] * B[k][col];
+    }
+  }
+}
+
+class CudaLayoutEmulation : public ::testing::TestWithParam<std::tuple<int, int, int, int>> {};
+
+// out = x @ W^T through the layout, for W = (q - z) * s per group, against plain loops.
+TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
+  const auto [M, N, K, G] = GetParam();
+  std::mt19937 rng(uint32_t(M * 7919 + N * 104729 + K * 31 + G));
+  std::uniform_int_distribution<int> code(0, 15);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  const int64_t groups = num_groups(K, G);
+  std::vector<int> q(size_t(N) * K);
+  std::vector<float> s(size_t(N) * groups), z(size_t(N) * groups), x(size_t(M) * K);
+  for (auto& v : q) v = code(rng);
+  for (auto& v : s) v = 0.01f + 0.1f * std::abs(uni(rng));
+  for (auto& v : z) v = 7.5f + 7.f * uni(rng);
+  for (auto& v : x) v = uni(rng);
+  const Shape shape{N, K, G, DType::F32};
+
+  // Prepack the codes the way the CUDA prepack kernel does: word (tile, chunk, lane, step).
+  std::vector<uint32_t> words(size_t(shape.codes_bytes() / 4));
+  for (int64_t t = 0; t < shape.tiles(); ++t)
+    for (int64_t c = 0; c < shape.chunks(); ++c)
+      for (int lane = 0; lane < kLanes; ++lane)
+        for (int step = 0; step < kSteps; ++step) {
+          uint32_t word = 0;
+          for (int nibble = 0; nibble < 8; ++nibble) {
+            const TileElement e = fragment_element(lane, step, nibble);
+            const int64_t n = t * kTileRows + e.row, k = c * kChunkK + e.k;
+            if (n < N && k < K) word |= uint32_t(q[n * K + k]) << (4 * nibble);
+          }
+          words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step] = word;
+        }
+
+  std::vector<double> out(size_t(M) * N, 0.0);
+  for (int64_t t = 0; t < shape.tiles(); ++t)
+    for (int64_t token0 = 0; token0 < M; token0 += 8) {
+      float acc[kLanes][4] = {};
+      for (int64_t c = 0; c < shape.chunks(); ++c)
+        for (int step = 0; step < kSteps; ++step) {
+          Fragments f{};
+          for (int lane = 0; lane < kLanes; ++lane) {
+            const uint32_t word = words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step];
+            const int64_t group = lane_group(c, lane, G, groups);
+            // A register r: codes at bits 4r (low half) and 16 + 4r (high half), as the kernel's
+            // (word >> 4r) & 0x000F000F; odd registers are row g + 8.
+            for (int r = 0; r < 4; ++r) {
+              const int64_t n = std::min<int64_t>(t * kTileRows + lane / 4 + 8 * (r & 1), N - 1);
+              const float sc = s[n * groups + group], zp = z[n * groups + group];
+              f.a[lane][2 * r] = (float((word >> (4 * r)) & 0xF) - zp) * sc;
+              f.a[lane][2 * r + 1] = (float((word >> (16 + 4 * r)) & 0xF) - zp) * sc;
+            }
+            // B: the lane's 16 contiguous x values from k = 64c + 16q; step s uses 4s .. 4s+3.
+            const int64_t token = std::min<int64_t>(token0 + lane / 4, M - 1);
+            for (int i = 0; i < 4; ++i) {
+              const int64_t k = c * kChunkK + 16 * (lane % 4) + 4 * step + i;
+              f.b[lane][i] = k < K ? x[token * K + k] : 0.f;
+            }
+          }
+          emulate_mma(f, acc);
+        }
+      for (int lane = 0; lane < kLanes; ++lane)
+        for (int v = 0; v < 4; ++v) {
+          const AccumulatorElement e = accumulator_element(lane, v);
+          const int64_t n = t * kTileRows + e.row, token = token0 + e.token;
+          if (n < N && token < M) out[token * N + n] = acc[lane][v];
+        }
+    }
+
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double ref = 0.0;
+      for (int64_t k = 0; k < K; ++k)
+        ref += double(x[m * K + k]) * (double(q[n * K + k]) - z[n * groups + k / G]) *
+               s[n * groups + k / G];
+      ASSERT_NEAR(out[m * N + n], ref, 1e-4 * (1.0 + std::abs(ref))) << "m " << m << " n " << n;
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayoutEmulation,
+                         ::testing::Values(std::make_tuple(1, 16, 64, 64),
+                                           std::make_tuple(3, 40, 136, 32),    // N, K tails
+                                           std::make_tuple(9, 33, 256, 128),   // two token tiles
+                                           std::make_tuple(8, 16, 200, 200),   // per channel, K % 16
+                                           std::make_tuple(5, 24, 192, 16),    // G = 16
+                                           std::make_tuple(2, 17, 320, 64)));
+
+}  // namespace
+}  // namespace int4kit
