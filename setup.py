@@ -70,6 +70,13 @@ def gencode_flags(archs):
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
     if not flags:
         raise SystemExit(f"INT4KIT_CUDA_ARCHS={archs!r} names no architecture")
+    # PTX of the oldest portable arch too, so GPUs newer than the list JIT-compile the kernels
+    # instead of failing with "no kernel image" (arch-specific "a" targets do not carry forward)
+    portable = sorted(a.strip() for a in archs.replace(",", ";").split(";")
+                      if a.strip() and not a.strip().endswith("a"))
+    if portable:
+        num = portable[0].replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return flags
 
 

@@ -18,7 +18,7 @@ struct WordPosition {
 };
 __device__ inline WordPosition word_position(int64_t i, int64_t chunks) {
   const int64_t tile_chunk = i / (kLanes * kSteps);
-  return {tile_chunk / chunks, tile_chunk % chunks, int(i / kSteps) % kLanes, int(i % kSteps)};
+  return {tile_chunk / chunks, tile_chunk % chunks, int((i / kSteps) % kLanes), int(i % kSteps)};
 }
 
 __global__ void prepack_codes_kernel(const uint8_t* __restrict__ qweight, int64_t N, int64_t K,

@@ -8,9 +8,9 @@
 //
 // Work split. A block owns NT row tiles (16 NT output channels) and 8 TM tokens; its WK warps split
 // K between them (warp w takes chunks w, w + WK, ...: in-block split-K keeps many loads in flight
-// even when N is small) and add their partial tiles through shared memory at the end. The grid is
-// (token blocks, row-tile blocks) with tokens fastest, so the blocks that share a weight tile run
-// together and read it from L2 after the first.
+// even when N is small) and add their partial tiles through shared memory at the end. Blocks are
+// numbered token block fastest, so the blocks that share a weight tile run together and read it
+// from L2 after the first.
 //
 // Pipeline. Every lane streams its own data through a STAGES-deep cp.async ring in shared memory:
 // per chunk, NT 16-byte code loads (its A fragments for 4 k16 steps), NT records (scale and zero
@@ -23,6 +23,8 @@
 // both halves; subtracting magic + round(z) leaves q - round(z) exactly, and one FMA with the scale
 // and the fractional rest of the zero point, -(z - round(z)) * s, gives (q - z) * s. For integer
 // zero points (RTN, GPTQ, symmetric) that rest is 0 and the only rounding is the final product's.
+#include <atomic>
+
 #include "cuda/device_utils.cuh"
 #include "int4kit/cuda_kernels.h"
 #include "int4kit/cuda_layout.h"
@@ -55,6 +57,8 @@ struct Half<__nv_bfloat16> {
   static __device__ T from_float(float v) { return __float2bfloat16_rn(v); }
   static __device__ float to_float(T v) { return __bfloat162float(v); }
 };
+
+__device__ inline int64_t ceil_div_device(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T2>
 __device__ inline T2 as_pair(uint32_t bits) {
@@ -125,8 +129,11 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   extern __shared__ uint4 smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tile0 = int64_t(blockIdx.y) * NT;
-  const int64_t token0 = int64_t(blockIdx.x) * 8 * TM;
+  // One grid dimension (y and z stop at 65535): token blocks fastest, so the blocks sharing a
+  // weight tile run side by side and all but the first read it from L2.
+  const int64_t token_blocks = ceil_div_device(args.M, 8 * TM);
+  const int64_t tile0 = int64_t(blockIdx.x) / token_blocks * NT;
+  const int64_t token0 = int64_t(blockIdx.x) % token_blocks * 8 * TM;
   const T* x = static_cast<const T*>(args.x);
   const int64_t record_bytes = kRecordValues * scale_bytes(args.scale_dtype);
   uint4* ring = smem + int64_t(warp) * STAGES * S::kCount * kLanes + lane;
@@ -245,18 +252,28 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 }
 
 // Shared memory per block: WK * STAGES * (2 NT + 2 TM) * 512 bytes; above 48 KiB a kernel must opt
-// in (per device, so on every launch: a host-side attribute call, no stream work, capture-safe).
+// in (a host-side attribute call, no stream work, so capture-safe).
 template <typename T, int NT, int TM, int WK, int STAGES>
 int launch(const LinearArgs& args, cudaStream_t stream) {
   constexpr int kSmem = WK * STAGES * Slots<NT, TM>::kCount * kLanes * 16;
   static_assert(NT * TM * 4 * kLanes * 4 <= kSmem / WK, "the split-K reduction must fit the ring");
   auto kernel = linear_kernel<T, NT, TM, WK, STAGES>;
   if (kSmem > 48 * 1024) {
-    const int err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    // The opt-in is per device: remember which devices have it (bit d), once per instantiation.
+    static std::atomic<uint64_t> opted_in{0};
+    int device = 0;
+    int err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+    if (!(opted_in.load(std::memory_order_relaxed) & bit)) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      if (err != cudaSuccess) return err;
+      opted_in.fetch_or(bit, std::memory_order_relaxed);
+    }
   }
-  const dim3 grid(unsigned(ceil_div(args.M, 8 * TM)), unsigned(ceil_div(args.tiles, NT)));
-  kernel<<<grid, 32 * WK, kSmem, stream>>>(args);
+  const int64_t blocks = ceil_div(args.M, 8 * TM) * ceil_div(args.tiles, NT);
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+  kernel<<<unsigned(blocks), 32 * WK, kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -273,6 +290,7 @@ int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
 
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
            const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream) {
+  if (dtype != DType::F16 && dtype != DType::BF16) return cudaErrorInvalidValue;
   if (M == 0 || shape.N == 0) return cudaSuccess;
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
                         bias, out, M, ldx, shape.N, shape.K, shape.G, shape.groups(),
