@@ -41,6 +41,9 @@ template <>
 struct Half<__half> {
   using T = __half;
   using T2 = __half2;
+  static constexpr DType kDType = DType::F16;
+  static __device__ T2 low2(T2 v) { return __low2half2(v); }
+  static __device__ T2 high2(T2 v) { return __high2half2(v); }
   static constexpr uint32_t kMagicBits = 0x64006400u;  // 1024 in both halves: codes land in the mantissa
   static constexpr float kMagic = 1024.f;
   static __device__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
@@ -51,6 +54,9 @@ template <>
 struct Half<__nv_bfloat16> {
   using T = __nv_bfloat16;
   using T2 = __nv_bfloat162;
+  static constexpr DType kDType = DType::BF16;
+  static __device__ T2 low2(T2 v) { return __low2bfloat162(v); }
+  static __device__ T2 high2(T2 v) { return __high2bfloat162(v); }
   static constexpr uint32_t kMagicBits = 0x43004300u;  // 128 in both halves
   static constexpr float kMagic = 128.f;
   static __device__ T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
@@ -90,15 +96,14 @@ __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16-byte global -> shared copy that bypasses L1; src_bytes = 0 fills the destination with zeros.
-__device__ inline void cp_async16(void* dst, const void* src, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(src_bytes)
+// 16-byte global -> shared copy that bypasses L1, to shared-window address dst; src_bytes = 0
+// fills the destination with zeros.
+__device__ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
 }
-__device__ inline void cp_async8(void* dst, const void* src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(src) : "memory");
+__device__ inline void cp_async8(unsigned dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int kPending>
@@ -106,14 +111,61 @@ __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+// The per-(row pair, group) constants of the dequantization, as pairs of T: register pair
+// (magic + q) becomes (magic + q - shift) * scale + bias = (q - z) * s, with shift = magic +
+// round(z) (round(z) kept within +-64 so the shift stays exact in bf16 too) and bias the
+// fractional rest -(z - round(z)) * s, 0 for integer zero points. lo: row g, hi: row g + 8.
+template <typename T>
+struct Dequantizer {
+  using H = Half<T>;
+  using T2 = typename H::T2;
+  T2 shift_lo, shift_hi, scale_lo, scale_hi, bias_lo, bias_hi;
+
+  __device__ static Dequantizer from_record(uint4 raw, DType scale_dtype) {
+    Dequantizer d;
+    if (scale_dtype == H::kDType) {  // records already in T: pairwise arithmetic, no conversions
+      const T2 s = as_pair<T2>(raw.x), z = as_pair<T2>(raw.y);  // (lo, hi) pairs
+      const T2 limit = H::pair(64.f, 64.f);
+      const T2 zi = __hmax2(__hmin2(h2rint(z), limit), __hneg2(limit));
+      const T2 shift = __hadd2(zi, H::pair(H::kMagic, H::kMagic));
+      const T2 bias = __hmul2(__hsub2(z, zi), __hneg2(s));
+      d.shift_lo = H::low2(shift), d.shift_hi = H::high2(shift);
+      d.scale_lo = H::low2(s), d.scale_hi = H::high2(s);
+      d.bias_lo = H::low2(bias), d.bias_hi = H::high2(bias);
+      return d;
+    }
+    const LaneRecord r = decode_record(raw, scale_dtype);
+    const float zi_lo = fminf(fmaxf(rintf(r.zero_lo), -64.f), 64.f);
+    const float zi_hi = fminf(fmaxf(rintf(r.zero_hi), -64.f), 64.f);
+    const float bias_lo = -(r.zero_lo - zi_lo) * r.scale_lo, bias_hi = -(r.zero_hi - zi_hi) * r.scale_hi;
+    d.shift_lo = H::pair(H::kMagic + zi_lo, H::kMagic + zi_lo);
+    d.shift_hi = H::pair(H::kMagic + zi_hi, H::kMagic + zi_hi);
+    d.scale_lo = H::pair(r.scale_lo, r.scale_lo), d.scale_hi = H::pair(r.scale_hi, r.scale_hi);
+    d.bias_lo = H::pair(bias_lo, bias_lo), d.bias_hi = H::pair(bias_hi, bias_hi);
+    return d;
+  }
+
+  // The four A registers of one k16 step from its code word (layout: cuda_layout.h).
+  __device__ void fragments(uint32_t word, uint32_t (&a)[4]) const {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {
+      const T2 magic_q = as_pair<T2>(((word >> (4 * reg)) & 0x000F000Fu) | H::kMagicBits);
+      const bool hi = reg & 1;  // registers 1 and 3 hold row g + 8
+      a[reg] = as_bits(__hfma2(__hsub2(magic_q, hi ? shift_hi : shift_lo), hi ? scale_hi : scale_lo,
+                               hi ? bias_hi : bias_lo));
+    }
+  }
+};
+
 struct LinearArgs {
   const void* x;        // [M, K], rows ldx apart; 16-byte aligned, ldx % 8 == 0, zeros in [K, ldx)
   const uint4* codes;   // prepacked codes
   const uint8_t* records;
   const void* bias;     // [N] or nullptr
   void* out;            // [M, N]
-  int64_t M, ldx, N, K, G, groups, tiles, chunks;
+  int64_t M, ldx, N, K, groups, tiles, chunks;
   DType scale_dtype;
+  FastDivisor group_divisor;  // of the group size
 };
 
 template <int NT, int TM>
@@ -136,82 +188,93 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   const int64_t token0 = int64_t(blockIdx.x) % token_blocks * 8 * TM;
   const T* x = static_cast<const T*>(args.x);
   const int64_t record_bytes = kRecordValues * scale_bytes(args.scale_dtype);
-  uint4* ring = smem + int64_t(warp) * STAGES * S::kCount * kLanes + lane;
-  auto slot = [&](int stage, int s) { return ring + (stage * S::kCount + s) * kLanes; };
+  // This lane's column of the ring: stage s, slot i at ring + (s * kCount + i) * 32 uint4s.
+  uint4* const ring = smem + warp * STAGES * S::kCount * kLanes + lane;
+  constexpr int kStage = S::kCount * kLanes;  // uint4s per stage
 
   // Warp `warp` takes chunks warp, warp + WK, ...
   const int64_t iterations = args.chunks > warp ? (args.chunks - warp + WK - 1) / WK : 0;
 
-  auto issue = [&](int64_t it) {
-    const int stage = int(it % STAGES);
-    const int64_t chunk = warp + it * WK;
+  // Per-lane bases, so a refill is a few adds: this lane's code words and record rows of each row
+  // tile (a tile past the last re-reads the last; its outputs are never stored), and the x row of
+  // each token tile (rows past M repeat the last one, also never stored).
+  const uint4* codes[NT];
+  const uint8_t* records[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int64_t tile = tile0 + nt < args.tiles ? tile0 + nt : args.tiles - 1;
-      cp_async16(slot(stage, S::kCodes + nt), args.codes + (tile * args.chunks + chunk) * kLanes + lane,
-                 16);
-      const int64_t record =
-          (tile * args.groups + lane_group(chunk, lane, args.G, args.groups)) * kLaneGroups + lane / 4;
-      const uint8_t* src = args.records + record * record_bytes;
-      if (record_bytes == 16) cp_async16(slot(stage, S::kRecords + nt), src, 16);
-      else cp_async8(slot(stage, S::kRecords + nt), src);
-    }
-    const int64_t k = chunk * kChunkK + 16 * (lane & 3);
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t tile = tile0 + nt < args.tiles ? tile0 + nt : args.tiles - 1;
+    codes[nt] = args.codes + (tile * args.chunks + warp) * kLanes + lane;
+    records[nt] = args.records + (tile * args.groups * kLaneGroups + lane / 4) * record_bytes;
+  }
+  const T* x_rows[TM];
 #pragma unroll
-    for (int tm = 0; tm < TM; ++tm) {
-      int64_t token = token0 + 8 * tm + lane / 4;
-      token = token < args.M ? token : args.M - 1;  // rows past M repeat the last one, never stored
+  for (int tm = 0; tm < TM; ++tm) {
+    const int64_t token = token0 + 8 * tm + lane / 4;
+    x_rows[tm] = x + (token < args.M ? token : args.M - 1) * args.ldx;
+  }
+  // 32-bit column and group arithmetic (the glue keeps K below kMaxK)
+  const int K = int(args.K), groups = int(args.groups);
+
+  // The refill state: the next iteration to load, its ring stage and this lane's first column
+  // there; code pointers advance with it.
+  int64_t next = 0;
+  int next_stage = 0, next_column = lane_first_column(warp, lane);
+  const unsigned ring_shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
+  unsigned write = ring_shared;  // the shared-window address of stage next_stage
+  auto slot_address = [&](int i) { return write + unsigned(i * kLanes * 16); };
+  auto issue_next = [&]() {
+    if (next < iterations) {
+      const int group = lane_group(next_column, args.group_divisor, groups);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // A piece that starts inside K is read whole (the row's padding up to ldx is zeros); one
-        // that starts past it is zero-filled.
-        const bool inside = k + 8 * h < args.K;
-        cp_async16(slot(stage, S::kX + 2 * tm + h), inside ? x + token * args.ldx + k + 8 * h : x,
-                   inside ? 16 : 0);
+      for (int nt = 0; nt < NT; ++nt) {
+        cp_async16(slot_address(S::kCodes + nt), codes[nt], 16);
+        codes[nt] += WK * kLanes;
+        const uint8_t* src = records[nt] + int64_t(group) * kLaneGroups * record_bytes;
+        if (record_bytes == 16) cp_async16(slot_address(S::kRecords + nt), src, 16);
+        else cp_async8(slot_address(S::kRecords + nt), src);
+      }
+#pragma unroll
+      for (int tm = 0; tm < TM; ++tm) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // A piece that starts inside K is read whole (the row's padding up to ldx is zeros);
+          // one that starts past it is zero-filled.
+          const int column = next_column + 8 * h;
+          cp_async16(slot_address(S::kX + 2 * tm + h), column < K ? x_rows[tm] + column : x,
+                     column < K ? 16 : 0);
+        }
       }
     }
+    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    ++next;
+    next_column += WK * kChunkK;
+    const bool wrap = next_stage == STAGES - 1;
+    next_stage = wrap ? 0 : next_stage + 1;
+    write = wrap ? ring_shared : write + unsigned(kStage * 16);
   };
 
   float acc[NT][TM][4] = {};
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < iterations) issue(s);
-    cp_async_commit();
-  }
+  for (int s = 0; s < STAGES - 1; ++s) issue_next();
+  int stage = 0;
+  const uint4* read = ring;  // stage `stage`
   for (int64_t it = 0; it < iterations; ++it) {
     cp_async_wait<STAGES - 2>();  // this lane's copies for `it` have landed
-    const int stage = int(it % STAGES);
     uint4 xs[TM][2];
 #pragma unroll
     for (int tm = 0; tm < TM; ++tm) {
-      xs[tm][0] = *slot(stage, S::kX + 2 * tm);
-      xs[tm][1] = *slot(stage, S::kX + 2 * tm + 1);
+      xs[tm][0] = read[(S::kX + 2 * tm) * kLanes];
+      xs[tm][1] = read[(S::kX + 2 * tm + 1) * kLanes];
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const uint4 words = *slot(stage, S::kCodes + nt);
-      const uint4 raw = *slot(stage, S::kRecords + nt);
-      const LaneRecord r = decode_record(raw, args.scale_dtype);
-      // q - round(z) exactly, then * s + (the fractional rest of z) * -s
-      // (round(z) is kept within +-64 so magic + round(z) stays exact in bf16 too)
-      const float zi_lo = fminf(fmaxf(rintf(r.zero_lo), -64.f), 64.f);
-      const float zi_hi = fminf(fmaxf(rintf(r.zero_hi), -64.f), 64.f);
-      const T2 shift_lo = H::pair(H::kMagic + zi_lo, H::kMagic + zi_lo);
-      const T2 shift_hi = H::pair(H::kMagic + zi_hi, H::kMagic + zi_hi);
-      const T2 scale_lo = H::pair(r.scale_lo, r.scale_lo), scale_hi = H::pair(r.scale_hi, r.scale_hi);
-      const float rest_lo = -(r.zero_lo - zi_lo) * r.scale_lo, rest_hi = -(r.zero_hi - zi_hi) * r.scale_hi;
-      const T2 bias_lo = H::pair(rest_lo, rest_lo), bias_hi = H::pair(rest_hi, rest_hi);
+      const uint4 words = read[(S::kCodes + nt) * kLanes];
+      const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
       const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
 #pragma unroll
       for (int step = 0; step < kSteps; ++step) {
         uint32_t a[4];
-#pragma unroll
-        for (int reg = 0; reg < 4; ++reg) {
-          const T2 magic_q = as_pair<T2>(((step_words[step] >> (4 * reg)) & 0x000F000Fu) | H::kMagicBits);
-          const bool hi = reg & 1;  // registers 1 and 3 hold row g + 8
-          a[reg] = as_bits(__hfma2(__hsub2(magic_q, hi ? shift_hi : shift_lo), hi ? scale_hi : scale_lo,
-                                   hi ? bias_hi : bias_lo));
-        }
+        dq.fragments(step_words[step], a);
 #pragma unroll
         for (int tm = 0; tm < TM; ++tm) {
           // B fragments: x elements 4 step + {0,1} and 4 step + {2,3} of this lane's 16
@@ -221,8 +284,10 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
         }
       }
     }
-    if (it + STAGES - 1 < iterations) issue(it + STAGES - 1);
-    cp_async_commit();
+    issue_next();  // into the stage read one iteration ago, by this lane only
+    const bool wrap = stage == STAGES - 1;
+    stage = wrap ? 0 : stage + 1;
+    read = wrap ? ring : read + kStage;
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the split-K reduction
@@ -291,10 +356,13 @@ int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
            const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream) {
   if (dtype != DType::F16 && dtype != DType::BF16) return cudaErrorInvalidValue;
+  // the kernel's column arithmetic is 32-bit (cuda_layout::kMaxK)
+  if (shape.K <= 0 || shape.K >= cuda_layout::kMaxK || shape.G <= 0) return cudaErrorInvalidValue;
   if (M == 0 || shape.N == 0) return cudaSuccess;
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
-                        bias, out, M, ldx, shape.N, shape.K, shape.G, shape.groups(),
-                        shape.tiles(), shape.chunks(), shape.scale_dtype};
+                        bias, out, M, ldx, shape.N, shape.K, shape.groups(),
+                        shape.tiles(), shape.chunks(), shape.scale_dtype,
+                        FastDivisor(uint32_t(shape.G))};
   const auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::BF16 ? launch_for_m<__nv_bfloat16>(args, s) : launch_for_m<__half>(args, s);
 }

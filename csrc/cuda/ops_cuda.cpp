@@ -187,7 +187,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N,
   const c10::optional<at::Tensor> b =
       bias ? c10::optional<at::Tensor>(bias->to(dtype).contiguous()) : c10::nullopt;
 
-  if (dtype == at::kFloat || M > fused_max_m() || !cuda_layout::fused_group_ok(K, shape.G)) {
+  if (dtype == at::kFloat || M > fused_max_m() || !cuda_layout::fused_group_ok(K, shape.G) ||
+      K >= cuda_layout::kMaxK) {
     at::Tensor weight = at::empty({N, K}, x.options());
     check_launch(dequantize_prepacked(packed.data_ptr<uint8_t>(), shape, weight.data_ptr(),
                                       to_kernel_dtype(dtype), current_stream()),

@@ -47,11 +47,11 @@ TEST(CudaLayout, SizesAndDtypeFooter) {
 }
 
 TEST(CudaLayout, LaneGroupStaysInsideOneGroup) {
-  for (int64_t G : {16, 32, 64, 128, 192}) {
-    const int64_t K = 1000, groups = num_groups(K, G);
-    for (int64_t chunk = 0; chunk < ceil_div(K, kChunkK); ++chunk)
+  for (int G : {16, 32, 64, 128, 192}) {
+    const int K = 1000, groups = int(num_groups(K, G));
+    for (int chunk = 0; chunk < int(ceil_div(K, kChunkK)); ++chunk)
       for (int lane = 0; lane < kLanes; ++lane) {
-        const int64_t g = lane_group(chunk, lane, G, groups);
+        const int g = lane_group(lane_first_column(chunk, lane), FastDivisor(G), groups);
         for (int i = 0; i < 16; ++i) {
           const int64_t k = chunk * kChunkK + 16 * (lane & 3) + i;
           if (k < K) {
@@ -59,6 +59,22 @@ TEST(CudaLayout, LaneGroupStaysInsideOneGroup) {
           }
         }
       }
+  }
+}
+
+TEST(CudaLayout, FastDivisorMatchesDivision) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> any(0, (1u << 31) - 1);
+  for (uint32_t d : {1u, 2u, 3u, 7u, 16u, 32u, 48u, 64u, 100u, 128u, 192u, 4096u, 11008u, 65535u,
+                     (1u << 30) - 1, 1u << 30}) {
+    const FastDivisor fd(d);
+    for (uint32_t n = 0; n < 5000; ++n) ASSERT_EQ(fd.divide(n), n / d) << n << " / " << d;
+    for (uint32_t n : {(1u << 31) - 1, (1u << 31) - 2, ((1u << 31) - 1) / d * d - 1})
+      ASSERT_EQ(fd.divide(n), n / d) << n << " / " << d;
+    for (int i = 0; i < 20000; ++i) {
+      const uint32_t n = any(rng);
+      ASSERT_EQ(fd.divide(n), n / d) << n << " / " << d;
+    }
   }
 }
 
@@ -102,6 +118,7 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
   for (auto& v : z) v = 7.5f + 7.f * uni(rng);
   for (auto& v : x) v = uni(rng);
   const Shape shape{N, K, G, DType::F32};
+  const FastDivisor group_divisor{uint32_t(G)};
 
   // Prepack the codes the way the CUDA prepack kernel does: word (tile, chunk, lane, step).
   std::vector<uint32_t> words(size_t(shape.codes_bytes() / 4));
@@ -127,7 +144,7 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
           Fragments f{};
           for (int lane = 0; lane < kLanes; ++lane) {
             const uint32_t word = words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step];
-            const int64_t group = lane_group(c, lane, G, groups);
+            const int64_t group = lane_group(lane_first_column(int(c), lane), group_divisor, int(groups));
             // A register r: codes at bits 4r (low half) and 16 + 4r (high half), as the kernel's
             // (word >> 4r) & 0x000F000F; odd registers are row g + 8.
             for (int r = 0; r < 4; ++r) {

@@ -37,7 +37,8 @@ int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape,
                          DType out_dtype, void* stream);
 // out [M, N] = x [M, K] @ W^T (+ bias [N]), x, bias and out of dtype (F16 or BF16), fp32
 // accumulation. x rows are ldx elements apart (ldx % 8 == 0, zeros between K and ldx), x is
-// 16-byte aligned, and the group size is one the fused path reads (cuda_layout::fused_group_ok).
+// 16-byte aligned, K < cuda_layout::kMaxK, and the group size is one the fused path reads
+// (cuda_layout::fused_group_ok); other arguments return cudaErrorInvalidValue.
 // No allocation, no host synchronisation: CUDA-graph safe.
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
            const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream);
