@@ -7,7 +7,7 @@ over the columns not yet quantized, using the Cholesky factor of the damped inve
     for each block of `block_size` columns (lazy batch updates):
         for each column j of the block:
             q_j = quant(w_j);  e_j = (w_j - q_j) / U_jj
-            W[:, j:block_end] -= e_j U_j,j:block_end
+            W[:, j:block_end] -= e_j U_j,j:block_end      (two-level: see `sub` below)
         W[:, block_end:] -= E_block U_block,block_end:
 
 Group parameters (scale, zero point) are computed when the pass reaches a group's first column,
@@ -93,28 +93,38 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         if not static:
             B = max(G, (B // G) * G) if G < B else (G if G % B else B)
 
+        # Inside a block, the per-column rank-1 updates only touch a sub-block of `sub` columns (a
+        # few hundred KB, cache-resident); each finished sub-block passes its errors on to the rest
+        # of the block with one matmul. Same arithmetic as updating the whole block per column, in
+        # another order. A group's first column must see every update made so far, so in the
+        # non-static case sub-blocks start on group boundaries (sub divides G), or are the block.
+        sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
+
         Q = torch.empty(N, K, dtype=compute_dtype)
         for i1 in range(0, K, B):
             i2 = min(i1 + B, K)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                g = int(col_group[col])
-                if not static and col % G == 0:
-                    # at a block start W is up to date (W1 is a fresh copy); inside a block the whole
-                    # group lies in W1
-                    src = W[:, col:min(col + G, K)] if i == 0 else W1[:, i:i + G]
-                    S[:, g], Z[:, g] = _group_params(src, symmetric, dtype, clip_search,
-                                                     None if cw is None else cw[col:col + src.shape[1]])
-                s, z = S[:, g], Z[:, g]
-                wcol = W1[:, i]
-                q = (torch.round(wcol / s) + z).clamp(0, MAX_CODE)
-                Q[:, col] = q
-                err = (wcol - (q - z) * s) / Hinv1[i, i]
-                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-                Err1[:, i] = err
+            for j1 in range(0, i2 - i1, sub):
+                j2 = min(j1 + sub, i2 - i1)
+                for i in range(j1, j2):
+                    col = i1 + i
+                    g = int(col_group[col])
+                    if not static and col % G == 0:
+                        # at a block start W is up to date (W1 is a fresh copy); inside a block the
+                        # whole group lies in W1, updated up to here
+                        src = W[:, col:min(col + G, K)] if i == 0 else W1[:, i:i + G]
+                        S[:, g], Z[:, g] = _group_params(src, symmetric, dtype, clip_search,
+                                                         None if cw is None else cw[col:col + src.shape[1]])
+                    s, z = S[:, g], Z[:, g]
+                    wcol = W1[:, i]
+                    q = (torch.round(wcol / s) + z).clamp(0, MAX_CODE)
+                    Q[:, col] = q
+                    err = (wcol - (q - z) * s) / Hinv1[i, i]
+                    W1[:, i:j2] -= err[:, None] * Hinv1[i, i:j2][None, :]
+                    Err1[:, i] = err
+                W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
