@@ -32,20 +32,23 @@ def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp: float):
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float64; raises the damping
-    tenfold (up to 3 times) if the factorisation fails. Returns (U, damping used)."""
-    H = H.double().clone()
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), in
+    float64; raises the damping tenfold (up to 3 times) if the factorisation fails. Returns
+    (U, damping used).
+
+    With J the order-reversing permutation and J Hd J = L L^T, Hd = (J L J)(J L J)^T where J L J is
+    upper triangular, so U = (J L J)^-1 = J L^-1 J: one Cholesky and one triangular solve instead
+    of Cholesky, inverse and a second Cholesky."""
+    H = H.double()
     K = H.shape[0]
     mean_diag = float(torch.diag(H).mean()) or 1.0
     for attempt in range(4):
-        Hd = H.clone()
+        Hd = H.flip(0, 1)
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U, damp
+            eye = torch.eye(K, dtype=L.dtype)
+            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), damp
         damp = damp * 10 if damp > 0 else 1e-6
     raise RuntimeError(f"GPTQ: the Hessian of this layer ({K} inputs) is not positive definite "
                        f"even with damping {damp:g}; its calibration data may be degenerate")
@@ -93,17 +96,18 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         if not static:
             B = max(G, (B // G) * G) if G < B else (G if G % B else B)
 
-        # Inside a block, the per-column rank-1 updates only touch a sub-block of `sub` columns (a
-        # few hundred KB, cache-resident); each finished sub-block passes its errors on to the rest
-        # of the block with one matmul. Same arithmetic as updating the whole block per column, in
-        # another order. A group's first column must see every update made so far, so in the
-        # non-static case sub-blocks start on group boundaries (sub divides G), or are the block.
+        # The pass runs on W^T (columns of W are contiguous rows here). Inside a block, the
+        # per-column rank-1 updates only touch a sub-block of `sub` columns (cache-resident); each
+        # finished sub-block passes its errors on to the rest of the block with one matmul. Same
+        # arithmetic as updating the whole block per column, in another order. A group's first
+        # column must see every update made so far, so in the non-static case sub-blocks start on
+        # group boundaries (sub divides G), or are the block.
         sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
-
-        Q = torch.empty(N, K, dtype=compute_dtype)
+        WT = W.T.contiguous()
+        QT = torch.empty(K, N, dtype=compute_dtype)
         for i1 in range(0, K, B):
             i2 = min(i1 + B, K)
-            W1 = W[:, i1:i2].clone()
+            W1 = WT[i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for j1 in range(0, i2 - i1, sub):
@@ -112,20 +116,21 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                     col = i1 + i
                     g = int(col_group[col])
                     if not static and col % G == 0:
-                        # at a block start W is up to date (W1 is a fresh copy); inside a block the
-                        # whole group lies in W1, updated up to here
-                        src = W[:, col:min(col + G, K)] if i == 0 else W1[:, i:i + G]
-                        S[:, g], Z[:, g] = _group_params(src, symmetric, dtype, clip_search,
-                                                         None if cw is None else cw[col:col + src.shape[1]])
+                        # at a block start WT is up to date (W1 is a fresh copy); inside a block
+                        # the whole group lies in W1, updated up to here
+                        src = WT[col:min(col + G, K)] if i == 0 else W1[i:i + G]
+                        S[:, g], Z[:, g] = _group_params(src.T, symmetric, dtype, clip_search,
+                                                         None if cw is None else cw[col:col + src.shape[0]])
                     s, z = S[:, g], Z[:, g]
-                    wcol = W1[:, i]
-                    q = (torch.round(wcol / s) + z).clamp(0, MAX_CODE)
-                    Q[:, col] = q
-                    err = (wcol - (q - z) * s) / Hinv1[i, i]
-                    W1[:, i:j2] -= err[:, None] * Hinv1[i, i:j2][None, :]
-                    Err1[:, i] = err
-                W1[:, j2:] -= Err1[:, j1:j2] @ Hinv1[j1:j2, j2:]
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                    wcol = W1[i]
+                    q = torch.round(wcol / s).add_(z).clamp_(0, MAX_CODE)
+                    QT[col] = q
+                    err = torch.addcmul(wcol, q - z, s, value=-1).div_(Hinv1[i, i])
+                    W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
+                    Err1[i] = err
+                W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
+            WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+        Q = QT.T
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
         return Q.long(), S, Z
