@@ -45,6 +45,7 @@ struct Half<__half> {
   static __device__ T2 low2(T2 v) { return __low2half2(v); }
   static __device__ T2 high2(T2 v) { return __high2half2(v); }
   static constexpr uint32_t kMagicBits = 0x64006400u;  // 1024 in both halves: codes land in the mantissa
+  static constexpr uint32_t kOnesBits = 0x3C003C00u;   // 1.0 in both halves
   static constexpr float kMagic = 1024.f;
   static __device__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ T from_float(float v) { return __float2half_rn(v); }
@@ -58,6 +59,7 @@ struct Half<__nv_bfloat16> {
   static __device__ T2 low2(T2 v) { return __low2bfloat162(v); }
   static __device__ T2 high2(T2 v) { return __high2bfloat162(v); }
   static constexpr uint32_t kMagicBits = 0x43004300u;  // 128 in both halves
+  static constexpr uint32_t kOnesBits = 0x3F803F80u;   // 1.0 in both halves
   static constexpr float kMagic = 128.f;
   static __device__ T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ T from_float(float v) { return __float2bfloat16_rn(v); }
@@ -166,6 +168,7 @@ struct LinearArgs {
   int64_t M, ldx, N, K, groups, tiles, chunks;
   DType scale_dtype;
   FastDivisor group_divisor;  // of the group size
+  bool group_per_chunk;       // every 64-column chunk lies in one group (cuda_layout.h)
 };
 
 template <int NT, int TM>
@@ -173,7 +176,7 @@ struct Slots {  // the uint4 slots of one lane in one stage
   static constexpr int kCodes = 0, kRecords = NT, kX = 2 * NT, kCount = 2 * NT + 2 * TM;
 };
 
-template <typename T, int NT, int TM, int WK, int STAGES>
+template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma>
 __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   using H = Half<T>;
   using T2 = typename H::T2;
@@ -266,21 +269,76 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
       xs[tm][0] = read[(S::kX + 2 * tm) * kLanes];
       xs[tm][1] = read[(S::kX + 2 * tm + 1) * kLanes];
     }
+    // B fragments of step `step`: x elements 4 step + {0,1} and 4 step + {2,3} of the lane's 16
+    auto b_fragments = [&](int tm, int step, uint32_t& b0, uint32_t& b1) {
+      const uint4& v = xs[tm][step / 2];
+      b0 = (step & 1) ? v.z : v.x;
+      b1 = (step & 1) ? v.w : v.y;
+    };
+    if constexpr (kCodesInMma) {
+      // The whole chunk lies in one group: the mma takes the codes centred, q - 8 (one exact
+      // subtraction of magic + 8, the same for every row), and the group's zero point and scale
+      // are applied to the fp32 partial sums,
+      //   sum_k (q - z) s x = s (sum_k (q - 8) x - (z - 8) sum_k x),
+      // with sum_k x per token from an mma against ones (same accumulator layout). Centring keeps
+      // the partial sums free of cancellation (magic + q would cost 10 bits of fp16's mantissa).
+      constexpr uint32_t kOnes[4] = {H::kOnesBits, H::kOnesBits, H::kOnesBits, H::kOnesBits};
+      float xsum[TM][4] = {};
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const uint4 words = read[(S::kCodes + nt) * kLanes];
-      const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
-      const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
+      for (int tm = 0; tm < TM; ++tm)
 #pragma unroll
-      for (int step = 0; step < kSteps; ++step) {
-        uint32_t a[4];
-        dq.fragments(step_words[step], a);
+        for (int step = 0; step < kSteps; ++step) {
+          uint32_t b0, b1;
+          b_fragments(tm, step, b0, b1);
+          mma_16816(xsum[tm], kOnes, b0, b1, T{});
+        }
 #pragma unroll
-        for (int tm = 0; tm < TM; ++tm) {
-          // B fragments: x elements 4 step + {0,1} and 4 step + {2,3} of this lane's 16
-          const uint4& v = xs[tm][step / 2];
-          const uint32_t b0 = (step & 1) ? v.z : v.x, b1 = (step & 1) ? v.w : v.y;
-          mma_16816(acc[nt][tm], a, b0, b1, T{});
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 words = read[(S::kCodes + nt) * kLanes];
+        const LaneRecord r = decode_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
+        const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
+        float part[TM][4] = {};
+#pragma unroll
+        for (int step = 0; step < kSteps; ++step) {
+          uint32_t a[4];
+#pragma unroll
+          for (int reg = 0; reg < 4; ++reg)
+            a[reg] = as_bits(__hsub2(
+                as_pair<T2>(((step_words[step] >> (4 * reg)) & 0x000F000Fu) | H::kMagicBits),
+                H::pair(H::kMagic + kSymmetricZero, H::kMagic + kSymmetricZero)));
+#pragma unroll
+          for (int tm = 0; tm < TM; ++tm) {
+            uint32_t b0, b1;
+            b_fragments(tm, step, b0, b1);
+            mma_16816(part[tm], a, b0, b1, T{});
+          }
+        }
+        const float shift_lo = r.zero_lo - kSymmetricZero, shift_hi = r.zero_hi - kSymmetricZero;
+#pragma unroll
+        for (int tm = 0; tm < TM; ++tm)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) {  // values 0, 1: row g; 2, 3: row g + 8
+            const bool hi = v >= 2;
+            acc[nt][tm][v] += (hi ? r.scale_hi : r.scale_lo) *
+                              fmaf(-(hi ? shift_hi : shift_lo), xsum[tm][v], part[tm][v]);
+          }
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 words = read[(S::kCodes + nt) * kLanes];
+        const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
+        const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
+#pragma unroll
+        for (int step = 0; step < kSteps; ++step) {
+          uint32_t a[4];
+          dq.fragments(step_words[step], a);
+#pragma unroll
+          for (int tm = 0; tm < TM; ++tm) {
+            uint32_t b0, b1;
+            b_fragments(tm, step, b0, b1);
+            mma_16816(acc[nt][tm], a, b0, b1, T{});
+          }
         }
       }
     }
@@ -318,11 +376,11 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 
 // Shared memory per block: WK * STAGES * (2 NT + 2 TM) * 512 bytes; above 48 KiB a kernel must opt
 // in (a host-side attribute call, no stream work, so capture-safe).
-template <typename T, int NT, int TM, int WK, int STAGES>
+template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma = false>
 int launch(const LinearArgs& args, cudaStream_t stream) {
   constexpr int kSmem = WK * STAGES * Slots<NT, TM>::kCount * kLanes * 16;
   static_assert(NT * TM * 4 * kLanes * 4 <= kSmem / WK, "the split-K reduction must fit the ring");
-  auto kernel = linear_kernel<T, NT, TM, WK, STAGES>;
+  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kCodesInMma>;
   if (kSmem > 48 * 1024) {
     // The opt-in is per device: remember which devices have it (bit d), once per instantiation.
     static std::atomic<uint64_t> opted_in{0};
@@ -345,6 +403,11 @@ int launch(const LinearArgs& args, cudaStream_t stream) {
 template <typename T>
 int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
   // M <= 8 is a GEMV: one token tile, many warps per row tile so enough bytes are in flight.
+  // Small M with one group per chunk: codes go into the mma as they are and scales apply to the
+  // fp32 partial sums (half the dequantization work, where that work is what limits the GEMV).
+  if (args.M <= 16 && args.group_per_chunk)
+    return args.M <= 8 ? launch<T, 2, 1, 8, 4, true>(args, stream)
+                       : launch<T, 2, 2, 4, 4, true>(args, stream);
   if (args.M <= 8) return launch<T, 2, 1, 8, 4>(args, stream);
   if (args.M <= 16) return launch<T, 2, 2, 4, 4>(args, stream);
   if (args.M <= 32) return launch<T, 2, 4, 4, 3>(args, stream);
@@ -362,7 +425,7 @@ int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
                         bias, out, M, ldx, shape.N, shape.K, shape.groups(),
                         shape.tiles(), shape.chunks(), shape.scale_dtype,
-                        FastDivisor(uint32_t(shape.G))};
+                        FastDivisor(uint32_t(shape.G)), cuda_layout::group_per_chunk(shape.K, shape.G)};
   const auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::BF16 ? launch_for_m<__nv_bfloat16>(args, s) : launch_for_m<__half>(args, s);
 }

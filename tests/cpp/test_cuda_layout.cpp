@@ -1,7 +1,8 @@
 // The CUDA prepacked layout checked on the CPU, where no GPU is needed: the fragment maps of
 // int4kit/cuda_layout.h are bijections, and a step-by-step emulation of what the fused kernel
 // computes (its nibble extraction, its x-fragment loads, mma.sync.m16n8k16 as the PTX ISA defines
-// its fragments, its accumulator map) reproduces x @ W^T. The PTX fragment tables are written out
+// its fragments, its accumulator map; dequantizing before the mma, or for small M scaling the fp32
+// partial sums of magic + q after it) reproduces x @ W^T. The PTX fragment tables are written out
 // here independently of the layout header, so a wrong layout cannot agree with them by accident.
 #include <gtest/gtest.h>
 
@@ -102,11 +103,13 @@ void emulate_mma(const Fragments& f, float (&c)[kLanes][4]) {
   }
 }
 
-class CudaLayoutEmulation : public ::testing::TestWithParam<std::tuple<int, int, int, int>> {};
+// (M, N, K, G) x (codes into the mma as they are: the small-M kernel with one group per chunk)
+class CudaLayoutEmulation
+    : public ::testing::TestWithParam<std::tuple<std::tuple<int, int, int, int>, bool>> {};
 
 // out = x @ W^T through the layout, for W = (q - z) * s per group, against plain loops.
 TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
-  const auto [M, N, K, G] = GetParam();
+  const auto [M, N, K, G] = std::get<0>(GetParam());
   std::mt19937 rng(uint32_t(M * 7919 + N * 104729 + K * 31 + G));
   std::uniform_int_distribution<int> code(0, 15);
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
@@ -135,33 +138,63 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
           words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step] = word;
         }
 
+  // The B fragments of one step: the lane's 16 contiguous x values from k = 64c + 16q; step s
+  // uses 4s .. 4s+3.
+  auto b_fragments = [&](Fragments& f, int64_t c, int step, int64_t token0) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t token = std::min<int64_t>(token0 + lane / 4, M - 1);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t k = c * kChunkK + 16 * (lane % 4) + 4 * step + i;
+        f.b[lane][i] = k < K ? x[token * K + k] : 0.f;
+      }
+    }
+  };
+  // A register r of a lane: codes at bits 4r (low half) and 16 + 4r (high half), as the kernel's
+  // (word >> 4r) & 0x000F000F; odd registers are row g + 8.
+  auto code_at = [](uint32_t word, int element) {
+    return float((word >> (4 * (element / 2) + 16 * (element % 2))) & 0xF);
+  };
+  auto row_of = [&](int64_t t, int lane, int element) {
+    return std::min<int64_t>(t * kTileRows + lane / 4 + 8 * ((element / 2) & 1), N - 1);
+  };
+
+  const bool codes_in_mma = std::get<1>(GetParam());
   std::vector<double> out(size_t(M) * N, 0.0);
   for (int64_t t = 0; t < shape.tiles(); ++t)
     for (int64_t token0 = 0; token0 < M; token0 += 8) {
       float acc[kLanes][4] = {};
-      for (int64_t c = 0; c < shape.chunks(); ++c)
+      for (int64_t c = 0; c < shape.chunks(); ++c) {
+        // the small-M kernel: q - 8 into the mma, the group's scale and zero point applied to the
+        // chunk's fp32 partial sums, sum_k x from an mma against ones
+        float part[kLanes][4] = {}, xsum[kLanes][4] = {};
         for (int step = 0; step < kSteps; ++step) {
           Fragments f{};
+          b_fragments(f, c, step, token0);
           for (int lane = 0; lane < kLanes; ++lane) {
             const uint32_t word = words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step];
             const int64_t group = lane_group(lane_first_column(int(c), lane), group_divisor, int(groups));
-            // A register r: codes at bits 4r (low half) and 16 + 4r (high half), as the kernel's
-            // (word >> 4r) & 0x000F000F; odd registers are row g + 8.
-            for (int r = 0; r < 4; ++r) {
-              const int64_t n = std::min<int64_t>(t * kTileRows + lane / 4 + 8 * (r & 1), N - 1);
-              const float sc = s[n * groups + group], zp = z[n * groups + group];
-              f.a[lane][2 * r] = (float((word >> (4 * r)) & 0xF) - zp) * sc;
-              f.a[lane][2 * r + 1] = (float((word >> (16 + 4 * r)) & 0xF) - zp) * sc;
-            }
-            // B: the lane's 16 contiguous x values from k = 64c + 16q; step s uses 4s .. 4s+3.
-            const int64_t token = std::min<int64_t>(token0 + lane / 4, M - 1);
-            for (int i = 0; i < 4; ++i) {
-              const int64_t k = c * kChunkK + 16 * (lane % 4) + 4 * step + i;
-              f.b[lane][i] = k < K ? x[token * K + k] : 0.f;
+            for (int e = 0; e < 8; ++e) {
+              const int64_t n = row_of(t, lane, e);
+              f.a[lane][e] = codes_in_mma ? code_at(word, e) - kSymmetricZero
+                                          : (code_at(word, e) - z[n * groups + group]) * s[n * groups + group];
             }
           }
-          emulate_mma(f, acc);
+          emulate_mma(f, codes_in_mma ? part : acc);
+          if (codes_in_mma) {
+            for (auto& lane_a : f.a)
+              for (float& v : lane_a) v = 1.f;
+            emulate_mma(f, xsum);
+          }
         }
+        if (!codes_in_mma) continue;
+        const int64_t group = c * kChunkK / G < groups ? c * kChunkK / G : groups - 1;
+        for (int lane = 0; lane < kLanes; ++lane)
+          for (int v = 0; v < 4; ++v) {
+            const int64_t n = std::min<int64_t>(t * kTileRows + accumulator_element(lane, v).row, N - 1);
+            const float sc = s[n * groups + group], zp = z[n * groups + group];
+            acc[lane][v] += sc * (part[lane][v] - (zp - kSymmetricZero) * xsum[lane][v]);
+          }
+      }
       for (int lane = 0; lane < kLanes; ++lane)
         for (int v = 0; v < 4; ++v) {
           const AccumulatorElement e = accumulator_element(lane, v);
@@ -180,13 +213,24 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayoutEmulation,
-                         ::testing::Values(std::make_tuple(1, 16, 64, 64),
-                                           std::make_tuple(3, 40, 136, 32),    // N, K tails
-                                           std::make_tuple(9, 33, 256, 128),   // two token tiles
-                                           std::make_tuple(8, 16, 200, 200),   // per channel, K % 16
-                                           std::make_tuple(5, 24, 192, 16),    // G = 16
-                                           std::make_tuple(2, 17, 320, 64)));
+// Every shape through the dequantize-first kernel; those with one group per chunk (G % 64 == 0 or
+// per channel) also through the small-M one.
+std::vector<std::tuple<std::tuple<int, int, int, int>, bool>> emulation_cases() {
+  const std::tuple<int, int, int, int> shapes[] = {
+      {1, 16, 64, 64},   {3, 40, 136, 32},  // N, K tails
+      {9, 33, 256, 128},                    // two token tiles
+      {8, 16, 200, 200},                    // per channel, K % 16 != 0
+      {5, 24, 192, 16},  {2, 17, 320, 64},
+      {4, 20, 450, 192}};                   // K tail, G a multiple of 64 but not a power of 2
+  std::vector<std::tuple<std::tuple<int, int, int, int>, bool>> cases;
+  for (const auto& shape : shapes) {
+    cases.emplace_back(shape, false);
+    if (group_per_chunk(std::get<2>(shape), std::get<3>(shape))) cases.emplace_back(shape, true);
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayoutEmulation, ::testing::ValuesIn(emulation_cases()));
 
 }  // namespace
 }  // namespace int4kit

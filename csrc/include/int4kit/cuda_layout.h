@@ -132,5 +132,8 @@ struct Shape {
 // dequantize + a dense matmul.
 inline bool fused_group_ok(int64_t K, int64_t G) { return G == K || G % 16 == 0; }
 
+// Every chunk's 64 columns in one group: the small-M kernel then applies scales after the mma.
+inline bool group_per_chunk(int64_t K, int64_t G) { return G == K || G % kChunkK == 0; }
+
 }  // namespace cuda_layout
 }  // namespace int4kit
