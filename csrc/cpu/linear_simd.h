@@ -210,20 +210,30 @@ void dequantize_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int6
 }
 
 // c[r][16] += x[r][0:kc] . tile[0:kc][16] for R rows of one x panel (x[k * kPanel + r]).
+// The r and h loops must be unrolled before GCC's scalar replacement of the acc array: left to the
+// later unroller, GCC 12 kept every accumulator in a register *and* stored it to the stack on each
+// k (12 extra stores per 12 FMAs on AVX2, ~20% of the GEMM's time).
 template <int R>
 void microkernel(const float* x, const float* tile, int64_t kc, float* c) {
   typename Simd::V acc[R][kVecs];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::load(c + r * kBlockN + h * Simd::kLanes);
   for (int64_t k = 0; k < kc; ++k) {
     typename Simd::V wv[kVecs];
+#pragma GCC unroll 4
     for (int64_t h = 0; h < kVecs; ++h) wv[h] = Simd::load(tile + k * kBlockN + h * Simd::kLanes);
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const typename Simd::V xb = Simd::broadcast(x + k * kPanel + r);
+#pragma GCC unroll 4
       for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::fmadd(xb, wv[h], acc[r][h]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int64_t h = 0; h < kVecs; ++h) Simd::store(c + r * kBlockN + h * Simd::kLanes, acc[r][h]);
 }
 
