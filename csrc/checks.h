@@ -74,4 +74,24 @@ inline int64_t check_canonical(const at::Tensor& qweight, const at::Tensor& scal
   return N;
 }
 
+// What both quantize ops start from: the checked weight as contiguous fp32 (NaN and Inf
+// rejected), and the fp32 outputs of the RTN kernels, on the weight's device: codes uint8 [N, K],
+// scales and zeros [N, ceil(K/G)].
+struct QuantizeBuffers {
+  at::Tensor w, codes, scales, zeros;
+  int64_t N, K, G;
+};
+inline QuantizeBuffers quantize_buffers(const at::Tensor& weight, int64_t group_size) {
+  check_compute_dtype(weight, "weight");
+  check_dim(weight, 2, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t G = effective_group_size(group_size, K);
+  at::Tensor w = weight.to(at::kFloat).contiguous();
+  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "int4kit: weight contains NaN or Inf");
+  at::Tensor codes = at::empty({N, K}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, num_groups(K, G)}, w.options());
+  at::Tensor zeros = at::empty_like(scales);
+  return {w, codes, scales, zeros, N, K, G};
+}
+
 }  // namespace int4kit

@@ -86,18 +86,10 @@ at::Tensor unpack_cpu(const at::Tensor& qweight, int64_t K) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& weight,
                                                             int64_t group_size, bool symmetric) {
-  check_compute_dtype(weight, "weight");
-  check_dim(weight, 2, "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t G = effective_group_size(group_size, K);
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "int4kit: weight contains NaN or Inf");
-  at::Tensor codes = at::empty({N, K}, w.options().dtype(at::kByte));
-  at::Tensor scales = at::empty({N, num_groups(K, G)}, w.options());
-  at::Tensor zeros = at::empty_like(scales);
-  quantize_rtn(w.data_ptr<float>(), N, K, G, symmetric, to_kernel_dtype(weight.scalar_type()),
-               codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>());
-  return {pack_cpu(codes), scales.to(weight.scalar_type()), zeros.to(weight.scalar_type())};
+  const QuantizeBuffers b = quantize_buffers(weight, group_size);
+  quantize_rtn(b.w.data_ptr<float>(), b.N, b.K, b.G, symmetric, to_kernel_dtype(weight.scalar_type()),
+               b.codes.data_ptr<uint8_t>(), b.scales.data_ptr<float>(), b.zeros.data_ptr<float>());
+  return {pack_cpu(b.codes), b.scales.to(weight.scalar_type()), b.zeros.to(weight.scalar_type())};
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,

@@ -75,21 +75,13 @@ at::Tensor dequantize_cuda(const at::Tensor& qweight, const at::Tensor& scales,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& weight,
                                                              int64_t group_size, bool symmetric) {
-  check_compute_dtype(weight, "weight");
-  check_dim(weight, 2, "weight");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t G = effective_group_size(group_size, K);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w = weight.to(at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(w).all().item<bool>(), "int4kit: weight contains NaN or Inf");
-  at::Tensor codes = at::empty({N, K}, w.options().dtype(at::kByte));
-  at::Tensor scales = at::empty({N, num_groups(K, G)}, w.options());
-  at::Tensor zeros = at::empty_like(scales);
-  check_launch(quantize(w.data_ptr<float>(), N, K, G, symmetric, to_kernel_dtype(weight.scalar_type()),
-                        codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
-                        current_stream()),
+  const QuantizeBuffers b = quantize_buffers(weight, group_size);
+  check_launch(quantize(b.w.data_ptr<float>(), b.N, b.K, b.G, symmetric,
+                        to_kernel_dtype(weight.scalar_type()), b.codes.data_ptr<uint8_t>(),
+                        b.scales.data_ptr<float>(), b.zeros.data_ptr<float>(), current_stream()),
                "quantize");
-  return {pack_cuda(codes), scales.to(weight.scalar_type()), zeros.to(weight.scalar_type())};
+  return {pack_cuda(b.codes), b.scales.to(weight.scalar_type()), b.zeros.to(weight.scalar_type())};
 }
 
 // ---- the CUDA prepacked layout ------------------------------------------------------------------
