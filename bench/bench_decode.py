@@ -423,7 +423,7 @@ def main(argv=None):
     if min(args.new_tokens, args.repeats, args.prompt_tokens, args.prefill_tokens) < 1:
         p.error("--new-tokens, --repeats, --prompt-tokens and --prefill-tokens must be >= 1")
 
-    env = environment("cpu")
+    env = environment()
     print(describe(env))
     print(f"torch threads {torch.get_num_threads()} | int4kit.cpu_isa() {int4kit.cpu_isa()}")
     t0 = time.perf_counter()
