@@ -23,6 +23,9 @@
 // both halves; subtracting magic + round(z) leaves q - round(z) exactly, and one FMA with the scale
 // and the fractional rest of the zero point, -(z - round(z)) * s, gives (q - z) * s. For integer
 // zero points (RTN, GPTQ, symmetric) that rest is 0 and the only rounding is the final product's.
+// For M <= 16 with one group per 64-column chunk, a second variant (kCodesInMma) skips the per-row
+// scaling: the mma takes q - 8 and each chunk's fp32 partial sums get the group's scale and zero
+// point (see the kernel body).
 #include <atomic>
 
 #include "cuda/device_utils.cuh"
