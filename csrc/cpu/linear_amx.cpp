@@ -109,14 +109,20 @@ struct Bf16Flavour {
     }
   }
   const void* a_tile(int p, int64_t offset) const { return a.x_bf16 + p * plane + offset; }
-  // out += s * (16 C - (16 + z) sum x) for one row of a drained fp32 C tile
-  void drain_row(const float* c, const float* sc, int64_t m, int64_t g, int64_t groups, float* o) const {
+  // out += s * (16 C - (16 + z) sum x) for the first `rows` rows of a drained fp32 C tile, rows
+  // m, m + 1, ... of x (the group's scale and zero terms held in registers across the rows)
+  void drain_tile(const float (&c)[kTileRows][kBlockN], const float* sc, int64_t rows, int64_t m,
+                  int64_t g, int64_t groups, float* o) const {
     const __m512 sixteen = _mm512_set1_ps(16.f);
-    const __m512 zx = _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen),
-                                    _mm512_set1_ps(a.xsum[m * groups + g]));
-    const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c), zx);
-    _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(sc), centred, _mm512_load_ps(o)));
+    const __m512 scale = _mm512_loadu_ps(sc);
+    const __m512 zero16 = _mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen);
+    for (int64_t r = 0; r < rows; ++r, o += kBlockN) {
+      const __m512 zx = _mm512_mul_ps(zero16, _mm512_set1_ps(a.xsum[(m + r) * groups + g]));
+      const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c[r]), zx);
+      _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+    }
   }
+  void finish_row(int64_t, float*) const {}
 };
 
 // Int8 flavour: A = x quantized per row to int8 (columns in the W4A8 word order), B = the code
@@ -139,13 +145,21 @@ struct Int8Flavour {
     }
   }
   const void* a_tile(int, int64_t offset) const { return a.xq + offset; }
-  // out += s * scale_m * (C - z sum xq) for one row of a drained int32 C tile
-  void drain_row(const float* c, const float* sc, int64_t m, int64_t g, int64_t groups, float* o) const {
-    const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(c));
-    const __m512 centred = _mm512_fnmadd_ps(_mm512_loadu_ps(sc + kBlockN),
-                                            _mm512_set1_ps(float(a.xq_sum[m * groups + g])), acc);
-    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(a.scale[m]));
-    _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+  // out += s * (C - z sum xq) for the first `rows` rows of a drained int32 C tile; the per-row
+  // activation scale is applied once per row at the end (finish_row), not per group
+  void drain_tile(const float (&c)[kTileRows][kBlockN], const float* sc, int64_t rows, int64_t m,
+                  int64_t g, int64_t groups, float* o) const {
+    const __m512 scale = _mm512_loadu_ps(sc);
+    const __m512 zero = _mm512_loadu_ps(sc + kBlockN);
+    const int32_t* xq_sum = a.xq_sum + m * groups + g;
+    for (int64_t r = 0; r < rows; ++r, o += kBlockN) {
+      const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(c[r]));
+      const __m512 centred = _mm512_fnmadd_ps(zero, _mm512_set1_ps(float(xq_sum[r * groups])), acc);
+      _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+    }
+  }
+  void finish_row(int64_t m, float* o) const {
+    _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(a.scale[m])));
   }
 };
 
@@ -245,15 +259,16 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
         // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
         drain_c_tiles(c, pair, two_a, [&](int i, int j) {
           const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
-          for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
-            f.drain_row(c[r], sc, m0 + i * kTileRows + r, g, groups,
-                        out.get() + (j * kPassRows + i * kTileRows + r) * kBlockN);
+          f.drain_tile(c, sc, std::min(kTileRows, rows - i * kTileRows), m0 + i * kTileRows, g,
+                       groups, out.get() + (j * kPassRows + i * kTileRows) * kBlockN);
         });
       }
       for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
-        for (int64_t r = 0; r < rows; ++r)
-          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN,
-                    out.get() + (j * kPassRows + r) * kBlockN, bias, (b + j) * kBlockN, s.N);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = out.get() + (j * kPassRows + r) * kBlockN;
+          f.finish_row(m0 + r, o);
+          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN, o, bias, (b + j) * kBlockN, s.N);
+        }
     }
   }
   _tile_release();
