@@ -142,7 +142,8 @@ def test_scales_are_rounded_to_weight_dtype(dtype):
 
 def oracle_hqq(w, G, symmetric, iters=20, p=0.7, beta=10.0, kappa=1.01):
     """HQQ's proximal loop per group in float64 (zero point for asym, scale for sym, then a
-    least-squares scale refit for asym), as documented in int4kit.quant.hqq."""
+    least-squares scale refit for asym, then the lower squared error of that and the MSE-clipped
+    round-to-nearest), as documented in int4kit.quant.hqq."""
     w = w.double()
     N, K = w.shape
     out = torch.zeros_like(w)
@@ -197,7 +198,12 @@ def oracle_hqq(w, G, symmetric, iters=20, p=0.7, beta=10.0, kappa=1.01):
                 s, z = torch.where(e2 < e_best, s2, s), torch.where(e2 < e_best, z2, z)
                 e_best = torch.minimum(e_best, e2)
             q = torch.round(wg / s + z).clamp(0, 15)
-        out[:, a:b] = (q - z) * s
+        fit = (q - z) * s
+        # each group keeps the fit or the MSE-clipped round-to-nearest, whichever has the lower
+        # squared error
+        clip = oracle_rtn_clip(wg, -1, symmetric)
+        better = ((clip - wg) ** 2).sum(1, keepdim=True) < ((fit - wg) ** 2).sum(1, keepdim=True)
+        out[:, a:b] = torch.where(better, clip, fit)
     return out
 
 

@@ -21,13 +21,17 @@ stopping when the mean absolute error stops falling. Choices made here (docs/ACC
   with the closed-form update s <- <q - 8, W - W_e> / <q - 8, q - 8>.
 * zero points and scales are rounded to the weight dtype inside the loop, so the codes always
   belong to what is stored. Computed in float32 (float64 in the tests' oracle).
+* last, each group keeps the result above or the MSE-clipped round-to-nearest range (rtn with
+  clip_search), whichever has the lower squared error: the lp objective favours sparse errors,
+  and for ~45% of MiniLM's groups at group size 128 the clipped RTN range has the lower squared
+  error (mean embedding cosine out-of-domain: 0.956 without this step, 0.962 with it).
 """
 from typing import Optional
 
 import torch
 
 from .rtn import (MAX_CODE, SYMMETRIC_ZERO, codes_for, group_size_of, grouped, minmax_params,
-                  range_of, store_scale, threads_for)
+                  range_of, rtn, store_scale, threads_for)
 
 LP_NORM = 0.7
 BETA = 10.0
@@ -114,4 +118,13 @@ def hqq(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch
                 s = torch.where(better, s2, s)
                 z = torch.where(better, z2, z)
                 e_best = torch.minimum(e_best, e2)
+        # The lp fit targets sparse error, not squared error: on MiniLM, for ~45% of the groups the
+        # MSE-clipped round-to-nearest range has the lower squared error. Each group keeps whichever
+        # of the two has it (docs/ACCURACY.md).
+        _, s_clip, z_clip = rtn(w, group_size, symmetric, dtype, clip_search=True)
+        s_clip, z_clip = s_clip.to(compute_dtype), z_clip.to(compute_dtype)
+        e_fit = (((quant(s, z)[1] - wg) * valid) ** 2).sum(-1)
+        e_clip = (((quant(s_clip, z_clip)[1] - wg) * valid) ** 2).sum(-1)
+        better = e_clip < e_fit
+        s, z = torch.where(better, s_clip, s), torch.where(better, z_clip, z)
         return codes_for(wf, s, z, G), s, z
