@@ -170,6 +170,32 @@ def test_linear_matches_float64_reference(shape, symmetric, scale_dtype, x_dtype
 
 
 @pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)
+def test_linear_split_k_for_small_n(x_dtype):
+    # N = 40 leaves most SMs idle, so K = 16384 is split across blocks: partials, then a reduction
+    # that adds the bias; also under CUDA-graph capture (the workspace comes from the graph's pool)
+    K, N, G = 16384, 40, 128
+    qweight, scales, zeros = canonical(N, K, G, False, x_dtype)
+    packed = ops.prepack(*to_cuda(qweight, scales, zeros), G, K)
+    bias = torch.randn(N).to(x_dtype)
+    bias_dev = bias.cuda()
+    for M in (1, 9, 40):
+        x = torch.randn(M, K).to(x_dtype)
+        ref = R.linear(x, qweight, scales, zeros, G, bias)
+        y = ops.linear(x.cuda(), packed, N, K, G, bias_dev)
+        assert rel_err(y, ref) <= TOL[x_dtype], f"M={M}"
+        static_x = x.cuda()
+        ops.linear(static_x, packed, N, K, G, bias_dev)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ops.linear(static_x, packed, N, K, G, bias_dev)
+        x2 = torch.randn(M, K).to(x_dtype)
+        static_x.copy_(x2.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, R.linear(x2, qweight, scales, zeros, G, bias)) <= TOL[x_dtype]
+
+
+@pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)
 def test_linear_fractional_zero_points(x_dtype):
     K, N, G = 512, 48, 64
     qweight, scales, zeros = canonical(N, K, G, False, x_dtype, frac_zeros=True)

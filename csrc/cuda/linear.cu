@@ -26,6 +26,7 @@
 // For M <= 16 with one group per 64-column chunk, a second variant (kCodesInMma) skips the per-row
 // scaling: the mma takes q - 8 and each chunk's fp32 partial sums get the group's scale and zero
 // point (see the kernel body).
+#include <algorithm>
 #include <atomic>
 
 #include "cuda/device_utils.cuh"
@@ -172,6 +173,8 @@ struct LinearArgs {
   DType scale_dtype;
   FastDivisor group_divisor;  // of the group size
   bool group_per_chunk;       // every 64-column chunk lies in one group (cuda_layout.h)
+  int64_t chunks_per_split;   // split-K across blocks: blockIdx.y takes chunks [y cps, (y+1) cps)
+  float* partials;            // [splits, M, N] fp32 when gridDim.y > 1, else unused
 };
 
 template <int NT, int TM>
@@ -198,8 +201,11 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   uint4* const ring = smem + warp * STAGES * S::kCount * kLanes + lane;
   constexpr int kStage = S::kCount * kLanes;  // uint4s per stage
 
-  // Warp `warp` takes chunks warp, warp + WK, ...
-  const int64_t iterations = args.chunks > warp ? (args.chunks - warp + WK - 1) / WK : 0;
+  // This block's K range (split-K across blocks, blockIdx.y) and, inside it, warp `warp` takes
+  // chunks first + warp, first + warp + WK, ...
+  const int64_t first_chunk = int64_t(blockIdx.y) * args.chunks_per_split;
+  const int64_t span = min(args.chunks - first_chunk, args.chunks_per_split);
+  const int64_t iterations = span > warp ? (span - warp + WK - 1) / WK : 0;
 
   // Per-lane bases, so a refill is a few adds: this lane's code words and record rows of each row
   // tile (a tile past the last re-reads the last; its outputs are never stored), and the x row of
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int64_t tile = tile0 + nt < args.tiles ? tile0 + nt : args.tiles - 1;
-    codes[nt] = args.codes + (tile * args.chunks + warp) * kLanes + lane;
+    codes[nt] = args.codes + (tile * args.chunks + first_chunk + warp) * kLanes + lane;
     records[nt] = args.records + (tile * args.groups * kLaneGroups + lane / 4) * record_bytes;
   }
   const T* x_rows[TM];
@@ -224,7 +230,7 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   // The refill state: the next iteration to load, its ring stage and this lane's first column
   // there; code pointers advance with it.
   int64_t next = 0;
-  int next_stage = 0, next_column = lane_first_column(warp, lane);
+  int next_stage = 0, next_column = lane_first_column(int(first_chunk) + warp, lane);
   const unsigned ring_shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
   unsigned write = ring_shared;  // the shared-window address of stage next_stage
   auto slot_address = [&](int i) { return write + unsigned(i * kLanes * 16); };
@@ -372,8 +378,25 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
     const int l = i % kLanes, v = (i / kLanes) % 4, tm = (i / (4 * kLanes)) % TM, nt = i / (4 * kLanes * TM);
     const AccumulatorElement e = accumulator_element(l, v);
     const int64_t n = (tile0 + nt) * kTileRows + e.row, token = token0 + 8 * tm + e.token;
-    if (n < args.N && token < args.M)
+    if (n >= args.N || token >= args.M) continue;
+    if (gridDim.y == 1)
       out[token * args.N + n] = H::from_float(bias ? sum + H::to_float(bias[n]) : sum);
+    else  // one of several K ranges: reduce_splits_kernel adds them up
+      args.partials[(int64_t(blockIdx.y) * args.M + token) * args.N + n] = sum;
+  }
+}
+
+// out = sum over splits of the partial products (+ bias), in a fixed order: deterministic.
+template <typename T>
+__global__ void reduce_splits_kernel(const float* __restrict__ partials, int splits, int64_t M,
+                                     int64_t N, const T* __restrict__ bias, T* __restrict__ out) {
+  using H = Half<T>;
+  const int64_t total = M * N;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = bias ? H::to_float(bias[i % N]) : 0.f;
+    for (int s = 0; s < splits; ++s) sum += partials[s * total + i];
+    out[i] = H::from_float(sum);
   }
 }
 
@@ -398,29 +421,82 @@ int launch(const LinearArgs& args, cudaStream_t stream) {
     }
   }
   const int64_t blocks = ceil_div(args.M, 8 * TM) * ceil_div(args.tiles, NT);
-  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
-  kernel<<<unsigned(blocks), 32 * WK, kSmem, stream>>>(args);
+  const int64_t splits = ceil_div(args.chunks, args.chunks_per_split);
+  if (blocks > 0x7FFFFFFF || splits > 65535) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(unsigned(blocks), unsigned(splits)), 32 * WK, kSmem, stream>>>(args);
+  int err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  reduce_splits_kernel<T><<<elementwise_grid(args.M * args.N), kElementwiseThreads, 0, stream>>>(
+      args.partials, int(splits), args.M, args.N, static_cast<const T*>(args.bias),
+      static_cast<T*>(args.out));
   return cudaGetLastError();
+}
+
+// The tile shape by M (and whether each chunk lies in one group). M <= 8 is a GEMV: one token tile,
+// many warps per row tile so enough bytes are in flight. For small M with one group per chunk the
+// codes go into the mma centred and the scales apply to the fp32 partial sums (the dequantization
+// is what limits a GEMV).
+struct TileShape {
+  int nt, tm, wk;
+  bool codes_in_mma;
+};
+TileShape tile_shape(int64_t M, bool group_per_chunk) {
+  if (M <= 16 && group_per_chunk) return M <= 8 ? TileShape{2, 1, 8, true} : TileShape{2, 2, 4, true};
+  if (M <= 8) return {2, 1, 8, false};
+  if (M <= 16) return {2, 2, 4, false};
+  if (M <= 32) return {2, 4, 4, false};
+  return {2, 8, 2, false};
 }
 
 template <typename T>
 int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
-  // M <= 8 is a GEMV: one token tile, many warps per row tile so enough bytes are in flight.
-  // Small M with one group per chunk: codes go into the mma as they are and scales apply to the
-  // fp32 partial sums (half the dequantization work, where that work is what limits the GEMV).
-  if (args.M <= 16 && args.group_per_chunk)
-    return args.M <= 8 ? launch<T, 2, 1, 8, 4, true>(args, stream)
-                       : launch<T, 2, 2, 4, 4, true>(args, stream);
-  if (args.M <= 8) return launch<T, 2, 1, 8, 4>(args, stream);
-  if (args.M <= 16) return launch<T, 2, 2, 4, 4>(args, stream);
-  if (args.M <= 32) return launch<T, 2, 4, 4, 3>(args, stream);
-  return launch<T, 2, 8, 2, 3>(args, stream);
+  const TileShape t = tile_shape(args.M, args.group_per_chunk);
+  if (t.codes_in_mma)
+    return t.tm == 1 ? launch<T, 2, 1, 8, 4, true>(args, stream) : launch<T, 2, 2, 4, 4, true>(args, stream);
+  switch (t.tm) {
+    case 1: return launch<T, 2, 1, 8, 4>(args, stream);
+    case 2: return launch<T, 2, 2, 4, 4>(args, stream);
+    case 4: return launch<T, 2, 4, 4, 3>(args, stream);
+    default: return launch<T, 2, 8, 2, 3>(args, stream);
+  }
+}
+
+// SMs of the current device, looked up once per device.
+int multiprocessors() {
+  static std::atomic<int> cached[64] = {};
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device < 64 && (sms = cached[device].load(std::memory_order_relaxed)) > 0) return sms;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
+    return 1;
+  if (device < 64) cached[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+// Split-K across blocks only when the tile grid alone leaves more than half the SMs without a
+// block (small N, long K; a split costs a partials round trip and a second launch): enough splits
+// for ~2 blocks per SM, each keeping at least 2 chunks per warp.
+int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
+  const TileShape t = tile_shape(M, cuda_layout::group_per_chunk(shape.K, shape.G));
+  const int64_t blocks = ceil_div(M, 8 * t.tm) * ceil_div(shape.tiles(), t.nt);
+  const int64_t sms = multiprocessors();
+  if (2 * blocks > sms) return shape.chunks();
+  const int64_t most = std::max<int64_t>(1, shape.chunks() / (2 * t.wk));
+  const int64_t splits = std::min<int64_t>({ceil_div(2 * sms, blocks), most, 32});
+  return ceil_div(shape.chunks(), splits);
 }
 
 }  // namespace
 
+int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape) {
+  if (M == 0 || shape.N == 0) return 0;
+  const int64_t splits = ceil_div(shape.chunks(), chunks_per_split(M, shape));
+  return splits > 1 ? splits * M * shape.N : 0;
+}
+
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
-           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream) {
+           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype,
+           float* workspace, void* stream) {
   if (dtype != DType::F16 && dtype != DType::BF16) return cudaErrorInvalidValue;
   // the kernel's column arithmetic is 32-bit (cuda_layout::kMaxK)
   if (shape.K <= 0 || shape.K >= cuda_layout::kMaxK || shape.G <= 0) return cudaErrorInvalidValue;
@@ -428,7 +504,9 @@ int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
                         bias, out, M, ldx, shape.N, shape.K, shape.groups(),
                         shape.tiles(), shape.chunks(), shape.scale_dtype,
-                        FastDivisor(uint32_t(shape.G)), cuda_layout::group_per_chunk(shape.K, shape.G)};
+                        FastDivisor(uint32_t(shape.G)), cuda_layout::group_per_chunk(shape.K, shape.G),
+                        chunks_per_split(M, shape), workspace};
+  if (args.chunks_per_split < shape.chunks() && workspace == nullptr) return cudaErrorInvalidValue;
   const auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::BF16 ? launch_for_m<__nv_bfloat16>(args, s) : launch_for_m<__half>(args, s);
 }

@@ -195,9 +195,13 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N,
     xc = padded;
   }
   at::Tensor out = at::empty({M, N}, x.options());
+  // split-K partials, when N alone cannot fill the GPU (from the caching allocator: graph-safe)
+  const int64_t workspace_floats = linear_workspace_floats(M, shape);
+  at::Tensor workspace = workspace_floats ? at::empty({workspace_floats}, x.options().dtype(at::kFloat))
+                                          : at::Tensor();
   check_launch(linear(xc.data_ptr(), M, xc.size(1), packed.data_ptr<uint8_t>(), shape,
                       b ? b->data_ptr() : nullptr, out.data_ptr(), to_kernel_dtype(dtype),
-                      current_stream()),
+                      workspace_floats ? workspace.data_ptr<float>() : nullptr, current_stream()),
                "linear");
   return out.reshape(out_sizes);
 }

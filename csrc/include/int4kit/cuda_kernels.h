@@ -40,8 +40,13 @@ int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape,
 // 16-byte aligned, K < cuda_layout::kMaxK, and the group size is one the fused path reads
 // (cuda_layout::fused_group_ok); other arguments return cudaErrorInvalidValue.
 // No allocation, no host synchronisation: CUDA-graph safe.
+// When the row tiles alone would leave SMs idle, K is split across blocks and the partial products
+// go through `workspace` (linear_workspace_floats(M, shape) floats, 0: none needed) before a
+// deterministic reduction; query it on the device that will run the call.
+int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape);
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
-           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, void* stream);
+           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype,
+           float* workspace, void* stream);
 
 }  // namespace cuda
 }  // namespace int4kit
