@@ -180,13 +180,16 @@ def run(shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, impls=IMPLS, log=print):
                     times[(impl, M)] = time_graph(call, weights, x)
             del weights, first
             torch.cuda.empty_cache()
+        shape_rows = []
         for M in ms:
             t = {impl: times[(impl, M)] for impl in impls}
             gbps = weight_bytes / (t["int4kit"] * 1e-3) / 1e9
-            rows.append({"K": K, "N": N, "M": M, "ms": t, "weight_bytes": weight_bytes,
-                         "gbps": gbps, "copy_fraction": gbps / copy_gbps,
-                         "vs_bf16": t["bf16"] / t["int4kit"],
-                         "vs_tinygemm": t["tinygemm"] / t["int4kit"]})
+            shape_rows.append({"K": K, "N": N, "M": M, "ms": t, "weight_bytes": weight_bytes,
+                               "gbps": gbps, "copy_fraction": gbps / copy_gbps,
+                               "vs_bf16": t["bf16"] / t["int4kit"],
+                               "vs_tinygemm": t["tinygemm"] / t["int4kit"]})
+        log(markdown({"rows": shape_rows}), flush=True)  # each shape as it finishes
+        rows += shape_rows
         del case
         torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -215,7 +218,7 @@ def main(argv=None):
         return 0
     result = run(args.shapes, args.m)
     table = markdown(result)
-    print(table)
+    print("all shapes:\n" + table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

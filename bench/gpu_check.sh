@@ -5,8 +5,8 @@
 #
 #   run: bash bench/gpu_check.sh        (on the device machine; OUT is set by the device tool)
 #
-# Budget: well under 8 minutes on 16 cores (build ~2-3 min for one arch, CUDA tests ~1 min,
-# benchmark ~2 min). Each stage has its own timeout so one slow stage cannot eat the whole call.
+# Budget: under 8 minutes on 16 cores even when every stage hits its timeout (build <= 240 s,
+# CUDA tests <= 100 s, benchmark <= 140 s); each stage has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -35,12 +35,13 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $O
 } > "$OUT/env.log" 2>&1
 
 # build in place (no pip: the image has no network); the .so lands in python/int4kit
-if stage build 420 "$PY" setup.py build_clib build_ext --inplace; then
+if stage build 240 "$PY" setup.py build_clib build_ext --inplace; then
   export PYTHONPATH=$PWD/python
   grep -h "registers\|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
-  stage cuda_tests 240 "$PY" -m pytest -q -rs -x tests/test_cuda.py
-  grep -E "FAILED|Error|assert" "$OUT/cuda_tests.log" | head -n 20
-  stage bench 240 "$PY" bench/bench_linear.py --device cuda --json "$OUT/bench_cuda.json" \
+  # no -x: a first run on a device should show every failure at once
+  stage cuda_tests 100 "$PY" -m pytest -q -rs tests/test_cuda.py
+  grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -n 30
+  stage bench 140 "$PY" bench/bench_linear.py --device cuda --json "$OUT/bench_cuda.json" \
     --markdown "$OUT/bench_cuda.md"
   tail -n 25 "$OUT/bench.log"
 fi
