@@ -170,15 +170,18 @@ def test_linear_matches_float64_reference(shape, symmetric, scale_dtype, x_dtype
 
 
 @pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)
-def test_linear_split_k_for_small_n(x_dtype):
-    # N = 40 leaves most SMs idle, so K = 16384 is split across blocks: partials, then a reduction
-    # that adds the bias; also under CUDA-graph capture (the workspace comes from the graph's pool)
-    K, N, G = 16384, 40, 128
+@pytest.mark.parametrize("shape", [(16384, 40, 128), (64 * 65 + 40, 40, 32)],
+                         ids=["even-splits", "short-last-split-g32"])
+def test_linear_split_k_for_small_n(shape, x_dtype):
+    # N = 40 leaves most SMs idle, so K is split across blocks (on a 132-SM H200: 16-32 splits;
+    # the second K leaves a shorter last split and warps without a chunk in it): partials, then a
+    # reduction that adds the bias; also under CUDA-graph capture (workspace from the graph's pool)
+    K, N, G = shape
     qweight, scales, zeros = canonical(N, K, G, False, x_dtype)
     packed = ops.prepack(*to_cuda(qweight, scales, zeros), G, K)
     bias = torch.randn(N).to(x_dtype)
     bias_dev = bias.cuda()
-    for M in (1, 9, 40):
+    for M in (1, 9, 20, 40):
         x = torch.randn(M, K).to(x_dtype)
         ref = R.linear(x, qweight, scales, zeros, G, bias)
         y = ops.linear(x.cuda(), packed, N, K, G, bias_dev)

@@ -489,7 +489,7 @@ int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
 }  // namespace
 
 int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape) {
-  if (M == 0 || shape.N == 0) return 0;
+  if (M <= 0 || shape.N <= 0 || shape.K <= 0 || shape.G <= 0) return 0;
   const int64_t splits = ceil_div(shape.chunks(), chunks_per_split(M, shape));
   return splits > 1 ? splits * M * shape.N : 0;
 }
