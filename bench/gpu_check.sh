@@ -38,8 +38,10 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $O
 if stage build 240 "$PY" setup.py build_clib build_ext --inplace; then
   export PYTHONPATH=$PWD/python
   grep -h "registers\|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
-  # no -x: a first run on a device should show every failure at once
-  stage cuda_tests 100 "$PY" -m pytest -q -rs tests/test_cuda.py
+  # no -x: a first run on a device should show every failure at once; pytest-xdist (in the
+  # device image) spreads the CPU-side references and torch.compile runs over the cores
+  xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+  stage cuda_tests 100 "$PY" -m pytest -q -rs $xdist tests/test_cuda.py
   grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -n 30
   stage bench 140 "$PY" bench/bench_linear.py --device cuda --json "$OUT/bench_cuda.json" \
     --markdown "$OUT/bench_cuda.md"
