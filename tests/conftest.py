@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 
 from int4kit import ops
 
@@ -70,3 +71,13 @@ def random_weight(N: int, K: int, dtype=torch.float32, scale: float = 0.05) -> t
         idx = torch.randint(0, K, (N, max(1, K // 64)))
         w.scatter_(1, idx, torch.randn(idx.shape) * scale * 6)
     return w.to(dtype)
+
+
+def make_linear(in_features, out_features, bias=True, dtype=torch.float32, device="cpu"):
+    """An nn.Linear with a random_weight and a small random bias."""
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(random_weight(out_features, in_features))
+        if bias:
+            linear.bias.normal_(0, 0.1)
+    return linear.to(dtype=dtype, device=device)

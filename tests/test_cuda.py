@@ -11,7 +11,7 @@ import torch.nn as nn
 from int4kit import Int4Linear, ops
 from int4kit import reference as R
 
-from conftest import random_codes, random_weight, rel_err
+from conftest import make_linear, random_codes, random_weight, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -256,15 +256,6 @@ def test_linear_rejects_bad_input():
 
 
 # ---- Int4Linear on a GPU ------------------------------------------------------------------------
-
-def make_linear(in_features, out_features, bias=True, device="cpu"):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(random_weight(out_features, in_features))
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear.to(device)
-
 
 @pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

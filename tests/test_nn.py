@@ -8,20 +8,11 @@ import torch.nn as nn
 from int4kit import Int4Linear, QuantConfig, QuantReport, ops, quantize_model
 from int4kit import reference as R
 
-from conftest import random_codes, random_weight, rel_err
+from conftest import make_linear, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def make_linear(in_features, out_features, bias=True, dtype=torch.float32, device="cpu"):
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(random_weight(out_features, in_features))
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear.to(dtype=dtype, device=device)
 
 
 def reference_output(module, x):
