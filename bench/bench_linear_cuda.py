@@ -27,6 +27,8 @@ import torch
 
 from int4kit import ops, reference
 
+from bench_linear import clone, nbytes, rel_err  # the CPU benchmark's helpers (same folder)
+
 DEFAULT_SHAPES = ("8192x8192", "8192x28672", "4096x11008")  # K x N
 DEFAULT_MS = (1, 4, 16, 32, 64, 128, 512)
 IMPLS = ("int4kit", "int4kit_dq", "bf16", "tinygemm")
@@ -60,16 +62,6 @@ class Case:
         s = self.scales.float()
         sz = torch.stack([s.t(), ((8 - self.zeros.float()) * s).t()], dim=-1).contiguous().bfloat16()
         return (packed, sz), lambda x, pw: torch.ops.aten._weight_int4pack_mm(x, pw[0], G, pw[1])
-
-
-def nbytes(obj):
-    if isinstance(obj, tuple):
-        return sum(nbytes(o) for o in obj)
-    return obj.numel() * obj.element_size()
-
-
-def clone(obj):
-    return tuple(o.clone() for o in obj) if isinstance(obj, tuple) else obj.clone()
 
 
 def l2_bytes():
@@ -131,7 +123,7 @@ def check(log=print, K=4096, N=1024):
                 y = call(x, w)
             ref = (reference.linear(x.cpu(), *ref_q, case.G) if impl != "bf16"
                    else x.cpu().double() @ case.w_bf16.cpu().double().t())
-            err = ((y.cpu().double() - ref).norm() / ref.norm()).item()
+            err = rel_err(y.cpu(), ref)
             errs[impl] = max(errs.get(impl, 0.0), err)
     log("max relative error vs float64 reference (M = 1, 16, 100, 300): "
         + ", ".join(f"{LABELS[k]} {v:.1e}" for k, v in errs.items()))
