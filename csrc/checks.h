@@ -17,6 +17,10 @@ inline DType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
+inline at::ScalarType to_scalar_type(DType t) {
+  return t == DType::F32 ? at::kFloat : t == DType::BF16 ? at::kBFloat16 : at::kHalf;
+}
+
 inline bool is_compute_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }

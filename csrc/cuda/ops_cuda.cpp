@@ -123,16 +123,12 @@ cuda_layout::Shape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, 
   return {};
 }
 
-at::ScalarType scalar_type_of(DType t) {
-  return t == DType::F32 ? at::kFloat : t == DType::BF16 ? at::kBFloat16 : at::kHalf;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cuda(const at::Tensor& packed, int64_t N,
                                                                int64_t K, int64_t group_size,
                                                                at::ScalarType scale_dtype) {
   const cuda_layout::Shape shape = packed_shape(packed, N, K, group_size);
-  TORCH_CHECK(scalar_type_of(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
-              scale_dtype, " but packed holds ", scalar_type_of(shape.scale_dtype), " scales");
+  TORCH_CHECK(to_scalar_type(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
+              scale_dtype, " but packed holds ", to_scalar_type(shape.scale_dtype), " scales");
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, packed.options());
   at::Tensor scales = at::empty({N, shape.groups()}, packed.options().dtype(scale_dtype));
