@@ -101,7 +101,7 @@ __global__ void dequantize_prepacked_kernel(const uint32_t* __restrict__ codes,
                                             int64_t N, int64_t K, int64_t G, int64_t chunks,
                                             int64_t words, void* out, DType out_dtype) {
   const int64_t groups = (K + G - 1) / G;
-  const int64_t record_bytes = kRecordValues * (scale_dtype == DType::F32 ? 4 : 2);
+  const int64_t record_bytes = kRecordValues * scale_bytes(scale_dtype);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words;
        i += int64_t(gridDim.x) * blockDim.x) {
     const WordPosition p = word_position(i, chunks);
