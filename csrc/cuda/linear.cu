@@ -28,6 +28,8 @@
 // point (see the kernel body).
 #include <algorithm>
 #include <atomic>
+#include <iterator>
+#include <utility>
 
 #include "cuda/device_utils.cuh"
 #include "int4kit/cuda_kernels.h"
@@ -400,13 +402,35 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partials, int spl
   }
 }
 
+// The kernel's tile shapes, chosen by M (tile_shape_index) and instantiated from this one table.
+// M <= 8 is a GEMV: one token tile, many warps per row tile so enough bytes are in flight. For
+// small M with one group per chunk the codes go into the mma centred and the scales apply to the
+// fp32 partial sums (the dequantization is what limits a GEMV).
+struct TileShape {
+  int nt, tm, wk, stages;
+  bool codes_in_mma;
+};
+constexpr TileShape kTileShapes[] = {
+    {2, 1, 8, 4, true},   // M <= 8, one group per chunk
+    {2, 2, 4, 4, true},   // M <= 16, one group per chunk
+    {2, 1, 8, 4, false},  // M <= 8
+    {2, 2, 4, 4, false},  // M <= 16
+    {2, 4, 4, 3, false},  // M <= 32
+    {2, 8, 2, 3, false},  // larger M, over several token blocks
+};
+int tile_shape_index(int64_t M, bool group_per_chunk) {
+  if (M <= 16 && group_per_chunk) return M <= 8 ? 0 : 1;
+  return M <= 8 ? 2 : M <= 16 ? 3 : M <= 32 ? 4 : 5;
+}
+
 // Shared memory per block: WK * STAGES * (2 NT + 2 TM) * 512 bytes; above 48 KiB a kernel must opt
 // in (a host-side attribute call, no stream work, so capture-safe).
-template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma = false>
+template <typename T, TileShape kShape>
 int launch(const LinearArgs& args, cudaStream_t stream) {
+  constexpr int NT = kShape.nt, TM = kShape.tm, WK = kShape.wk, STAGES = kShape.stages;
   constexpr int kSmem = WK * STAGES * Slots<NT, TM>::kCount * kLanes * 16;
   static_assert(NT * TM * 4 * kLanes * 4 <= kSmem / WK, "the split-K reduction must fit the ring");
-  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kCodesInMma>;
+  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kShape.codes_in_mma>;
   if (kSmem > 48 * 1024) {
     // The opt-in is per device: remember which devices have it (bit d), once per instantiation.
     static std::atomic<uint64_t> opted_in{0};
@@ -432,33 +456,17 @@ int launch(const LinearArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The tile shape by M (and whether each chunk lies in one group). M <= 8 is a GEMV: one token tile,
-// many warps per row tile so enough bytes are in flight. For small M with one group per chunk the
-// codes go into the mma centred and the scales apply to the fp32 partial sums (the dequantization
-// is what limits a GEMV).
-struct TileShape {
-  int nt, tm, wk;
-  bool codes_in_mma;
-};
-TileShape tile_shape(int64_t M, bool group_per_chunk) {
-  if (M <= 16 && group_per_chunk) return M <= 8 ? TileShape{2, 1, 8, true} : TileShape{2, 2, 4, true};
-  if (M <= 8) return {2, 1, 8, false};
-  if (M <= 16) return {2, 2, 4, false};
-  if (M <= 32) return {2, 4, 4, false};
-  return {2, 8, 2, false};
+template <typename T, size_t... I>
+int launch_shape(size_t index, const LinearArgs& args, cudaStream_t stream, std::index_sequence<I...>) {
+  int err = cudaErrorInvalidValue;
+  ((index == I ? (err = launch<T, kTileShapes[I]>(args, stream)) : 0), ...);
+  return err;
 }
 
 template <typename T>
 int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
-  const TileShape t = tile_shape(args.M, args.group_per_chunk);
-  if (t.codes_in_mma)
-    return t.tm == 1 ? launch<T, 2, 1, 8, 4, true>(args, stream) : launch<T, 2, 2, 4, 4, true>(args, stream);
-  switch (t.tm) {
-    case 1: return launch<T, 2, 1, 8, 4>(args, stream);
-    case 2: return launch<T, 2, 2, 4, 4>(args, stream);
-    case 4: return launch<T, 2, 4, 4, 3>(args, stream);
-    default: return launch<T, 2, 8, 2, 3>(args, stream);
-  }
+  return launch_shape<T>(size_t(tile_shape_index(args.M, args.group_per_chunk)), args, stream,
+                         std::make_index_sequence<std::size(kTileShapes)>{});
 }
 
 // SMs of the current device, looked up once per device.
@@ -477,7 +485,7 @@ int multiprocessors() {
 // block (small N, long K; a split costs a partials round trip and a second launch): enough splits
 // for ~2 blocks per SM, each keeping at least 2 chunks per warp.
 int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
-  const TileShape t = tile_shape(M, cuda_layout::group_per_chunk(shape.K, shape.G));
+  const TileShape& t = kTileShapes[tile_shape_index(M, cuda_layout::group_per_chunk(shape.K, shape.G))];
   const int64_t blocks = ceil_div(M, 8 * t.tm) * ceil_div(shape.tiles(), t.nt);
   const int64_t sms = multiprocessors();
   if (2 * blocks > sms) return shape.chunks();
