@@ -100,14 +100,19 @@ void BM_prepack(benchmark::State& state, int64_t N, int64_t K) {
   state.SetItemsProcessed(state.iterations() * N * K);
 }
 
-// One op as the glue runs it, on one thread: prepare the activations, then every row block.
-void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
-  const PackedShape shape{N, K, kGroup};
-  const std::vector<uint8_t>& packed = packed_weight(N, K);
+std::vector<float> random_x(DType dtype, int64_t M, int64_t K) {
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> dist(-1.f, 1.f);
   std::vector<float> x(size_t(M * K));  // fp32 storage, large enough for bf16 rows too
   for (int64_t i = 0; i < M * K; ++i) store_from_float(x.data(), dtype, i, dist(rng));
+  return x;
+}
+
+// One op as the glue runs it, on one thread: prepare the activations, then every row block.
+void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
+  const PackedShape shape{N, K, kGroup};
+  const std::vector<uint8_t>& packed = packed_weight(N, K);
+  const std::vector<float> x = random_x(dtype, M, K);
   const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, shape, M, dtype);
   std::vector<float> xp(size_t(sizes.floats));
   std::vector<float> xsum(size_t(sizes.sums));
@@ -118,6 +123,28 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
     cpu::prepare_activations(isa, x.data(), dtype, K, shape, acts, 0, M);
     cpu::linear(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
                 shape.row_blocks());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(packed.size()));
+  state.SetItemsProcessed(state.iterations() * M * N * K);
+}
+
+// W4A8 the same way: quantize x per row to int8, then every row block.
+void BM_linear_a8(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
+  const PackedShape shape{N, K, kGroup};
+  const std::vector<uint8_t>& packed = packed_weight(N, K);
+  const std::vector<float> x = random_x(dtype, M, K);
+  const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(shape, M);
+  std::vector<int8_t> xq(size_t(sizes.codes));
+  std::vector<int32_t> xq_sum(size_t(sizes.sums));
+  std::vector<float> scale(size_t(sizes.scales));
+  std::vector<float> y(size_t(M * N));
+  const cpu::ActivationsA8 acts{xq.data(), xq_sum.data(), scale.data(), M};
+  for (auto _ : state) {
+    cpu::prepare_activations_a8(isa, x.data(), dtype, K, shape, acts, 0, M);
+    cpu::linear_a8(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
+                   shape.row_blocks());
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -136,18 +163,20 @@ void register_benchmarks() {
   add("unpack/4096x4096", BM_unpack, int64_t(4096), int64_t(4096));
   add("prepack/4096x4096/g128", BM_prepack, int64_t(4096), int64_t(4096));
 
-  const std::pair<int64_t, int64_t> shapes[] = {{4096, 4096}, {4096, 11008}};  // K x N
+  // K x N; 11008 x 4096 has the long K whose x outgrows L2 at M = 128
+  const std::pair<int64_t, int64_t> shapes[] = {{4096, 4096}, {4096, 11008}, {11008, 4096}};
   for (Isa isa : cpu::kAllIsas) {
     if (!cpu::isa_supported(isa)) continue;
-    for (DType dtype : {DType::F32, DType::BF16}) {
-      for (const auto& [K, N] : shapes) {
-        for (int64_t M : {1, 16, 128}) {
-          const std::string name = std::string("linear/") + cpu::isa_name(isa) +
-                                   (dtype == DType::F32 ? "/f32" : "/bf16") + "/K" +
-                                   std::to_string(K) + "xN" + std::to_string(N) + "/M" +
-                                   std::to_string(M);
-          add(name, BM_linear, isa, dtype, M, N, K);
-        }
+    for (const auto& [K, N] : shapes) {
+      for (int64_t M : {1, 16, 128}) {
+        const std::string tail = "/K" + std::to_string(K) + "xN" + std::to_string(N) + "/M" +
+                                 std::to_string(M);
+        for (DType dtype : {DType::F32, DType::BF16})
+          add(std::string("linear/") + cpu::isa_name(isa) + (dtype == DType::F32 ? "/f32" : "/bf16") + tail,
+              BM_linear, isa, dtype, M, N, K);
+        if (isa != Isa::Scalar)
+          add(std::string("linear_w4a8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear_a8, isa,
+              DType::BF16, M, N, K);
       }
     }
   }
