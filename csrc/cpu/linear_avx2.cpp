@@ -58,6 +58,33 @@ struct Simd {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
   static V to_float(VI v) { return _mm256_cvtepi32_ps(v); }
+  // ---- W4A8 activation quantization (linear_simd.h's prepare_activations_a8_impl)
+  // act_quant.h's abs_bits of 8 values, folded into a running max
+  static VI max_abs_bits(VI acc, V v) {
+    return _mm256_max_epu32(acc, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF)));
+  }
+  static uint32_t hmax_u32(VI v) {
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
+    return uint32_t(_mm_cvtsi128_si32(_mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1))));
+  }
+  // v / scale rounded half to even and clamped to +-127, as int32 lanes
+  static VI quantize_int8(V v, V scale) {
+    const V r = _mm256_round_ps(_mm256_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f)));
+  }
+  static VI add_i(VI a, VI b) { return _mm256_add_epi32(a, b); }
+  static int32_t hsum_i(VI v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+  }
+  // 8 codes = one word, its columns in the W4A8 order (0, 4, 1, 5, 2, 6, 3, 7: a8_position)
+  static void store_a8_codes(int8_t* dst, VI q) {
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    const __m128i order = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_shuffle_epi8(_mm_packs_epi16(words, words), order));
+  }
   static VI load_words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   template <int kShift>
   static V codes_to_float(VI words) {

@@ -72,6 +72,25 @@ struct Simd {
       default: return _mm512_cvtph_ps(_mm256_loadu_si256(h));
     }
   }
+  // ---- W4A8 activation quantization (linear_simd.h's prepare_activations_a8_impl)
+  // act_quant.h's abs_bits of 16 values, folded into a running max
+  static VI max_abs_bits(VI acc, V v) {
+    return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
+  static uint32_t hmax_u32(VI v) { return _mm512_reduce_max_epu32(v); }
+  // v / scale rounded half to even and clamped to +-127, as int32 lanes
+  static VI quantize_int8(V v, V scale) {
+    const V r = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)));
+  }
+  static VI add_i(VI a, VI b) { return _mm512_add_epi32(a, b); }
+  static int32_t hsum_i(VI v) { return _mm512_reduce_add_epi32(v); }
+  // 16 codes = two words of 8 columns, each word's columns in the W4A8 order (0, 4, 1, 5, 2, 6, 3, 7:
+  // linear_simd.h's a8_position)
+  static void store_a8_codes(int8_t* dst, VI q) {
+    const __m128i order = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(q), order));
+  }
   static void store_y16(void* y, DType dtype, int64_t offset, const float* out) {
     const V v = _mm512_load_ps(out);
     auto* h = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + offset);

@@ -484,6 +484,46 @@ TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
   }
 }
 
+// Exact ties (scale 1: x / scale = k + 1/2) round half to even in every path, vector and scalar
+// alike (a code off by one moves y by ~1e-3 relative); a row with an Inf or a NaN gets scale NaN
+// and leaves the other rows alone.
+TEST_P(W4A8Linear, TiesRoundHalfEvenAndNonFiniteRowsAreMarked) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(9);
+  const Weight w = make_weight(c, false, rng);
+  const int64_t M = 4;
+  Matrix x(DType::F32, M, c.K, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < c.K; ++k) x.set(m, k, float(int64_t(rng() % 254) - 127) + 0.5f);
+  for (int64_t m = 0; m < M; ++m) x.set(m, (m * 7) % c.K, 127.f);  // max|x| = 127: scale 1
+  const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
+  std::vector<int8_t> codes(size_t(sizes.codes), 0);
+  std::vector<int32_t> sums(size_t(sizes.sums), 0);
+  std::vector<float> scales(size_t(sizes.scales), kNaN);
+  const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
+  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
+  Matrix y(DType::F32, M, c.N, kNaN);
+  cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, c.N, 0,
+                 w.shape.row_blocks());
+  const std::vector<double> ref = reference_linear_a8(w, x, M);
+  double err2 = 0.0, ref2 = 0.0;
+  for (int64_t i = 0; i < M * c.N; ++i) {
+    const double d = double(y.get(i / c.N, i % c.N)) - ref[i];
+    err2 += d * d;
+    ref2 += ref[i] * ref[i];
+  }
+  EXPECT_LE(std::sqrt(err2 / ref2), 1e-6);
+
+  x.set(1, c.K - 1, std::numeric_limits<float>::infinity());
+  x.set(2, 0, kNaN);
+  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
+  EXPECT_EQ(scales[0], 1.f);
+  EXPECT_TRUE(std::isnan(scales[1]));
+  EXPECT_TRUE(std::isnan(scales[2]));
+  EXPECT_EQ(scales[3], 1.f);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllIsas, W4A8Linear,
     ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),
