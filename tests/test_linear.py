@@ -92,6 +92,23 @@ def test_linear_model_sized_shape(cpu_isa, M, dtype):
     check_linear(x, N, K, G, False, True)
 
 
+# x larger than the AMX path's K chunk (1 MiB of x as its tiles read it: rows padded to 16, bf16
+# planes): the output rows carry fp32 partial sums from chunk to chunk. 3 row blocks (an odd
+# leftover block), a group count the chunks do not divide (101 groups), rows not a multiple of 16.
+LONG_K_CASES = [
+    (33, 12928, torch.bfloat16),  # per-group tiles, 2 chunks of 51 and 50 groups
+    (70, 10240, torch.bfloat16),  # dequantized tiles (bf16 from 64 rows), 2 chunks
+    (40, 6400, torch.float16),    # two bf16 planes
+    (20, 8192, torch.float32),    # three bf16 planes
+]
+
+
+@pytest.mark.parametrize("M,K,dtype", LONG_K_CASES, ids=[f"M{m}-K{k}-{str(d)[6:]}" for m, k, d in LONG_K_CASES])
+def test_linear_long_k_in_chunks(cpu_isa, M, K, dtype):
+    x = torch.randn(M, K).to(dtype)
+    check_linear(x, 48, K, 128, False, True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("lead", [(2, 3), (1, 1, 5), (4,), ()], ids=["2x3", "1x1x5", "4", "1d"])
 def test_linear_leading_dims(cpu_isa, lead, dtype):

@@ -48,6 +48,17 @@ def test_w4a8_accuracy_cost_on_a_model_sized_layer(cpu_isa, dtype):
     assert rel_err(y, R.linear(x, qweight, scales, zeros, G, bias)) <= A8_VS_W4A16
 
 
+@pytest.mark.parametrize("M", [9, 100])
+def test_w4a8_long_k_in_chunks(cpu_isa, M):
+    # 100 rows of int8 x with K = 12928 (1.4 MB) span two of the AMX path's K chunks (see
+    # test_linear.test_linear_long_k_in_chunks); 9 rows fit one
+    N, K, G = 48, 12928, 128
+    qweight, scales, zeros, packed, bias = make_layer(N, K, G, False, True, torch.bfloat16)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    y = ops.linear_w4a8(x, packed, N, K, G, bias)
+    assert rel_err(y, R.linear_w4a8(x, qweight, scales, zeros, G, bias)) <= A8_TOL[torch.bfloat16]
+
+
 def test_w4a8_rows_are_quantized_independently(cpu_isa):
     # a row of large values must not coarsen the int8 grid of a row of small ones
     N, K, G = 37, 384, 128

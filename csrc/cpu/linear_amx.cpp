@@ -228,6 +228,43 @@ inline void drain_c_tiles(float (&c)[kTileRows][kBlockN], bool pair, bool two_a,
   }
 }
 
+// ---- K chunks: x stays in L2 while the row blocks pass over it ----------------------------------
+// Every row-block pair reads all of x's tile rows. When x (M rows of K, as the tiles read it) is
+// larger than L2, it would come from L3 once per row-block pair: M = 128 bf16 rows of K = 11008
+// are 2.8 MB against a 2 MB L2. So K is taken in chunks of whole groups, at most kChunkBytes of x
+// each, and every row block of the thread's range passes over one chunk before the next; the
+// output rows then live in fp32 partial sums between chunks (M x 16 floats per row block).
+constexpr int64_t kChunkBytes = int64_t(1) << 20;
+
+struct KChunks {
+  int64_t groups_per_chunk, count;
+};
+KChunks k_chunks(const PackedShape& s, int64_t x_bytes_per_column) {
+  const int64_t fit = std::max<int64_t>(1, kChunkBytes / (x_bytes_per_column * s.padded_group()));
+  const int64_t count = ceil_div(s.groups(), fit);
+  return {ceil_div(s.groups(), count), count};  // balanced: no short last chunk
+}
+
+// The fp32 partial sums of the output rows, [row block][row][16]. With one chunk a pass's rows
+// are finished before the next pass starts, so one row-block pair's 32 rows are enough.
+class PartialSums {
+ public:
+  PartialSums(int64_t M, int64_t blocks, bool across_chunks)
+      : rows_(across_chunks ? round_up(M, kPassRows) : kPassRows),  // whole passes
+        across_chunks_(across_chunks),
+        sums_(aligned_array<float>((across_chunks ? blocks : 2) * rows_ * kBlockN)) {}
+  // row m0 of row block `block` (counted from the start of the thread's range)
+  float* rows(int64_t block, int64_t m0) {
+    return sums_.get() + ((across_chunks_ ? block : block & 1) * rows_ + (across_chunks_ ? m0 : 0)) * kBlockN;
+  }
+  int64_t stride_bytes() const { return kBlockN * 4; }
+
+ private:
+  int64_t rows_;
+  bool across_chunks_;
+  std::unique_ptr<float[], AlignedFree> sums_;
+};
+
 template <typename Flavour>
 void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const PackedShape& s,
                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
@@ -238,44 +275,51 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
   const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
   const int64_t a_stride = Kp * Flavour::kElemBytes;
   const int64_t b_tile_words = tiles_per_group * kTileRows * kBlockN;
+  const KChunks chunks = k_chunks(s, round_up(M, kTileRows) * Flavour::kElemBytes * f.planes);
+  PartialSums sums(M, block_end - block_begin, chunks.count > 1);
   auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
-  auto out = aligned_array<float>(2 * kPassRows * kBlockN);  // [row block][row][16]
   alignas(64) float c[kTileRows][kBlockN];  // a drained C tile (fp32 or int32)
 
   _tile_loadconfig(&kTileConfig);
-  for (int64_t b = block_begin; b < block_end; b += 2) {
-    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
-    for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
-      const int64_t rows = std::min(kPassRows, M - m0);
-      const bool two_a = rows > kTileRows;
-      std::fill(out.get(), out.get() + 2 * kPassRows * kBlockN, 0.f);
-      const uint8_t* rec0 = packed + b * block_bytes;
-      for (int64_t g = 0; g < groups; ++g, rec0 += record_bytes) {
-        const uint8_t* rec1 = rec0 + block_bytes;
-        Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
-        if (pair) Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
-        zero_c_tiles();
-        for (int64_t t = 0; t < tiles_per_group; ++t) {
-          const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
-          _tile_loadd(6, b_tile, kBlockN * 4);
-          if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
-          for (int p = 0; p < f.planes; ++p)
-            multiply_a_tiles<Flavour::kInt8>(f.a_tile(p, m0 * Kp + g * Gp + t * kTileK), a_stride,
-                                             pair, two_a);
+  for (int64_t g0 = 0; g0 < groups; g0 += chunks.groups_per_chunk) {
+    const int64_t g1 = std::min(groups, g0 + chunks.groups_per_chunk);
+    for (int64_t b = block_begin; b < block_end; b += 2) {
+      const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
+      for (int64_t m0 = 0; m0 < M; m0 += kPassRows) {
+        const int64_t rows = std::min(kPassRows, M - m0);
+        const bool two_a = rows > kTileRows;
+        float* out[2] = {sums.rows(b - block_begin, m0), pair ? sums.rows(b + 1 - block_begin, m0) : nullptr};
+        if (g0 == 0)
+          for (int j = 0; j < (pair ? 2 : 1); ++j) std::fill(out[j], out[j] + kPassRows * kBlockN, 0.f);
+        const uint8_t* rec0 = packed + b * block_bytes + g0 * record_bytes;
+        for (int64_t g = g0; g < g1; ++g, rec0 += record_bytes) {
+          const uint8_t* rec1 = rec0 + block_bytes;
+          Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec0), words, b_tiles.get());
+          if (pair) Flavour::build_b_tiles(reinterpret_cast<const uint32_t*>(rec1), words, b_tiles.get() + b_tile_words);
+          zero_c_tiles();
+          for (int64_t t = 0; t < tiles_per_group; ++t) {
+            const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
+            _tile_loadd(6, b_tile, kBlockN * 4);
+            if (pair) _tile_loadd(7, b_tile + b_tile_words, kBlockN * 4);
+            for (int p = 0; p < f.planes; ++p)
+              multiply_a_tiles<Flavour::kInt8>(f.a_tile(p, m0 * Kp + g * Gp + t * kTileK), a_stride,
+                                               pair, two_a);
+          }
+          // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
+          drain_c_tiles(c, pair, two_a, [&](int i, int j) {
+            const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
+            f.drain_tile(c, sc, std::min(kTileRows, rows - i * kTileRows), m0 + i * kTileRows, g,
+                         groups, out[j] + i * kTileRows * kBlockN);
+          });
         }
-        // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
-        drain_c_tiles(c, pair, two_a, [&](int i, int j) {
-          const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
-          f.drain_tile(c, sc, std::min(kTileRows, rows - i * kTileRows), m0 + i * kTileRows, g,
-                       groups, out.get() + (j * kPassRows + i * kTileRows) * kBlockN);
-        });
+        if (g1 < groups) continue;
+        for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
+          for (int64_t r = 0; r < rows; ++r) {
+            float* o = out[j] + r * kBlockN;
+            f.finish_row(m0 + r, o);
+            store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN, o, bias, (b + j) * kBlockN, s.N);
+          }
       }
-      for (int64_t j = 0; j < (pair ? 2 : 1); ++j)
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out.get() + (j * kPassRows + r) * kBlockN;
-          f.finish_row(m0 + r, o);
-          store_row(y, dtype, (m0 + r) * ldy + (b + j) * kBlockN, o, bias, (b + j) * kBlockN, s.N);
-        }
     }
   }
   _tile_release();
@@ -284,20 +328,21 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
 // ---- bf16 x at large M: dequantized B tiles, one drain -------------------------------------------
 // With many rows of bf16 x, draining C tiles once per group costs more than the tile products.
 // From kDequantRows rows on, the B tiles of a row-block pair are dequantized once to bf16
-// ((q - z) * s rounded to bf16: the rounding a bf16 dense layer's weights have) for all of K, and
-// C accumulates over the whole of K, drained once per 32-row pass.
+// ((q - z) * s rounded to bf16: the rounding a bf16 dense layer's weights have) per K chunk, and
+// C accumulates over the whole chunk; between chunks the C tiles go to the partial sums and back.
 constexpr int64_t kDequantRows = 64;
 
-// B tiles of all groups of one row block: tile t covers columns 32t .. 32t+31; row r holds the
-// bf16 pair (w[2r], w[2r+1]) of the tile's columns for each of the 16 output rows.
-void build_dequantized_b_tiles(const uint8_t* block, const PackedShape& s, uint32_t* tiles) {
+// B tiles of groups [g0, g1) of one row block: tile t covers columns 32t .. 32t+31 of the range;
+// row r holds the bf16 pair (w[2r], w[2r+1]) of the tile's columns for each of the 16 output rows.
+void build_dequantized_b_tiles(const uint8_t* block, const PackedShape& s, int64_t g0, int64_t g1,
+                               uint32_t* tiles) {
   const int64_t words = s.words_per_group(), record_bytes = s.group_record_bytes();
   // pairs (2p, 2p+1) arrive as [w_2p for 16 lanes | w_2p+1 for 16 lanes]; interleave per lane
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_load_si512(kInterleave);
   uint32_t* row = tiles;
-  for (int64_t g = 0; g < s.groups(); ++g) {
+  for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* rec = block + g * record_bytes;
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
     const float* sc = reinterpret_cast<const float*>(rec + words * kBlockN * 4);
@@ -320,35 +365,65 @@ void build_dequantized_b_tiles(const uint8_t* block, const PackedShape& s, uint3
   }
 }
 
+// C tile (i, j) <-> rows 16i.. of row block j's partial sums, stride 64 bytes (literal tile numbers)
+inline void load_c_tiles(float* const (&out)[2], int64_t stride, bool pair, bool two_a) {
+  _tile_loadd(0, out[0], stride);
+  if (pair) _tile_loadd(1, out[1], stride);
+  if (!two_a) return;
+  _tile_loadd(2, out[0] + kTileRows * kBlockN, stride);
+  if (pair) _tile_loadd(3, out[1] + kTileRows * kBlockN, stride);
+}
+inline void store_c_tiles(float* const (&out)[2], int64_t stride, bool pair, bool two_a) {
+  _tile_stored(0, out[0], stride);
+  if (pair) _tile_stored(1, out[1], stride);
+  if (!two_a) return;
+  _tile_stored(2, out[0] + kTileRows * kBlockN, stride);
+  if (pair) _tile_stored(3, out[1] + kTileRows * kBlockN, stride);
+}
+
 void dequantized_linear(const Activations& a, const uint8_t* packed, const PackedShape& s,
                         const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                         int64_t block_end) {
-  const int64_t Kp = s.padded_k(), block_bytes = s.row_block_bytes();
-  const int64_t tiles = Kp / Bf16Flavour::kTileK;
-  const int64_t block_tile_words = tiles * kTileRows * kBlockN;
-  auto b_tiles = aligned_array<uint32_t>(2 * block_tile_words);
+  const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
+  const int64_t block_bytes = s.row_block_bytes();
+  const KChunks chunks = k_chunks(s, round_up(a.M, kTileRows) * 2);
+  const int64_t chunk_tile_words = chunks.groups_per_chunk * Gp / Bf16Flavour::kTileK * kTileRows * kBlockN;
+  PartialSums sums(a.M, block_end - block_begin, chunks.count > 1);
+  auto b_tiles = aligned_array<uint32_t>(2 * chunk_tile_words);
   alignas(64) float c[kTileRows][kBlockN];
   _tile_loadconfig(&kTileConfig);
-  for (int64_t b = block_begin; b < block_end; b += 2) {
-    const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
-    build_dequantized_b_tiles(packed + b * block_bytes, s, b_tiles.get());
-    if (pair) build_dequantized_b_tiles(packed + (b + 1) * block_bytes, s, b_tiles.get() + block_tile_words);
-    for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
-      const int64_t rows = std::min(kPassRows, a.M - m0);
-      const bool two_a = rows > kTileRows;
-      zero_c_tiles();
-      for (int64_t t = 0; t < tiles; ++t) {
-        const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
-        _tile_loadd(6, b_tile, kBlockN * 4);
-        if (pair) _tile_loadd(7, b_tile + block_tile_words, kBlockN * 4);
-        multiply_a_tiles<false>(a.x_bf16 + m0 * Kp + t * Bf16Flavour::kTileK, Kp * 2, pair, two_a);
+  for (int64_t g0 = 0; g0 < groups; g0 += chunks.groups_per_chunk) {
+    const int64_t g1 = std::min(groups, g0 + chunks.groups_per_chunk);
+    const int64_t tiles = (g1 - g0) * Gp / Bf16Flavour::kTileK;
+    for (int64_t b = block_begin; b < block_end; b += 2) {
+      const bool pair = b + 1 < block_end;  // odd leftover block: B tile 1 stays unused
+      build_dequantized_b_tiles(packed + b * block_bytes, s, g0, g1, b_tiles.get());
+      if (pair) build_dequantized_b_tiles(packed + (b + 1) * block_bytes, s, g0, g1, b_tiles.get() + chunk_tile_words);
+      for (int64_t m0 = 0; m0 < a.M; m0 += kPassRows) {
+        const int64_t rows = std::min(kPassRows, a.M - m0);
+        const bool two_a = rows > kTileRows;
+        float* const out[2] = {sums.rows(b - block_begin, m0),
+                               pair ? sums.rows(b + 1 - block_begin, m0) : nullptr};
+        if (g0 == 0) zero_c_tiles();
+        else load_c_tiles(out, sums.stride_bytes(), pair, two_a);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const uint32_t* b_tile = b_tiles.get() + t * kTileRows * kBlockN;
+          _tile_loadd(6, b_tile, kBlockN * 4);
+          if (pair) _tile_loadd(7, b_tile + chunk_tile_words, kBlockN * 4);
+          multiply_a_tiles<false>(a.x_bf16 + m0 * Kp + g0 * Gp + t * Bf16Flavour::kTileK, Kp * 2,
+                                  pair, two_a);
+        }
+        if (g1 < groups) {
+          store_c_tiles(out, sums.stride_bytes(), pair, two_a);
+          continue;
+        }
+        // C tile (i, j): rows m0 + 16i .. of row block b + j, straight to y
+        drain_c_tiles(c, pair, two_a, [&](int i, int j) {
+          for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
+            store_row(y, dtype, (m0 + i * kTileRows + r) * ldy + (b + j) * kBlockN, c[r], bias,
+                      (b + j) * kBlockN, s.N);
+        });
       }
-      // C tile (i, j): rows m0 + 16i .. of row block b + j, straight to y
-      drain_c_tiles(c, pair, two_a, [&](int i, int j) {
-        for (int64_t r = 0; r < kTileRows && i * kTileRows + r < rows; ++r)
-          store_row(y, dtype, (m0 + i * kTileRows + r) * ldy + (b + j) * kBlockN, c[r], bias,
-                    (b + j) * kBlockN, s.N);
-      });
     }
   }
   _tile_release();
