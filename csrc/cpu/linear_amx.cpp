@@ -3,7 +3,7 @@
 // Built with the AVX-512 flags plus -mamx-tile -mamx-bf16 -mamx-int8.
 //
 // The weights never leave the exact domain: each column pair of a word becomes the bf16 pair
-// (1 + q/16) with one shift and one bit-select (as in the AVX-512 bf16 GEMV), and 16 such rows make
+// (1 + q/16) with one GF(2) affine byte transform (Simd::bf16_pairs, as in the AVX-512 bf16 GEMV), and 16 such rows make
 // a B tile (16 column pairs x 16 output rows: the VNNI layout tdpbf16ps wants). The A tiles are 16
 // rows x 32 columns of x in bf16: exact for bf16 x; fp16 and fp32 x are split into 2 or 3 bf16
 // planes (x = hi + mid + lo, 8 mantissa bits each), one tdpbf16ps per plane, so fp32 keeps its
@@ -105,12 +105,10 @@ struct Bf16Flavour {
   static void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
     for (int64_t w = 0; w < words; ++w) {
       __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
-      const __m512i v = Simd::load_words(codes + w * kBlockN);
+      __m512i pairs[4];
+      Simd::bf16_pairs(codes + w * kBlockN, pairs);
       uint32_t* row = tiles + w * 4 * kBlockN;  // tile rows 4w .. 4w+3: column pairs of word w
-      _mm512_store_si512(row, Simd::bf16_pair_codes<-3>(v));
-      _mm512_store_si512(row + kBlockN, Simd::bf16_pair_codes<1>(v));
-      _mm512_store_si512(row + 2 * kBlockN, Simd::bf16_pair_codes<5>(v));
-      _mm512_store_si512(row + 3 * kBlockN, Simd::bf16_pair_codes<9>(v));
+      for (int p = 0; p < 4; ++p) _mm512_store_si512(row + p * kBlockN, pairs[p]);
     }
   }
   const void* a_tile(int p, int64_t offset) const { return a.x_bf16 + p * plane + offset; }

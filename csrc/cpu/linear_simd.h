@@ -9,7 +9,7 @@
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
 // fp32 values written to y as dtype), and kBf16Dot: whether the bf16 dot-product GEMV below exists
-// (then also bcast_pair, bf16_pair_codes<kRight>, dot_bf16). For W4A8: zero_i(), low_nibbles(w),
+// (then also bcast_pair, bf16_pairs, dot_bf16). For W4A8: zero_i(), low_nibbles(w),
 // high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), dot_u8s8(acc, u8, s8)
 // (4-way byte dot product into int32 lanes), to_float(vi).
 //
@@ -19,7 +19,8 @@
 //    multiplied into per-group accumulators. Scale and zero point are applied once per group:
 //    y += s * (acc - z * sum(x_group)).
 //    With bf16 x and kBf16Dot, a column pair is instead turned into the bf16 pair (1 + q/16) with
-//    one shift and one bit-select, and multiplied by the x pair with one dot-product instruction:
+//    one GF(2) affine byte transform (Simd::bf16_pairs), and multiplied by the x pair with one
+//    dot-product instruction:
 //    acc = sum x (1 + q/16), so sum x q = 16 (acc - sum x). A third of the instructions per code.
 //  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
@@ -107,22 +108,19 @@ void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Ge
     for (int64_t w = 0; w < geo.words; ++w) {
       prefetch_ahead(codes + w * kBlockN);
       if constexpr (kPairs) {
-        typename S::VI v[kVecs];
-        for (int64_t h = 0; h < kVecs; ++h) v[h] = S::load_words(codes + w * kBlockN + h * S::kLanes);
-        // column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p; bring it to bits 3 and 19
-        auto pair = [&](auto shift, int p) {
-          typename S::VI q[kVecs];
-          for (int64_t h = 0; h < kVecs; ++h) q[h] = S::template bf16_pair_codes<decltype(shift)::value>(v[h]);
+        typename S::VI q[kVecs][4];
+        for (int64_t h = 0; h < kVecs; ++h) S::bf16_pairs(codes + w * kBlockN + h * S::kLanes, q[h]);
+        auto pair = [&](int p) {  // column pair (2p, 2p+1) of the word
           for (int r = 0; r < R; ++r) {
             const typename S::VI xpair = S::bcast_pair(xg[r] + w * kCodesPerWord + 2 * p);
             for (int64_t h = 0; h < kVecs; ++h)
-              acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h], xpair);
+              acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h][p], xpair);
           }
         };
-        pair(std::integral_constant<int, -3>{}, 0);
-        pair(std::integral_constant<int, 1>{}, 1);
-        pair(std::integral_constant<int, 5>{}, 2);
-        pair(std::integral_constant<int, 9>{}, 3);
+        pair(0);
+        pair(1);
+        pair(2);
+        pair(3);
       } else {
         for_each_column(codes + w * kBlockN, [&](int i, const typename S::V* q) {
           for (int r = 0; r < R; ++r) {
