@@ -212,6 +212,130 @@ def test_true_sequential_calibration(monkeypatch):
     assert rel(H2, hessian(h_fp)) > 3 * tol
 
 
+class TinyRMSNorm(nn.Module):
+    """Like transformers' LlamaRMSNorm: found by its class name, eps in `variance_epsilon`."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, u):
+        ms = u.pow(2).mean(-1, keepdim=True)
+        return self.weight * u * torch.rsqrt(ms + self.variance_epsilon)
+
+
+class NormNet(nn.Module):
+    """a -> post-LN residual sum (LayerNorm); b -> RMS norm; c: no norm after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16, eps=1e-3)
+        self.b = nn.Linear(16, 24)
+        self.rms = TinyRMSNorm(24)
+        self.c = nn.Linear(24, 8)
+
+    def forward(self, x, attention_mask=None):
+        h = self.ln(x + self.a(x))
+        return self.c(torch.relu(self.rms(self.b(h))))
+
+
+def norm_net_data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    out = []
+    for _ in range(2):
+        x = torch.randn(3, 6, 16, generator=g)
+        x[:, 0] *= 6  # one token with a large residual, as BERT's [CLS]
+        out.append({"x": x, "attention_mask": mask})
+    return out
+
+
+def weighted_hessian_reference(net, data, layer, norm, rms):
+    """Float64, directly: sum_t x_t x_t^T / sigma_t^2 / tokens, sigma_t^2 of `norm`'s input
+    (variance + eps, or mean square + eps), padding left out. With bf16 statistics (AMX) the rows
+    x_t / sigma_t are rounded to bf16 first, as LayerStats does."""
+    num, count = 0, 0
+    for item in data:
+        seen = {}
+
+        def grab(key):
+            def hook(module, inputs, *output):
+                seen[key] = inputs[0]  # returns None: the forward is left as it is
+            return hook
+
+        hooks = [layer.register_forward_hook(grab("x")), norm.register_forward_pre_hook(grab("u"))]
+        with torch.no_grad():
+            net(**item)
+        for h in hooks:
+            h.remove()
+        keep = item["attention_mask"] != 0
+        x, u = seen["x"][keep].double(), seen["u"][keep].double()
+        eps = norm.variance_epsilon if rms else norm.eps
+        var = u.pow(2).mean(-1) if rms else u.var(-1, unbiased=False)
+        xw = x / (var + eps).sqrt()[:, None]
+        if calibration._fast_bf16_matmul():
+            xw = xw.float().bfloat16().double()
+        num = num + xw.T @ xw
+        count += x.shape[0]
+    return num / count
+
+
+def test_norm_weighting_matches_float64_reference():
+    torch.manual_seed(0)
+    net = NormNet().eval()
+    data = norm_net_data()
+    layers = {"a": net.a, "b": net.b, "c": net.c}
+    norms = calibration.plan_norms(net, data[0], layers)
+    assert norms == {"a": net.ln, "b": net.rms}  # c: no norm after it
+    stats = calibration.collect(net, data, layers, norms=norms)
+    tol = 2 ** -7 if calibration._fast_bf16_matmul() else 1e-6
+    for name, norm, rms in (("a", net.ln, False), ("b", net.rms, True)):
+        ref = weighted_hessian_reference(net, data, layers[name], norm, rms)
+        assert stats[name].count == 2 * 12
+        assert ((stats[name].hessian - ref).norm() / ref.norm()).item() <= tol, name
+    # the absolute mean stays unweighted; c, with no norm after it, is unchanged
+    plain = calibration.collect(net, data, layers)
+    torch.testing.assert_close(stats["a"].absmean, plain["a"].absmean)
+    torch.testing.assert_close(stats["c"].hessian, plain["c"].hessian)
+    # the weighting is not a no-op here: the large token is down-weighted
+    assert ((stats["a"].hessian - plain["a"].hessian).norm() / plain["a"].hessian.norm()) > 0.1
+
+
+def test_norm_weighting_in_quantize_model(monkeypatch):
+    """GPTQ receives the weighted Hessian; the whole BERT quantizes with the option on."""
+    torch.manual_seed(0)
+    net = NormNet().eval()
+    data = norm_net_data()
+    ref = weighted_hessian_reference(net, data, net.a, net.ln, False)
+    seen = {}
+    real = qmodel.gptq
+
+    def spy(w, H, *args, **kwargs):
+        seen.setdefault(tuple(w.shape), H.clone())
+        return real(w, H, *args, **kwargs)
+
+    monkeypatch.setattr(qmodel, "gptq", spy)
+    quantize_model(net, QuantConfig(group_size=16, symmetric=False, method="gptq",
+                                    norm_weighting=True), calib_data=data)
+    tol = 2 ** -7 if calibration._fast_bf16_matmul() else 1e-6
+    H = seen[(16, 16)]
+    assert ((H - ref).norm() / ref.norm()).item() <= tol
+
+    monkeypatch.setattr(qmodel, "gptq", real)
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+    batches = bert_batches()
+    report = quantize_model(model, QuantConfig(group_size=32, symmetric=False, method="gptq",
+                                               norm_weighting=True), calib_data=batches)
+    assert len(report.swapped) == 2 * 6 + 1 and not report.fallbacks
+    with torch.no_grad():
+        out = model(**batches[0]).last_hidden_state
+        ref_out = original(**batches[0]).last_hidden_state
+    assert rel_err(out, ref_out) < 0.2
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
@@ -246,7 +370,7 @@ def test_unreached_layer_is_reported_not_silent():
 
 @pytest.mark.parametrize("kwargs", [dict(method="gptqq"), dict(damp=-1), dict(block_size=0),
                                     dict(calib_max_tokens=0), dict(clip_search="yes"),
-                                    dict(act_order=1)])
+                                    dict(act_order=1), dict(norm_weighting="on")])
 def test_config_rejects(kwargs):
     with pytest.raises((ValueError, TypeError), match=next(iter(kwargs))):
         QuantConfig(**kwargs)

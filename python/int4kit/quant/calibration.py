@@ -8,6 +8,20 @@ Nothing stores activations: each hook folds its batch into the layer's running s
 Padding tokens are left out: when a batch is a mapping with an `attention_mask`, a layer input
 whose leading dims equal the mask's shape keeps only the rows where the mask is nonzero.
 
+Norm weighting (`QuantConfig.norm_weighting`): a layer's output error reaches the next LayerNorm /
+RMSNorm (BERT: attention.output.dense -> attention.output.LayerNorm, output.dense ->
+output.LayerNorm; directly, or through the attention or the FFN's activation for query, key,
+value and intermediate.dense) and is divided there by that token's sigma_t = sqrt(var_t + eps) of
+the norm's input: the norm's Jacobian is diag(gamma) P / sigma_t (P a projection). So what the
+model feels of an output error e_t is ~e_t / sigma_t, and the statistic that matches it is
+H = sum_t x_t x_t^T / sigma_t^2, not sum_t x_t x_t^T (exact for a layer that feeds the norm
+through a residual sum; per token, ignoring what attention mixes, for the others). `plan_norms`
+finds each layer's next norm (the first one called after it); `collect` holds a layer's rows of a
+batch until that norm's pre-hook has seen the batch and then adds them with weights 1 / sigma_t^2.
+In BERT the [CLS] token reaches the FFN's LayerNorm with sigma up to 11 (other tokens ~0.8), so
+unweighted, its huge FFN activations dominate output.dense's Hessian although its errors are
+scaled down ~100x there.
+
 `plan_stages` runs one batch through the model to find the order in which the target layers are
 called, and groups consecutive layers that read the very same input tensor (BERT's query, key and
 value) into one stage; `quantize_model` then calibrates stage after stage, with every earlier stage
@@ -80,21 +94,24 @@ class LayerStats:
     def full(self) -> bool:
         return self.max_tokens is not None and self.count >= self.max_tokens
 
-    def add(self, x: torch.Tensor) -> None:
-        """x [tokens, in_features]."""
+    def add(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        """x [tokens, in_features]; weight [tokens] (optional, non-negative): each token's weight
+        in H (sum_t weight_t x_t x_t^T). The absolute mean and the count stay unweighted."""
         if self.max_tokens is not None:
             x = x[:max(0, self.max_tokens - self.count)]
+            weight = None if weight is None else weight[:x.shape[0]]
         if x.shape[0] == 0:
             return
         x = x.detach().to("cpu", torch.float32)
         if self.H is not None:
+            xw = x if weight is None else x * weight.to("cpu", torch.float32).sqrt()[:, None]
             if _fast_bf16_matmul():
                 # X^T X on the bf16 matrix units (AMX): ~2.5x faster than fp32 here, and the
                 # Hessian's ~1e-3 relative rounding moves GPTQ's layer objective by < 0.1%
-                xb = x.bfloat16()
+                xb = xw.bfloat16()
                 self.H += xb.T.contiguous() @ xb
             else:
-                self.H += (x.T @ x).double()
+                self.H += (xw.T @ xw).double()
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0).double()
         self.count += x.shape[0]
@@ -115,16 +132,51 @@ def _rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm (nn.LayerNorm and subclasses) or RMS norm (nn.RMSNorm, or a class named *RMSNorm
+    such as transformers' LlamaRMSNorm)."""
+    rms = getattr(nn, "RMSNorm", None)
+    return (isinstance(module, nn.LayerNorm) or (rms is not None and isinstance(module, rms))
+            or type(module).__name__.endswith("RMSNorm"))
+
+
+def norm_weights(norm: nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """1 / sigma_t^2 per row of u [tokens, features], the input of `norm`: sigma_t^2 = variance +
+    eps for a LayerNorm, mean square + eps for an RMS norm (float32)."""
+    u = u.detach().float()
+    if isinstance(norm, nn.LayerNorm):
+        var = u.var(-1, unbiased=False)
+    else:
+        var = u.pow(2).mean(-1)
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        eps = torch.finfo(torch.float32).eps
+    return 1.0 / (var + float(eps))
+
+
 def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessian: bool = True,
             absmean: bool = True, max_tokens: Optional[int] = None, stop_early: bool = True,
-            show_progress: bool = False, desc: str = "calibrating") -> Dict[str, LayerStats]:
+            show_progress: bool = False, desc: str = "calibrating",
+            norms: Optional[Dict[str, nn.Module]] = None) -> Dict[str, LayerStats]:
     """Runs `batches` through `model` and returns each named layer's LayerStats.
+
+    norms: layer name -> the norm module its output reaches first (`plan_norms`); those layers'
+    tokens are weighted in H by 1 / sigma_t^2 of the norm's input (module docstring). A batch whose
+    norm input does not line up token for token with the layer's input (other row count), or
+    never reaches the norm, adds that layer's rows unweighted.
 
     Raises CalibrationError when a layer's input holds NaN or inf (naming the batch and layer)."""
     stats = {name: LayerStats(m.in_features, hessian, absmean, max_tokens)
              for name, m in layers.items()}
     state = {"mask": None, "batch": 0, "seen": set()}
-    wanted = set(layers)
+    norms = {name: n for name, n in (norms or {}).items() if name in layers}
+    users: Dict[int, List[str]] = {}  # id(norm) -> the layers waiting for it
+    for name, n in norms.items():
+        users.setdefault(id(n), []).append(name)
+    pending: Dict[str, torch.Tensor] = {}  # this batch's rows of layers waiting for their norm
+    wanted = set(layers) | {("norm", k) for k in users}
 
     def make_hook(name):
         def hook(module, inputs, output):
@@ -135,13 +187,37 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                 raise CalibrationError(
                     f"calibration batch {state['batch']} produces NaN or inf in the input of "
                     f"layer {name!r}; check the batch (or the model in full precision)")
-            stats[name].add(x)
+            if name in norms:  # a second call before the norm: rows no longer line up
+                pending[name] = torch.cat([pending[name], x]) if name in pending else x
+            else:
+                stats[name].add(x)
             state["seen"].add(name)
             if stop_early and state["seen"] >= wanted:
                 raise _StopForward
         return hook
 
+    def make_norm_hook(norm):
+        def hook(module, inputs):
+            waiting = [n for n in users[id(norm)] if n in pending]
+            if not waiting or not inputs or not torch.is_tensor(inputs[0]):
+                return
+            u = _rows(inputs[0].detach(), state["mask"])
+            w = norm_weights(norm, u).cpu()
+            for name in waiting:
+                x = pending.pop(name)
+                stats[name].add(x, w if w.shape[0] == x.shape[0] else None)
+            state["seen"].add(("norm", id(norm)))
+            if stop_early and state["seen"] >= wanted:
+                raise _StopForward
+        return hook
+
+    def flush():  # rows whose norm was not reached in this batch: unweighted
+        for name in list(pending):
+            stats[name].add(pending.pop(name))
+
     handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+    handles += [norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]))
+                for names in users.values()]
     try:
         with torch.no_grad():
             for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
@@ -152,7 +228,9 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                     call_model(model, item)
                 except _StopForward:
                     pass
+                flush()
     finally:
+        pending.clear()
         for h in handles:
             h.remove()
     return stats
@@ -195,3 +273,36 @@ def plan_stages(model: nn.Module, batch, layers: Dict[str, nn.Module]
             stages.append([name])
     unreached = [name for name in layers if name not in order]
     return stages, unreached
+
+
+def plan_norms(model: nn.Module, batch, layers: Dict[str, nn.Module]) -> Dict[str, nn.Module]:
+    """Runs one batch and returns, for each layer of `layers`, the first norm module (`is_norm`)
+    called after the layer's first call; layers with no norm after them are left out."""
+    order: List[Tuple[str, object]] = []
+    seen = set()
+
+    def layer_hook(name):
+        def hook(module, inp, output):
+            if name not in seen:
+                seen.add(name)
+                order.append(("layer", name))
+        return hook
+
+    def norm_hook(module, inp, output):
+        order.append(("norm", module))
+
+    handles = [m.register_forward_hook(layer_hook(name)) for name, m in layers.items()]
+    handles += [m.register_forward_hook(norm_hook) for m in model.modules() if is_norm(m)]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out: Dict[str, nn.Module] = {}
+    for i, (kind, obj) in enumerate(order):
+        if kind == "layer":
+            nxt = next((o for k, o in order[i + 1:] if k == "norm"), None)
+            if nxt is not None:
+                out[obj] = nxt
+    return out

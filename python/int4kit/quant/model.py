@@ -266,11 +266,14 @@ def _quantize_sequential(model, targets, batches, config, report):
     model.eval()
     try:
         stages, unreached = calibration.plan_stages(model, batches[0], layers)
+        norms = (calibration.plan_norms(model, batches[0], layers) if config.norm_weighting
+                 else {})
         for stage in calibration.progress(stages, config.show_progress, desc=config.method):
             stats = calibration.collect(model, batches, {n: layers[n] for n in stage},
                                         hessian=True, absmean=config.method != "gptq",
                                         max_tokens=config.calib_max_tokens,
-                                        show_progress=config.show_progress)
+                                        show_progress=config.show_progress,
+                                        norms={n: norms[n] for n in stage if n in norms})
             for name in stage:
                 if stats[name].count == 0:
                     unreached.append(name)
