@@ -25,6 +25,7 @@ struct Simd {
   static constexpr int kLanes = 8;
   static constexpr int kMicroRows = 6;  // 6 x 16: 12 accumulators + 2 weight vectors + 1 x
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kUnitFloats = false;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_load_ps(p); }
