@@ -336,6 +336,63 @@ def test_norm_weighting_in_quantize_model(monkeypatch):
     assert rel_err(out, ref_out) < 0.2
 
 
+class PooledNormNet(nn.Module):
+    """a's rows reach its norm only after a mean over the sequence (other row count); the norm is
+    called with a keyword argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.c = nn.Linear(16, 8)
+
+    def forward(self, x, attention_mask=None):
+        return self.c(self.ln(input=self.a(x).mean(1)))
+
+
+def test_norm_weighting_falls_back_per_layer_and_reports_it():
+    torch.manual_seed(0)
+    net = PooledNormNet().eval()
+    data = [{"x": torch.randn(3, 6, 16)} for _ in range(2)]
+    norms = calibration.plan_norms(net, data[0], {"a": net.a})
+    assert norms == {"a": net.ln}
+    stats = calibration.collect(net, data, {"a": net.a}, norms=norms)
+    assert stats["a"].norm_weighted is False  # 18 rows in, 3 rows at the norm
+    report = quantize_model(net, QuantConfig(group_size=16, method="gptq"), calib_data=data)
+    assert any(name == "a" and "norm weighting off" in note for name, note in report.notes)
+
+
+def test_norm_weights_are_capped_and_reject_non_finite_input():
+    ln = nn.LayerNorm(16)
+    u = torch.randn(5, 16)
+    u[2] = 3.0  # a constant row: sigma^2 = eps, which would weigh it ~1e5 times the others
+    w = calibration.norm_weights(ln, u)
+    assert torch.isfinite(w).all()
+    assert float(w.max() / w.median()) <= calibration.MAX_NORM_WEIGHT_RATIO * 1.0001
+    sigma2 = u.var(-1, unbiased=False) + ln.eps
+    keep = torch.arange(5) != 2  # the others are exactly 1 / sigma^2
+    torch.testing.assert_close(w[keep], 1 / sigma2[keep])
+    with pytest.raises(calibration.CalibrationError, match="norm"):
+        calibration.norm_weights(ln, torch.tensor([[1.0, float("nan")]]))
+
+
+def test_norm_weighting_sees_a_norm_called_with_keywords():
+    torch.manual_seed(0)
+    net = PooledNormNet().eval()
+    net.forward = lambda x, attention_mask=None: net.c(net.ln(input=net.a(x)))  # rows line up
+    x = torch.randn(2, 4, 16)
+    stats = calibration.collect(net, [{"x": x}], {"a": net.a}, norms={"a": net.ln})
+    assert stats["a"].norm_weighted is True
+    plain = calibration.collect(net, [{"x": x}], {"a": net.a})
+    rows = net.a(x).detach().reshape(-1, 16)
+    xr = x.reshape(-1, 16).double()
+    w = 1 / (rows.double().var(-1, unbiased=False) + net.ln.eps)
+    ref = (xr * w.sqrt()[:, None]).T @ (xr * w.sqrt()[:, None]) / xr.shape[0]
+    tol = 2 ** -7 if calibration._fast_bf16_matmul() else 1e-5
+    assert ((stats["a"].hessian - ref).norm() / ref.norm()).item() <= tol
+    assert ((plain["a"].hessian - ref).norm() / ref.norm()).item() > 10 * tol
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])

@@ -1,6 +1,7 @@
 """Calibration engine: streaming statistics of each nn.Linear's input, by forward hooks.
 
-Nothing stores activations: each hook folds its batch into the layer's running statistics at once:
+Nothing stores activations beyond one batch: each hook folds its batch into the layer's running
+statistics at once (with norm weighting, once the norm below has seen the batch):
   * H = sum over tokens of x x^T (the GPTQ/AWQ Hessian up to a factor), accumulated in float64 from
     float32 per-batch products;
   * sum over tokens of |x| per input channel (AWQ's activation magnitude);
@@ -18,6 +19,9 @@ H = sum_t x_t x_t^T / sigma_t^2, not sum_t x_t x_t^T (exact for a layer that fee
 through a residual sum; per token, ignoring what attention mixes, for the others). `plan_norms`
 finds each layer's next norm (the first one called after it); `collect` holds a layer's rows of a
 batch until that norm's pre-hook has seen the batch and then adds them with weights 1 / sigma_t^2.
+Weighting is all or nothing per layer: a batch whose norm input does not line up with the layer's
+rows (or that never reaches the norm) marks the layer (LayerStats.norm_weighted = False), and
+quantize_model recollects that layer's statistics unweighted and notes it in the report.
 In BERT the [CLS] token reaches the FFN's LayerNorm with sigma up to 11 (other tokens ~0.8), so
 unweighted, its huge FFN activations dominate output.dense's Hessian although its errors are
 scaled down ~100x there.
@@ -89,6 +93,8 @@ class LayerStats:
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64) if absmean else None
         self.count = 0
         self.max_tokens = max_tokens
+        # None: no norm weighting asked; True: every batch weighted; False: some batch could not be
+        self.norm_weighted: Optional[bool] = None
 
     @property
     def full(self) -> bool:
@@ -140,10 +146,19 @@ def is_norm(module: nn.Module) -> bool:
             or type(module).__name__.endswith("RMSNorm"))
 
 
+# A token's weight is at most this many times the batch's median weight: a row that reaches the
+# norm (almost) constant has sigma ~ sqrt(eps), and BERT's eps = 1e-12 would weigh it 1e12 times.
+MAX_NORM_WEIGHT_RATIO = 1e4
+
+
 def norm_weights(norm: nn.Module, u: torch.Tensor) -> torch.Tensor:
     """1 / sigma_t^2 per row of u [tokens, features], the input of `norm`: sigma_t^2 = variance +
-    eps for a LayerNorm, mean square + eps for an RMS norm (float32)."""
+    eps for a LayerNorm, mean square + eps for an RMS norm (float32), floored at the batch median
+    / MAX_NORM_WEIGHT_RATIO. Raises CalibrationError when u holds NaN or inf."""
     u = u.detach().float()
+    if not bool(torch.isfinite(u).all()):
+        raise CalibrationError(f"the input of norm {type(norm).__name__} holds NaN or inf during "
+                               f"calibration; check the batch (or the model in full precision)")
     if isinstance(norm, nn.LayerNorm):
         var = u.var(-1, unbiased=False)
     else:
@@ -153,7 +168,9 @@ def norm_weights(norm: nn.Module, u: torch.Tensor) -> torch.Tensor:
         eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         eps = torch.finfo(torch.float32).eps
-    return 1.0 / (var + float(eps))
+    sigma2 = var + float(eps)
+    floor = float(sigma2.median()) / MAX_NORM_WEIGHT_RATIO
+    return 1.0 / sigma2.clamp_min(max(floor, torch.finfo(torch.float32).tiny))
 
 
 def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessian: bool = True,
@@ -165,13 +182,16 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
     norms: layer name -> the norm module its output reaches first (`plan_norms`); those layers'
     tokens are weighted in H by 1 / sigma_t^2 of the norm's input (module docstring). A batch whose
     norm input does not line up token for token with the layer's input (other row count), or
-    never reaches the norm, adds that layer's rows unweighted.
+    never reaches the norm, adds that layer's rows unweighted and sets its norm_weighted to False
+    (the caller recollects such a layer without weighting).
 
-    Raises CalibrationError when a layer's input holds NaN or inf (naming the batch and layer)."""
+    Raises CalibrationError when a layer's or a norm's input holds NaN or inf."""
     stats = {name: LayerStats(m.in_features, hessian, absmean, max_tokens)
              for name, m in layers.items()}
     state = {"mask": None, "batch": 0, "seen": set()}
     norms = {name: n for name, n in (norms or {}).items() if name in layers}
+    for name in norms:
+        stats[name].norm_weighted = True
     users: Dict[int, List[str]] = {}  # id(norm) -> the layers waiting for it
     for name, n in norms.items():
         users.setdefault(id(n), []).append(name)
@@ -196,29 +216,38 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                 raise _StopForward
         return hook
 
+    def add_unweighted(name, x):
+        stats[name].add(x)
+        stats[name].norm_weighted = False
+
     def make_norm_hook(norm):
-        def hook(module, inputs):
+        def hook(module, args, kwargs):
             waiting = [n for n in users[id(norm)] if n in pending]
-            if not waiting or not inputs or not torch.is_tensor(inputs[0]):
+            u = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
+            if not waiting or u is None:
                 return
-            u = _rows(inputs[0].detach(), state["mask"])
-            w = norm_weights(norm, u).cpu()
+            w = norm_weights(norm, _rows(u.detach(), state["mask"])).cpu()
             for name in waiting:
                 x = pending.pop(name)
-                stats[name].add(x, w if w.shape[0] == x.shape[0] else None)
+                if w.shape[0] == x.shape[0]:
+                    stats[name].add(x, w)
+                else:
+                    add_unweighted(name, x)
             state["seen"].add(("norm", id(norm)))
             if stop_early and state["seen"] >= wanted:
                 raise _StopForward
         return hook
 
-    def flush():  # rows whose norm was not reached in this batch: unweighted
+    def flush():  # rows whose norm was not reached in this batch
         for name in list(pending):
-            stats[name].add(pending.pop(name))
+            add_unweighted(name, pending.pop(name))
 
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
-    handles += [norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]))
-                for names in users.values()]
+    handles = []
     try:
+        handles += [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
+        handles += [norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]),
+                                                              with_kwargs=True)
+                    for names in users.values()]
         with torch.no_grad():
             for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
                 if all(s.full for s in stats.values()):

@@ -1,5 +1,6 @@
 """quantize_model: swap every eligible nn.Linear of a model for an Int4Linear, in place."""
 import fnmatch
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -269,11 +270,18 @@ def _quantize_sequential(model, targets, batches, config, report):
         norms = (calibration.plan_norms(model, batches[0], layers) if config.norm_weighting
                  else {})
         for stage in calibration.progress(stages, config.show_progress, desc=config.method):
-            stats = calibration.collect(model, batches, {n: layers[n] for n in stage},
-                                        hessian=True, absmean=config.method != "gptq",
+            collect = functools.partial(calibration.collect, model, batches, hessian=True,
+                                        absmean=config.method != "gptq",
                                         max_tokens=config.calib_max_tokens,
-                                        show_progress=config.show_progress,
-                                        norms={n: norms[n] for n in stage if n in norms})
+                                        show_progress=config.show_progress)
+            stats = collect({n: layers[n] for n in stage},
+                            norms={n: norms[n] for n in stage if n in norms})
+            mixed = [n for n in stage if stats[n].norm_weighted is False]
+            if mixed:  # weighting is all or nothing per layer: these again, unweighted
+                stats.update(collect({n: layers[n] for n in mixed}))
+                report.notes.extend(
+                    (n, "norm weighting off: its rows did not line up with the input of the norm "
+                        "after it in every batch") for n in mixed)
             for name in stage:
                 if stats[name].count == 0:
                     unreached.append(name)
