@@ -81,3 +81,13 @@ def make_linear(in_features, out_features, bias=True, dtype=torch.float32, devic
         if bias:
             linear.bias.normal_(0, 0.1)
     return linear.to(dtype=dtype, device=device)
+
+
+@pytest.fixture
+def two_threads():
+    """torch.set_num_threads(2) for the test: with N = 48 (3 row blocks) two threads get a
+    row-block pair and an odd leftover block, whatever the machine's core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -104,7 +104,7 @@ LONG_K_CASES = [
 
 
 @pytest.mark.parametrize("M,K,dtype", LONG_K_CASES, ids=[f"M{m}-K{k}-{str(d)[6:]}" for m, k, d in LONG_K_CASES])
-def test_linear_long_k_in_chunks(cpu_isa, M, K, dtype):
+def test_linear_long_k_in_chunks(cpu_isa, two_threads, M, K, dtype):
     x = torch.randn(M, K).to(dtype)
     check_linear(x, 48, K, 128, False, True)
 

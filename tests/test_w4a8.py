@@ -49,7 +49,7 @@ def test_w4a8_accuracy_cost_on_a_model_sized_layer(cpu_isa, dtype):
 
 
 @pytest.mark.parametrize("M", [9, 100])
-def test_w4a8_long_k_in_chunks(cpu_isa, M):
+def test_w4a8_long_k_in_chunks(cpu_isa, two_threads, M):
     # 100 rows of int8 x with K = 12928 (1.4 MB) span two of the AMX path's K chunks (see
     # test_linear.test_linear_long_k_in_chunks); 9 rows fit one
     N, K, G = 48, 12928, 128

@@ -10,6 +10,10 @@
 
 namespace int4kit {
 namespace cpu {
+// Internal linkage: this header is compiled into every ISA's translation unit with that ISA's
+// flags, so the linker must not pick one of those copies for another (an AVX-512 build of
+// quantize_int8 called from the AVX2 path would fault on a CPU without AVX-512).
+namespace {
 
 // A row's max|x| is found as the largest bit pattern of |x|: for non-negative floats the integer
 // order is the float order, and infinities and NaNs (exponent all ones) sort above every finite
@@ -22,7 +26,8 @@ constexpr uint32_t kNonFiniteBits = 0x7F800000u;  // |x| bits at or above this: 
 inline float int8_scale_of(uint32_t amax_bits) {
   if (amax_bits >= kNonFiniteBits) return std::numeric_limits<float>::quiet_NaN();
   const float amax = bits_to_float(amax_bits);
-  return amax > 0.f ? amax / 127.f : 1.f;
+  // amax / 127 underflows to 0 for amax <= 63 * 2^-149 (subnormal rows): keep x / scale finite
+  return amax > 0.f ? std::max(amax / 127.f, std::numeric_limits<float>::denorm_min()) : 1.f;
 }
 
 inline int8_t quantize_int8(float v, float scale) {
@@ -66,5 +71,6 @@ void quantize_rows_int8(const void* x, DType dtype, int64_t ldx, const PackedSha
   }
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace int4kit

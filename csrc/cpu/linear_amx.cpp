@@ -12,7 +12,8 @@
 //
 // Tiles: a 2 x 2 block of C tiles (32 rows of x x 2 row blocks = 32 output channels), two A tiles
 // and two B tiles, so every A and B tile load feeds two tdpbf16ps. A group's B tiles are rebuilt
-// for every 32-row pass (two instructions per 16 codes): keeping all groups' tiles instead,
+// for every 32-row pass (one GF transform and one store per 16 column pairs): keeping all groups'
+// tiles instead,
 // built once per row-block pair, measured slower on LLaMA-sized layers (M = 16: 2.2 vs 1.4 ms
 // for 4096x11008), the L1-resident per-group tiles winning over an L2 round trip.
 #include <immintrin.h>
@@ -28,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 
 #include "kernels_internal.h"
 #include "simd_avx512.h"
@@ -70,8 +72,9 @@ struct AlignedFree {
 };
 template <typename T>
 std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
-  return std::unique_ptr<T[], AlignedFree>(
-      static_cast<T*>(std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)))));
+  void* p = std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)));
+  if (p == nullptr) throw std::bad_alloc();
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
 }
 
 // Splits 16 fp32 values into bf16 planes hi, mid, lo (truncations, so each remainder is exact).
@@ -231,16 +234,21 @@ inline void drain_c_tiles(float (&c)[kTileRows][kBlockN], bool pair, bool two_a,
 // larger than L2, it would come from L3 once per row-block pair: M = 128 bf16 rows of K = 11008
 // are 2.8 MB against a 2 MB L2. So K is taken in chunks of whole groups, at most kChunkBytes of x
 // each, and every row block of the thread's range passes over one chunk before the next; the
-// output rows then live in fp32 partial sums between chunks (M x 16 floats per row block).
+// output rows then live in fp32 partial sums between chunks (M x 16 floats per row block). Those
+// are bounded by kMaxPartialBytes per thread: beyond it (thousands of rows) every chunk would
+// stream more partial sums than the x it saves, so K is taken whole, as without chunks.
 constexpr int64_t kChunkBytes = int64_t(1) << 20;
+constexpr int64_t kMaxPartialBytes = int64_t(16) << 20;
 
 struct KChunks {
   int64_t groups_per_chunk, count;
 };
-KChunks k_chunks(const PackedShape& s, int64_t x_bytes_per_column) {
+KChunks k_chunks(const PackedShape& s, int64_t M, int64_t x_bytes_per_column, int64_t blocks) {
   const int64_t fit = std::max<int64_t>(1, kChunkBytes / (x_bytes_per_column * s.padded_group()));
   const int64_t count = ceil_div(s.groups(), fit);
-  return {ceil_div(s.groups(), count), count};  // balanced: no short last chunk
+  if (count == 1 || round_up(M, kPassRows) * blocks * kBlockN * 4 > kMaxPartialBytes)
+    return {s.groups(), 1};
+  return {ceil_div(s.groups(), count), count};  // spread evenly; the last may be a little shorter
 }
 
 // The fp32 partial sums of the output rows, [row block][row][16]. With one chunk a pass's rows
@@ -273,7 +281,8 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
   const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
   const int64_t a_stride = Kp * Flavour::kElemBytes;
   const int64_t b_tile_words = tiles_per_group * kTileRows * kBlockN;
-  const KChunks chunks = k_chunks(s, round_up(M, kTileRows) * Flavour::kElemBytes * f.planes);
+  const KChunks chunks = k_chunks(s, M, round_up(M, kTileRows) * Flavour::kElemBytes * f.planes,
+                                 block_end - block_begin);
   PartialSums sums(M, block_end - block_begin, chunks.count > 1);
   auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
   alignas(64) float c[kTileRows][kBlockN];  // a drained C tile (fp32 or int32)
@@ -384,7 +393,7 @@ void dequantized_linear(const Activations& a, const uint8_t* packed, const Packe
                         int64_t block_end) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
   const int64_t block_bytes = s.row_block_bytes();
-  const KChunks chunks = k_chunks(s, round_up(a.M, kTileRows) * 2);
+  const KChunks chunks = k_chunks(s, a.M, round_up(a.M, kTileRows) * 2, block_end - block_begin);
   const int64_t chunk_tile_words = chunks.groups_per_chunk * Gp / Bf16Flavour::kTileK * kTileRows * kBlockN;
   PartialSums sums(a.M, block_end - block_begin, chunks.count > 1);
   auto b_tiles = aligned_array<uint32_t>(2 * chunk_tile_words);

@@ -515,8 +515,8 @@ TEST_P(W4A8Linear, TiesRoundHalfEvenAndNonFiniteRowsAreMarked) {
   }
   EXPECT_LE(std::sqrt(err2 / ref2), 1e-6);
 
-  x.set(1, c.K - 1, std::numeric_limits<float>::infinity());
-  x.set(2, 0, kNaN);
+  x.set(1, c.K - 1, -std::numeric_limits<float>::infinity());
+  x.set(2, 0, std::copysign(kNaN, -1.f));  // sign bit set: still above every finite |x|
   cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
   EXPECT_EQ(scales[0], 1.f);
   EXPECT_TRUE(std::isnan(scales[1]));

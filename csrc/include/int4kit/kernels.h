@@ -85,8 +85,8 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
 struct ActivationsA8 {
   int8_t* xq = nullptr;       // activation_a8_sizes().codes, padded like the weights
   int32_t* xq_sum = nullptr;  // [M, groups]
-  float* scale = nullptr;     // [M]; NaN for a row with an Inf or a NaN (codes not written):
-                              // the caller checks the scales and rejects such x
+  float* scale = nullptr;     // [M]; NaN for a row with an Inf or a NaN (its codes and sums are
+                              // not written): the caller checks the scales and rejects such x
   int64_t M = 0;
 };
 struct ActivationA8Sizes {
