@@ -72,6 +72,17 @@ def test_w4a8_rows_are_quantized_independently(cpu_isa):
     assert torch.equal(y[2], torch.zeros(N))
 
 
+def test_w4a8_subnormal_row(cpu_isa):
+    # max|x| / 127 underflows to 0 for a row of tiny subnormals: the scale must stay nonzero
+    N, K, G = 37, 384, 128
+    _, _, _, packed, bias = make_layer(N, K, G, False, True, torch.float32)
+    x = torch.randn(2, K)
+    x[1] = torch.where(torch.arange(K) % 2 == 0, 1e-44, -3e-45)
+    y = ops.linear_w4a8(x, packed, N, K, G, bias)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[1], bias, rtol=0, atol=1e-30)
+
+
 def test_w4a8_rejects_nan(cpu_isa):
     N, K, G = 17, 130, 6
     _, _, _, packed, _ = make_layer(N, K, G, False, False, torch.float32)
