@@ -34,6 +34,7 @@ forward pass stops (by an exception raised from the hook) as soon as every layer
 seen the batch, so a stage costs only the model up to that point.
 """
 import functools
+import itertools
 from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -265,6 +266,20 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
     return stats
 
 
+def _forward_with_hooks(model: nn.Module, batch, registrations: Iterable) -> None:
+    """Runs one batch through `model` (no grad) with the hooks that `registrations` registers as
+    it is consumed; every hook registered is removed afterwards, whatever happens."""
+    handles = []
+    try:
+        for handle in registrations:
+            handles.append(handle)
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def plan_stages(model: nn.Module, batch, layers: Dict[str, nn.Module]
                 ) -> Tuple[List[List[str]], List[str]]:
     """Runs one batch and returns (stages in call order, layer names never called).
@@ -285,13 +300,8 @@ def plan_stages(model: nn.Module, batch, layers: Dict[str, nn.Module]
             inputs.append(x)
         return hook
 
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, batch, (m.register_forward_hook(make_hook(name))
+                                       for name, m in layers.items()))
     stages: List[List[str]] = []
     for i, name in enumerate(order):
         same = (i > 0 and inputs[i] is not None and inputs[i - 1] is not None
@@ -320,14 +330,9 @@ def plan_norms(model: nn.Module, batch, layers: Dict[str, nn.Module]) -> Dict[st
     def norm_hook(module, inp, output):
         order.append(("norm", module))
 
-    handles = [m.register_forward_hook(layer_hook(name)) for name, m in layers.items()]
-    handles += [m.register_forward_hook(norm_hook) for m in model.modules() if is_norm(m)]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(model, batch, itertools.chain(
+        (m.register_forward_hook(layer_hook(name)) for name, m in layers.items()),
+        (m.register_forward_hook(norm_hook) for m in model.modules() if is_norm(m))))
     out: Dict[str, nn.Module] = {}
     for i, (kind, obj) in enumerate(order):
         if kind == "layer":
