@@ -26,10 +26,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <utility>
 
 #include "kernels_internal.h"
 #include "simd_avx512.h"
@@ -44,15 +46,17 @@ using Simd = avx512_simd::Simd;
 
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
 constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
-// Below these row counts the AVX-512 GEMV is as fast (4096x11008, 2 threads, hot): W4A16 with
-// bf16 or fp16 x (one or two bf16 planes per tile) from 2 rows (M = 3 bf16: 1.16 ms against the
-// GEMV's 1.8), fp32 x (three planes) from 3; W4A8 (VNNI GEMV) from 4 (M = 3: GEMV 0.70 ms, tiles 0.85).
+// Below these row counts the AVX-512 GEMV is as fast or faster (4096x11008, bench_kernels, one
+// thread, tiles of M rows): W4A16 with bf16 or fp16 x (one or two bf16 planes per tile) from 2
+// rows (M = 1: GEMV 1.40 ms, tiles 1.46; M = 2: 2.58 against 1.53), fp32 x (three planes) from 3
+// (M = 2: 2.11 against 2.38; M = 3: 2.66 against 2.41); W4A8 (VNNI GEMV) from 4 (M = 2: 0.95
+// against 1.07, M = 3 level, M = 4: 1.24 against 1.20).
 constexpr int64_t kMinRowsA8 = 4;
 int64_t min_rows(DType dtype) { return dtype == DType::F32 ? 3 : 2; }
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Palette 1, eight 16-row x 64-byte tiles: tmm0-3 C (C[i][j] = tmm(2i + j) for A tile i and B
-// tile j), tmm4-5 A, tmm6-7 B. A static object in read-only data: ldtilecfg reads memory the
+// Palette 1, eight tiles of 64-byte rows: tmm0-3 C (C[i][j] = tmm(2i + j) for A tile i and B
+// tile j), tmm4-5 A, tmm6-7 B. Static objects in read-only data: ldtilecfg reads memory the
 // compiler cannot have optimised away (llama.cpp's AMX path crashes here because its stack copy
 // was).
 struct alignas(64) TileConfig {
@@ -62,8 +66,25 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16];
   uint8_t rows[16];
 };
-alignas(64) const TileConfig kTileConfig = {
-    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+// A and C tiles of m rows (B tiles always 16): a tile product costs about one cycle per row of A,
+// so below 16 rows of x the tiles hold just those rows (4096x11008, one thread: fp32 x M = 4
+// 6.66 -> 2.65 ms, bf16 M = 8 2.78 -> 2.15 ms).
+constexpr TileConfig tile_config(int m) {
+  TileConfig c{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {}};
+  for (int t = 0; t < 6; ++t) c.rows[t] = uint8_t(m);
+  c.rows[6] = c.rows[7] = 16;
+  return c;
+}
+template <int... M>
+constexpr std::array<TileConfig, sizeof...(M)> tile_config_table(std::integer_sequence<int, M...>) {
+  return {tile_config(M + 1)...};
+}
+alignas(64) constexpr std::array<TileConfig, kTileRows> kTileConfigs =
+    tile_config_table(std::make_integer_sequence<int, kTileRows>{});
+// the configuration for M rows of x: passes of 16 (and 32) rows from M = 16 on
+inline const TileConfig* tile_config_for(int64_t M) {
+  return &kTileConfigs[std::min(M, kTileRows) - 1];
+}
 
 int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : dtype == DType::F16 ? 2 : 3; }
 
@@ -287,7 +308,7 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
   auto b_tiles = aligned_array<uint32_t>(2 * b_tile_words);  // one set per row block of the pair
   alignas(64) float c[kTileRows][kBlockN];  // a drained C tile (fp32 or int32)
 
-  _tile_loadconfig(&kTileConfig);
+  _tile_loadconfig(tile_config_for(M));
   for (int64_t g0 = 0; g0 < groups; g0 += chunks.groups_per_chunk) {
     const int64_t g1 = std::min(groups, g0 + chunks.groups_per_chunk);
     for (int64_t b = block_begin; b < block_end; b += 2) {
@@ -398,7 +419,7 @@ void dequantized_linear(const Activations& a, const uint8_t* packed, const Packe
   PartialSums sums(a.M, block_end - block_begin, chunks.count > 1);
   auto b_tiles = aligned_array<uint32_t>(2 * chunk_tile_words);
   alignas(64) float c[kTileRows][kBlockN];
-  _tile_loadconfig(&kTileConfig);
+  _tile_loadconfig(tile_config_for(a.M));
   for (int64_t g0 = 0; g0 < groups; g0 += chunks.groups_per_chunk) {
     const int64_t g1 = std::min(groups, g0 + chunks.groups_per_chunk);
     const int64_t tiles = (g1 - g0) * Gp / Bf16Flavour::kTileK;
