@@ -220,16 +220,21 @@ class Int4Linear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each attribute of a module is a dictionary walk (Module.__getattr__): in a decode step
+        # of ~100 small calls they add up, so each is read once
         N, K, G = self.out_features, self.in_features, self.group_size
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
-        if self.act_quant is not None and self._device().type != "cpu":
-            raise NotImplementedError(f"Int4Linear(act_quant={self.act_quant!r}) runs on CPU only; "
-                                      f"this module is on {self._device()}")
-        if self.packed is not None:
-            if self.act_quant == "int8":
-                return ops.linear_w4a8(x, self.packed, N, K, G, self.bias)
-            return ops.linear(x, self.packed, N, K, G, self.bias)
+        packed, bias, act_quant, input_scale = self.packed, self.bias, self.act_quant, self.input_scale
+        if input_scale is not None:
+            x = x * input_scale.to(x.dtype)
+        if act_quant is not None:
+            device = (packed if packed is not None else self.qweight).device
+            if device.type != "cpu":
+                raise NotImplementedError(f"Int4Linear(act_quant={act_quant!r}) runs on CPU only; "
+                                          f"this module is on {device}")
+        if packed is not None:
+            if act_quant == "int8":
+                return ops.linear_w4a8(x, packed, N, K, G, bias)
+            return ops.linear(x, packed, N, K, G, bias)
         weight = ops.dequantize(self.qweight, self.scales, self.zeros, G, K, x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
