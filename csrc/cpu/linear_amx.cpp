@@ -3,7 +3,7 @@
 // Built with the AVX-512 flags plus -mamx-tile -mamx-bf16 -mamx-int8.
 //
 // The weights never leave the exact domain: each column pair of a word becomes the bf16 pair
-// (1 + q/16) with one GF(2) affine byte transform (Simd::bf16_pairs, as in the AVX-512 bf16 GEMV), and 16 such rows make
+// (1 + q/16) with one shift and one bit-select (build_b_tiles), and 16 such rows make
 // a B tile (16 column pairs x 16 output rows: the VNNI layout tdpbf16ps wants). The A tiles are 16
 // rows x 32 columns of x in bf16: exact for bf16 x; fp16 and fp32 x are split into 2 or 3 bf16
 // planes (x = hi + mid + lo, 8 mantissa bits each), one tdpbf16ps per plane, so fp32 keeps its
@@ -12,7 +12,7 @@
 //
 // Tiles: a 2 x 2 block of C tiles (32 rows of x x 2 row blocks = 32 output channels), two A tiles
 // and two B tiles, so every A and B tile load feeds two tdpbf16ps. A group's B tiles are rebuilt
-// for every 32-row pass (one GF transform and one store per 16 column pairs): keeping all groups'
+// for every 32-row pass (two instructions and one store per 16 column pairs): keeping all groups'
 // tiles instead,
 // built once per row-block pair, measured slower on LLaMA-sized layers (M = 16: 2.2 vs 1.4 ms
 // for 4096x11008), the L1-resident per-group tiles winning over an L2 round trip.
@@ -129,10 +129,18 @@ struct Bf16Flavour {
   static void build_b_tiles(const uint32_t* codes, int64_t words, uint32_t* tiles) {
     for (int64_t w = 0; w < words; ++w) {
       __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
-      __m512i pairs[4];
-      Simd::bf16_pairs(codes + w * kBlockN, pairs);
+      // Column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p: shifted to bits 3 and 19, kept by a
+      // mask and ORed with 0x3F80 (bf16 1.0) in one ternary-logic op (0xEA: a & b | c). The GEMV's
+      // GF form (Simd::bf16_pairs: two loads, merge-masked transforms) measured slower here,
+      // where every pass rebuilds the tiles: MiniLM in bench/demo.py (fp32 x, ~1900 rows)
+      // 302-318 ms with it against 271-283 ms, M = 16 bf16 ~5% (bench_kernels).
+      const __m512i v = Simd::load_words(codes + w * kBlockN);
       uint32_t* row = tiles + w * 4 * kBlockN;  // tile rows 4w .. 4w+3: column pairs of word w
-      for (int p = 0; p < 4; ++p) _mm512_store_si512(row + p * kBlockN, pairs[p]);
+      const __m512i mask = _mm512_set1_epi32(0x00780078), one = _mm512_set1_epi32(0x3F803F80);
+      _mm512_store_si512(row, _mm512_ternarylogic_epi32(_mm512_slli_epi32(v, 3), mask, one, 0xEA));
+      _mm512_store_si512(row + kBlockN, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 1), mask, one, 0xEA));
+      _mm512_store_si512(row + 2 * kBlockN, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 5), mask, one, 0xEA));
+      _mm512_store_si512(row + 3 * kBlockN, _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 9), mask, one, 0xEA));
     }
   }
   const void* a_tile(int p, int64_t offset) const { return a.x_bf16 + p * plane + offset; }
@@ -265,8 +273,9 @@ struct KChunks {
   int64_t groups_per_chunk, count;
 };
 KChunks k_chunks(const PackedShape& s, int64_t M, int64_t x_bytes_per_column, int64_t blocks) {
-  const int64_t fit = std::max<int64_t>(1, kChunkBytes / (x_bytes_per_column * s.padded_group()));
-  const int64_t count = ceil_div(s.groups(), fit);
+  const int64_t fit = kChunkBytes / (x_bytes_per_column * s.padded_group());  // whole groups
+  const int64_t count = fit == 0 ? 1 : ceil_div(s.groups(), fit);
+  // one chunk: x fits, or not even one group of it does (chunks would only add partial sums)
   if (count == 1 || round_up(M, kPassRows) * blocks * kBlockN * 4 > kMaxPartialBytes)
     return {s.groups(), 1};
   return {ceil_div(s.groups(), count), count};  // spread evenly; the last may be a little shorter

@@ -51,13 +51,14 @@ struct Simd {
     return _mm512_set1_epi32(int(pair));
   }
   // The four column pairs (2p, 2p+1) of the 16 words at `words` as bf16 pairs (1 + q / 16), i.e.
-  // 0x3F80 | q << 3 in each 16-bit half, exact: the operand vdpbf16ps and tdpbf16ps multiply with x.
+  // 0x3F80 | q << 3 in each 16-bit half, exact: the operand vdpbf16ps multiplies with x pairs.
   // With format.h's nibble order, pairs 0 and 1 are the low and high nibbles of bytes 0 and 2 of a
   // lane, pairs 2 and 3 those of bytes 1 and 3; a second load one byte further brings bytes 1 and 3
   // to 0 and 2. One GF(2) affine transform per pair then moves the nibble of each even byte to bits
   // 3..6 and sets bit 7 (the matrix and constant below), merge-masked so the odd bytes keep 0x3F. The
   // shift-and-mask form cost two vector-ALU instructions per pair instead of one: the bf16 GEMV at
-  // M = 1 ran 1.96 ms against 1.48 now (4096x11008, one thread, hot).
+  // M = 1 ran 1.96 ms against 1.48 now (4096x11008, one thread, hot). (The AMX B-tile build keeps
+  // the shift-and-mask form, measured faster there: linear_amx.cpp.)
   // GF(2) affine matrices for vgf2p8affineqb: row i of the bit matrix (result bit i) is byte 7 - i
   // of the qword; result bits 3..6 take source bits 0..3 (low nibble) or 4..7 (high nibble), and
   // the instruction's constant 0x80 sets bit 7.
