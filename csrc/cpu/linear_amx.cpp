@@ -269,6 +269,12 @@ inline void drain_c_tiles(float (&c)[kTileRows][kBlockN], bool pair, bool two_a,
 constexpr int64_t kChunkBytes = int64_t(1) << 20;
 constexpr int64_t kMaxPartialBytes = int64_t(16) << 20;
 
+// Bytes of the fp32 partial sums that carry M rows of `blocks` row blocks from chunk to chunk
+// (PartialSums across chunks: whole 32-row passes).
+int64_t partial_sum_bytes(int64_t M, int64_t blocks) {
+  return round_up(M, kPassRows) * blocks * kBlockN * int64_t(sizeof(float));
+}
+
 struct KChunks {
   int64_t groups_per_chunk, count;
 };
@@ -276,7 +282,7 @@ KChunks k_chunks(const PackedShape& s, int64_t M, int64_t x_bytes_per_column, in
   const int64_t fit = kChunkBytes / (x_bytes_per_column * s.padded_group());  // whole groups
   const int64_t count = fit == 0 ? 1 : ceil_div(s.groups(), fit);
   // one chunk: x fits, or not even one group of it does (chunks would only add partial sums)
-  if (count == 1 || round_up(M, kPassRows) * blocks * kBlockN * 4 > kMaxPartialBytes)
+  if (count == 1 || partial_sum_bytes(M, blocks) > kMaxPartialBytes)
     return {s.groups(), 1};
   return {ceil_div(s.groups(), count), count};  // spread evenly; the last may be a little shorter
 }
@@ -288,7 +294,8 @@ class PartialSums {
   PartialSums(int64_t M, int64_t blocks, bool across_chunks)
       : rows_(across_chunks ? round_up(M, kPassRows) : kPassRows),  // whole passes
         across_chunks_(across_chunks),
-        sums_(aligned_array<float>((across_chunks ? blocks : 2) * rows_ * kBlockN)) {}
+        sums_(aligned_array<float>(across_chunks ? partial_sum_bytes(M, blocks) / int64_t(sizeof(float))
+                                                 : 2 * rows_ * kBlockN)) {}
   // row m0 of row block `block` (counted from the start of the thread's range)
   float* rows(int64_t block, int64_t m0) {
     return sums_.get() + ((across_chunks_ ? block : block & 1) * rows_ + (across_chunks_ ? m0 : 0)) * kBlockN;

@@ -64,10 +64,14 @@ struct Simd {
   // the instruction's constant 0x80 sets bit 7.
   static constexpr long long kLowNibbleMatrix = 0x0000000102040800ll;
   static constexpr long long kHighNibbleMatrix = 0x0000001020408000ll;
+  // The 16 words at `words`, and the same bytes one further (byte b of a lane = byte b + 1 of the
+  // words; the vector's last byte, which would lie past it, reads as 0)
+  static VI words_one_byte_on(const uint32_t* words) {
+    return _mm512_maskz_loadu_epi8(~(uint64_t(1) << 63), reinterpret_cast<const char*>(words) + 1);
+  }
   static void bf16_pairs(const uint32_t* words, VI (&pairs)[4]) {
     const VI v0 = _mm512_loadu_si512(words);
-    // bytes 1.. of the vector; byte 63 would lie past it (it would land in an odd byte anyway)
-    const VI v1 = _mm512_maskz_loadu_epi8(~(uint64_t(1) << 63), reinterpret_cast<const char*>(words) + 1);
+    const VI v1 = words_one_byte_on(words);  // byte 63 (then 0) lands in an odd byte: unused
     const VI low_nibble = _mm512_set1_epi64(kLowNibbleMatrix), high_nibble = _mm512_set1_epi64(kHighNibbleMatrix);
     const VI one_hi = _mm512_set1_epi16(0x3F00);
     const __mmask64 even_bytes = 0x5555555555555555ull;
@@ -84,7 +88,7 @@ struct Simd {
   // column (bf16_pairs' matrices) turns byte 2 into 0x80 | q << 3 over the bytes of 1.0f.
   static void unit_floats(const uint32_t* words, V (&cols)[8]) {
     const VI from2 = _mm512_loadu_si512(words);  // byte 2 of each lane: original byte 2, ...
-    const VI from3 = _mm512_maskz_loadu_epi8(~(uint64_t(1) << 63), reinterpret_cast<const char*>(words) + 1);
+    const VI from3 = words_one_byte_on(words);   // its byte 2 never comes from past the vector
     const VI from0 = _mm512_slli_epi32(from2, 16);
     const VI from1 = _mm512_slli_epi32(from3, 16);
     const VI low_nibble = _mm512_set1_epi64(kLowNibbleMatrix), high_nibble = _mm512_set1_epi64(kHighNibbleMatrix);
