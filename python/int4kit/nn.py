@@ -236,7 +236,7 @@ class Int4Linear(nn.Module):
                 return ops.linear_w4a8(x, packed, N, K, G, bias)
             return ops.linear(x, packed, N, K, G, bias)
         weight = ops.dequantize(self.qweight, self.scales, self.zeros, G, K, x.dtype)
-        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -33,6 +33,7 @@ already quantized in place ("true sequential"). Each stage reruns the calibratio
 forward pass stops (by an exception raised from the hook) as soon as every layer of the stage has
 seen the batch, so a stage costs only the model up to that point.
 """
+import contextlib
 import functools
 import itertools
 from collections.abc import Mapping
@@ -243,41 +244,41 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
         for name in list(pending):
             add_unweighted(name, pending.pop(name))
 
-    handles = []
-    try:
-        handles += [m.register_forward_hook(make_hook(name)) for name, m in layers.items()]
-        handles += [norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]),
-                                                              with_kwargs=True)
-                    for names in users.values()]
-        with torch.no_grad():
-            for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
-                if all(s.full for s in stats.values()):
-                    break
-                state.update(mask=attention_mask_of(item), batch=i, seen=set())
-                try:
-                    call_model(model, item)
-                except _StopForward:
-                    pass
-                flush()
-    finally:
-        pending.clear()
-        for h in handles:
-            h.remove()
+    registrations = itertools.chain(
+        (m.register_forward_hook(make_hook(name)) for name, m in layers.items()),
+        (norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]), with_kwargs=True)
+         for names in users.values()))
+    with _hooks(registrations), torch.no_grad():
+        for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
+            if all(s.full for s in stats.values()):
+                break
+            state.update(mask=attention_mask_of(item), batch=i, seen=set())
+            try:
+                call_model(model, item)
+            except _StopForward:
+                pass
+            flush()
     return stats
 
 
-def _forward_with_hooks(model: nn.Module, batch, registrations: Iterable) -> None:
-    """Runs one batch through `model` (no grad) with the hooks that `registrations` registers as
-    it is consumed; every hook registered is removed afterwards, whatever happens."""
+@contextlib.contextmanager
+def _hooks(registrations: Iterable):
+    """Holds the hooks that `registrations` registers as it is consumed; every hook registered is
+    removed on leaving, whatever happens (also when a registration part-way fails)."""
     handles = []
     try:
         for handle in registrations:
             handles.append(handle)
-        with torch.no_grad():
-            call_model(model, batch)
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _forward_with_hooks(model: nn.Module, batch, registrations: Iterable) -> None:
+    """Runs one batch through `model` (no grad) with the hooks `registrations` registers."""
+    with _hooks(registrations), torch.no_grad():
+        call_model(model, batch)
 
 
 def plan_stages(model: nn.Module, batch, layers: Dict[str, nn.Module]
