@@ -196,6 +196,27 @@ def test_linear_large_activations(cpu_isa):
     assert rel_err(y, R.linear(x, qweight, scales, zeros, G, bias)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [1, 3, 9])
+def test_linear_non_finite_rows(cpu_isa, M, dtype):
+    # a row with an Inf gives non-finite outputs, one with a NaN NaN outputs, on every path (the
+    # AVX-512 GEMV runs those rows on floats instead of its int16 grid); the other rows are exact
+    N, K, G = 37, 384, 128
+    qweight, scales, zeros, packed, bias = make_layer(N, K, G, False, False, dtype)
+    x = torch.randn(M, K).to(dtype)
+    ref = R.linear(x, qweight, scales, zeros, G, None)
+    x[0, -1] = float("inf")
+    if M > 2:
+        x[2, 0] = float("nan")
+    y = ops.linear(x, packed, N, K, G, None)
+    assert not torch.isfinite(y[0]).any()
+    if M > 2:
+        assert torch.isnan(y[2]).all()
+    rest = [m for m in range(M) if m not in (0, 2)]
+    if rest:
+        assert rel_err(y[rest], ref[rest]) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("value", ["auto", ""])
 def test_linear_default_path(monkeypatch, value):
     monkeypatch.setenv("INT4KIT_CPU_ISA", value)

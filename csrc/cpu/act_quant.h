@@ -1,5 +1,7 @@
-// Dynamic per-row int8 quantization of activations for the W4A8 paths: the scalar definition (the
-// reference path's prepare_activations_a8; linear_simd.h vectorizes it with the same arithmetic).
+// Dynamic per-row fixed-point quantization of activations (ActivationsA8): int8 for the W4A8
+// paths, int16 in two int8 planes for the AVX-512 GEMV's bf16 x. The scalar definition
+// (the reference path's prepare_activations_a8; linear_simd.h vectorizes it with the same
+// arithmetic).
 #pragma once
 
 #include <algorithm>
@@ -21,17 +23,45 @@ namespace {
 inline uint32_t abs_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
 constexpr uint32_t kNonFiniteBits = 0x7F800000u;  // |x| bits at or above this: Inf or NaN
 
-// The row's scale: max|x| / 127, 1 for an all-zero row, NaN for a row with an Inf or a NaN (its
-// codes are left unwritten; the caller must reject x, see ActivationsA8).
-inline float int8_scale_of(uint32_t amax_bits) {
-  if (amax_bits >= kNonFiniteBits) return std::numeric_limits<float>::quiet_NaN();
-  const float amax = bits_to_float(amax_bits);
-  // amax / 127 underflows to 0 for amax <= 63 * 2^-149 (subnormal rows): keep x / scale finite
-  return amax > 0.f ? std::max(amax / 127.f, std::numeric_limits<float>::denorm_min()) : 1.f;
-}
+// The two grids, each with its scale for a run of x whose largest |x| has the bits amax_bits:
+// 1 for an all-zero run, NaN for a run with an Inf or a NaN (its codes are left unwritten).
+//  * Int8Grid (W4A8): one scale per row, max|x| / 127.
+//  * Int16Grid (Activations::x16): one scale per row and group, the power of two that puts max|x|
+//    in (16319, 32639]: every bf16 value within 2^7 of the group's largest is then an exact
+//    integer multiple of it, and a smaller one is off by at most half of it. Codes are stored as
+//    256 * hi + lo with hi = (q + 128) >> 8 and lo = q - 256 hi, both int8 for |q| <= 127 * 257.
+struct Int8Grid {
+  static constexpr int kPlanes = 1;
+  static constexpr bool kGroupScales = false;
+  static constexpr float kMax = 127.f;
+  static float scale_of(uint32_t amax_bits) {
+    if (amax_bits >= kNonFiniteBits) return std::numeric_limits<float>::quiet_NaN();
+    const float amax = bits_to_float(amax_bits);
+    // amax / kMax underflows to 0 for subnormal rows: keep x / scale finite
+    return amax > 0.f ? std::max(amax / kMax, std::numeric_limits<float>::denorm_min()) : 1.f;
+  }
+};
+struct Int16Grid {
+  static constexpr int kPlanes = 2;
+  static constexpr bool kGroupScales = true;
+  static constexpr float kMax = 127.f * 257.f;
+  static float scale_of(uint32_t amax_bits) {
+    if (amax_bits >= kNonFiniteBits) return std::numeric_limits<float>::quiet_NaN();
+    if (amax_bits == 0) return 1.f;
+    const float amax = bits_to_float(amax_bits);
+    // 2^(ilogb - 14) puts amax in [2^14, 2^15); one more doubling where that passes kMax. Below
+    // 2^-149 (amax under 2^-135) the smallest subnormal is the step, and every value is exact.
+    const int exponent = std::max(std::ilogb(amax) - 14, -149);
+    const float scale = std::ldexp(1.f, exponent);
+    return amax / scale > kMax ? 2.f * scale : scale;
+  }
+};
+inline int8_t high_byte(int32_t q) { return int8_t((q + 128) >> 8); }
+inline int8_t low_byte(int32_t q) { return int8_t(q - 256 * ((q + 128) >> 8)); }
 
-inline int8_t quantize_int8(float v, float scale) {
-  return int8_t(std::clamp(std::nearbyint(v / scale), -127.f, 127.f));
+template <typename Grid>
+int32_t quantize(float v, float scale) {
+  return int32_t(std::clamp(std::nearbyint(v / scale), -Grid::kMax, Grid::kMax));
 }
 
 // The scalar row operations; linear_simd.h supplies vector ones with the same arithmetic.
@@ -42,31 +72,54 @@ struct ScalarRowOps {
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, abs_bits(load_as_float(x, dtype, offset + k)));
     return amax;
   }
-  // quantizes a leading run of whole words of a group into dst and adds their codes to *sum;
-  // returns the columns done (the rest are done one by one)
-  static int64_t quantize_words(const void*, DType, int64_t, int64_t, float, int8_t*, int32_t*) { return 0; }
+  // quantizes a leading run of whole words of a group into the planes dst and adds their codes to
+  // sums; returns the columns done (the rest are done one by one)
+  template <typename Grid>
+  static int64_t quantize_words(const void*, DType, int64_t, int64_t, float, int8_t* const*, int32_t*) {
+    return 0;
+  }
 };
 
-// Quantizes rows [m_begin, m_end) of x into a: codes padded per group like the weights (zeros),
-// with column i of every 8-column word stored at position position_of(i) of that word.
-template <typename RowOps, typename PositionOf>
-void quantize_rows_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                        const ActivationsA8& a, int64_t m_begin, int64_t m_end, PositionOf position_of) {
+// Quantizes rows [m_begin, m_end) of x into a on Grid: codes padded per group like the weights
+// (zeros), with column i of every 8-column word stored at position position_of(i) of that word.
+// A row with an Inf or a NaN gets NaN for its scale (for all of them, with group scales).
+template <typename RowOps, typename Grid, typename PositionOf>
+void quantize_rows(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                   const ActivationsA8& a, int64_t m_begin, int64_t m_end, PositionOf position_of) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
+  int32_t* const sums_of[2] = {a.xq_sum, a.xq_low_sum};
+  int8_t* const planes_of[2] = {a.xq, a.xq_low};
   for (int64_t m = m_begin; m < m_end; ++m) {
-    const float scale = int8_scale_of(RowOps::amax_bits(x, dtype, m * ldx, s.K));
-    a.scale[m] = scale;
-    if (std::isnan(scale)) continue;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
-      int8_t* dst = a.xq + m * Kp + g * Gp;
-      int32_t sum = 0;
-      for (int64_t i = RowOps::quantize_words(x, dtype, src, len, scale, dst, &sum); i < Gp; ++i) {
-        const int8_t q = i < len ? quantize_int8(load_as_float(x, dtype, src + i), scale) : 0;
-        dst[(i / kCodesPerWord) * kCodesPerWord + position_of(int(i % kCodesPerWord))] = q;
-        sum += q;
+    float* const scales = a.scale + (Grid::kGroupScales ? m * groups : m);
+    bool finite = true;
+    if constexpr (Grid::kGroupScales) {
+      for (int64_t g = 0; g < groups; ++g) {
+        scales[g] = Grid::scale_of(RowOps::amax_bits(x, dtype, m * ldx + g * s.G, s.group_len(g)));
+        finite = finite && !std::isnan(scales[g]);
       }
-      a.xq_sum[m * groups + g] = sum;
+      if (!finite) std::fill(scales, scales + groups, std::numeric_limits<float>::quiet_NaN());
+    } else {
+      scales[0] = Grid::scale_of(RowOps::amax_bits(x, dtype, m * ldx, s.K));
+      finite = !std::isnan(scales[0]);
+    }
+    if (!finite) continue;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = scales[Grid::kGroupScales ? g : 0];
+      const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
+      int8_t* dst[Grid::kPlanes];
+      for (int p = 0; p < Grid::kPlanes; ++p) dst[p] = planes_of[p] + m * Kp + g * Gp;
+      int32_t sums[Grid::kPlanes] = {};
+      int64_t i = RowOps::template quantize_words<Grid>(x, dtype, src, len, scale, dst, sums);
+      for (; i < Gp; ++i) {
+        const int32_t q = i < len ? quantize<Grid>(load_as_float(x, dtype, src + i), scale) : 0;
+        const int64_t at = (i / kCodesPerWord) * kCodesPerWord + position_of(int(i % kCodesPerWord));
+        const int8_t bytes[2] = {Grid::kPlanes == 1 ? int8_t(q) : high_byte(q), low_byte(q)};
+        for (int p = 0; p < Grid::kPlanes; ++p) {
+          dst[p][at] = bytes[p];
+          sums[p] += bytes[p];
+        }
+      }
+      for (int p = 0; p < Grid::kPlanes; ++p) sums_of[p][m * groups + g] = sums[p];
     }
   }
 }

@@ -47,12 +47,14 @@ using Simd = avx512_simd::Simd;
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
 constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
 // Below these row counts the AVX-512 GEMV is as fast or faster (4096x11008, bench_kernels, one
-// thread, tiles of M rows): W4A16 with bf16 or fp16 x (one or two bf16 planes per tile) from 2
-// rows (M = 1: GEMV 1.40 ms, tiles 1.46; M = 2: 2.58 against 1.53), fp32 x (three planes) from 3
-// (M = 2: 2.11 against 2.38; M = 3: 2.66 against 2.41); W4A8 (VNNI GEMV) from 4 (M = 2: 0.95
-// against 1.07, M = 3 level, M = 4: 1.24 against 1.20).
+// thread, tiles of M rows): W4A16 with fp16 x (two bf16 planes per tile) from 2 rows (M = 1: GEMV
+// 1.40 ms, tiles 1.46; M = 2: 2.58 against 1.53), fp32 x (three planes) from 3 (M = 2: 2.11
+// against 2.38; M = 3: 2.66 against 2.41); bf16 x, whose GEMV runs on the int16 grid, from 3
+// (bench_linear.py, two threads, hot / cold: M = 2 GEMV 0.67-0.69 / 1.25-1.29 ms, tiles
+// 0.84-0.86 / 1.24-1.26; M = 3 level hot, cold 1.40-1.46 against 1.23-1.31); W4A8 (VNNI GEMV)
+// from 4 (M = 2: 0.95 against 1.07, M = 3 level, M = 4: 1.24 against 1.20).
 constexpr int64_t kMinRowsA8 = 4;
-int64_t min_rows(DType dtype) { return dtype == DType::F32 ? 3 : 2; }
+int64_t min_rows(DType dtype) { return dtype == DType::F16 ? 2 : 3; }
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Palette 1, eight tiles of 64-byte rows: tmm0-3 C (C[i][j] = tmm(2i + j) for A tile i and B
@@ -131,7 +133,7 @@ struct Bf16Flavour {
       __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
       // Column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p: shifted to bits 3 and 19, kept by a
       // mask and ORed with 0x3F80 (bf16 1.0) in one ternary-logic op (0xEA: a & b | c). The GEMV's
-      // GF form (Simd::bf16_pairs: two loads, merge-masked transforms) measured slower here,
+      // GF form (two loads, merge-masked transforms, as Simd::unit_floats) measured slower here,
       // where every pass rebuilds the tiles: MiniLM in bench/demo.py (fp32 x, ~1900 rows)
       // 302-318 ms with it against 271-283 ms, M = 16 bf16 ~5% (bench_kernels).
       const __m512i v = Simd::load_words(codes + w * kBlockN);

@@ -24,8 +24,8 @@ struct Simd {
   using VI = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kMicroRows = 6;  // 6 x 16: 12 accumulators + 2 weight vectors + 1 x
-  static constexpr bool kBf16Dot = false;
   static constexpr bool kUnitFloats = false;
+  static constexpr bool kInt16X = false;  // no vpdpbusd: a byte dot product takes three instructions
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_load_ps(p); }
@@ -69,10 +69,10 @@ struct Simd {
     m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4E));
     return uint32_t(_mm_cvtsi128_si32(_mm_max_epu32(m, _mm_shuffle_epi32(m, 0xB1))));
   }
-  // v / scale rounded half to even and clamped to +-127, as int32 lanes
-  static VI quantize_int8(V v, V scale) {
+  // v / scale rounded half to even and clamped to +-max, as int32 lanes
+  static VI quantize(V v, V scale, V max) {
     const V r = _mm256_round_ps(_mm256_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f)));
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), max)), max));
   }
   static VI add_i(VI a, VI b) { return _mm256_add_epi32(a, b); }
   static int32_t hsum_i(VI v) {

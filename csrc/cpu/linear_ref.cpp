@@ -73,7 +73,7 @@ void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, c
 
 void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                             const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
-  quantize_rows_int8<ScalarRowOps>(x, dtype, ldx, s, a, m_begin, m_end, [](int i) { return i; });  // natural order
+  quantize_rows<ScalarRowOps, Int8Grid>(x, dtype, ldx, s, a, m_begin, m_end, [](int i) { return i; });  // natural order
 }
 
 void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,

@@ -8,23 +8,25 @@
 // fmadd(a, b, c) = a*b+c, fnmadd(a, b, c) = c-a*b, fmsub(a, b, c) = a*b-c, mul, add, hsum(v),
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
-// fp32 values written to y as dtype), kBf16Dot: whether the bf16 dot-product GEMV below exists
-// (then also bcast_pair, bf16_pairs, dot_bf16), and kUnitFloats: whether unit_floats(words, cols)
-// exists (the GEMV's other dtypes then use it). For W4A8: zero_i(), low_nibbles(w),
-// high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), dot_u8s8(acc, u8, s8)
-// (4-way byte dot product into int32 lanes), to_float(vi).
+// fp32 values written to y as dtype), kUnitFloats: whether unit_floats(words, cols) exists (the
+// GEMV's float x then uses it), kInt16X: whether the GEMV runs bf16 x as int16 (then also
+// high_bytes, low_bytes). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w) (bytes of codes),
+// bcast4(p) (4 int8 in every lane), dot_u8s8(acc, u8, s8) (4-way byte dot product into int32
+// lanes), to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize, add_i, hsum_i,
+// store_a8_codes.
 //
 // Two paths, chosen by M:
 //  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
 //    One word vector holds 8 columns of kLanes rows; each column is shifted out, turned to fp32 and
 //    multiplied into per-group accumulators. Scale and zero point are applied once per group:
 //    y += s * (acc - z * sum(x_group)).
-//    With bf16 x and kBf16Dot, a column pair is instead turned into the bf16 pair (1 + q/16) with
-//    one GF(2) affine byte transform (Simd::bf16_pairs), and multiplied by the x pair with one
-//    dot-product instruction: acc = sum x (1 + q/16), so sum x q = 16 (acc - sum x). With other x
-//    and kUnitFloats, each column becomes the fp32 (1 + q/16) with one such transform
-//    (Simd::unit_floats) and meets x in an FMA, the same sums: 1.6x faster than shift, mask and
-//    convert (fp32 x, M = 1, L2-resident weight, one thread: 114 -> 70 us).
+//    With kUnitFloats, each column becomes the fp32 (1 + q/16) with one GF(2) affine byte
+//    transform (Simd::unit_floats) and meets x in an FMA: acc = sum x (1 + q/16), so
+//    sum x q = 16 (acc - sum x); 1.6x faster than shift, mask and convert (fp32 x, M = 1,
+//    L2-resident weight, one thread: 114 -> 70 us). With kInt16X, bf16 x runs as int16 fixed
+//    point (Activations::x16) on W4A8's integer kernel, two dot products per code byte instead of
+//    one: 4 vpdpbusd per 128 codes where bf16 dot products took 8 vdpbf16ps (2.5 cycles each
+//    here, against 0.67).
 //  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
 //    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
@@ -87,54 +89,33 @@ inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals,
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------
-// How a GEMV turns the codes of a word into operands (see the top of the file).
+// How the float GEMV turns the codes of a word into operands (see the top of the file).
 enum class Columns {
   kFloats,     // each column's codes as fp32 (shift, mask, convert); acc = sum x q
-  kBf16Pairs,  // bf16 x only: column pairs as bf16 (1 + q/16) in bf16 dot products
   kUnitFloats  // each column as fp32 (1 + q/16) in FMAs; acc = sum x (1 + q/16)
 };
 
 // Rows [m0, m0 + R) of y for row block b. Each accumulator is split kSplit ways (by column) so
-// consecutive FMAs do not wait on each other's latency when R is small. S is a parameter so that
-// ISAs without kBf16Dot / kUnitFloats never instantiate those branches.
+// consecutive FMAs do not wait on each other's latency when R is small (8 chains cover the FMA
+// latency at two FMAs per cycle). S is a parameter so that ISAs without kUnitFloats never
+// instantiate that branch.
 template <int R, Columns kColumns, typename S = Simd>
 void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  constexpr bool kPairs = kColumns == Columns::kBf16Pairs;
-  // 8 chains cover the FMA latency at two FMAs per cycle; the 4 bf16 dot products of a word, slower
-  // per instruction, need 4
   constexpr int kSplit = std::max<int>(1, std::min<int>(kColumns == Columns::kUnitFloats ? 8 : 4, 8 / (R * kVecs)));
-  using XType = std::conditional_t<kPairs, uint16_t, float>;
-  const XType* x = nullptr;
-  if constexpr (kPairs) x = a.x_bf16;
-  else x = a.x;
   alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const XType* xg[R];
-    for (int r = 0; r < R; ++r) xg[r] = x + (m0 + r) * geo.Kp + g * geo.Gp;
+    const float* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
     typename S::V acc[R][kSplit][kVecs];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < kSplit; ++c)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = S::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
       prefetch_ahead(codes + w * kBlockN);
-      if constexpr (kPairs) {
-        typename S::VI q[kVecs][4];
-        for (int64_t h = 0; h < kVecs; ++h) S::bf16_pairs(codes + w * kBlockN + h * S::kLanes, q[h]);
-        auto pair = [&](int p) {  // column pair (2p, 2p+1) of the word
-          for (int r = 0; r < R; ++r) {
-            const typename S::VI xpair = S::bcast_pair(xg[r] + w * kCodesPerWord + 2 * p);
-            for (int64_t h = 0; h < kVecs; ++h)
-              acc[r][p % kSplit][h] = S::dot_bf16(acc[r][p % kSplit][h], q[h][p], xpair);
-          }
-        };
-        pair(0);
-        pair(1);
-        pair(2);
-        pair(3);
-      } else if constexpr (kColumns == Columns::kUnitFloats) {
+      if constexpr (kColumns == Columns::kUnitFloats) {
         typename S::V cols[kVecs][kCodesPerWord];
         for (int64_t h = 0; h < kVecs; ++h) S::unit_floats(codes + w * kBlockN + h * S::kLanes, cols[h]);
         // unrolled before scalar replacement, or GCC keeps acc in memory (see microkernel)
@@ -190,22 +171,6 @@ void for_row_chunks(int64_t M, Fn&& fn) {
     case 1: fn(std::integral_constant<int, 1>{}, m); break;
     default: break;
   }
-}
-
-// A template only so that branches an ISA lacks are never instantiated.
-template <typename S = Simd>
-void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
-          void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  auto rows_with = [&](auto columns) {
-    for_row_chunks(a.M, [&](auto rows, int64_t m) {
-      gemv_rows<decltype(rows)::value, decltype(columns)::value, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
-    });
-  };
-  if constexpr (S::kBf16Dot) {
-    if (dtype == DType::BF16) return rows_with(std::integral_constant<Columns, Columns::kBf16Pairs>{});
-  }
-  if constexpr (S::kUnitFloats) return rows_with(std::integral_constant<Columns, Columns::kUnitFloats>{});
-  else return rows_with(std::integral_constant<Columns, Columns::kFloats>{});
 }
 
 // ---- GEMM ---------------------------------------------------------------------------------------
@@ -308,18 +273,27 @@ void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
 // order, so two 4-byte broadcasts meet the two code vectors in integer dot products.
 constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
 
-template <int R>
+// Rows [m0, m0 + R) of y for row block b, with x on Grid (act_quant.h): W4A8's int8 x, or
+// Activations::x16's int16 x in two planes, whose dot products are combined per group as
+// 256 * (high plane's) + (low plane's). Each plane keeps two accumulators, for the low and the high
+// nibbles of a word, so no vpdpbusd waits on another's latency (the chained form ran 1.1x slower).
+template <int R, typename Grid>
 void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr int P = Grid::kPlanes;
+  const int8_t* const planes[2] = {a.xq, a.xq_low};
+  const int32_t* const plane_sums[2] = {a.xq_sum, a.xq_low_sum};
   alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const int8_t* xg[R];
-    for (int r = 0; r < R; ++r) xg[r] = a.xq + (m0 + r) * geo.Kp + g * geo.Gp;
-    typename Simd::VI acc[R][kVecs];
+    const int8_t* xg[R][P];
     for (int r = 0; r < R; ++r)
-      for (int64_t h = 0; h < kVecs; ++h) acc[r][h] = Simd::zero_i();
+      for (int p = 0; p < P; ++p) xg[r][p] = planes[p] + (m0 + r) * geo.Kp + g * geo.Gp;
+    typename Simd::VI acc[R][P][2][kVecs];  // [row][plane][low / high nibbles]
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        for (int64_t h = 0; h < kVecs; ++h) acc[r][p][0][h] = acc[r][p][1][h] = Simd::zero_i();
     for (int64_t w = 0; w < geo.words; ++w) {
       prefetch_ahead(codes + w * kBlockN);
       typename Simd::VI lo[kVecs], hi[kVecs];
@@ -328,23 +302,31 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
         lo[h] = Simd::low_nibbles(v);
         hi[h] = Simd::high_nibbles(v);
       }
-      for (int r = 0; r < R; ++r) {
-        const typename Simd::VI x_lo = Simd::bcast4(xg[r] + w * kCodesPerWord);
-        const typename Simd::VI x_hi = Simd::bcast4(xg[r] + w * kCodesPerWord + 4);
-        for (int64_t h = 0; h < kVecs; ++h)
-          acc[r][h] = Simd::dot_u8s8(Simd::dot_u8s8(acc[r][h], lo[h], x_lo), hi[h], x_hi);
-      }
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) {
+          const typename Simd::VI x_lo = Simd::bcast4(xg[r][p] + w * kCodesPerWord);
+          const typename Simd::VI x_hi = Simd::bcast4(xg[r][p] + w * kCodesPerWord + 4);
+          for (int64_t h = 0; h < kVecs; ++h) {
+            acc[r][p][0][h] = Simd::dot_u8s8(acc[r][p][0][h], lo[h], x_lo);
+            acc[r][p][1][h] = Simd::dot_u8s8(acc[r][p][1][h], hi[h], x_hi);
+          }
+        }
     }
     const float* sc = geo.scales(rec);
     const float* zr = sc + kBlockN;
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
-      const typename Simd::V xs = Simd::broadcast_value(float(a.xq_sum[m * geo.groups + g]));
-      const typename Simd::V row_scale = Simd::broadcast(a.scale + m);
+      const typename Simd::V x_scale = Simd::broadcast(a.scale + (Grid::kGroupScales ? m * geo.groups + g : m));
       for (int64_t h = 0; h < kVecs; ++h) {
         const int64_t o = h * Simd::kLanes;
-        const typename Simd::V centred = Simd::fnmadd(Simd::loadu(zr + o), xs, Simd::to_float(acc[r][h]));
-        const typename Simd::V scale = Simd::mul(Simd::loadu(sc + o), row_scale);
+        const typename Simd::V z = Simd::loadu(zr + o);
+        typename Simd::V centred = Simd::zero();  // sum xq q - z sum xq, over the planes
+        for (int p = 0; p < P; ++p) {
+          const typename Simd::V xs = Simd::broadcast_value(float(plane_sums[p][m * geo.groups + g]));
+          const typename Simd::V plane = Simd::fnmadd(z, xs, Simd::to_float(Simd::add_i(acc[r][p][0][h], acc[r][p][1][h])));
+          centred = p == 0 ? plane : Simd::fmadd(centred, Simd::broadcast_value(256.f), plane);
+        }
+        const typename Simd::V scale = Simd::mul(Simd::loadu(sc + o), x_scale);
         Simd::store(out[r] + o, Simd::fmadd(scale, centred, Simd::load(out[r] + o)));
       }
     }
@@ -365,24 +347,35 @@ struct SimdRowOps {
     for (; k < K; ++k) amax = std::max(amax, abs_bits(load_as_float(x, dtype, offset + k)));
     return amax;
   }
+  template <typename Grid, typename S = Simd>
   static int64_t quantize_words(const void* x, DType dtype, int64_t src, int64_t len, float scale,
-                                int8_t* dst, int32_t* sum) {
-    const typename Simd::V scale_v = Simd::broadcast_value(scale);
-    typename Simd::VI sum_v = Simd::zero_i();
+                                int8_t* const* dst, int32_t* sums) {
+    const typename S::V scale_v = S::broadcast_value(scale), max_v = S::broadcast_value(Grid::kMax);
+    typename S::VI sum_v[Grid::kPlanes];
+    for (auto& v : sum_v) v = S::zero_i();
     int64_t i = 0;
-    for (; i + Simd::kLanes <= len; i += Simd::kLanes) {
-      const typename Simd::VI q = Simd::quantize_int8(Simd::load_x(x, dtype, src + i), scale_v);
-      sum_v = Simd::add_i(sum_v, q);
-      Simd::store_a8_codes(dst + i, q);
+    for (; i + S::kLanes <= len; i += S::kLanes) {
+      const typename S::VI q = S::quantize(S::load_x(x, dtype, src + i), scale_v, max_v);
+      typename S::VI bytes[Grid::kPlanes];
+      if constexpr (Grid::kPlanes == 1) {
+        bytes[0] = q;
+      } else {
+        bytes[0] = S::high_bytes(q);
+        bytes[1] = S::low_bytes(q, bytes[0]);
+      }
+      for (int p = 0; p < Grid::kPlanes; ++p) {
+        sum_v[p] = S::add_i(sum_v[p], bytes[p]);
+        S::store_a8_codes(dst[p] + i, bytes[p]);
+      }
     }
-    *sum += Simd::hsum_i(sum_v);
+    for (int p = 0; p < Grid::kPlanes; ++p) sums[p] += S::hsum_i(sum_v[p]);
     return i;
   }
 };
 
 void prepare_activations_a8_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                                  const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
-  quantize_rows_int8<SimdRowOps>(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
+  quantize_rows<SimdRowOps, Int8Grid>(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
 }
 
 void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
@@ -391,16 +384,45 @@ void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedS
   const Geometry geo(s);
   for (int64_t b = block_begin; b < block_end; ++b)
     for_row_chunks(a.M, [&](auto rows, int64_t m) {
-      gemv_rows_a8<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, s.N);
+      gemv_rows_a8<decltype(rows)::value, Int8Grid>(a, m, packed, geo, bias, y, dtype, ldy, b, s.N);
     });
 }
 
+// True if rows [m0, m0 + R) of x16 hold int16 codes (no Inf or NaN in those rows of x).
+template <int R>
+bool rows_have_codes(const ActivationsA8& x16, int64_t m0, int64_t groups) {
+  for (int r = 0; r < R; ++r)
+    if (std::isnan(x16.scale[(m0 + r) * groups])) return false;
+  return true;
+}
+
+// The GEMV of row block b over all rows of x, R rows at a time. A template only so that branches
+// an ISA lacks are never instantiated.
+template <typename S = Simd>
+void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+          void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr Columns kColumns = S::kUnitFloats ? Columns::kUnitFloats : Columns::kFloats;
+  for_row_chunks(a.M, [&](auto rows, int64_t m) {
+    constexpr int R = decltype(rows)::value;
+    if constexpr (S::kInt16X) {
+      if (a.x16.xq != nullptr && rows_have_codes<R>(a.x16, m, geo.groups))
+        return gemv_rows_a8<R, Int16Grid>(a.x16, m, packed, geo, bias, y, dtype, ldy, b, N);
+    }
+    gemv_rows<R, kColumns, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+  });
+}
+
 // ---- entry points -------------------------------------------------------------------------------
+// Whether the GEMV runs x as int16 (Activations::x16): bf16 only, whose 8 significant bits the
+// grid holds exactly within 2^7 of a group's largest value. fp16's 11 bits would need 2^11, and
+// fp16 and fp32 x keep exact float products.
+inline bool uses_x16(int64_t M, DType dtype) { return Simd::kInt16X && !use_gemm(M) && dtype == DType::BF16; }
+
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
   const int64_t Kp = s.padded_k();
   const bool gemm = use_gemm(M);
-  return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(),
-          Simd::kBf16Dot && !gemm && dtype == DType::BF16 ? M * Kp : 0};
+  return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0,
+          uses_x16(M, dtype) ? M * Kp : 0};
 }
 
 void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
@@ -434,12 +456,11 @@ void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const Pac
         tail += v;
       }
       a.xsum[m * geo.groups + g] = Simd::hsum(sum) + tail;
-      if (Simd::kBf16Dot && !panels && dtype == DType::BF16) {
-        uint16_t* xb = a.x_bf16 + m * geo.Kp + g * geo.Gp;
-        std::memcpy(xb, static_cast<const uint16_t*>(x) + src, size_t(len) * 2);
-        std::fill(xb + len, xb + geo.Gp, uint16_t(0));
-      }
     }
+  }
+  // x16 as well: its rows with an Inf or a NaN run on the floats above (Activations::x16)
+  if constexpr (Simd::kInt16X) {
+    if (uses_x16(a.M, dtype)) quantize_rows<SimdRowOps, Int16Grid>(x, dtype, ldx, s, a.x16, m_begin, m_end, a8_position);
   }
 }
 

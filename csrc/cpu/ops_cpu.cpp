@@ -51,10 +51,7 @@ uint8_t* thread_workspace(int64_t bytes) {
 }
 
 Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
-  const int64_t floats = round_up(sizes.floats, 16), sums = round_up(sizes.sums, 16);
-  uint8_t* base = thread_workspace(4 * (floats + sums) + 2 * sizes.bf16);
-  return {reinterpret_cast<float*>(base), reinterpret_cast<float*>(base + 4 * floats),
-          reinterpret_cast<uint16_t*>(base + 4 * (floats + sums)), M};
+  return activations_at(thread_workspace(activation_bytes(sizes, M)), sizes, M);
 }
 
 ActivationsA8 activation_a8_workspace(const ActivationA8Sizes& sizes, int64_t M) {

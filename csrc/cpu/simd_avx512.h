@@ -17,8 +17,8 @@ struct Simd {
   using VI = __m512i;
   static constexpr int kLanes = 16;
   static constexpr int kMicroRows = 12;  // 12 x 16: 12 accumulators + 1 weight vector + 1 x
-  static constexpr bool kBf16Dot = true;     // AVX512-BF16 vdpbf16ps
   static constexpr bool kUnitFloats = true;  // unit_floats (GFNI)
+  static constexpr bool kInt16X = true;      // vpdpbusd (AVX512-VNNI) on two int8 planes
 
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }
@@ -44,24 +44,9 @@ struct Simd {
   static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
   static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  // The two bf16 x values at p (an aligned pair of columns) in every 32-bit lane.
-  static VI bcast_pair(const uint16_t* p) {
-    uint32_t pair;
-    std::memcpy(&pair, p, 4);
-    return _mm512_set1_epi32(int(pair));
-  }
-  // The four column pairs (2p, 2p+1) of the 16 words at `words` as bf16 pairs (1 + q / 16), i.e.
-  // 0x3F80 | q << 3 in each 16-bit half, exact: the operand vdpbf16ps multiplies with x pairs.
-  // With format.h's nibble order, pairs 0 and 1 are the low and high nibbles of bytes 0 and 2 of a
-  // lane, pairs 2 and 3 those of bytes 1 and 3; a second load one byte further brings bytes 1 and 3
-  // to 0 and 2. One GF(2) affine transform per pair then moves the nibble of each even byte to bits
-  // 3..6 and sets bit 7 (the matrix and constant below), merge-masked so the odd bytes keep 0x3F. The
-  // shift-and-mask form cost two vector-ALU instructions per pair instead of one: the bf16 GEMV at
-  // M = 1 ran 1.96 ms against 1.48 now (4096x11008, one thread, hot). (The AMX B-tile build keeps
-  // the shift-and-mask form, measured faster there: linear_amx.cpp.)
   // GF(2) affine matrices for vgf2p8affineqb: row i of the bit matrix (result bit i) is byte 7 - i
   // of the qword; result bits 3..6 take source bits 0..3 (low nibble) or 4..7 (high nibble), and
-  // the instruction's constant 0x80 sets bit 7.
+  // the instruction's constant 0x80 sets bit 7: a nibble q becomes the byte 0x80 | q << 3.
   static constexpr long long kLowNibbleMatrix = 0x0000000102040800ll;
   static constexpr long long kHighNibbleMatrix = 0x0000001020408000ll;
   // The 16 words at `words`, and the same bytes one further (byte b of a lane = byte b + 1 of the
@@ -69,23 +54,12 @@ struct Simd {
   static VI words_one_byte_on(const uint32_t* words) {
     return _mm512_maskz_loadu_epi8(~(uint64_t(1) << 63), reinterpret_cast<const char*>(words) + 1);
   }
-  static void bf16_pairs(const uint32_t* words, VI (&pairs)[4]) {
-    const VI v0 = _mm512_loadu_si512(words);
-    const VI v1 = words_one_byte_on(words);  // byte 63 (then 0) lands in an odd byte: unused
-    const VI low_nibble = _mm512_set1_epi64(kLowNibbleMatrix), high_nibble = _mm512_set1_epi64(kHighNibbleMatrix);
-    const VI one_hi = _mm512_set1_epi16(0x3F00);
-    const __mmask64 even_bytes = 0x5555555555555555ull;
-    pairs[0] = _mm512_mask_gf2p8affine_epi64_epi8(one_hi, even_bytes, v0, low_nibble, 0x80);
-    pairs[1] = _mm512_mask_gf2p8affine_epi64_epi8(one_hi, even_bytes, v0, high_nibble, 0x80);
-    pairs[2] = _mm512_mask_gf2p8affine_epi64_epi8(one_hi, even_bytes, v1, low_nibble, 0x80);
-    pairs[3] = _mm512_mask_gf2p8affine_epi64_epi8(one_hi, even_bytes, v1, high_nibble, 0x80);
-  }
   // The 8 columns of the 16 words at `words` as fp32 (1 + q / 16) = 0x3F800000 | q << 19, exact,
   // cols[i] = column i (for fp32 and fp16 x, where FMAs on these beat vdpbf16ps on bf16 pairs:
   // 0.6 against 2.5 cycles per instruction here). Column i's nibble is in byte nibble_shift(i) / 8
-  // of its lane; the word vector, the vector one byte further (bf16_pairs) and both shifted left by
-  // 16 bits put each byte in byte 2 of the lane, and one merge-masked GF(2) affine transform per
-  // column (bf16_pairs' matrices) turns byte 2 into 0x80 | q << 3 over the bytes of 1.0f.
+  // of its lane; the word vector, the vector one byte further and both shifted left by 16 bits put
+  // each byte in byte 2 of the lane, and one merge-masked GF(2) affine transform per column (the
+  // matrices above) turns byte 2 into 0x80 | q << 3 over the bytes of 1.0f.
   static void unit_floats(const uint32_t* words, V (&cols)[8]) {
     const VI from2 = _mm512_loadu_si512(words);  // byte 2 of each lane: original byte 2, ...
     const VI from3 = words_one_byte_on(words);   // its byte 2 never comes from past the vector
@@ -106,7 +80,6 @@ struct Simd {
     cols[5] = unit(from3, low_nibble);   // 24
     cols[7] = unit(from3, high_nibble);  // 28
   }
-  static V dot_bf16(V acc, VI a, VI b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   template <int kShift>
   static V codes_to_float(VI words) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words, kShift), _mm512_set1_epi32(0xF)));
@@ -125,12 +98,15 @@ struct Simd {
     return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF)));
   }
   static uint32_t hmax_u32(VI v) { return _mm512_reduce_max_epu32(v); }
-  // v / scale rounded half to even and clamped to +-127, as int32 lanes
-  static VI quantize_int8(V v, V scale) {
+  // v / scale rounded half to even and clamped to +-max, as int32 lanes
+  static VI quantize(V v, V scale, V max) {
     const V r = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f)));
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), max)), max));
   }
   static VI add_i(VI a, VI b) { return _mm512_add_epi32(a, b); }
+  // act_quant.h's high_byte and low_byte of int16 codes in int32 lanes
+  static VI high_bytes(VI q) { return _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8); }
+  static VI low_bytes(VI q, VI high) { return _mm512_sub_epi32(q, _mm512_slli_epi32(high, 8)); }
   static int32_t hsum_i(VI v) { return _mm512_reduce_add_epi32(v); }
   // 16 codes = two words of 8 columns, each word's columns in the W4A8 order (0, 4, 1, 5, 2, 6, 3, 7:
   // linear_simd.h's a8_position)

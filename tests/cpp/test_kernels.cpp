@@ -331,17 +331,23 @@ struct Matrix {
 };
 
 // y = x . ((q - z) * s)^T in double: "dequantize, then matmul" (the bias is added by the caller).
-std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M) {
+// With `magnitudes`, also sum |x w| per output: the scale of a float dot product's rounding error.
+std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M,
+                                     std::vector<double>* magnitudes = nullptr) {
   const int64_t N = w.shape.N, K = w.shape.K, G = w.shape.G, groups = groups_of(K, G);
   std::vector<double> y(size_t(M * N));
+  if (magnitudes != nullptr) magnitudes->assign(size_t(M * N), 0.0);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
-      double acc = 0.0;
+      double acc = 0.0, magnitude = 0.0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = n * groups + k / G;
-        acc += double(x.get(m, k)) * ((double(w.codes[n * K + k]) - w.zero(i)) * w.scales[i]);
+        const double product = double(x.get(m, k)) * ((double(w.codes[n * K + k]) - w.zero(i)) * w.scales[i]);
+        acc += product;
+        magnitude += std::fabs(product);
       }
       y[m * N + n] = acc;
+      if (magnitudes != nullptr) (*magnitudes)[m * N + n] = magnitude;
     }
   }
   return y;
@@ -354,10 +360,8 @@ Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const fl
   const PackedShape& s = w.shape;
   // NaN-filled, like the uninitialised tensors of the glue: nothing may depend on what they held
   const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, s, M, x.dtype);
-  std::vector<float> xp(size_t(sizes.floats), kNaN);
-  std::vector<float> xsum(size_t(sizes.sums), kNaN);
-  std::vector<uint16_t> xbf16(size_t(sizes.bf16), float_to_bf16(kNaN));
-  const cpu::Activations acts{xp.data(), xsum.data(), xbf16.data(), M};
+  std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4), kNaN);
+  const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
   Matrix y(x.dtype, M, ldy, kNaN);  // NaN: outputs the kernel fails to write show up
@@ -417,6 +421,85 @@ TEST_P(FusedLinear, MatchesDequantizedMatmul) {
           EXPECT_LE(rel, dtype == DType::F32 ? 1e-5 : 1e-2);  // NaN (a missed output) fails too
         }
       }
+    }
+  }
+}
+
+// Unit in the last place of v in dtype (bf16: 8 significant bits, fp16: 11, and its subnormals).
+double ulp_of(double v, DType dtype) {
+  const int bits = dtype == DType::BF16 ? 8 : 11;
+  const int exponent = std::max(std::ilogb(std::max(std::fabs(v), 1e-30)), dtype == DType::F16 ? -14 : -126);
+  return std::ldexp(1.0, exponent - (bits - 1));
+}
+
+// bf16 and fp16 x: every output within an ulp of its dtype of the exact result, plus a float dot
+// product's rounding, plus what kernels.h allows the AVX-512 GEMV's int16 grid: each value of x
+// within 2^-15 of its group's largest |x| (exact within 2^7 of it, as are all values in this test
+// but those sharing a group with the 3000 below). x quantized to int8 would miss by ~8 ulps.
+TEST_P(FusedLinear, SixteenBitXIsExactToTheOutputsRounding) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(10);
+  const Weight w = make_weight(c, false, rng);
+  for (int64_t M : {1, 2, 3, 5, 7}) {
+    for (DType dtype : {DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string("M=") + std::to_string(M) + " " + dtype_name(dtype));
+      Matrix x(dtype, M, c.K, 0.f);
+      const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
+      for (int64_t i = 0; i < M * c.K; ++i) x.set(i / c.K, i % c.K, xv[i]);
+      x.set(M - 1, 0, 30.f);  // one large value: the rest of its row sits far below the row's max
+      if (M > 1) x.set(0, c.K / 2, 3000.f);
+      std::vector<double> magnitudes, grid_slack;
+      const std::vector<double> ref = reference_linear(w, x, M, &magnitudes);
+      Matrix group_max(DType::F32, M, c.K, 0.f);  // 2^-15 max|x| of each value's group
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k0 = 0; k0 < c.K; k0 += c.G) {
+          float amax = 0.f;
+          for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k) amax = std::max(amax, std::fabs(x.get(m, k)));
+          for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k) group_max.set(m, k, std::ldexp(amax, -15));
+        }
+      reference_linear(w, group_max, M, &grid_slack);
+      const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
+      for (int64_t i = 0; i < M * c.N; ++i) {
+        const double bound = ulp_of(ref[i], dtype) + 1e-5 * magnitudes[i] + grid_slack[i];
+        ASSERT_LE(std::fabs(double(y.get(i / c.N, i % c.N)) - ref[i]), bound)
+            << "row " << i / c.N << " column " << i % c.N << " reference " << ref[i];
+      }
+    }
+  }
+}
+
+// A row of x with a NaN gives NaN outputs, one with an Inf non-finite ones (NaN where the GEMV
+// folds the zero point through the sums of x: Inf - Inf), on every path; the other rows are
+// unaffected (the AVX-512 GEMV runs such rows on floats, the others on its int16 grid).
+TEST_P(FusedLinear, NonFiniteRowsStayNonFiniteAndLeaveTheOthers) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(11);
+  const Weight w = make_weight(c, false, rng);
+  for (int64_t M : {1, 3, 9}) {
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string("M=") + std::to_string(M) + " " + dtype_name(dtype));
+      Matrix x(dtype, M, c.K, 0.f);
+      const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
+      for (int64_t i = 0; i < M * c.K; ++i) x.set(i / c.K, i % c.K, xv[i]);
+      const std::vector<double> ref = reference_linear(w, x, M);
+      x.set(0, c.K - 1, kInf);
+      if (M > 2) x.set(2, 0, -kNaN);
+      const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < c.N; ++n) {
+          if (m == 0) {
+            ASSERT_FALSE(std::isfinite(y.get(m, n))) << "row " << m << " column " << n;
+          } else if (m == 2) {
+            ASSERT_TRUE(std::isnan(y.get(m, n))) << "row " << m << " column " << n;
+          } else {
+            const double expected = ref[m * c.N + n];
+            ASSERT_NEAR(y.get(m, n), expected, ulp_of(expected, dtype == DType::F32 ? DType::F16 : dtype) +
+                                                   1e-3 * std::fabs(expected) + 1e-4)
+                << "row " << m << " column " << n;
+          }
+        }
     }
   }
 }

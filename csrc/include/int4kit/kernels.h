@@ -48,6 +48,21 @@ enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
 constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx};  // every path, for tests and benchmarks
 const char* isa_name(Isa isa);
 
+// x as fixed-point integers in int8 planes, the form the integer dot products (vpdpbusd,
+// vpmaddubsw, AMX int8 tiles) take. W4A8: each row of x gets its own scale, max|x| / 127 (1 for an
+// all-zero row), and int8 codes round_half_even(x / scale); the kernels apply per row and group
+// y += s * scale * (sum xq q - z sum xq). Activations::x16 uses the second plane: int16 codes
+// split as 256 * xq + xq_low, both int8, with a power-of-two scale per row and group.
+struct ActivationsA8 {
+  int8_t* xq = nullptr;       // activation_a8_sizes().codes, padded like the weights
+  int32_t* xq_sum = nullptr;  // [M, groups]
+  float* scale = nullptr;     // [M] ([M, groups] in x16); NaN for a row with an Inf or a NaN (its
+                              // codes and sums are not written): W4A8's caller rejects such x
+  int64_t M = 0;
+  int8_t* xq_low = nullptr;       // the low bytes of int16 codes (x16 only), laid out like xq
+  int32_t* xq_low_sum = nullptr;  // [M, groups]
+};
+
 // Activations as the kernels read them: x converted to fp32 with every group padded like the
 // weights (zeros), per-row per-group sums of x (they fold the zero point into one FMA per group),
 // and x as bf16 for the paths built on bf16 dot products (an exact copy of bf16 x, or fp16/fp32
@@ -60,11 +75,52 @@ struct Activations {
   float* xsum = nullptr;
   uint16_t* x_bf16 = nullptr;
   int64_t M = 0;
+  // bf16 x in the AVX-512 GEMV: int16 fixed point in two int8 planes, which meet the weight
+  // codes in vpdpbusd like W4A8's x (4 integer dot products per 128 codes against 8 vdpbf16ps).
+  // Each row and group has a power-of-two step (act_quant.h's Int16Grid) that holds every value
+  // within 2^7 of the group's largest |x| exactly and the rest to half a step (2^-16 of that
+  // largest). A row with an Inf or a NaN (NaN scales) runs on x instead.
+  ActivationsA8 x16;
 };
 struct ActivationSizes {
   int64_t floats = 0, sums = 0, bf16 = 0;  // elements of x, xsum and x_bf16
+  int64_t x16 = 0;  // int8 codes per x16 plane (0: no x16); its sums and scales take `sums` each
 };
 ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype);
+
+// Lays all of an Activations' arrays out from `base` in one buffer, each 64-byte aligned if base
+// is, and returns the bytes they take; with base == nullptr only the bytes (activation_bytes).
+inline int64_t lay_out_activations(const ActivationSizes& z, int64_t M, uint8_t* base, Activations* a) {
+  int64_t used = 0;
+  auto take = [&](int64_t bytes) {
+    uint8_t* p = base != nullptr ? base + used : nullptr;
+    used += round_up(bytes, 64);
+    return p;
+  };
+  Activations out;
+  out.M = M;
+  out.x = reinterpret_cast<float*>(take(4 * z.floats));
+  out.xsum = reinterpret_cast<float*>(take(4 * z.sums));
+  out.x_bf16 = reinterpret_cast<uint16_t*>(take(2 * z.bf16));
+  if (z.x16 > 0) {
+    out.x16.M = M;
+    out.x16.xq = reinterpret_cast<int8_t*>(take(z.x16));
+    out.x16.xq_low = reinterpret_cast<int8_t*>(take(z.x16));
+    out.x16.xq_sum = reinterpret_cast<int32_t*>(take(4 * z.sums));
+    out.x16.xq_low_sum = reinterpret_cast<int32_t*>(take(4 * z.sums));
+    out.x16.scale = reinterpret_cast<float*>(take(4 * z.sums));
+  }
+  if (a != nullptr) *a = out;
+  return used;
+}
+inline int64_t activation_bytes(const ActivationSizes& z, int64_t M) {
+  return lay_out_activations(z, M, nullptr, nullptr);
+}
+inline Activations activations_at(uint8_t* base, const ActivationSizes& z, int64_t M) {
+  Activations a;
+  lay_out_activations(z, M, base, &a);
+  return a;
+}
 
 // x: [M, K] rows of dtype `dtype`, row stride ldx elements. Fills rows [m_begin, m_end) of a
 // (a.M is the full M); independent across rows, so callers parallelise over them.
@@ -78,17 +134,7 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end);
 
-// ---- W4A8: int4 weights x dynamically quantized int8 activations -----------------------------
-// Each row of x gets its own scale, max|x| / 127 (1 for an all-zero row), and int8 codes
-// round_half_even(x / scale); the kernels multiply them with the weight codes in integer dot
-// products (vpdpbusd, vpmaddubsw) and apply per row and group: y += s * scale * (sum xq q - z sum xq).
-struct ActivationsA8 {
-  int8_t* xq = nullptr;       // activation_a8_sizes().codes, padded like the weights
-  int32_t* xq_sum = nullptr;  // [M, groups]
-  float* scale = nullptr;     // [M]; NaN for a row with an Inf or a NaN (its codes and sums are
-                              // not written): the caller checks the scales and rejects such x
-  int64_t M = 0;
-};
+// ---- W4A8: int4 weights x dynamically quantized int8 activations (ActivationsA8) -------------
 struct ActivationA8Sizes {
   int64_t codes = 0, sums = 0, scales = 0;
 };
