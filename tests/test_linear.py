@@ -200,7 +200,7 @@ def test_linear_large_activations(cpu_isa):
 @pytest.mark.parametrize("M", [1, 3, 9])
 def test_linear_non_finite_rows(cpu_isa, M, dtype):
     # a row with an Inf gives non-finite outputs, one with a NaN NaN outputs, on every path (the
-    # AVX-512 GEMV runs those rows on floats instead of its int16 grid); the other rows are exact
+    # vector GEMVs run those rows on floats instead of their int16 grid); the other rows are exact
     N, K, G = 37, 384, 128
     qweight, scales, zeros, packed, bias = make_layer(N, K, G, False, False, dtype)
     x = torch.randn(M, K).to(dtype)

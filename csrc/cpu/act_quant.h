@@ -1,5 +1,5 @@
 // Dynamic per-row fixed-point quantization of activations (ActivationsA8): int8 for the W4A8
-// paths, int16 in two int8 planes for the AVX-512 GEMV's bf16 x. The scalar definition
+// paths, int16 in two int8 planes for the vector GEMVs' bf16 x. The scalar definition
 // (the reference path's prepare_activations_a8; linear_simd.h vectorizes it with the same
 // arithmetic).
 #pragma once

@@ -433,7 +433,7 @@ double ulp_of(double v, DType dtype) {
 }
 
 // bf16 and fp16 x: every output within an ulp of its dtype of the exact result, plus a float dot
-// product's rounding, plus what kernels.h allows the AVX-512 GEMV's int16 grid: each value of x
+// product's rounding, plus what kernels.h allows the GEMVs' int16 grid: each value of x
 // within 2^-15 of its group's largest |x| (exact within 2^7 of it, as are all values in this test
 // but those sharing a group with the 3000 below). x quantized to int8 would miss by ~8 ulps.
 TEST_P(FusedLinear, SixteenBitXIsExactToTheOutputsRounding) {
@@ -471,7 +471,7 @@ TEST_P(FusedLinear, SixteenBitXIsExactToTheOutputsRounding) {
 
 // A row of x with a NaN gives NaN outputs, one with an Inf non-finite ones (NaN where the GEMV
 // folds the zero point through the sums of x: Inf - Inf), on every path; the other rows are
-// unaffected (the AVX-512 GEMV runs such rows on floats, the others on its int16 grid).
+// unaffected (the vector GEMVs run such rows on floats, the others on their int16 grid).
 TEST_P(FusedLinear, NonFiniteRowsStayNonFiniteAndLeaveTheOthers) {
   const auto [isa, c] = GetParam();
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";

@@ -75,8 +75,9 @@ struct Activations {
   float* xsum = nullptr;
   uint16_t* x_bf16 = nullptr;
   int64_t M = 0;
-  // bf16 x in the AVX-512 GEMV: int16 fixed point in two int8 planes, which meet the weight
-  // codes in vpdpbusd like W4A8's x (4 integer dot products per 128 codes against 8 vdpbf16ps).
+  // bf16 x in the AVX2 and AVX-512 GEMVs: int16 fixed point in two int8 planes, which meet the
+  // weight codes in byte dot products like W4A8's x (on AVX-512, 4 vpdpbusd per 128 codes where
+  // bf16 dot products took 8 vdpbf16ps).
   // Each row and group has a power-of-two step (act_quant.h's Int16Grid) that holds every value
   // within 2^7 of the group's largest |x| exactly and the rest to half a step (2^-16 of that
   // largest). A row with an Inf or a NaN (NaN scales) runs on x instead.
