@@ -197,6 +197,16 @@ def test_linear_large_activations(cpu_isa):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", [(37, 384, 128), (16, 99, 32), (7, 256, -1)], ids=_shape_id)
+def test_linear_large_m(cpu_isa, shape, with_bias, dtype):
+    # from M = 1024 bf16 and fp32 x go to torch's GEMM on the dequantized weight (ops_cpu.cpp)
+    N, K, G = shape
+    torch.manual_seed(3)
+    check_linear(torch.randn(2, 600, K).to(dtype), N, K, G, False, with_bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("M", [1, 3, 9])
 def test_linear_non_finite_rows(cpu_isa, M, dtype):
     # a row with an Inf gives non-finite outputs, one with a NaN NaN outputs, on every path (the

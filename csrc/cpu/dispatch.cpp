@@ -101,6 +101,16 @@ void linear_a8(Isa isa, const ActivationsA8& a, const uint8_t* packed, const Pac
   }
 }
 
+void dequantize_transposed(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
+                           int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    case Isa::Avx512: avx512::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    case Isa::Amx: amx::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    default: ref::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+  }
+}
+
 void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end) {

@@ -20,6 +20,8 @@ namespace cpu {
   void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,         \
                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,   \
                  int64_t block_end);                                                          \
+  void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt,           \
+                             int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end); \
   }
 
 INT4KIT_DECLARE_ISA(ref)

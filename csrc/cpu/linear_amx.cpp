@@ -548,6 +548,11 @@ void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape&
   tiled_linear(Int8Flavour{a}, a.M, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
+void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
+                           DType dtype, int64_t block_begin, int64_t block_end) {
+  avx512::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end);
+}
+
 bool request_permission() {
   // Linux hands out the AMX tile state per process on request (ARCH_REQ_XCOMP_PERM for
   // XFEATURE_XTILEDATA); without it the first tile instruction faults.

@@ -90,6 +90,22 @@ void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape&
                    });
 }
 
+void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
+                           DType dtype, int64_t block_begin, int64_t block_end) {
+  for (int64_t b = block_begin; b < block_end; ++b)
+    for (int64_t g = 0; g < s.groups(); ++g) {
+      const uint8_t* rec = group_record(packed, s, b, g);
+      const uint32_t* words = record_codes(rec);
+      for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
+        const float scale = record_scales(rec, s)[l], zero = record_zeros(rec, s)[l];
+        for (int64_t i = 0; i < s.group_len(g); ++i) {
+          const float q = float(word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord));
+          store_from_float(wt, dtype, (g * s.G + i) * ldw + b * kBlockN + l, (q - zero) * scale);
+        }
+      }
+    }
+}
+
 }  // namespace ref
 }  // namespace cpu
 }  // namespace int4kit

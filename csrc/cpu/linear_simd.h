@@ -413,6 +413,31 @@ void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
   });
 }
 
+// ---- dense weights for a library GEMM -----------------------------------------------------------
+// dequantize_tile's rows, one per real column k, are rows of W^T. The row blocks are the inner loop,
+// so consecutive stores fill consecutive 16-column pieces of the same rows of W^T (block by block,
+// each tile row went to a different page: ~2 ns a weight in TLB misses).
+void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
+                                DType dtype, int64_t block_begin, int64_t block_end) {
+  const Geometry geo(s);
+  const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
+  AlignedBuffer tile = aligned_floats(tile_groups * geo.Gp * kBlockN);
+  for (int64_t g0 = 0; g0 < geo.groups; g0 += tile_groups) {
+    const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      dequantize_tile(packed, geo, b, g0, g1, tile.get());
+      const bool whole = (b + 1) * kBlockN <= s.N;
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t i = 0; i < s.group_len(g); ++i) {
+          const int64_t offset = (g * s.G + i) * ldw + b * kBlockN;
+          const float* row = tile.get() + ((g - g0) * geo.Gp + i) * kBlockN;
+          if (whole) Simd::store_y16(wt, dtype, offset, row);
+          else store_row16(wt, dtype, offset, row, nullptr, b * kBlockN, s.N);
+        }
+    }
+  }
+}
+
 // ---- entry points -------------------------------------------------------------------------------
 // Whether the GEMV runs x as int16 (Activations::x16): bf16 only, whose 8 significant bits the
 // grid holds exactly within 2^7 of a group's largest value. fp16's 11 bits would need 2^11, and
@@ -497,4 +522,8 @@ void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape&
                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,         \
                  int64_t block_end) {                                                               \
     linear_a8_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                      \
+  }                                                                                                 \
+  void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,     \
+                             DType dtype, int64_t block_begin, int64_t block_end) {                 \
+    dequantize_transposed_impl(packed, s, wt, ldw, dtype, block_begin, block_end);                  \
   }

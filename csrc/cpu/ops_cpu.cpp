@@ -30,24 +30,28 @@ Isa selected_isa() {
 
 namespace {
 
-// Per-thread scratch memory for the activation buffers of the linear ops. It only grows: a fresh
-// multi-megabyte allocation per call would be mmap'ed and page-faulted every time. Plain aligned
-// memory, so nothing of torch's is left to destroy at thread or process exit.
-uint8_t* thread_workspace(int64_t bytes) {
-  struct Workspace {
-    uint8_t* data = nullptr;
-    int64_t bytes = 0;
-    ~Workspace() { std::free(data); }
-  };
-  thread_local Workspace ws;
-  bytes = round_up(std::max<int64_t>(bytes, 64), 64);
-  if (ws.bytes < bytes) {
-    std::free(ws.data);
-    ws.data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(bytes)));
-    ws.bytes = ws.data ? bytes : 0;
-    TORCH_CHECK(ws.data != nullptr, "int4kit: out of memory for ", bytes, " bytes of activations");
+// Per-thread scratch memory that only grows: a fresh multi-megabyte allocation per call would be
+// mmap'ed and page-faulted every time (32 MB: ~7.5 ms of faults against ~0.9 ms to write it).
+// Plain aligned memory, so nothing of torch's is left to destroy at thread or process exit.
+struct Workspace {
+  uint8_t* data = nullptr;
+  int64_t bytes = 0;
+  ~Workspace() { std::free(data); }
+  uint8_t* at_least(int64_t wanted, const char* what) {
+    wanted = round_up(std::max<int64_t>(wanted, 64), 64);
+    if (bytes < wanted) {
+      std::free(data);
+      data = static_cast<uint8_t*>(std::aligned_alloc(64, size_t(wanted)));
+      bytes = data ? wanted : 0;
+      TORCH_CHECK(data != nullptr, "int4kit: out of memory for ", wanted, " bytes of ", what);
+    }
+    return data;
   }
-  return ws.data;
+};
+// the activation buffers of the linear ops
+uint8_t* thread_workspace(int64_t bytes) {
+  thread_local Workspace ws;
+  return ws.at_least(bytes, "activations");
 }
 
 Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
@@ -159,6 +163,7 @@ class ThreadBudget {
   ThreadBudget(const ThreadBudget&) = delete;
   ThreadBudget& operator=(const ThreadBudget&) = delete;
 
+  bool alone() const { return alone_; }
   // fn(begin, end) over [0, count): in parallel chunks of at least `grain` when this call is alone
   template <typename Fn>
   void run(int64_t count, int64_t grain, Fn&& fn) const {
@@ -199,6 +204,43 @@ struct W4A8 {
   static constexpr auto compute = &linear_a8;
 };
 
+// From M = 1024 rows of bf16 or fp32 x the fused kernels, compute-bound, lose to torch's own GEMM
+// (oneDNN's AMX bf16, MKL's fp32) by more than it costs to dequantize the weight for it
+// (~0.25 ns a weight into bf16 at two threads). Two threads, F.linear = 1 (bf16 / fp32):
+//   shape (N x K)    M      fused          dequantize + GEMM
+//   1536 x 384    1900   0.43x / 0.76x    1.27x / 0.92x     (all-MiniLM-L6-v2's FFN)
+//   384 x 1536    1900   0.41x / 0.73x    1.01x / 1.00x
+//   4096 x 4096   1024   0.51x / 0.64x    0.70x / 0.90x
+//   4096 x 11008  1024   0.68x / 0.72x    0.82x / 0.92x
+//   11008 x 4096  1024   0.76x / 0.97x    0.72x / 0.92x     (the one shape where it loses)
+//   4096 x 4096    512   0.84x / 0.84x    0.63x / 0.82x
+// fp16 x keeps the fused kernels (torch's fp16 GEMM here is slower than they are); so does the
+// scalar path, the reference, and a call that shares the CPU with another (ThreadBudget): torch's
+// GEMM would start its own thread team.
+constexpr int64_t kLibraryGemmMinRows = 1024;
+bool use_library_gemm(Isa isa, int64_t M, DType dtype, const ThreadBudget& threads) {
+  return M >= kLibraryGemmMinRows && dtype != DType::F16 && isa != Isa::Scalar && threads.alone();
+}
+
+// y = x2 . W^T (+ bias) by torch's own GEMM on the dequantized weight (use_library_gemm).
+at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const PackedShape& shape,
+                        Isa isa, DType dtype, const at::Tensor& bias_f, const ThreadBudget& threads) {
+  // rows an odd number of cache lines apart (see dequantize_transposed): a 4096-wide fp32 W^T
+  // dequantized at 3.5 ns a weight with rows 16 KiB apart
+  const int64_t element = x2.element_size();
+  int64_t row_bytes = round_up(shape.N * element, 64);
+  if ((row_bytes / 64) % 2 == 0) row_bytes += 64;
+  const int64_t ldw = row_bytes / element;
+  thread_local Workspace dense;  // the largest layer's dequantized weight, reused across calls
+  at::Tensor wt = at::from_blob(dense.at_least(shape.K * row_bytes, "dequantized weights"),
+                                {shape.K, shape.N}, {ldw, 1}, x2.options());
+  threads.run(shape.row_blocks(), std::max<int64_t>(1, (int64_t(64) << 10) / shape.row_block_bytes()),
+              [&](int64_t b, int64_t e) {
+                dequantize_transposed(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
+              });
+  return bias_f.defined() ? at::addmm(bias_f.to(x2.scalar_type()), x2, wt) : at::mm(x2, wt);
+}
+
 // y[..., N] = x[..., K] . W^T + bias: checks, then the activations are prepared in parallel over
 // rows of x and the output computed in parallel over row blocks of W.
 template <typename Kind>
@@ -221,14 +263,18 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   }
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = N;
-  at::Tensor y = at::empty(out_sizes, x.options());
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
-  if (M == 0 || N == 0) return y;
+  if (M == 0 || N == 0) return at::empty(out_sizes, x.options());
 
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
   const ThreadBudget threads;
+  if constexpr (std::is_same_v<Kind, W4A16>) {
+    if (use_library_gemm(isa, M, dtype, threads))
+      return library_gemm(x2, packed.contiguous(), shape, isa, dtype, bias_f, threads).view(out_sizes);
+  }
+  at::Tensor y = at::empty(out_sizes, x.options());
   const typename Kind::Acts acts = Kind::workspace(isa, shape, M, dtype);
   threads.run(M, row_grain(shape), [&](int64_t b, int64_t e) {
     Kind::prepare(isa, x2.data_ptr(), dtype, K, shape, acts, b, e);

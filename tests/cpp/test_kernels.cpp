@@ -504,6 +504,40 @@ TEST_P(FusedLinear, NonFiniteRowsStayNonFiniteAndLeaveTheOthers) {
   }
 }
 
+// W^T for a library GEMM: every element (q - z) * s rounded to dtype (the vector paths compute
+// it as q * s - z * s in one FMA, as their GEMM does: a few fp32 roundings, then dtype's), the row
+// stride's padding and the rows past K untouched, whichever split of the row blocks.
+TEST_P(FusedLinear, DequantizeTransposedMatchesTheCanonicalFormula) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  std::mt19937 rng(12);
+  const int64_t groups = groups_of(c.K, c.G), ldw = c.N + 7;
+  for (bool symmetric : {false, true}) {
+    const Weight w = make_weight(c, symmetric, rng);
+    for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
+      SCOPED_TRACE(std::string(symmetric ? "symmetric " : "asymmetric ") + dtype_name(dtype));
+      Matrix wt(dtype, c.K + 1, ldw, kNaN);
+      const int64_t split = w.shape.row_blocks() / 2;
+      cpu::dequantize_transposed(isa, w.packed.data(), w.shape, wt.bytes.data(), ldw, dtype, 0, split);
+      cpu::dequantize_transposed(isa, w.packed.data(), w.shape, wt.bytes.data(), ldw, dtype, split,
+                                 w.shape.row_blocks());
+      for (int64_t k = 0; k <= c.K; ++k)
+        for (int64_t n = 0; n < ldw; ++n) {
+          if (k == c.K || n >= c.N) {
+            ASSERT_TRUE(std::isnan(wt.get(k, n))) << "wrote outside W^T: row " << k << " column " << n;
+            continue;
+          }
+          const int64_t i = n * groups + k / c.G;
+          const double q = w.codes[n * c.K + k], z = w.zero(i), scale = w.scales[i];
+          const double exact = (q - z) * scale;
+          const double fp32_error = 0x1p-22 * (q + z) * scale;
+          const double bound = dtype == DType::F32 ? fp32_error : ulp_of(exact, dtype) + fp32_error;
+          ASSERT_LE(std::fabs(double(wt.get(k, n)) - exact), bound) << "row " << k << " column " << n;
+        }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AllIsas, FusedLinear,
     ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),

@@ -135,6 +135,14 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end);
 
+// The weights of row blocks [block_begin, block_end) dequantized and transposed for a dense GEMM:
+// wt[k * ldw + n] = (q - z) * s rounded to dtype, wt [K, N] with row stride ldw >= N. The fused
+// kernels are compute-bound at large M, where a library GEMM on the dequantized weight is faster
+// (ops_cpu.cpp chooses). A row stride of a power-of-two bytes puts the rows the kernel writes
+// in turn into one cache set; ops_cpu.cpp pads it.
+void dequantize_transposed(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
+                           int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end);
+
 // ---- W4A8: int4 weights x dynamically quantized int8 activations (ActivationsA8) -------------
 struct ActivationA8Sizes {
   int64_t codes = 0, sums = 0, scales = 0;
