@@ -52,10 +52,12 @@ struct Simd {
     std::memcpy(&four, p, 4);
     return _mm256_set1_epi32(four);
   }
-  // Plain AVX2 has no vpdpbusd: u8 x s8 pairs to int16 (at most 2 * 15 * 127, no saturation),
-  // then pairs of int16 to int32.
-  static VI dot_u8s8(VI acc, VI u8, VI s8) {
-    const VI pairs = _mm256_maddubs_epi16(u8, s8);
+  // Plain AVX2 has no vpdpbusd: u8 x s8 pairs to int16 (at most 2 * 15 * 128, no saturation),
+  // summed in int16 over a few words (linear_simd.h's gemv_rows_a8), then pairs of int16 to int32.
+  static constexpr bool kPairSums = true;
+  static VI pair_sums(VI u8, VI s8) { return _mm256_maddubs_epi16(u8, s8); }
+  static VI add_pairs(VI a, VI b) { return _mm256_add_epi16(a, b); }
+  static VI widen_pairs(VI acc, VI pairs) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
   static V to_float(VI v) { return _mm256_cvtepi32_ps(v); }

@@ -11,9 +11,10 @@
 // fp32 values written to y as dtype), kUnitFloats: whether unit_floats(words, cols) exists (the
 // GEMV's float x then uses it), kInt16X: whether the GEMV runs bf16 x as int16 (then also
 // high_bytes, low_bytes). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w) (bytes of codes),
-// bcast4(p) (4 int8 in every lane), dot_u8s8(acc, u8, s8) (4-way byte dot product into int32
-// lanes), to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize, add_i, hsum_i,
-// store_a8_codes.
+// bcast4(p) (4 int8 in every lane), kPairSums: false with dot_u8s8(acc, u8, s8) (4-way byte dot
+// product into int32 lanes), true with pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and
+// widen_pairs(acc, pairs) (into int32 lanes); to_float(vi), and the quantizer's max_abs_bits,
+// hmax_u32, quantize, add_i, hsum_i, store_a8_codes.
 //
 // Two paths, chosen by M:
 //  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
@@ -27,7 +28,8 @@
 //    point (Activations::x16) on W4A8's integer kernel, two dot products per code byte instead of
 //    one. On AVX-512 that is 4 vpdpbusd per 128 codes where bf16 dot products took 8 vdpbf16ps
 //    (2.5 cycles each here, against 0.67): M = 1, L2-resident 2048x1024, one thread 68 -> 46 us;
-//    on AVX2 (vpmaddubsw) against shift, mask and convert 114 -> 79 us.
+//    on AVX2 (vpmaddubsw, int16 pair sums widened every 4 words) against shift, mask and
+//    convert 114 -> 64 us.
 //  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
 //    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
@@ -278,10 +280,15 @@ constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
 // Activations::x16's int16 x in two planes, whose dot products are combined per group as
 // 256 * (high plane's) + (low plane's). Each plane keeps two accumulators, for the low and the high
 // nibbles of a word, so no vpdpbusd waits on another's latency (the chained form ran 1.1x slower).
-template <int R, typename Grid>
+// With kPairSums (AVX2: no vpdpbusd, so vpmaddubsw gives int16 pair sums, vpmaddwd widens them),
+// the pair sums of up to kWordsPerWiden words add up in int16 before one widening: each is at most
+// 2 * 15 * 128 = 3840 in size, two per word (low and high nibbles), 4 words 30720 < 2^15.
+template <int R, typename Grid, typename S = Simd>
 void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
   constexpr int P = Grid::kPlanes;
+  constexpr bool kPairSums = S::kPairSums;
+  constexpr int64_t kWordsPerWiden = kPairSums ? 4 : std::numeric_limits<int64_t>::max() / 2;
   const int8_t* const planes[2] = {a.xq, a.xq_low};
   const int32_t* const plane_sums[2] = {a.xq_sum, a.xq_low_sum};
   alignas(64) float out[R][kBlockN] = {};
@@ -295,23 +302,39 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][p][0][h] = acc[r][p][1][h] = Simd::zero_i();
-    for (int64_t w = 0; w < geo.words; ++w) {
-      prefetch_ahead(codes + w * kBlockN);
-      typename Simd::VI lo[kVecs], hi[kVecs];
-      for (int64_t h = 0; h < kVecs; ++h) {
-        const typename Simd::VI v = Simd::load_words(codes + w * kBlockN + h * Simd::kLanes);
-        lo[h] = Simd::low_nibbles(v);
-        hi[h] = Simd::high_nibbles(v);
-      }
-      for (int r = 0; r < R; ++r)
-        for (int p = 0; p < P; ++p) {
-          const typename Simd::VI x_lo = Simd::bcast4(xg[r][p] + w * kCodesPerWord);
-          const typename Simd::VI x_hi = Simd::bcast4(xg[r][p] + w * kCodesPerWord + 4);
-          for (int64_t h = 0; h < kVecs; ++h) {
-            acc[r][p][0][h] = Simd::dot_u8s8(acc[r][p][0][h], lo[h], x_lo);
-            acc[r][p][1][h] = Simd::dot_u8s8(acc[r][p][1][h], hi[h], x_hi);
-          }
+    for (int64_t w0 = 0; w0 < geo.words; w0 += kWordsPerWiden) {
+      [[maybe_unused]] typename Simd::VI pairs[R][P][kVecs];
+      if constexpr (kPairSums)
+        for (int r = 0; r < R; ++r)
+          for (int p = 0; p < P; ++p)
+            for (int64_t h = 0; h < kVecs; ++h) pairs[r][p][h] = Simd::zero_i();
+      for (int64_t w = w0; w < std::min(geo.words, w0 + kWordsPerWiden); ++w) {
+        prefetch_ahead(codes + w * kBlockN);
+        typename Simd::VI lo[kVecs], hi[kVecs];
+        for (int64_t h = 0; h < kVecs; ++h) {
+          const typename Simd::VI v = Simd::load_words(codes + w * kBlockN + h * Simd::kLanes);
+          lo[h] = Simd::low_nibbles(v);
+          hi[h] = Simd::high_nibbles(v);
         }
+        for (int r = 0; r < R; ++r)
+          for (int p = 0; p < P; ++p) {
+            const typename Simd::VI x_lo = Simd::bcast4(xg[r][p] + w * kCodesPerWord);
+            const typename Simd::VI x_hi = Simd::bcast4(xg[r][p] + w * kCodesPerWord + 4);
+            for (int64_t h = 0; h < kVecs; ++h) {
+              if constexpr (kPairSums) {
+                pairs[r][p][h] = S::add_pairs(pairs[r][p][h], S::pair_sums(lo[h], x_lo));
+                pairs[r][p][h] = S::add_pairs(pairs[r][p][h], S::pair_sums(hi[h], x_hi));
+              } else {
+                acc[r][p][0][h] = S::dot_u8s8(acc[r][p][0][h], lo[h], x_lo);
+                acc[r][p][1][h] = S::dot_u8s8(acc[r][p][1][h], hi[h], x_hi);
+              }
+            }
+          }
+      }
+      if constexpr (kPairSums)
+        for (int r = 0; r < R; ++r)
+          for (int p = 0; p < P; ++p)
+            for (int64_t h = 0; h < kVecs; ++h) acc[r][p][0][h] = S::widen_pairs(acc[r][p][0][h], pairs[r][p][h]);
     }
     const float* sc = geo.scales(rec);
     const float* zr = sc + kBlockN;

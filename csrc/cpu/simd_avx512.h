@@ -41,6 +41,7 @@ struct Simd {
     std::memcpy(&four, p, 4);
     return _mm512_set1_epi32(four);
   }
+  static constexpr bool kPairSums = false;  // vpdpbusd sums straight into int32
   static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
   static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
