@@ -14,7 +14,7 @@ namespace int4kit {
 namespace cpu {
 // Internal linkage: this header is compiled into every ISA's translation unit with that ISA's
 // flags, so the linker must not pick one of those copies for another (an AVX-512 build of
-// quantize_int8 called from the AVX2 path would fault on a CPU without AVX-512).
+// quantize called from the AVX2 path would fault on a CPU without AVX-512).
 namespace {
 
 // A row's max|x| is found as the largest bit pattern of |x|: for non-negative floats the integer

@@ -449,14 +449,10 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
     const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
     for (int64_t b = block_begin; b < block_end; ++b) {
       dequantize_tile(packed, geo, b, g0, g1, tile.get());
-      const bool whole = (b + 1) * kBlockN <= s.N;
       for (int64_t g = g0; g < g1; ++g)
-        for (int64_t i = 0; i < s.group_len(g); ++i) {
-          const int64_t offset = (g * s.G + i) * ldw + b * kBlockN;
-          const float* row = tile.get() + ((g - g0) * geo.Gp + i) * kBlockN;
-          if (whole) Simd::store_y16(wt, dtype, offset, row);
-          else store_row16(wt, dtype, offset, row, nullptr, b * kBlockN, s.N);
-        }
+        for (int64_t i = 0; i < s.group_len(g); ++i)
+          store_row16(wt, dtype, (g * s.G + i) * ldw + b * kBlockN,
+                      tile.get() + ((g - g0) * geo.Gp + i) * kBlockN, nullptr, b * kBlockN, s.N);
     }
   }
 }

@@ -234,7 +234,7 @@ at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const P
   thread_local Workspace dense;  // the largest layer's dequantized weight, reused across calls
   at::Tensor wt = at::from_blob(dense.at_least(shape.K * row_bytes, "dequantized weights"),
                                 {shape.K, shape.N}, {ldw, 1}, x2.options());
-  threads.run(shape.row_blocks(), std::max<int64_t>(1, (int64_t(64) << 10) / shape.row_block_bytes()),
+  threads.run(shape.row_blocks(), row_block_grain(shape, 1),  // one pass over the weights, as a GEMV
               [&](int64_t b, int64_t e) {
                 dequantize_transposed(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
               });

@@ -79,8 +79,8 @@ struct Activations {
   // weight codes in byte dot products like W4A8's x (on AVX-512, 4 vpdpbusd per 128 codes where
   // bf16 dot products took 8 vdpbf16ps).
   // Each row and group has a power-of-two step (act_quant.h's Int16Grid) that holds every value
-  // within 2^7 of the group's largest |x| exactly and the rest to half a step (2^-16 of that
-  // largest). A row with an Inf or a NaN (NaN scales) runs on x instead.
+  // within 2^7 of the group's largest |x| exactly and the rest to half a step (under 2^-15 of
+  // that largest). A row with an Inf or a NaN (NaN scales) runs on x instead.
   ActivationsA8 x16;
 };
 struct ActivationSizes {
