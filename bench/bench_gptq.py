@@ -8,6 +8,7 @@ dense and well conditioned like a real layer's input statistics.
 
     python bench/bench_gptq.py                     # 4096 x 4096, 64k tokens, group 128 asymmetric
     python bench/bench_gptq.py --features 2048 --tokens 16384 --group-size 32
+    python bench/bench_gptq.py --refine-rounds 2            # plus two grid refits, one more pass
 """
 import argparse
 import time
@@ -35,6 +36,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--refine-rounds", type=int, default=0,
+                   help="QuantConfig.refine_rounds: grid refits alternated with GPTQ passes")
     args = p.parse_args(argv)
     K = N = args.features
     G = K if args.group_size == -1 else args.group_size
@@ -50,13 +53,15 @@ def main(argv=None):
         stats.add(x)
     H = stats.hessian
     t1 = time.perf_counter()
-    codes, s, z = gptq(w, H, args.group_size, args.symmetric, damp=0.1)
+    codes, s, z = gptq(w, H, args.group_size, args.symmetric, damp=0.1,
+                      refine_rounds=args.refine_rounds)
     t2 = time.perf_counter()
     rtn_codes, rtn_s, rtn_z = rtn(w, args.group_size, args.symmetric)
     obj_gptq = layer_objective(w, codes, s, z, G, H)
     obj_rtn = layer_objective(w, rtn_codes, rtn_s, rtn_z, G, H)
     print(f"{N}x{K}, {stats.count} tokens, group {args.group_size}, "
-          f"{'symmetric' if args.symmetric else 'asymmetric'}, {torch.get_num_threads()} threads")
+          f"{'symmetric' if args.symmetric else 'asymmetric'}, refine_rounds {args.refine_rounds}, "
+          f"{torch.get_num_threads()} threads")
     print(f"| Hessian | GPTQ pass | total | objective GPTQ / RTN |\n|---|---|---|---|\n"
           f"| {t1 - t0:.2f} s | {t2 - t1:.2f} s | {t2 - t0:.2f} s | {obj_gptq / obj_rtn:.3f} |")
     return 0

@@ -539,6 +539,9 @@ def test_load_checkpoint_with_other_group_size():
     (dict(method="spqr"), ValueError, r"method 'spqr' is unknown"),
     (dict(method="RTN"), ValueError, r"method 'RTN' is unknown"),
     (dict(method=None), ValueError, r"method None is unknown"),
+    (dict(refine_rounds=-1), ValueError, r"refine_rounds must be a non-negative int"),
+    (dict(refine_rounds=2.0), ValueError, r"refine_rounds must be a non-negative int"),
+    (dict(refine_rounds=True), ValueError, r"refine_rounds must be a non-negative int"),
 ])
 def test_quant_config_rejects(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

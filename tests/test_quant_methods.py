@@ -5,7 +5,7 @@ import torch
 
 from int4kit import reference as R
 from int4kit.quant.awq import ALPHA_GRID, awq, awq_scales
-from int4kit.quant.gptq import gptq
+from int4kit.quant.gptq import GridSystem, LayerTerms, gptq
 from int4kit.quant.hqq import hqq
 from int4kit.quant.rtn import CLIP_GRID, dequant, layer_objective, rtn
 
@@ -277,6 +277,112 @@ def test_gptq_dead_columns():
     rq, rs, _ = rtn(w, -1, True)
     assert torch.equal(codes[:, 3], rq[:, 3]) and torch.equal(codes[:, 40], rq[:, 40])
     assert (w[:, 3] != 0).any()  # weights are kept, not zeroed
+
+
+def damped(H, damp):
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp * float(Hd.diagonal().mean()))
+    return Hd
+
+
+def row_objectives(w, w_hat, H):
+    d = w.double() - w_hat.double()
+    return ((d @ H) * d).sum(1)
+
+
+@pytest.mark.parametrize("setting", [(32, False), (32, True), (-1, True), (-1, False), (24, False)],
+                         ids=["g32-asym", "g32-sym", "chan-sym", "chan-asym", "g24-asym-tail"])
+def test_grid_refit_is_the_least_squares_optimum(setting):
+    """GridSystem's objective is the layer objective, and its solve is the least-squares group
+    parameters for fixed codes: checked against an explicit float64 basis and torch.linalg.lstsq."""
+    G, sym = setting
+    N, K = 12, 80  # K = 80: group 24 leaves a tail group of 8 columns
+    Gs = K if G == -1 else G
+    w = random_weight(N, K).double()
+    H = damped((lambda x: x.T.double() @ x.double())(correlated_inputs(200, K)), 0.1)
+    codes, s, z = gptq(w.float(), H, G, sym, damp=0.1)
+    system = GridSystem(LayerTerms(w, H, Gs, sym), codes)
+    # any parameters, fractional zero points included
+    s1, z1 = s.double() * 1.03, (z.double() if sym else z.double() + 0.3)
+    assert torch.allclose(system.objective(s1, z1),
+                          row_objectives(w, dequant(codes.double(), s1, z1, Gs), H), rtol=1e-9)
+    s2, z2 = system.solve(s1, z1, torch.float64)
+    L = torch.linalg.cholesky(H)  # objective_n = || L^T (w_n - B_n theta) ||^2
+    for n in range(N):
+        cols = []
+        for a, b in groups_of(K, G):
+            q_col = torch.zeros(K, dtype=torch.float64)
+            q_col[a:b] = codes[n, a:b].double() - (8 if sym else 0)
+            cols.append(q_col)
+        if not sym:
+            for a, b in groups_of(K, G):
+                one = torch.zeros(K, dtype=torch.float64)
+                one[a:b] = 1
+                cols.append(one)
+        B = torch.stack(cols, 1)
+        theta = torch.linalg.lstsq(L.T @ B, L.T @ w[n]).solution
+        ng = len(groups_of(K, G))
+        assert torch.allclose(s2[n], theta[:ng], rtol=1e-6), n
+        if not sym:  # w_hat = s (q - z) = s q + b:  z = -b / s
+            assert torch.allclose(z2[n], -theta[ng:] / theta[:ng], rtol=1e-6, atol=1e-6), n
+    assert (system.objective(s2, z2) <= system.objective(s1, z1)).all()
+    assert (system.objective(s2, z2) <= system.objective(s.double(), z.double()) + 1e-12).all()
+
+
+@pytest.mark.parametrize("setting", [(32, False), (-1, True), (16, True)], ids=["g32-asym", "chan-sym", "g16-sym"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_gptq_refinement_never_worse_per_row(setting, act_order):
+    """refine_rounds keeps, per row, the best codes and grid seen: no row's damped objective rises
+    above the plain pass's, the layer's falls, and the result is a valid canonical weight (codes
+    0..15, positive scales rounded to the dtype, one grid per group in column order)."""
+    G, sym = setting
+    N, K, damp = 32, 128, 0.1
+    w = random_weight(N, K)
+    w_before = w.clone()
+    H = (lambda x: x.T.double() @ x.double())(correlated_inputs(300, K, seed=3))
+    Gs = K if G == -1 else G
+    plain = gptq(w, H, G, sym, damp=damp, act_order=act_order, dtype=torch.bfloat16)
+    refined = gptq(w, H, G, sym, damp=damp, act_order=act_order, dtype=torch.bfloat16,
+                   refine_rounds=3)
+    Hd = damped(H, damp)
+    obj_plain = row_objectives(w, dequant(*plain, Gs), Hd)
+    obj_refined = row_objectives(w, dequant(*refined, Gs), Hd)
+    assert (obj_refined <= obj_plain * (1 + 1e-6)).all()
+    assert obj_refined.sum() < 0.97 * obj_plain.sum()
+    codes, s, z = refined
+    assert codes.min() >= 0 and codes.max() <= 15 and codes.dtype == torch.int64
+    assert (s > 0).all() and torch.equal(s, s.to(torch.bfloat16).float())
+    assert torch.equal(z, z.to(torch.bfloat16).float())
+    if sym:
+        assert (z == 8).all()
+    assert s.shape == (N, -(-K // Gs))
+    assert torch.equal(w, w_before)  # the caller's weight is untouched
+
+
+def test_gptq_refinement_keeps_the_best_round(monkeypatch):
+    """A round whose GPTQ pass goes badly (here: random codes) must not replace better rows."""
+    import int4kit.quant.gptq as gptq_module
+    real_pass = gptq_module._gptq_pass
+    calls = []
+
+    def erratic_pass(W, *args):
+        Q, S, Z = real_pass(W, *args)
+        calls.append(1)
+        if len(calls) > 1:
+            Q = torch.randint(0, 16, Q.shape, generator=torch.Generator().manual_seed(len(calls)))
+        return Q.to(W.dtype), S, Z
+
+    N, K, damp = 16, 64, 0.1
+    w = random_weight(N, K)
+    H = (lambda x: x.T.double() @ x.double())(correlated_inputs(200, K, seed=5))
+    monkeypatch.setattr(gptq_module, "_gptq_pass", erratic_pass)
+    refined = gptq(w, H, 32, False, damp=damp, refine_rounds=4)
+    monkeypatch.undo()
+    plain = gptq(w, H, 32, False, damp=damp)
+    assert len(calls) == 4  # the plain pass and three on refitted grids
+    Hd = damped(H, damp)
+    assert (row_objectives(w, dequant(*refined, 32), Hd)
+            <= row_objectives(w, dequant(*plain, 32), Hd) * (1 + 1e-6)).all()
 
 
 # ---- AWQ --------------------------------------------------------------------------------------

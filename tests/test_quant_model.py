@@ -336,6 +336,34 @@ def test_norm_weighting_in_quantize_model(monkeypatch):
     assert rel_err(out, ref_out) < 0.2
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_quantize_bert_refined_gptq(method):
+    """refine_rounds: fractional zero points that the kernels and a state-dict round trip keep."""
+    model = tiny_bert()
+    original = copy.deepcopy(model)
+    batches = bert_batches()
+    report = quantize_model(model, QuantConfig(group_size=32, symmetric=False, method=method,
+                                               refine_rounds=3), calib_data=batches)
+    assert len(report.swapped) == 2 * 6 + 1 and not report.fallbacks
+    fractional = 0
+    for name in report.swapped:
+        module = model.get_submodule(name)
+        qweight, scales, zeros = module.canonical()
+        fractional += int((zeros != torch.round(zeros)).any())
+        x = torch.randn(5, module.in_features)
+        xs = x if module.input_scale is None else x * module.input_scale
+        assert rel_err(module(x), R.linear(xs, qweight, scales, zeros, 32, module.bias)) <= 1e-5
+        again = Int4Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           group_size=32, symmetric=False)
+        again.load_state_dict(module.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(again.canonical(), (qweight, scales, zeros)))
+    assert fractional >= len(report.swapped) // 2
+    with torch.no_grad():
+        out = model(**batches[0]).last_hidden_state
+        ref_out = original(**batches[0]).last_hidden_state
+    assert rel_err(out, ref_out) < 0.2
+
+
 class PooledNormNet(nn.Module):
     """a's rows reach its norm only after a mean over the sequence (other row count); the norm is
     called with a keyword argument."""

@@ -33,8 +33,12 @@ METHODS = (("rtn", dict(method="rtn")),
            ("hqq", dict(method="hqq")),
            ("gptq", dict(method="gptq", clip_search=True)),
            ("gptq act-order", dict(method="gptq", clip_search=True, act_order=True)),
+           ("gptq refined", dict(method="gptq", clip_search=True, act_order=True,
+                                 refine_rounds=10)),
            ("awq", dict(method="awq")),
-           ("awq+gptq", dict(method="awq+gptq", clip_search=True, act_order=True)))
+           ("awq+gptq", dict(method="awq+gptq", clip_search=True, act_order=True)),
+           ("awq+gptq refined", dict(method="awq+gptq", clip_search=True, act_order=True,
+                                     refine_rounds=10)))
 
 
 def load_minilm():

@@ -23,6 +23,9 @@ class QuantConfig:
       0.1, in every setting measured; docs/ACCURACY.md).
     block_size: GPTQ lazy-update block (columns).
     act_order: GPTQ visits columns by decreasing Hessian diagonal (with static groups).
+    refine_rounds: GPTQ (gptq, awq+gptq) then alternates this many least-squares refits of each
+      group's scale and zero point to the codes with GPTQ passes on the refitted grid (0: the
+      paper's single pass; each round costs about one more pass; docs/ACCURACY.md).
     calib_max_tokens: at most this many (non-padding) tokens per layer are used (None: all).
     norm_weighting: in the calibration statistics (gptq, awq, awq+gptq), weight each token of a
       layer by 1 / sigma_t^2 of the input of the first LayerNorm / RMSNorm called after the layer
@@ -40,6 +43,7 @@ class QuantConfig:
     damp: float = 0.2
     block_size: int = 128
     act_order: bool = False
+    refine_rounds: int = 0
     calib_max_tokens: Optional[int] = None
     norm_weighting: bool = True
     show_progress: bool = False
@@ -65,6 +69,10 @@ class QuantConfig:
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or \
                 self.block_size <= 0:
             raise ValueError(f"QuantConfig.block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.refine_rounds, int) or isinstance(self.refine_rounds, bool) or \
+                self.refine_rounds < 0:
+            raise ValueError(f"QuantConfig.refine_rounds must be a non-negative int, got "
+                             f"{self.refine_rounds!r}")
         if self.calib_max_tokens is not None and (
                 not isinstance(self.calib_max_tokens, int) or isinstance(self.calib_max_tokens, bool)
                 or self.calib_max_tokens <= 0):

@@ -96,7 +96,7 @@ def _gptq_guarded(name, w, H, config, report, dtype):
     G = group_size_of(config.group_size, w.shape[1])
     cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
                 block_size=config.block_size, act_order=config.act_order,
-                clip_search=config.clip_search)
+                clip_search=config.clip_search, refine_rounds=config.refine_rounds)
     obj = layer_objective(w, dequant(*cand, G), H)
     alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search)
     obj_alt = layer_objective(w, dequant(*alt, G), H)

@@ -5,7 +5,8 @@ Every method ends in the same place: integer codes 0..15 [N, K], scales [N, grou
 
 * the scale is rounded to the weight's dtype before any code is computed, and a scale of 0 becomes 1;
 * codes are `clamp(round(w / s + z), 0, 15)` for the stored (s, z), so `w ~ (q - z) * s`;
-* zero points are integers for RTN, GPTQ and AWQ; HQQ's are fractional, rounded to the weight dtype.
+* zero points are integers for RTN, AWQ and plain GPTQ; HQQ's and refined GPTQ's (refine_rounds)
+  are fractional, rounded to the weight dtype.
 
 `to_int4linear` packs them and builds an `Int4Linear` with `Int4Linear.from_quantized`, so every
 method runs on the existing fused kernels.
