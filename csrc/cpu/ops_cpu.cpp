@@ -59,10 +59,7 @@ Activations activation_workspace(const ActivationSizes& sizes, int64_t M) {
 }
 
 ActivationsA8 activation_a8_workspace(const ActivationA8Sizes& sizes, int64_t M) {
-  const int64_t sums = round_up(sizes.sums, 16), scales = round_up(sizes.scales, 16);
-  uint8_t* base = thread_workspace(4 * (sums + scales) + sizes.codes);
-  return {reinterpret_cast<int8_t*>(base + 4 * (sums + scales)), reinterpret_cast<int32_t*>(base),
-          reinterpret_cast<float*>(base + 4 * sums), M};
+  return activations_a8_at(thread_workspace(activation_a8_bytes(sizes, M)), sizes, M);
 }
 
 at::Tensor pack_cpu(const at::Tensor& codes) {

@@ -89,30 +89,44 @@ struct ActivationSizes {
 };
 ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype);
 
-// Lays all of an Activations' arrays out from `base` in one buffer, each 64-byte aligned if base
-// is, and returns the bytes they take; with base == nullptr only the bytes (activation_bytes).
-inline int64_t lay_out_activations(const ActivationSizes& z, int64_t M, uint8_t* base, Activations* a) {
+// Hands out 64-byte aligned pieces of one buffer (if base is) in order and counts the bytes they
+// take; with base == nullptr it only counts.
+struct BufferLayout {
+  uint8_t* base = nullptr;
   int64_t used = 0;
-  auto take = [&](int64_t bytes) {
+  uint8_t* take(int64_t bytes) {
     uint8_t* p = base != nullptr ? base + used : nullptr;
     used += round_up(bytes, 64);
     return p;
-  };
+  }
+};
+
+// An ActivationsA8's arrays: `codes` int8 codes and `sums` int32 sums per plane (two planes, the
+// low bytes second, for x16's int16 codes), then `scales` floats.
+inline ActivationsA8 lay_out_a8(BufferLayout& buf, int64_t M, int64_t codes, int64_t sums,
+                                int64_t scales, bool low_plane) {
+  ActivationsA8 a;
+  a.M = M;
+  a.xq = reinterpret_cast<int8_t*>(buf.take(codes));
+  if (low_plane) a.xq_low = reinterpret_cast<int8_t*>(buf.take(codes));
+  a.xq_sum = reinterpret_cast<int32_t*>(buf.take(4 * sums));
+  if (low_plane) a.xq_low_sum = reinterpret_cast<int32_t*>(buf.take(4 * sums));
+  a.scale = reinterpret_cast<float*>(buf.take(4 * scales));
+  return a;
+}
+
+// Lays all of an Activations' arrays out from `base` in one buffer, each 64-byte aligned if base
+// is, and returns the bytes they take; with base == nullptr only the bytes (activation_bytes).
+inline int64_t lay_out_activations(const ActivationSizes& z, int64_t M, uint8_t* base, Activations* a) {
+  BufferLayout buf{base};
   Activations out;
   out.M = M;
-  out.x = reinterpret_cast<float*>(take(4 * z.floats));
-  out.xsum = reinterpret_cast<float*>(take(4 * z.sums));
-  out.x_bf16 = reinterpret_cast<uint16_t*>(take(2 * z.bf16));
-  if (z.x16 > 0) {
-    out.x16.M = M;
-    out.x16.xq = reinterpret_cast<int8_t*>(take(z.x16));
-    out.x16.xq_low = reinterpret_cast<int8_t*>(take(z.x16));
-    out.x16.xq_sum = reinterpret_cast<int32_t*>(take(4 * z.sums));
-    out.x16.xq_low_sum = reinterpret_cast<int32_t*>(take(4 * z.sums));
-    out.x16.scale = reinterpret_cast<float*>(take(4 * z.sums));
-  }
+  out.x = reinterpret_cast<float*>(buf.take(4 * z.floats));
+  out.xsum = reinterpret_cast<float*>(buf.take(4 * z.sums));
+  out.x_bf16 = reinterpret_cast<uint16_t*>(buf.take(2 * z.bf16));
+  if (z.x16 > 0) out.x16 = lay_out_a8(buf, M, z.x16, z.sums, z.sums, /*low_plane=*/true);
   if (a != nullptr) *a = out;
-  return used;
+  return buf.used;
 }
 inline int64_t activation_bytes(const ActivationSizes& z, int64_t M) {
   return lay_out_activations(z, M, nullptr, nullptr);
@@ -149,6 +163,16 @@ struct ActivationA8Sizes {
 };
 inline ActivationA8Sizes activation_a8_sizes(const PackedShape& s, int64_t M) {
   return {round_up(M, 16) * s.padded_k(), M * s.groups(), M};  // codes: whole 16-row AMX tiles
+}
+// W4A8's buffers laid out from `base` like lay_out_activations (nullptr: only the bytes).
+inline int64_t activation_a8_bytes(const ActivationA8Sizes& z, int64_t M) {
+  BufferLayout buf;
+  lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*low_plane=*/false);
+  return buf.used;
+}
+inline ActivationsA8 activations_a8_at(uint8_t* base, const ActivationA8Sizes& z, int64_t M) {
+  BufferLayout buf{base};
+  return lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*low_plane=*/false);
 }
 // Same contract as prepare_activations / linear: fill with the ISA that then runs.
 void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
