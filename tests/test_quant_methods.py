@@ -338,6 +338,8 @@ def test_gptq_refinement_never_worse_per_row(setting, act_order):
     G, sym = setting
     N, K, damp = 32, 128, 0.1
     w = random_weight(N, K)
+    w[0] = 0  # a row and a group of one repeated code: their Gram blocks are singular
+    w[1, :16] = 0
     w_before = w.clone()
     H = (lambda x: x.T.double() @ x.double())(correlated_inputs(300, K, seed=3))
     Gs = K if G == -1 else G
@@ -352,6 +354,7 @@ def test_gptq_refinement_never_worse_per_row(setting, act_order):
     codes, s, z = refined
     assert codes.min() >= 0 and codes.max() <= 15 and codes.dtype == torch.int64
     assert (s > 0).all() and torch.equal(s, s.to(torch.bfloat16).float())
+    assert torch.isfinite(z).all() and (dequant(codes, s, z, Gs)[0] == 0).all()
     assert torch.equal(z, z.to(torch.bfloat16).float())
     if sym:
         assert (z == 8).all()
