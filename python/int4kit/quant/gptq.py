@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .rtn import threads_for, MAX_CODE, SYMMETRIC_ZERO, group_size_of, rtn, store_scale
 
 CODE_CENTRE = MAX_CODE / 2
+GRAM_ROWS = 256  # rows per slice in GridSystem (a [256, K] float32 product: 4 MiB at K = 4096)
 
 
 def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
@@ -221,18 +222,23 @@ class GridSystem:
         N, K = Q.shape
         G, ng, Hp, WH = layer.G, layer.groups, layer.Hp, layer.WH
         self.symmetric, self.centre, self.wHw = layer.symmetric, layer.centre, layer.wHw
-        Qc = F.pad(Q.to(Hp.dtype) - self.centre, (0, -K % G))  # padding columns meet zero H
+        # row-major whatever Q's layout (a pass returns a transposed view); padding meets zero H
+        Qc = F.pad(Q.to(Hp.dtype) - self.centre, (0, -K % G)).contiguous()
         P = ng if self.symmetric else 2 * ng
         gram = torch.empty(N, P, P, dtype=torch.float64)
         rhs = torch.empty(N, P, dtype=torch.float64)
         Qg = Qc.view(N, ng, G)
         rhs[:, :ng] = (Qg * WH.view(N, ng, G)).sum(-1)
-        for h in range(ng):
-            # a-a block, groups g <= h: (Q - c)_g^T H_gh (Q - c)_h per row (the rest by symmetry)
-            e = (h + 1) * G
-            Mh = Qc[:, h * G:e] @ Hp[h * G:e, :e]
-            gram[:, :h + 1, h] = (Mh * Qc[:, :e]).view(N, h + 1, G).sum(-1)
-            gram[:, h, :h] = gram[:, :h, h]
+        # a-a block, groups g <= h: (Q - c)_g^T H_gh (Q - c)_h per row, the rest by symmetry; in
+        # slices of rows, so each product H (Q - c) 1_h stays in cache for the multiply that follows
+        aa = torch.zeros(N, ng, ng, dtype=torch.float64)
+        for r0 in range(0, N, GRAM_ROWS):
+            Qr = Qc[r0:r0 + GRAM_ROWS]
+            for h in range(ng):
+                e = (h + 1) * G
+                Mh = Qr[:, h * G:e] @ Hp[h * G:e, :e]
+                aa[r0:r0 + Qr.shape[0], :h + 1, h] = Mh.mul_(Qr[:, :e]).view(-1, h + 1, G).sum(-1)
+        gram[:, :ng, :ng] = aa + torch.triu(aa, 1).transpose(1, 2)
         if not self.symmetric:
             rhs[:, ng:] = layer.WH_sums
             gram[:, ng:, ng:] = layer.H_sums
