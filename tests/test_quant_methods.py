@@ -5,7 +5,7 @@ import torch
 
 from int4kit import reference as R
 from int4kit.quant.awq import ALPHA_GRID, awq, awq_scales
-from int4kit.quant.gptq import GridSystem, LayerTerms, gptq
+from int4kit.quant.gptq import GridSystem, LayerTerms, gptq, refit_grid
 from int4kit.quant.hqq import hqq
 from int4kit.quant.rtn import CLIP_GRID, dequant, layer_objective, rtn
 
@@ -327,6 +327,26 @@ def test_grid_refit_is_the_least_squares_optimum(setting):
             assert torch.allclose(z2[n], -theta[ng:] / theta[:ng], rtol=1e-6, atol=1e-6), n
     assert (system.objective(s2, z2) <= system.objective(s1, z1)).all()
     assert (system.objective(s2, z2) <= system.objective(s.double(), z.double()) + 1e-12).all()
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_refit_grid_in_row_slices_matches_one_system(monkeypatch, sym):
+    """refit_grid bounds memory by solving slices of rows (here 3 rows at a time): the same
+    parameters and objectives as one system over all rows."""
+    import int4kit.quant.gptq as gptq_module
+    N, K, G = 10, 96, 32
+    w = random_weight(N, K).double()
+    H = damped((lambda x: x.T.double() @ x.double())(correlated_inputs(200, K)), 0.1)
+    codes, s, z = gptq(w.float(), H, G, sym, damp=0.1)
+    layer = LayerTerms(w, H, G, sym)
+    whole = GridSystem(layer, codes)
+    s_ref, z_ref = whole.solve(s.double(), z.double(), torch.float64)
+    P = (K // G) * (1 if sym else 2)
+    monkeypatch.setattr(gptq_module, "SYSTEM_BYTES", 3 * 8 * P * P)
+    s2, z2, before, after = refit_grid(layer, codes, s.double(), z.double(), torch.float64)
+    assert torch.allclose(s2, s_ref, rtol=1e-9) and torch.allclose(z2, z_ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(before, whole.objective(s.double(), z.double()), rtol=1e-9)
+    assert torch.allclose(after, whole.objective(s_ref, z_ref), rtol=1e-9)
 
 
 @pytest.mark.parametrize("setting", [(32, False), (-1, True), (16, True)], ids=["g32-asym", "chan-sym", "g16-sym"])

@@ -33,6 +33,7 @@ from .rtn import threads_for, MAX_CODE, SYMMETRIC_ZERO, group_size_of, rtn, stor
 
 CODE_CENTRE = MAX_CODE / 2
 GRAM_ROWS = 256  # rows per slice in GridSystem (a [256, K] float32 product: 4 MiB at K = 4096)
+SYSTEM_BYTES = 64 << 20  # Gram matrices per refit_grid slice (the solve holds about two more)
 
 
 def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
@@ -72,7 +73,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
     [N, groups] in compute_dtype, following the canonical rules (s rounded to `dtype`).
 
     refine_rounds = R > 0 alternates the two halves of the layer objective's minimisation: R times
-    a least-squares refit of every group's scale and zero point to the codes (`GridSystem`), with a
+    a least-squares refit of every group's scale and zero point to the codes (`refit_grid`), with a
     GPTQ pass on each refitted grid in between (R - 1 passes). Each row keeps the codes and grid
     with the lowest damped objective seen, the plain pass's included, so refinement never makes a
     row worse on it. Asymmetric zero points then become fractional (FORMAT.md allows it)."""
@@ -101,11 +102,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
             layer = LayerTerms(W, Hd.to(compute_dtype), G, symmetric)
             best, best_obj = (Q, S, Z), None
             for r in range(refine_rounds):
-                system = GridSystem(layer, Q)
+                S, Z, obj_before, obj = refit_grid(layer, Q, S, Z, dtype)
                 if best_obj is None:
-                    best_obj = system.objective(S, Z)
-                S, Z = system.solve(S, Z, dtype)
-                obj = system.objective(S, Z)
+                    best_obj = obj_before
                 better = obj < best_obj
                 best = tuple(torch.where(better[:, None], new, old)
                              for new, old in zip((Q, S, Z), best))
@@ -206,9 +205,29 @@ class LayerTerms:
             self.H_ones = self.Hp.view(ng * G, ng, G).sum(-1).view(ng, G, ng)  # [h, j, g]: (H 1_g)_j
 
 
+def refit_grid(layer: "LayerTerms", Q, S, Z, dtype):
+    """The least-squares group parameters of codes Q [N, K] (GridSystem.solve), built and solved
+    for slices of rows so that memory stays bounded: one row's system is P x P float64 with P up
+    to 2 K / G unknowns (K = 11008 at group 32: 3.8 MB a row). Returns (S, Z, each row's objective
+    with the old parameters, with the new ones)."""
+    N = Q.shape[0]
+    P = layer.groups * (1 if layer.symmetric else 2)
+    step = max(1, SYSTEM_BYTES // (8 * P * P))
+    S_new, Z_new = S.clone(), Z.clone()
+    before = torch.empty(N, dtype=torch.float64)
+    after = torch.empty(N, dtype=torch.float64)
+    for r0 in range(0, N, step):
+        rows = slice(r0, min(r0 + step, N))
+        system = GridSystem(layer, Q, rows)
+        before[rows] = system.objective(S[rows], Z[rows])
+        S_new[rows], Z_new[rows] = system.solve(S[rows], Z[rows], dtype)
+        after[rows] = system.objective(S_new[rows], Z_new[rows])
+    return S_new, Z_new, before, after
+
+
 class GridSystem:
     """The layer objective tr((W - W_hat) H (W - W_hat)^T) of fixed codes Q as a quadratic in the
-    group parameters, one small system per row.
+    group parameters, one small system per row (of `rows` of the layer).
 
     Row n's weights are W_hat = sum_g a_g (Q - c) 1_g + b_g 1_g (1_g: group g's columns) with
     a_g = s_g and b_g = s_g (c - z_g); c = 7.5 centres the codes, which keeps the two basis vectors
@@ -218,10 +237,11 @@ class GridSystem:
     multiply-adds, once per layer); the Gram matrices B^T H B cost N K^2 / 2 per set of codes
     (about half a GPTQ pass), in H's dtype; the quadratic forms are evaluated in float64."""
 
-    def __init__(self, layer: "LayerTerms", Q):
+    def __init__(self, layer: "LayerTerms", Q, rows: slice = slice(None)):
+        Q = Q[rows]
         N, K = Q.shape
-        G, ng, Hp, WH = layer.G, layer.groups, layer.Hp, layer.WH
-        self.symmetric, self.centre, self.wHw = layer.symmetric, layer.centre, layer.wHw
+        G, ng, Hp, WH = layer.G, layer.groups, layer.Hp, layer.WH[rows]
+        self.symmetric, self.centre, self.wHw = layer.symmetric, layer.centre, layer.wHw[rows]
         # row-major whatever Q's layout (a pass returns a transposed view); padding meets zero H
         Qc = F.pad(Q.to(Hp.dtype) - self.centre, (0, -K % G)).contiguous()
         P = ng if self.symmetric else 2 * ng
@@ -240,7 +260,7 @@ class GridSystem:
                 aa[r0:r0 + Qr.shape[0], :h + 1, h] = Mh.mul_(Qr[:, :e]).view(-1, h + 1, G).sum(-1)
         gram[:, :ng, :ng] = aa + torch.triu(aa, 1).transpose(1, 2)
         if not self.symmetric:
-            rhs[:, ng:] = layer.WH_sums
+            rhs[:, ng:] = layer.WH_sums[rows]
             gram[:, ng:, ng:] = layer.H_sums
             ba = torch.einsum("nhj,hjg->ngh", Qg, layer.H_ones)  # 1_g^T H (Q - c)_h
             gram[:, ng:, :ng] = ba
