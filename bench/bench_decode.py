@@ -32,6 +32,7 @@ from the quantization's.
     python bench/bench_decode.py --small                  # 4 layers, ~30 s on idle cores
     python bench/bench_decode.py                          # the 16-layer default, several minutes
     python bench/bench_decode.py --json bench/results/decode.json
+    python bench/bench_decode.py --cache static --compile  # preallocated KV cache, compiled steps
 """
 import argparse
 import copy
@@ -151,17 +152,27 @@ def _cache_of(out):
     return cache if cache is not None else out.past_key_values
 
 
-def decode_loop(model, prompt, new_tokens):
-    """Greedy decoding with the model's KV cache; returns (tokens, total s, [s per step])."""
+def decode_loop(model, prompt, new_tokens, cache_len=None, step_forward=None):
+    """Greedy decoding with the model's KV cache; returns (tokens, total s, [s per step]).
+
+    cache_len: None grows transformers' default (dynamic) cache by concatenation every step; a
+    length preallocates a StaticCache of that many positions, written in place (the model reads
+    the next position from the cache itself). step_forward: what runs the single-token steps (a
+    torch.compile'd model.forward; needs the static cache, whose shapes never change)."""
     kw = _cache_kw(model)
+    step_forward = step_forward or model
+    first = {}
+    if cache_len is not None:
+        from transformers import StaticCache
+        first = {kw: StaticCache(config=model.config, max_cache_len=cache_len)}
     t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **first)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [tok]
     steps = []
     for _ in range(new_tokens - 1):
         t = time.perf_counter()
-        out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: _cache_of(out)})
+        out = step_forward(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: _cache_of(out)})
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         steps.append(time.perf_counter() - t)
         tokens.append(tok)
@@ -169,14 +180,14 @@ def decode_loop(model, prompt, new_tokens):
     return torch.cat(tokens, dim=1)[0].tolist(), total, steps
 
 
-def decode_generate(model, prompt, new_tokens):
+def decode_generate(model, prompt, new_tokens, cache="dynamic"):
     """The same through model.generate (no early stop: min_new_tokens = max_new_tokens)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=0, use_cache=True)
+                             pad_token_id=0, use_cache=True, cache_implementation=cache)
         total = time.perf_counter() - t0
     tokens = out[0, prompt.shape[1]:].tolist()
     if len(tokens) != new_tokens:
@@ -237,7 +248,13 @@ def run(args, log=print):
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt = torch.randint(3, args.vocab, (1, args.prompt_tokens), generator=g)
     long_ids = torch.randint(3, args.vocab, (1, args.prefill_tokens), generator=g)
-    decode = decode_generate if args.method == "generate" else decode_loop
+    cache_len = args.prompt_tokens + args.new_tokens if args.cache == "static" else None
+    step_forwards = {}  # --compile: one compiled forward per variant, compiled in its warm-up
+
+    def decode(model, prompt, new_tokens):
+        if args.method == "generate":
+            return decode_generate(model, prompt, new_tokens, args.cache)
+        return decode_loop(model, prompt, new_tokens, cache_len, step_forwards.get(id(model)))
 
     rows, models = [], {}
     for variant in ["bf16"] + [v for v in VARIANTS[1:] if v in args.variants]:
@@ -248,6 +265,8 @@ def run(args, log=print):
             continue
         info["weight_bytes"] = state_dict_bytes(model)
         models[variant] = model
+        if args.compile:
+            step_forwards[id(model)] = torch.compile(model.forward, dynamic=False)
         info.update(prefill_s=[], decode_s=[], step_s=[], runs_tokens=[])
 
     # every variant stays in memory, so the rounds can interleave them: a burst of load from
@@ -363,7 +382,8 @@ def legend(args, rows) -> str:
         f"prefill: one forward of {args.prefill_tokens} tokens at batch 1 into a fresh KV cache "
         f"(last-token logits only).",
         f"decode: {args.new_tokens} greedy tokens from a {args.prompt_tokens}-token prompt "
-        f"({'model.generate' if args.method == 'generate' else 'manual loop'}, KV cache), new "
+        f"({'model.generate' if args.method == 'generate' else 'manual loop'}, {args.cache} KV "
+        f"cache{', single-token steps compiled with torch.compile' if args.compile else ''}), new "
         f"tokens / wall time of the whole generation; ms/step: median single-token forward.",
         f"Medians of {args.repeats} rounds that interleave the variants, after one warm-up each. "
         f"vs bf16: tok/s over bf16's (> 1: faster);\nweights: state-dict bytes, bf16's over the "
@@ -409,6 +429,12 @@ def main(argv=None):
                    help="tokens decoded in each variant's warm-up")
     p.add_argument("--method", choices=("loop", "generate"), default="loop",
                    help="manual greedy loop over model.forward (default) or model.generate")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="KV cache: transformers' default (grown by concatenation every step) or a "
+                        "StaticCache preallocated for prompt + new tokens (written in place)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each variant's forward for the single-token decode steps "
+                        "(needs --cache static and --method loop; compiled in the warm-up)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                    help="variants to run; bf16 always runs, as the reference")
     p.add_argument("--quantize-lm-head", action="store_true",
@@ -420,6 +446,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.layers is None:
         args.layers = 4 if args.small else 16
+    if args.compile and (args.cache != "static" or args.method != "loop"):
+        p.error("--compile needs --cache static and --method loop (static shapes, one compile)")
     if min(args.new_tokens, args.repeats, args.prompt_tokens, args.prefill_tokens) < 1:
         p.error("--new-tokens, --repeats, --prompt-tokens and --prefill-tokens must be >= 1")
 

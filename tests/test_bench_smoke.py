@@ -44,6 +44,58 @@ def test_bench_decode(capsys):
     assert "int4kit W4A16" in capsys.readouterr().out
 
 
+TINY_DECODE = ["--small", "--layers", "1", "--hidden", "128", "--intermediate", "256", "--heads", "4",
+               "--kv-heads", "2", "--vocab", "512", "--new-tokens", "3", "--prompt-tokens", "4",
+               "--prefill-tokens", "8", "--repeats", "1", "--warmup-tokens", "3", "--no-check"]
+
+
+def test_bench_decode_static_cache_decodes_like_the_dynamic_one():
+    import argparse
+    import bench_decode
+    args = argparse.Namespace(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2,
+                              vocab=512, prefill_tokens=8, prompt_tokens=4, new_tokens=8, seed=0)
+    model = bench_decode.build_model(args).eval().float()
+    with torch.no_grad():  # random init leaves attention a whisper beside the residual stream
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(30)
+            layer.self_attn.o_proj.weight.mul_(30)
+
+    caches = set()
+
+    def recording(log):
+        def forward(**kwargs):
+            caches.update(type(v).__name__ for k, v in kwargs.items() if "cache" in k and v is not True)
+            out = model(**kwargs)
+            log.append(out.logits[0, -1].clone())
+            return out
+        return forward
+
+    prompt = torch.randint(3, 512, (1, 4), generator=torch.Generator().manual_seed(1))
+    dynamic_logits, static_logits = [], []
+    with torch.inference_mode():
+        dynamic, _, _ = bench_decode.decode_loop(model, prompt, 8,
+                                                 step_forward=recording(dynamic_logits))
+        assert caches == {"DynamicCache"}
+        static, _, steps = bench_decode.decode_loop(model, prompt, 8, cache_len=12,
+                                                    step_forward=recording(static_logits))
+        assert caches == {"DynamicCache", "StaticCache"}
+        # every step's logits against a forward of the whole sequence without a cache
+        ids = torch.cat([prompt, torch.tensor([static[:-1]])], dim=1)
+        full = model(input_ids=ids, use_cache=False).logits[0, 4:]
+    assert static == dynamic and len(steps) == 7
+    for logits in (torch.stack(dynamic_logits), torch.stack(static_logits)):
+        assert torch.allclose(logits, full, rtol=1e-4, atol=1e-4 * float(full.abs().max()))
+
+
+def test_bench_decode_compiled_static(capsys):
+    import bench_decode
+    bench_decode.main(TINY_DECODE + ["--cache", "static", "--compile", "--variants", "w4a16"])
+    out = capsys.readouterr().out
+    assert "int4kit W4A16" in out and "static KV cache, single-token steps compiled" in out
+    with pytest.raises(SystemExit):
+        bench_decode.main(TINY_DECODE + ["--compile"])  # a dynamic cache would recompile
+
+
 @pytest.mark.skipif(not (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists(),
                     reason="needs nvcc")
 def test_cuda_resources(capsys):
