@@ -108,7 +108,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                 better = obj < best_obj
                 best = tuple(torch.where(better[:, None], new, old)
                              for new, old in zip((Q, S, Z), best))
-                best_obj = torch.minimum(obj, best_obj)
+                best_obj = torch.where(better, obj, best_obj)
                 if r + 1 < refine_rounds:
                     Q, S, Z = run_pass((S, Z))
             Q, S, Z = best
@@ -266,6 +266,11 @@ class GridSystem:
             gram[:, ng:, :ng] = ba
             gram[:, :ng, ng:] = ba.transpose(1, 2)
         self.gram, self.rhs = gram, rhs
+        # groups whose real columns hold one code (symmetric: only 8), see solve
+        q = Q.to(torch.float32)
+        hi = F.pad(q, (0, -K % G), value=-1.0).view(N, ng, G).amax(-1)
+        lo = F.pad(q, (0, -K % G), value=MAX_CODE + 1.0).view(N, ng, G).amin(-1)
+        self.one_code = (hi == lo) & (hi == SYMMETRIC_ZERO) if self.symmetric else hi == lo
 
     def theta(self, S, Z):
         S, Z = S.double(), Z.double()
@@ -278,18 +283,32 @@ class GridSystem:
         return self.wHw - 2 * (t * self.rhs).sum(1) + quad
 
     def solve(self, S, Z, dtype):
-        """The least-squares group parameters, rounded as stored (s to dtype, z to dtype); a group
-        whose solved scale is not positive and finite keeps its S, Z. A group of one repeated code
-        makes its two basis vectors parallel: the tiny ridge picks one of the equivalent fits."""
-        P = self.gram.shape[1]
-        ridge = 1e-12 * self.gram.diagonal(dim1=1, dim2=2).amax(1).clamp(min=1e-300)
-        gram = self.gram + ridge[:, None, None] * torch.eye(P, dtype=torch.float64)
-        theta = torch.linalg.solve(gram, self.rhs)
+        """The least-squares group parameters, rounded as stored (s to dtype, z to dtype).
+
+        A group of one repeated code (symmetric: all 8) cannot tell its scale from its zero point
+        (their basis vectors are parallel, or the scale's is zero): it keeps its scale and the
+        zero point absorbs the fit. A ridge of 1e-7 of each diagonal entry keeps the float32-built
+        systems of nearly degenerate groups from amplifying rounding. A group whose solved scale is
+        not positive and finite, or whose zero point would be far outside the codes (|z - 7.5| >
+        64), keeps its S, Z."""
+        N, P = self.rhs.shape
         ng = S.shape[1]
+        gram = self.gram + torch.diag_embed(1e-7 * self.gram.diagonal(dim1=1, dim2=2))
+        rhs = self.rhs.clone()
+        fixed = self.one_code
+        if bool(fixed.any()):  # a_g = S_g known: move its terms to the right-hand side
+            known = torch.where(fixed, S.double(), torch.zeros((), dtype=torch.float64))
+            rhs -= torch.einsum("npq,nq->np", gram[:, :, :ng], known)
+            free = torch.cat([~fixed, torch.ones(N, P - ng, dtype=torch.bool)], 1).double()
+            gram = gram * free[:, :, None] * free[:, None, :]
+            gram[:, :ng, :ng] += torch.diag_embed(fixed.double())
+            rhs[:, :ng] = torch.where(fixed, S.double(), rhs[:, :ng])
+        theta = torch.linalg.solve(gram, rhs)
         a = theta[:, :ng]
         ok = torch.isfinite(a) & (a > 0)
-        s = torch.where(ok, store_scale(a.to(S.dtype), dtype), S)
+        s = store_scale(torch.where(ok, a, S.double()).to(S.dtype), dtype)
         if self.symmetric:
-            return s, Z
+            return torch.where(ok, s, S), Z
         z = (self.centre - theta[:, ng:] / s.double()).to(dtype).to(Z.dtype)
-        return s, torch.where(ok & torch.isfinite(z), z, Z)
+        ok &= torch.isfinite(z) & ((z - self.centre).abs() <= 64)
+        return torch.where(ok, s, S), torch.where(ok, z, Z)
