@@ -278,7 +278,9 @@ def run(args, log=print):
                 model = models[info["variant"]]
                 try:
                     prefill(model, long_ids)                                 # M = prefill_tokens
-                    decode(model, prompt, min(args.new_tokens, args.warmup_tokens))  # prompt, 1
+                    # at least one single-token step when compiling, so it compiles here
+                    warm = max(args.warmup_tokens, 2 if args.compile else 1)
+                    decode(model, prompt, min(args.new_tokens, warm))  # prompt, then M = 1
                 except Exception as exc:  # noqa: BLE001  (a new path failing: report, go on)
                     if info["variant"] == "bf16":
                         raise

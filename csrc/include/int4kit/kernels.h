@@ -164,7 +164,8 @@ struct ActivationA8Sizes {
 inline ActivationA8Sizes activation_a8_sizes(const PackedShape& s, int64_t M) {
   return {round_up(M, 16) * s.padded_k(), M * s.groups(), M};  // codes: whole 16-row AMX tiles
 }
-// W4A8's buffers laid out from `base` like lay_out_activations (nullptr: only the bytes).
+// W4A8's buffers in one buffer like lay_out_activations: the bytes they take, and their arrays
+// laid out from a 64-byte aligned `base`.
 inline int64_t activation_a8_bytes(const ActivationA8Sizes& z, int64_t M) {
   BufferLayout buf;
   lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*low_plane=*/false);
