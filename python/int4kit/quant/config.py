@@ -8,6 +8,11 @@ METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
 DATA_FREE_METHODS = ("rtn", "hqq")  # the others need calib_data
 
 
+def _int_at_least(value, low: int) -> bool:
+    """value is an int (a bool is not) and at least low."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """group_size: columns sharing one scale and zero point (-1: per output channel).
@@ -25,7 +30,7 @@ class QuantConfig:
     act_order: GPTQ visits columns by decreasing Hessian diagonal (with static groups).
     refine_rounds: GPTQ (gptq, awq+gptq) then alternates this many least-squares refits of each
       group's scale and zero point to the codes with GPTQ passes on the refitted grid (0: the
-      paper's single pass; each round costs about one more pass; docs/ACCURACY.md).
+      paper's single pass; each round costs a GPTQ pass and about half another; docs/ACCURACY.md).
     calib_max_tokens: at most this many (non-padding) tokens per layer are used (None: all).
     norm_weighting: in the calibration statistics (gptq, awq, awq+gptq), weight each token of a
       layer by 1 / sigma_t^2 of the input of the first LayerNorm / RMSNorm called after the layer
@@ -66,16 +71,12 @@ class QuantConfig:
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not (
                 0 <= self.damp < 1e3):
             raise ValueError(f"QuantConfig.damp must be a non-negative number, got {self.damp!r}")
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or \
-                self.block_size <= 0:
+        if not _int_at_least(self.block_size, 1):
             raise ValueError(f"QuantConfig.block_size must be a positive int, got {self.block_size!r}")
-        if not isinstance(self.refine_rounds, int) or isinstance(self.refine_rounds, bool) or \
-                self.refine_rounds < 0:
+        if not _int_at_least(self.refine_rounds, 0):
             raise ValueError(f"QuantConfig.refine_rounds must be a non-negative int, got "
                              f"{self.refine_rounds!r}")
-        if self.calib_max_tokens is not None and (
-                not isinstance(self.calib_max_tokens, int) or isinstance(self.calib_max_tokens, bool)
-                or self.calib_max_tokens <= 0):
+        if self.calib_max_tokens is not None and not _int_at_least(self.calib_max_tokens, 1):
             raise ValueError(f"QuantConfig.calib_max_tokens must be None or a positive int, got "
                              f"{self.calib_max_tokens!r}")
 

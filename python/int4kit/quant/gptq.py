@@ -42,6 +42,11 @@ def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
     return s[:, 0], z[:, 0]
 
 
+def damping(H: torch.Tensor, damp: float) -> float:
+    """What GPTQ adds to the Hessian's diagonal: damp * mean(diag H) (damp itself for a zero H)."""
+    return damp * (float(torch.diag(H).mean()) or 1.0)
+
+
 def damped_inverse_cholesky(H: torch.Tensor, damp: float):
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), in
     float64; raises the damping tenfold (up to 3 times) if the factorisation fails. Returns
@@ -52,10 +57,9 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float):
     of Cholesky, inverse and a second Cholesky."""
     H = H.double()
     K = H.shape[0]
-    mean_diag = float(torch.diag(H).mean()) or 1.0
     for attempt in range(4):
         Hd = H.flip(0, 1)
-        Hd.diagonal().add_(damp * mean_diag)
+        Hd.diagonal().add_(damping(H, damp))
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             eye = torch.eye(K, dtype=L.dtype)
@@ -98,7 +102,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         Q, S, Z = run_pass(None)
         if refine_rounds > 0:
             Hd = H.clone()
-            Hd.diagonal().add_(damp * float(torch.diag(H).mean()))
+            Hd.diagonal().add_(damping(H, damp))  # the damping the Cholesky factor used
             layer = LayerTerms(W, Hd.to(compute_dtype), G, symmetric)
             best, best_obj = (Q, S, Z), None
             for r in range(refine_rounds):
