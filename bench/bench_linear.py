@@ -6,7 +6,9 @@ Peers (DESIGN.md, section Benchmarks):
   * F.linear     dense, weight in bf16 (x bf16) and in fp32 (x fp32)
   * torch int4   torch.ops.aten._weight_int4pack_mm_for_cpu on the *same* quantized weights
 
-Shapes are K x N (K = in_features), M rows of activations, group size 128, asymmetric weights.
+Shapes are K x N (K = in_features), M rows of activations, group size 128, asymmetric weights,
+quantized from the weight in the row's dtype as a model in that dtype is: bf16 rows run on bf16
+scales and zeros (for int4kit and torch int4 alike), fp32 rows on fp32 ones.
 Two modes: "hot" reuses one weight on every call (it may sit in the 480 MiB L3), "cold" rotates
 over enough copies of each implementation's weight that the set is > 1.1 GiB, so every call
 streams its weight from DRAM. Each timing is the median of single calls (time.perf_counter) after
@@ -80,28 +82,29 @@ def describe(env: dict) -> str:
 # ---- weights for each implementation --------------------------------------------------------------
 
 class Weights:
-    """One random [N, K] weight, quantized once (RTN, asymmetric), in every layout under test."""
+    """One random [N, K] weight, quantized (RTN, asymmetric) once per run dtype from the weight in
+    that dtype: quantized[dt] = (qweight, scales, zeros), scales and zeros in dt."""
 
-    def __init__(self, K: int, N: int, group_size: int, seed: int = 0):
+    def __init__(self, K: int, N: int, group_size: int, dtypes, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.K, self.N, self.G = K, N, group_size
         self.w = torch.randn(N, K, generator=g) * 0.02
-        self.qweight, self.scales, self.zeros = ops.quantize(self.w, group_size, False)
-        groups = ops.num_groups(K, group_size)
-        # weight bytes an int4 kernel has to read: the codes plus per-group scales and zeros
-        self.int4_bytes = N * ((K + 1) // 2) + 2 * N * groups * self.scales.element_size()
+        self.quantized = {dt: ops.quantize(self.w.to(DTYPES[dt]), group_size, False) for dt in dtypes}
+        # weight bytes int4kit's kernels read: its prepacked layout (codes, scales and zeros)
+        self.int4_bytes = {dt: ops.prepacked_bytes(N, K, group_size, DTYPES[dt], "cpu") for dt in dtypes}
+
+    def prepacked(self, dt: str) -> torch.Tensor:
+        return ops.prepack(*self.quantized[dt], self.G, self.K)
 
     # torch's int4 CPU op: dequantized weight = (q - 8) * scale + zero, "zero" an additive float
     # offset, so int4kit's (q - z) * s becomes scale = s, zero = (8 - z) * s.
-    def torch_int4_cpu(self, dtype: torch.dtype):
-        codes = ops.unpack(self.qweight, self.K).to(torch.int32)
+    def torch_int4_cpu(self, dt: str):
+        qweight, scales, zeros = self.quantized[dt]
+        codes = ops.unpack(qweight, self.K).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        return packed, self._scales_and_zeros(dtype)
-
-    def _scales_and_zeros(self, dtype):
-        s = self.scales.float()
-        offset = (8 - self.zeros.float()) * s
-        return torch.stack([s.t(), offset.t()], dim=-1).contiguous().to(dtype)  # [K/G, N, 2]
+        offset = (8 - zeros.float()) * scales.float()
+        scales_and_zeros = torch.stack([scales.float().t(), offset.t()], dim=-1)  # [K/G, N, 2]
+        return packed, scales_and_zeros.contiguous().to(DTYPES[dt])
 
 
 def nbytes(obj) -> int:
@@ -126,22 +129,22 @@ def clone(obj):
 
 
 def cpu_variants(W: Weights, dtypes):
-    """name -> (build the weight object, call(x, weight) -> y, activation dtype per run dtype).
+    """name -> (build the weight object, call(x, weight) -> y).
 
-    The dense variants do not depend on the run's dtype: they are measured once per case and their
-    time appears in both the bf16 and the fp32 rows."""
+    The int4 variants are named impl/dtype and run that dtype's rows on that dtype's quantized
+    weight. The dense variants do not depend on the run's dtype: they are measured once per case
+    and their time appears in both the bf16 and the fp32 rows."""
     K, N, G = W.K, W.N, W.G
     v = {
-        "int4kit": (lambda: ops.prepack(W.qweight, W.scales, W.zeros, G, K),
-                    lambda x, p: ops.linear(x, p, N, K, G)),
-        "int4kit_a8": (lambda: ops.prepack(W.qweight, W.scales, W.zeros, G, K),
-                       lambda x, p: ops.linear_w4a8(x, p, N, K, G)),
         "dense_bf16": (lambda: W.w.to(torch.bfloat16), lambda x, w: F.linear(x, w)),
         "dense_fp32": (lambda: W.w.clone(), lambda x, w: F.linear(x, w)),
     }
     for dt in dtypes:
+        v[f"int4kit/{dt}"] = (lambda d=dt: W.prepacked(d), lambda x, p: ops.linear(x, p, N, K, G))
+        v[f"int4kit_a8/{dt}"] = (lambda d=dt: W.prepacked(d),
+                                 lambda x, p: ops.linear_w4a8(x, p, N, K, G))
         v[f"torch_int4/{dt}"] = (
-            (lambda d=DTYPES[dt]: W.torch_int4_cpu(d)),
+            (lambda d=dt: W.torch_int4_cpu(d)),
             lambda x, pw: torch.ops.aten._weight_int4pack_mm_for_cpu(x, pw[0], G, pw[1]))
     return v
 
@@ -156,7 +159,7 @@ def rel_err(y, ref) -> float:
 def verify(dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
            group_size: int = 128, M: int = 8, log=print) -> dict:
     """Compares each implementation once against int4kit.reference.linear on a small shape."""
-    W = Weights(K, N, group_size, seed=1)
+    W = Weights(K, N, group_size, dtypes, seed=1)
     g = torch.Generator().manual_seed(2)
     x64 = torch.randn(M, K, generator=g)
     tol = {"bf16": 3e-2, "fp32": 1e-4}
@@ -164,8 +167,8 @@ def verify(dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
     errs, problems = {}, []
     for dt in dtypes:
         x = x64.to(DTYPES[dt])
-        ref = reference.linear(x, W.qweight, W.scales, W.zeros, group_size)
-        for name in ("int4kit", f"torch_int4/{dt}"):
+        ref = reference.linear(x, *W.quantized[dt], group_size)
+        for name in (f"int4kit/{dt}", f"torch_int4/{dt}"):
             if name not in variants:
                 continue
             build, call = variants[name]
@@ -263,7 +266,7 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
     rows = []
     for mode in modes:
         for K, N in shapes:
-            W = Weights(K, N, group_size)
+            W = Weights(K, N, group_size, dtypes)
             variants = cpu_variants(W, dtypes)
             gen = torch.Generator().manual_seed(3)
             xs = {(M, dt): torch.randn(M, K, generator=gen).to(DTYPES[dt])
@@ -284,11 +287,9 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                 for M in ms:
                     if name.startswith("dense"):
                         runs = [(None, (x32[M] if name == "dense_fp32" else x32[M].bfloat16()))]
-                    elif name.startswith("torch_int4/"):
+                    else:
                         dt = name.split("/")[1]
                         runs = [(dt, xs[(M, dt)])]
-                    else:
-                        runs = [(dt, xs[(M, dt)]) for dt in dtypes]
                     for dt, x in runs:
                         try:
                             with torch.inference_mode():
@@ -308,7 +309,7 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                            "copies": {}}
                     for impl in IMPLS:
                         key = (impl, M, None if impl.startswith("dense") else dt)
-                        vname = f"{impl}/{dt}" if impl == "torch_int4" else impl
+                        vname = impl if impl.startswith("dense") else f"{impl}/{dt}"
                         if key in results:
                             t, reps, tmin = results[key]
                             row["ms"][impl] = t * 1e3
@@ -317,9 +318,9 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                             row["copies"][impl] = copies[vname][0]
                         else:
                             row["ms"][impl] = row["ms_min"][impl] = None
-                    row["weight_bytes"] = W.int4_bytes
+                    row["weight_bytes"] = W.int4_bytes[dt]
                     t4 = row["ms"]["int4kit"]
-                    row["gbps"] = W.int4_bytes / (t4 * 1e-3) / 1e9 if t4 else None
+                    row["gbps"] = W.int4_bytes[dt] / (t4 * 1e-3) / 1e9 if t4 else None
                     if mode == "cold" and read_gbps and row["gbps"]:
                         row["read_bw_fraction"] = row["gbps"] / read_gbps
                     row["speedup"] = {p: (row["ms"][p] / t4 if t4 and row["ms"][p] else None)
@@ -383,8 +384,8 @@ def print_tables(rows, log=print):
                     f"{r['gbps']:.1f} GB/s = {100 * r['read_bw_fraction']:.0f}% of the read "
                     f"bandwidth measured above")
     log("")
-    log("ms: median of single calls. GB/s: int4kit's int4 weight bytes (N*K/2 + fp32 scales and "
-        "zeros) per second.\nvs X: X's ms / int4kit's ms (> 1 means int4kit is faster). "
+    log("ms: median of single calls. GB/s: int4kit's prepacked weight bytes (N*K/2 codes + scales "
+        "and zeros in the row's dtype) per second.\nvs X: X's ms / int4kit's ms (> 1 means int4kit is faster). "
         "F.linear: dense weight and x in that dtype, measured once per (shape, M) and shown in "
         "both dtype rows.\ntorch int4: aten._weight_int4pack_mm_for_cpu on the same int4 codes, "
         "with x and scales/offsets in the row's dtype.\nW4A8: int4kit with x quantized per row to "

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,15 @@ TORCH_LIBRARY(int4kit, m) {
   m.def("linear_w4a8(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
 }
 
+namespace {
+int4kit::DType scale_dtype_named(const std::string& name) {
+  if (name == "float32") return int4kit::DType::F32;
+  if (name == "bfloat16") return int4kit::DType::BF16;
+  if (name == "float16") return int4kit::DType::F16;
+  throw std::invalid_argument("scale_dtype must be float32, bfloat16 or float16, got " + name);
+}
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "int4kit native extension: ops live in torch.ops.int4kit";
   m.def("cpu_isa", [] { return std::string(int4kit::cpu::isa_name(int4kit::cpu::selected_isa())); },
@@ -47,15 +57,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       names.emplace_back(int4kit::cpu::isa_name(isa));
     return names;
   }, "Every CPU path int4kit has, supported by this CPU or not.");
-  m.def("cpu_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size) {
-    return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size}.total_bytes();
-  });
+  // scale_dtype: "float32", "bfloat16" or "float16" (the canonical scales' dtype)
+  m.def("cpu_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size,
+                                  const std::string& scale_dtype) {
+    return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size,
+                                scale_dtype_named(scale_dtype)}.total_bytes();
+  }, "Bytes of the CPU prepacked layout; scale_dtype is float32, bfloat16 or float16.");
   m.def("cuda_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size,
                                    const std::string& scale_dtype) {
-    const int4kit::DType t = scale_dtype == "float32"    ? int4kit::DType::F32
-                             : scale_dtype == "bfloat16" ? int4kit::DType::BF16
-                                                         : int4kit::DType::F16;
-    return int4kit::cuda_layout::Shape{N, K, group_size == -1 ? K : group_size, t}.total_bytes();
+    return int4kit::cuda_layout::Shape{N, K, group_size == -1 ? K : group_size,
+                                       scale_dtype_named(scale_dtype)}.total_bytes();
   }, "Bytes of the CUDA prepacked layout; scale_dtype is float32, bfloat16 or float16.");
   m.def("cuda_built", [] { return bool(INT4KIT_CUDA_BUILT); },
         "Whether this build carries the CUDA kernels (setup.py defines INT4KIT_CUDA_BUILT).");

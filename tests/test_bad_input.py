@@ -211,7 +211,7 @@ def test_dequantize_bad_output_dtype(canon, dtype):
 # ------------------------------------------------------------------------------------------------
 
 def test_unprepack_packed_wrong_size(canon):
-    with pytest.raises(RuntimeError, match=r"packed has \d+ bytes but the CPU layout"):
+    with pytest.raises(RuntimeError, match=r"packed has \d+ bytes, which is no CPU prepacked layout"):
         ops.unprepack(canon["packed"][:-4], N, K, G, torch.float32)
 
 

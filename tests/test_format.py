@@ -323,6 +323,7 @@ def test_prepack_unprepack_round_trip(case, scale_dtype, zeros_kind):
     qweight, scales, zeros = random_canonical(N, K, G, scale_dtype, zeros_kind)
     packed = ops.prepack(qweight, scales, zeros, G, K)
     assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == ops.prepacked_bytes(N, K, G, scale_dtype, "cpu")
     q2, s2, z2 = ops.unprepack(packed, N, K, G, scale_dtype)
     assert q2.dtype == torch.uint8 and s2.dtype == scale_dtype and z2.dtype == scale_dtype
     assert torch.equal(q2, qweight)
@@ -331,6 +332,34 @@ def test_prepack_unprepack_round_trip(case, scale_dtype, zeros_kind):
         assert torch.equal(z2, torch.full_like(scales, R.SYMMETRIC_ZERO))
     else:
         assert torch.equal(z2, zeros)
+
+
+@pytest.mark.parametrize("case", PREPACK_CASES, ids=_quant_id)
+def test_cpu_prepacked_size_holds_the_scale_dtype(case):
+    # docs/FORMAT.md: records of 16 codes words per 8 columns, then 16 scales and 16 zeros in the
+    # scale dtype; a footer of 0 / 16 / 32 bytes so the three sizes always differ
+    N, K, G = case
+    groups = -(-K // (K if G == -1 else G))
+    Gp = -(-(K if G == -1 else G) // 8) * 8
+    blocks = -(-N // 16)
+    sizes = {}
+    for dtype, param_bytes, footer in [(torch.float32, 4, 0), (torch.bfloat16, 2, 16),
+                                       (torch.float16, 2, 32)]:
+        sizes[dtype] = blocks * groups * (Gp * 8 + 32 * param_bytes) + footer
+        assert ops.prepacked_bytes(N, K, G, dtype, "cpu") == sizes[dtype]
+    assert len(set(sizes.values())) == 3
+
+
+@pytest.mark.parametrize("stored,asked", [(torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float32),
+                                          (torch.float32, torch.bfloat16)])
+def test_unprepack_to_another_scale_dtype_converts(stored, asked):
+    # the buffer's own dtype comes from its size; the requested one is a conversion of it
+    N, K, G = 33, 256, 64
+    qweight, scales, zeros = random_canonical(N, K, G, stored, "frac")
+    q2, s2, z2 = ops.unprepack(ops.prepack(qweight, scales, zeros, G, K), N, K, G, asked)
+    assert torch.equal(q2, qweight)
+    assert torch.equal(s2, scales.to(asked)) and torch.equal(z2, zeros.to(asked))
 
 
 def test_prepack_round_trip_of_quantized_weight():

@@ -84,6 +84,16 @@ def test_linear_low_precision_x_with_fp32_scales(cpu_isa, M, dtype):
     check_linear(x, N, K, G, False, True, weight_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("M", [1, 3, 9, 33, 1200])
+def test_linear_fp32_x_with_16_bit_scales(cpu_isa, M, scale_dtype):
+    # a bf16 / fp16 checkpoint run in fp32: the prepacked records keep 16-bit scales and zeros
+    # (GEMV, AMX planes, GEMM, and the library GEMM's dequantized weight from M = 1024)
+    N, K, G = 37, 384, 128
+    x = torch.randn(M, K)
+    check_linear(x, N, K, G, False, True, weight_dtype=scale_dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M", [1, 33])
 def test_linear_model_sized_shape(cpu_isa, M, dtype):

@@ -90,13 +90,13 @@ void prepack(const uint8_t* qweight, const float* scales, const float* zeros,
     for (int64_t g = 0; g < groups; ++g) {
       uint8_t* rec = group_record(packed, s, b, g);
       uint32_t* words = record_codes(rec);
-      float* rs = record_scales(rec, s);
-      float* rz = rs + kBlockN;
+      void* params = record_params(rec, s);
       for (int64_t l = 0; l < kBlockN; ++l) {
         const int64_t n = b * kBlockN + l;
         if (n >= s.N) break;
-        rs[l] = scales[n * groups + g];
-        rz[l] = zeros ? zeros[n * groups + g] : float(kSymmetricZero);
+        store_from_float(params, s.scale_dtype, scale_index(l), scales[n * groups + g]);
+        store_from_float(params, s.scale_dtype, zero_index(l),
+                         zeros ? zeros[n * groups + g] : float(kSymmetricZero));
         for (int64_t i = 0; i < s.group_len(g); ++i) {
           const uint32_t q = canonical_code(qweight + n * row_bytes, g * s.G + i);
           words[(i / kCodesPerWord) * kBlockN + l] |= q << nibble_shift(int(i % kCodesPerWord));
@@ -115,8 +115,8 @@ void unprepack(const uint8_t* packed, const PackedShape& s, uint8_t* qweight, fl
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* rec = group_record(packed, s, b, g);
       const uint32_t* words = record_codes(rec);
-      scales[n * groups + g] = record_scales(rec, s)[l];
-      zeros[n * groups + g] = record_zeros(rec, s)[l];
+      scales[n * groups + g] = record_scale(rec, s, l);
+      zeros[n * groups + g] = record_zero(rec, s, l);
       for (int64_t i = 0; i < s.group_len(g); ++i) {
         const int64_t k = g * s.G + i;
         const uint32_t q = word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);

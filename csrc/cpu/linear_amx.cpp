@@ -44,6 +44,14 @@ namespace {
 
 using Simd = avx512_simd::Simd;
 
+// A group record's 16 scales and 16 zero points as fp32 (the record holds them in s.scale_dtype).
+struct GroupParams {
+  __m512 scale, zero;
+  GroupParams(const uint8_t* rec, const PackedShape& s)
+      : scale(Simd::load_x(record_params(rec, s), s.scale_dtype, scale_index(0))),
+        zero(Simd::load_x(record_params(rec, s), s.scale_dtype, zero_index(0))) {}
+};
+
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
 constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
 // Below these row counts the AVX-512 GEMV is as fast or faster (4096x11008, bench_kernels, one
@@ -148,15 +156,14 @@ struct Bf16Flavour {
   const void* a_tile(int p, int64_t offset) const { return a.x_bf16 + p * plane + offset; }
   // out += s * (16 C - (16 + z) sum x) for the first `rows` rows of a drained fp32 C tile, rows
   // m, m + 1, ... of x (the group's scale and zero terms held in registers across the rows)
-  void drain_tile(const float (&c)[kTileRows][kBlockN], const float* sc, int64_t rows, int64_t m,
-                  int64_t g, int64_t groups, float* o) const {
+  void drain_tile(const float (&c)[kTileRows][kBlockN], const GroupParams& p, int64_t rows,
+                  int64_t m, int64_t g, int64_t groups, float* o) const {
     const __m512 sixteen = _mm512_set1_ps(16.f);
-    const __m512 scale = _mm512_loadu_ps(sc);
-    const __m512 zero16 = _mm512_add_ps(_mm512_loadu_ps(sc + kBlockN), sixteen);
+    const __m512 zero16 = _mm512_add_ps(p.zero, sixteen);
     for (int64_t r = 0; r < rows; ++r, o += kBlockN) {
       const __m512 zx = _mm512_mul_ps(zero16, _mm512_set1_ps(a.xsum[(m + r) * groups + g]));
       const __m512 centred = _mm512_fmsub_ps(sixteen, _mm512_load_ps(c[r]), zx);
-      _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+      _mm512_store_ps(o, _mm512_fmadd_ps(p.scale, centred, _mm512_load_ps(o)));
     }
   }
   void finish_row(int64_t, float*) const {}
@@ -184,15 +191,13 @@ struct Int8Flavour {
   const void* a_tile(int, int64_t offset) const { return a.xq + offset; }
   // out += s * (C - z sum xq) for the first `rows` rows of a drained int32 C tile; the per-row
   // activation scale is applied once per row at the end (finish_row), not per group
-  void drain_tile(const float (&c)[kTileRows][kBlockN], const float* sc, int64_t rows, int64_t m,
-                  int64_t g, int64_t groups, float* o) const {
-    const __m512 scale = _mm512_loadu_ps(sc);
-    const __m512 zero = _mm512_loadu_ps(sc + kBlockN);
+  void drain_tile(const float (&c)[kTileRows][kBlockN], const GroupParams& p, int64_t rows,
+                  int64_t m, int64_t g, int64_t groups, float* o) const {
     const int32_t* xq_sum = a.xq_sum + m * groups + g;
     for (int64_t r = 0; r < rows; ++r, o += kBlockN) {
       const __m512 acc = _mm512_cvtepi32_ps(_mm512_load_si512(c[r]));
-      const __m512 centred = _mm512_fnmadd_ps(zero, _mm512_set1_ps(float(xq_sum[r * groups])), acc);
-      _mm512_store_ps(o, _mm512_fmadd_ps(scale, centred, _mm512_load_ps(o)));
+      const __m512 centred = _mm512_fnmadd_ps(p.zero, _mm512_set1_ps(float(xq_sum[r * groups])), acc);
+      _mm512_store_ps(o, _mm512_fmadd_ps(p.scale, centred, _mm512_load_ps(o)));
     }
   }
   void finish_row(int64_t m, float* o) const {
@@ -353,8 +358,7 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
           }
           // C tile (i, j) -> rows 16i.. of row block j's fp32 accumulators
           drain_c_tiles(c, pair, two_a, [&](int i, int j) {
-            const float* sc = reinterpret_cast<const float*>((j ? rec1 : rec0) + words * kBlockN * 4);
-            f.drain_tile(c, sc, std::min(kTileRows, rows - i * kTileRows), m0 + i * kTileRows, g,
+            f.drain_tile(c, GroupParams(j ? rec1 : rec0, s), std::min(kTileRows, rows - i * kTileRows), m0 + i * kTileRows, g,
                          groups, out[j] + i * kTileRows * kBlockN);
           });
         }
@@ -391,9 +395,9 @@ void build_dequantized_b_tiles(const uint8_t* block, const PackedShape& s, int64
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* rec = block + g * record_bytes;
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const float* sc = reinterpret_cast<const float*>(rec + words * kBlockN * 4);
-    const __m512 scale = _mm512_loadu_ps(sc);
-    const __m512 zs = _mm512_mul_ps(_mm512_loadu_ps(sc + kBlockN), scale);  // (q - z) s = q s - z s
+    const GroupParams params(rec, s);
+    const __m512 scale = params.scale;
+    const __m512 zs = _mm512_mul_ps(params.zero, scale);  // (q - z) s = q s - z s
     for (int64_t w = 0; w < words; ++w, row += 4 * kBlockN) {
       __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
       const __m512i v = Simd::load_words(codes + w * kBlockN);

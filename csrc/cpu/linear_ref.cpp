@@ -28,7 +28,7 @@ void reference_linear(int64_t M, const uint8_t* packed, const PackedShape& s, co
           auto code = [&](int64_t i) {
             return word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
           };
-          out += group_term(m, g, code, record_scales(rec, s)[l], record_zeros(rec, s)[l]);
+          out += group_term(m, g, code, record_scale(rec, s, l), record_zero(rec, s, l));
         }
         store_from_float(y, dtype, m * ldy + n, bias ? out + bias[n] : out);
       }
@@ -97,7 +97,7 @@ void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt
       const uint8_t* rec = group_record(packed, s, b, g);
       const uint32_t* words = record_codes(rec);
       for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
-        const float scale = record_scales(rec, s)[l], zero = record_zeros(rec, s)[l];
+        const float scale = record_scale(rec, s, l), zero = record_zero(rec, s, l);
         for (int64_t i = 0; i < s.group_len(g); ++i) {
           const float q = float(word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord));
           store_from_float(wt, dtype, (g * s.G + i) * ldw + b * kBlockN + l, (q - zero) * scale);

@@ -58,12 +58,19 @@ inline void prefetch_ahead(const uint32_t* word) {
 
 // Loop-invariant sizes of one problem, computed once (PackedShape recomputes them by division).
 struct Geometry {
-  int64_t Kp, Gp, groups, words, record_bytes, block_bytes;
+  int64_t Kp, Gp, groups, words, record_bytes, block_bytes, params_offset;
+  DType scale_dtype;
   explicit Geometry(const PackedShape& s)
       : Kp(s.padded_k()), Gp(s.padded_group()), groups(s.groups()), words(s.words_per_group()),
-        record_bytes(s.group_record_bytes()), block_bytes(s.row_block_bytes()) {}
-  const float* scales(const uint8_t* rec) const {
-    return reinterpret_cast<const float*>(rec + words * kBlockN * 4);
+        record_bytes(s.group_record_bytes()), block_bytes(s.row_block_bytes()),
+        params_offset(s.params_offset()), scale_dtype(s.scale_dtype) {}
+  // kLanes scales / zero points of a record, from lane `lane`, as fp32
+  typename Simd::V scales(const uint8_t* rec, int64_t lane) const { return param(rec, scale_index(lane)); }
+  typename Simd::V zeros(const uint8_t* rec, int64_t lane) const { return param(rec, zero_index(lane)); }
+
+ private:
+  typename Simd::V param(const uint8_t* rec, int64_t index) const {
+    return Simd::load_x(rec + params_offset, scale_dtype, index);
   }
 };
 
@@ -141,22 +148,25 @@ void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Ge
         });
       }
     }
-    const float* sc = geo.scales(rec);
-    const float* zr = sc + kBlockN;
+    typename S::V scale[kVecs], zero[kVecs];
+    for (int64_t h = 0; h < kVecs; ++h) {
+      scale[h] = geo.scales(rec, h * S::kLanes);
+      zero[h] = geo.zeros(rec, h * S::kLanes);
+    }
     for (int r = 0; r < R; ++r) {
       const typename S::V xs = S::broadcast(a.xsum + (m0 + r) * geo.groups + g);
       for (int64_t h = 0; h < kVecs; ++h) {
         typename S::V sum = acc[r][0][h];
         for (int c = 1; c < kSplit; ++c) sum = S::add(sum, acc[r][c][h]);
-        const int64_t o = h * S::kLanes;
         typename S::V centred;  // sum x q - z sum x
         if constexpr (kColumns != Columns::kFloats) {  // = 16 acc - (16 + z) sum x
           const typename S::V sixteen = S::broadcast_value(16.f);
-          centred = S::fmsub(sixteen, sum, S::mul(S::add(S::loadu(zr + o), sixteen), xs));
+          centred = S::fmsub(sixteen, sum, S::mul(S::add(zero[h], sixteen), xs));
         } else {
-          centred = S::fnmadd(S::loadu(zr + o), xs, sum);
+          centred = S::fnmadd(zero[h], xs, sum);
         }
-        S::store(out[r] + o, S::fmadd(S::loadu(sc + o), centred, S::load(out[r] + o)));
+        float* o = out[r] + h * S::kLanes;
+        S::store(o, S::fmadd(scale[h], centred, S::load(o)));
       }
     }
   }
@@ -183,11 +193,10 @@ void dequantize_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int6
   const uint8_t* rec = packed + b * geo.block_bytes + g0 * geo.record_bytes;
   for (int64_t g = g0; g < g1; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const float* sc = geo.scales(rec);
     typename Simd::V s[kVecs], zs[kVecs];
     for (int64_t h = 0; h < kVecs; ++h) {  // (q - z) * s = q * s - z * s: one FMA per code
-      s[h] = Simd::loadu(sc + h * Simd::kLanes);
-      zs[h] = Simd::mul(Simd::loadu(sc + kBlockN + h * Simd::kLanes), s[h]);
+      s[h] = geo.scales(rec, h * Simd::kLanes);
+      zs[h] = Simd::mul(geo.zeros(rec, h * Simd::kLanes), s[h]);
     }
     float* dst = tile + (g - g0) * geo.Gp * kBlockN;
     for (int64_t w = 0; w < geo.words; ++w) {
@@ -336,22 +345,23 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
           for (int p = 0; p < P; ++p)
             for (int64_t h = 0; h < kVecs; ++h) acc[r][p][0][h] = S::widen_pairs(acc[r][p][0][h], pairs[r][p][h]);
     }
-    const float* sc = geo.scales(rec);
-    const float* zr = sc + kBlockN;
+    typename Simd::V scale[kVecs], zero[kVecs];
+    for (int64_t h = 0; h < kVecs; ++h) {
+      scale[h] = geo.scales(rec, h * Simd::kLanes);
+      zero[h] = geo.zeros(rec, h * Simd::kLanes);
+    }
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
       const typename Simd::V x_scale = Simd::broadcast(a.scale + (Grid::kGroupScales ? m * geo.groups + g : m));
       for (int64_t h = 0; h < kVecs; ++h) {
-        const int64_t o = h * Simd::kLanes;
-        const typename Simd::V z = Simd::loadu(zr + o);
         typename Simd::V centred = Simd::zero();  // sum xq q - z sum xq, over the planes
         for (int p = 0; p < P; ++p) {
           const typename Simd::V xs = Simd::broadcast_value(float(plane_sums[p][m * geo.groups + g]));
-          const typename Simd::V plane = Simd::fnmadd(z, xs, Simd::to_float(Simd::add_i(acc[r][p][0][h], acc[r][p][1][h])));
+          const typename Simd::V plane = Simd::fnmadd(zero[h], xs, Simd::to_float(Simd::add_i(acc[r][p][0][h], acc[r][p][1][h])));
           centred = p == 0 ? plane : Simd::fmadd(centred, Simd::broadcast_value(256.f), plane);
         }
-        const typename Simd::V scale = Simd::mul(Simd::loadu(sc + o), x_scale);
-        Simd::store(out[r] + o, Simd::fmadd(scale, centred, Simd::load(out[r] + o)));
+        float* o = out[r] + h * Simd::kLanes;
+        Simd::store(o, Simd::fmadd(Simd::mul(scale[h], x_scale), centred, Simd::load(o)));
       }
     }
   }

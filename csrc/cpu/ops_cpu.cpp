@@ -113,7 +113,7 @@ at::Tensor prepack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& zeros, int64_t group_size, int64_t K) {
   const int64_t G = effective_group_size(group_size, K);
   const int64_t N = check_canonical(qweight, scales, zeros, K, G);
-  const PackedShape shape{N, K, G};
+  const PackedShape shape{N, K, G, to_kernel_dtype(scales.scalar_type())};
   const at::Tensor q = qweight.contiguous();
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const c10::optional<at::Tensor> z =
@@ -124,21 +124,30 @@ at::Tensor prepack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
   return packed;
 }
 
-void check_packed(const at::Tensor& packed, const PackedShape& shape) {
+// The layout of a CPU prepacked buffer: its scale dtype follows from its size (the footer in
+// format.h).
+PackedShape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size) {
   check_dtype(packed, at::kByte, "packed");
   check_dim(packed, 1, "packed");
-  TORCH_CHECK(packed.numel() == shape.total_bytes(), "int4kit: packed has ", packed.numel(),
-              " bytes but the CPU layout of N = ", shape.N, ", K = ", shape.K, ", group size ",
-              shape.G, " takes ", shape.total_bytes(), "; was it made by int4kit.prepack with "
-              "these sizes?");
+  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
+  const int64_t G = effective_group_size(group_size, K);
+  for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
+    const PackedShape shape{N, K, G, t};
+    if (shape.total_bytes() == packed.numel()) return shape;
+  }
+  TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no CPU prepacked "
+              "layout of N = ", N, ", K = ", K, ", group_size = ", group_size, " (expected ",
+              PackedShape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
+              PackedShape{N, K, G, DType::BF16}.total_bytes(), " / ",
+              PackedShape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); was it "
+              "made by int4kit.prepack on the CPU with the same N, K and group_size?");
+  return {};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& packed, int64_t N,
                                                              int64_t K, int64_t group_size,
                                                              at::ScalarType scale_dtype) {
-  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
-  const PackedShape shape{N, K, effective_group_size(group_size, K)};
-  check_packed(packed, shape);
+  const PackedShape shape = packed_shape(packed, N, K, group_size);
   TORCH_CHECK(is_compute_dtype(scale_dtype), "int4kit: scale_dtype must be float32, bfloat16 or "
               "float16, got ", scale_dtype);
   const at::Tensor p = packed.contiguous();
@@ -244,11 +253,9 @@ template <typename Kind>
 at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
                       int64_t group_size, const c10::optional<at::Tensor>& bias) {
   check_compute_dtype(x, "x");
-  TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
-  const PackedShape shape{N, K, effective_group_size(group_size, K)};
+  const PackedShape shape = packed_shape(packed, N, K, group_size);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int4kit: x must have K = ", K,
               " features in its last dimension, got shape ", x.sizes());
-  check_packed(packed, shape);
   check_device(x, packed, "x");
   at::Tensor bias_f;
   if (bias) {

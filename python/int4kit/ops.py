@@ -35,9 +35,10 @@ def cuda_built() -> bool:
 def prepacked_bytes(N: int, K: int, group_size: int, scale_dtype: torch.dtype,
                     device: torch.device) -> int:
     """Size of the prepacked layout `prepack` makes for `device` (CPU or CUDA)."""
+    name = str(scale_dtype).removeprefix("torch.")
     if torch.device(device).type == "cuda":
-        return _C.cuda_prepacked_bytes(N, K, group_size, str(scale_dtype).removeprefix("torch."))
-    return _C.cpu_prepacked_bytes(N, K, group_size)
+        return _C.cuda_prepacked_bytes(N, K, group_size, name)
+    return _C.cpu_prepacked_bytes(N, K, group_size, name)
 
 
 def effective_group_size(group_size: int, K: int) -> int:

@@ -228,18 +228,36 @@ struct Weight {
   float zero(int64_t i) const { return zeros.empty() ? 8.f : zeros[i]; }
 };
 
-Weight make_weight(const Layout& c, bool symmetric, std::mt19937& rng) {
+// Scales and (fractional) zero points are values of scale_dtype, as canonical ones are.
+Weight make_weight(const Layout& c, bool symmetric, std::mt19937& rng,
+                   DType scale_dtype = DType::F32) {
   const int64_t groups = groups_of(c.K, c.G);
   Weight w;
-  w.shape = PackedShape{c.N, c.K, c.G};
+  w.shape = PackedShape{c.N, c.K, c.G, scale_dtype};
   w.codes = random_codes(c.N * c.K, rng);
-  w.scales = random_floats(c.N * groups, 0.01f, 0.1f, rng);
-  if (!symmetric) w.zeros = random_floats(c.N * groups, 0.f, 15.f, rng);
+  auto in_scale_dtype = [&](std::vector<float> v) {
+    for (float& f : v) {
+      uint32_t bits = 0;
+      store_from_float(&bits, scale_dtype, 0, f);
+      f = load_as_float(&bits, scale_dtype, 0);
+    }
+    return v;
+  };
+  w.scales = in_scale_dtype(random_floats(c.N * groups, 0.01f, 0.1f, rng));
+  if (!symmetric) w.zeros = in_scale_dtype(random_floats(c.N * groups, 0.f, 15.f, rng));
   w.packed.assign(size_t(w.shape.total_bytes()), 0xAA);
   const std::vector<uint8_t> qweight = reference_pack(w.codes, c.N, c.K);
   cpu::prepack(qweight.data(), w.scales.data(), symmetric ? nullptr : w.zeros.data(), w.shape,
                w.packed.data());
   return w;
+}
+
+// Both symmetries with every scale dtype of the records.
+std::vector<std::pair<bool, DType>> symmetry_and_scale_dtypes() {
+  std::vector<std::pair<bool, DType>> cases;
+  for (bool symmetric : {false, true})
+    for (DType t : {DType::F32, DType::BF16, DType::F16}) cases.emplace_back(symmetric, t);
+  return cases;
 }
 
 class Prepack : public ::testing::TestWithParam<Layout> {};
@@ -248,9 +266,9 @@ TEST_P(Prepack, UnprepackRoundTripIsBitExact) {
   const Layout c = GetParam();
   const int64_t groups = groups_of(c.K, c.G);
   std::mt19937 rng(4);
-  for (bool symmetric : {true, false}) {
-    SCOPED_TRACE(symmetric ? "symmetric" : "asymmetric");
-    const Weight w = make_weight(c, symmetric, rng);
+  for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
+    SCOPED_TRACE(std::string(symmetric ? "symmetric " : "asymmetric ") + dtype_name(scale_dtype));
+    const Weight w = make_weight(c, symmetric, rng, scale_dtype);
     std::vector<uint8_t> qweight(size_t(c.N * ((c.K + 1) / 2)), 0xAA);
     std::vector<float> scales(size_t(c.N * groups), kNaN), zeros(scales.size(), kNaN);
     cpu::unprepack(w.packed.data(), w.shape, qweight.data(), scales.data(), zeros.data());
@@ -262,33 +280,38 @@ TEST_P(Prepack, UnprepackRoundTripIsBitExact) {
 
 // Reads the prepacked buffer byte by byte as format.h describes it: per row block of 16 rows, per
 // group, Gp/8 words x 16 lanes of codes (word w holds columns 8w .. 8w + 7 of the group, column i
-// at bit nibble_shift(i)), then 16 scales and 16 zero points; padding rows and columns hold code 0.
+// at bit nibble_shift(i)), then 16 scales and 16 zero points in the scale dtype; padding rows and
+// columns hold code 0; a footer of 0, 16 or 32 zero bytes (fp32, bf16, fp16 scales).
 TEST_P(Prepack, MatchesDocumentedLayout) {
   const Layout c = GetParam();
   const int64_t groups = groups_of(c.K, c.G), Gp = (c.G + 7) / 8 * 8, blocks = (c.N + 15) / 16;
-  const int64_t code_bytes = Gp / 8 * 16 * 4, record_bytes = code_bytes + 2 * 16 * 4;
+  const int64_t code_bytes = Gp / 8 * 16 * 4;
   std::mt19937 rng(5);
-  const Weight w = make_weight(c, /*symmetric=*/false, rng);
-  ASSERT_EQ(int64_t(w.packed.size()), blocks * groups * record_bytes);
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* rec = w.packed.data() + (b * groups + g) * record_bytes;
-      for (int64_t l = 0; l < 16; ++l) {
-        const int64_t n = 16 * b + l;
-        for (int64_t col = 0; col < Gp; ++col) {
-          uint32_t word;
-          std::memcpy(&word, rec + ((col / 8) * 16 + l) * 4, 4);
-          const int64_t k = g * c.G + col;
-          const bool real = n < c.N && col < c.G && k < c.K;
-          ASSERT_EQ((word >> nibble_shift(int(col % 8))) & 0xF, real ? w.codes[n * c.K + k] : 0u)
-              << "block " << b << " group " << g << " lane " << l << " column " << col;
+  for (const auto& [scale_dtype, scale_bytes, footer] :
+       {std::tuple{DType::F32, 4, 0}, std::tuple{DType::BF16, 2, 16}, std::tuple{DType::F16, 2, 32}}) {
+    SCOPED_TRACE(dtype_name(scale_dtype));
+    const int64_t record_bytes = code_bytes + 2 * 16 * scale_bytes;
+    const Weight w = make_weight(c, /*symmetric=*/false, rng, scale_dtype);
+    ASSERT_EQ(int64_t(w.packed.size()), blocks * groups * record_bytes + footer);
+    for (int64_t i = blocks * groups * record_bytes; i < int64_t(w.packed.size()); ++i)
+      ASSERT_EQ(w.packed[i], 0) << "footer byte " << i;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* rec = w.packed.data() + (b * groups + g) * record_bytes;
+        for (int64_t l = 0; l < 16; ++l) {
+          const int64_t n = 16 * b + l;
+          for (int64_t col = 0; col < Gp; ++col) {
+            uint32_t word;
+            std::memcpy(&word, rec + ((col / 8) * 16 + l) * 4, 4);
+            const int64_t k = g * c.G + col;
+            const bool real = n < c.N && col < c.G && k < c.K;
+            ASSERT_EQ((word >> nibble_shift(int(col % 8))) & 0xF, real ? w.codes[n * c.K + k] : 0u)
+                << "block " << b << " group " << g << " lane " << l << " column " << col;
+          }
+          if (n >= c.N) continue;
+          EXPECT_EQ(load_as_float(rec + code_bytes, scale_dtype, l), w.scales[n * groups + g]);
+          EXPECT_EQ(load_as_float(rec + code_bytes, scale_dtype, 16 + l), w.zeros[n * groups + g]);
         }
-        if (n >= c.N) continue;
-        float scale, zero;
-        std::memcpy(&scale, rec + code_bytes + l * 4, 4);
-        std::memcpy(&zero, rec + code_bytes + (16 + l) * 4, 4);
-        EXPECT_EQ(scale, w.scales[n * groups + g]);
-        EXPECT_EQ(zero, w.zeros[n * groups + g]);
       }
     }
   }
@@ -388,8 +411,8 @@ TEST_P(FusedLinear, MatchesDequantizedMatmul) {
   std::mt19937 rng(6);
   const int64_t ldx = c.K + 3, ldy = c.N + 5;  // strided rows: gaps are neither read nor written
   const int64_t blocks = (c.N + 15) / 16;
-  for (bool symmetric : {false, true}) {
-    const Weight w = make_weight(c, symmetric, rng);
+  for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
+    const Weight w = make_weight(c, symmetric, rng, scale_dtype);
     const std::vector<float> bias_values = random_floats(c.N, -1.f, 1.f, rng);
     for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 200}) {
       for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
@@ -399,8 +422,9 @@ TEST_P(FusedLinear, MatchesDequantizedMatmul) {
           for (int64_t k = 0; k < c.K; ++k) x.set(m, k, xv[m * c.K + k]);
         const std::vector<double> ref = reference_linear(w, x, M);
         for (bool with_bias : {false, true}) {
-          SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " M=" +
-                       std::to_string(M) + " " + dtype_name(dtype) + (with_bias ? " bias" : ""));
+          SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " scales " +
+                       dtype_name(scale_dtype) + " M=" + std::to_string(M) + " " +
+                       dtype_name(dtype) + (with_bias ? " bias" : ""));
           const float* bias = with_bias ? bias_values.data() : nullptr;
           const Matrix y = run_linear(isa, w, x, M, bias, ldy, blocks);
           const Matrix y_split = run_linear(isa, w, x, M, bias, ldy, blocks / 2);
@@ -512,10 +536,11 @@ TEST_P(FusedLinear, DequantizeTransposedMatchesTheCanonicalFormula) {
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
   std::mt19937 rng(12);
   const int64_t groups = groups_of(c.K, c.G), ldw = c.N + 7;
-  for (bool symmetric : {false, true}) {
-    const Weight w = make_weight(c, symmetric, rng);
+  for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
+    const Weight w = make_weight(c, symmetric, rng, scale_dtype);
     for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
-      SCOPED_TRACE(std::string(symmetric ? "symmetric " : "asymmetric ") + dtype_name(dtype));
+      SCOPED_TRACE(std::string(symmetric ? "symmetric " : "asymmetric ") + "scales " +
+                   dtype_name(scale_dtype) + " " + dtype_name(dtype));
       Matrix wt(dtype, c.K + 1, ldw, kNaN);
       const int64_t split = w.shape.row_blocks() / 2;
       cpu::dequantize_transposed(isa, w.packed.data(), w.shape, wt.bytes.data(), ldw, dtype, 0, split);
@@ -572,10 +597,11 @@ TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
   std::mt19937 rng(8);
   const int64_t ldy = c.N + 3;
-  for (bool symmetric : {false, true}) {
-    const Weight w = make_weight(c, symmetric, rng);
+  for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
+    const Weight w = make_weight(c, symmetric, rng, scale_dtype);
     for (int64_t M : {1, 3, 4, 5, 9, 33}) {
-      SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " M=" + std::to_string(M));
+      SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " scales " +
+                   dtype_name(scale_dtype) + " M=" + std::to_string(M));
       Matrix x(DType::F32, M, c.K, 0.f);
       const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
       for (int64_t i = 0; i < M * c.K; ++i) x.set(i / c.K, i % c.K, xv[i]);

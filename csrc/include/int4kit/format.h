@@ -31,72 +31,8 @@ inline uint8_t canonical_code(const uint8_t* qweight_row, int64_t k) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU prepacked layout (what Int4Linear keeps in memory on CPU; never saved).
-//
-// Rows are taken in blocks of kBlockN = 16 output channels (N padded up to a multiple of 16 with
-// all-zero rows). Every group is padded up to Gp = round_up(G, 8) columns with code 0, so each
-// group starts on a whole 32-bit word and the kernels never split a word between two groups; the
-// activations are laid out with the same padding (zeros), see prepare_activations().
-//
-// The buffer is one stream per row block: for block b, for group g, a "group record" of
-//   Gp/8 words x 16 lanes of uint32   codes: lane l is row 16b+l; word w holds the 8 columns
-//                                     k = g*G + 8w + i, i = 0..7, column i at bit nibble_shift(i)
-//   16 x float32                      scales of the 16 rows for group g
-//   16 x float32                      zero points of the 16 rows for group g (8 when symmetric)
-// so a SIMD load of 16 consecutive words gives 8 columns of 16 rows, and each group's scale and
-// zero point sit right after their codes in the same sequential stream.
-// ---------------------------------------------------------------------------------------------
-constexpr int64_t kBlockN = 16;
-constexpr int64_t kCodesPerWord = 8;
-
-// Column i of a word sits at bits nibble_shift(i)..+3: even columns in the low half-word, odd
-// columns in the high half-word (i = 0..7 -> 0, 16, 4, 20, 8, 24, 12, 28). One shift then lines up
-// a column pair (2p, 2p+1) in the two 16-bit halves of every lane, the shape that pairwise
-// 16-bit dot products (vdpbf16ps, vpmaddwd) consume.
-constexpr int nibble_shift(int i) { return 4 * (i / 2) + 16 * (i % 2); }
-inline uint32_t word_code(uint32_t word, int64_t i) { return (word >> nibble_shift(int(i))) & 0xF; }
-
-struct PackedShape {
-  int64_t N = 0, K = 0, G = 0;  // G is the effective group size (K for per channel)
-  int64_t groups() const { return num_groups(K, G); }
-  int64_t padded_group() const { return round_up(G, kCodesPerWord); }
-  int64_t padded_k() const { return groups() * padded_group(); }
-  int64_t row_blocks() const { return ceil_div(N, kBlockN); }
-  int64_t words_per_group() const { return padded_group() / kCodesPerWord; }
-  // bytes of one group record: codes, then 16 scales, then 16 zero points
-  int64_t group_record_bytes() const {
-    return words_per_group() * kBlockN * 4 + 2 * kBlockN * 4;
-  }
-  int64_t row_block_bytes() const { return groups() * group_record_bytes(); }
-  int64_t total_bytes() const { return row_blocks() * row_block_bytes(); }
-  // length of group g in real (unpadded) columns; the last group may be shorter than G
-  int64_t group_len(int64_t g) const { return (g + 1) * G <= K ? G : K - g * G; }
-};
-
-inline const uint8_t* group_record(const uint8_t* packed, const PackedShape& s, int64_t block,
-                                   int64_t g) {
-  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
-}
-inline uint8_t* group_record(uint8_t* packed, const PackedShape& s, int64_t block, int64_t g) {
-  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
-}
-inline const uint32_t* record_codes(const uint8_t* rec) {
-  return reinterpret_cast<const uint32_t*>(rec);
-}
-inline const float* record_scales(const uint8_t* rec, const PackedShape& s) {
-  return reinterpret_cast<const float*>(rec + s.words_per_group() * kBlockN * 4);
-}
-inline const float* record_zeros(const uint8_t* rec, const PackedShape& s) {
-  return record_scales(rec, s) + kBlockN;
-}
-inline uint32_t* record_codes(uint8_t* rec) { return reinterpret_cast<uint32_t*>(rec); }
-inline float* record_scales(uint8_t* rec, const PackedShape& s) {
-  return reinterpret_cast<float*>(rec + s.words_per_group() * kBlockN * 4);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Activation dtypes the kernels read and write, and scalar conversions shared by every path
-// (round-to-nearest-even, as torch does).
+// Dtypes the kernels read and write (activations, outputs, the prepacked records' scales and zero
+// points), and scalar conversions shared by every path (round-to-nearest-even, as torch does).
 // ---------------------------------------------------------------------------------------------
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -160,6 +96,84 @@ inline void store_from_float(void* p, DType t, int64_t i, float v) {
     case DType::BF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
     default: static_cast<uint16_t*>(p)[i] = float_to_f16(v); break;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU prepacked layout (what Int4Linear keeps in memory on CPU; never saved).
+//
+// Rows are taken in blocks of kBlockN = 16 output channels (N padded up to a multiple of 16 with
+// all-zero rows). Every group is padded up to Gp = round_up(G, 8) columns with code 0, so each
+// group starts on a whole 32-bit word and the kernels never split a word between two groups; the
+// activations are laid out with the same padding (zeros), see prepare_activations().
+//
+// The buffer is one stream per row block: for block b, for group g, a "group record" of
+//   Gp/8 words x 16 lanes of uint32   codes: lane l is row 16b+l; word w holds the 8 columns
+//                                     k = g*G + 8w + i, i = 0..7, column i at bit nibble_shift(i)
+//   16 x scale dtype                  scales of the 16 rows for group g
+//   16 x scale dtype                  zero points of the 16 rows for group g (8 when symmetric)
+// so a SIMD load of 16 consecutive words gives 8 columns of 16 rows, and each group's scale and
+// zero point sit right after their codes in the same sequential stream. The scale dtype is the
+// canonical one (fp32, bf16 or fp16), so records hold the canonical values bit for bit; 16-bit
+// ones make an M = 1 stream 5.6% shorter at G = 128. After the last block, a footer of
+// 16 * int(scale dtype) zero bytes (0, 16, 32) makes the three sizes differ for any N, K, G with
+// at least one row, so the op glue tells the scale dtype from a buffer's size.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kBlockN = 16;
+constexpr int64_t kCodesPerWord = 8;
+
+// Column i of a word sits at bits nibble_shift(i)..+3: even columns in the low half-word, odd
+// columns in the high half-word (i = 0..7 -> 0, 16, 4, 20, 8, 24, 12, 28). One shift then lines up
+// a column pair (2p, 2p+1) in the two 16-bit halves of every lane, the shape that pairwise
+// 16-bit dot products (vdpbf16ps, vpmaddwd) consume.
+constexpr int nibble_shift(int i) { return 4 * (i / 2) + 16 * (i % 2); }
+inline uint32_t word_code(uint32_t word, int64_t i) { return (word >> nibble_shift(int(i))) & 0xF; }
+
+struct PackedShape {
+  int64_t N = 0, K = 0, G = 0;  // G is the effective group size (K for per channel)
+  DType scale_dtype = DType::F32;  // of the records' scales and zero points
+  int64_t groups() const { return num_groups(K, G); }
+  int64_t padded_group() const { return round_up(G, kCodesPerWord); }
+  int64_t padded_k() const { return groups() * padded_group(); }
+  int64_t row_blocks() const { return ceil_div(N, kBlockN); }
+  int64_t words_per_group() const { return padded_group() / kCodesPerWord; }
+  int64_t scale_bytes() const { return scale_dtype == DType::F32 ? 4 : 2; }
+  // offset of the scales in a group record: they follow the codes
+  int64_t params_offset() const { return words_per_group() * kBlockN * 4; }
+  // bytes of one group record: codes, then 16 scales, then 16 zero points (a multiple of 64)
+  int64_t group_record_bytes() const {
+    return params_offset() + 2 * kBlockN * scale_bytes();
+  }
+  int64_t row_block_bytes() const { return groups() * group_record_bytes(); }
+  int64_t footer_bytes() const { return 16 * int64_t(scale_dtype); }
+  int64_t total_bytes() const { return row_blocks() * row_block_bytes() + footer_bytes(); }
+  // length of group g in real (unpadded) columns; the last group may be shorter than G
+  int64_t group_len(int64_t g) const { return (g + 1) * G <= K ? G : K - g * G; }
+};
+
+inline const uint8_t* group_record(const uint8_t* packed, const PackedShape& s, int64_t block,
+                                   int64_t g) {
+  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
+}
+inline uint8_t* group_record(uint8_t* packed, const PackedShape& s, int64_t block, int64_t g) {
+  return packed + block * s.row_block_bytes() + g * s.group_record_bytes();
+}
+inline const uint32_t* record_codes(const uint8_t* rec) {
+  return reinterpret_cast<const uint32_t*>(rec);
+}
+inline uint32_t* record_codes(uint8_t* rec) { return reinterpret_cast<uint32_t*>(rec); }
+// The record's 16 scales, then its 16 zero points, in s.scale_dtype.
+inline const void* record_params(const uint8_t* rec, const PackedShape& s) {
+  return rec + s.params_offset();
+}
+inline void* record_params(uint8_t* rec, const PackedShape& s) { return rec + s.params_offset(); }
+// Indices into record_params: lane l's scale and zero point.
+constexpr int64_t scale_index(int64_t lane) { return lane; }
+constexpr int64_t zero_index(int64_t lane) { return kBlockN + lane; }
+inline float record_scale(const uint8_t* rec, const PackedShape& s, int64_t lane) {
+  return load_as_float(record_params(rec, s), s.scale_dtype, scale_index(lane));
+}
+inline float record_zero(const uint8_t* rec, const PackedShape& s, int64_t lane) {
+  return load_as_float(record_params(rec, s), s.scale_dtype, zero_index(lane));
 }
 
 }  // namespace int4kit

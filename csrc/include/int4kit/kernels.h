@@ -35,7 +35,8 @@ void dequantize(const uint8_t* qweight, const float* scales, const float* zeros,
                 int64_t K, int64_t G, float* out);
 
 // ---- CPU prepacked layout (format.h) ----------------------------------------------------------
-// scales/zeros are fp32 [N, groups]; zeros == nullptr means symmetric.
+// scales/zeros are fp32 [N, groups], stored in shape.scale_dtype (rounded to it: exact for values
+// that came from that dtype); zeros == nullptr means symmetric.
 void prepack(const uint8_t* qweight, const float* scales, const float* zeros,
              const PackedShape& shape, uint8_t* packed);
 // Inverse of prepack: qweight [N, ceil(K/2)], scales and zeros fp32 [N, groups].
