@@ -2,7 +2,8 @@
 // canonical pack/unpack, the CPU prepack, and the fused linear on every ISA in cpu::kAllIsas that
 // this CPU supports, at model shapes. bytes_per_second counts weight bytes (the int4 weight, or for
 // the linear the whole prepacked stream with its scales and zero points); items_per_second counts
-// codes, or multiply-adds for the linear.
+// codes, or multiply-adds for the linear. The linear's records hold scales and zero points in the
+// activations' dtype, as a model in that dtype has them (bf16 x: 16-bit records, docs/FORMAT.md).
 //
 //   build/cmake/bench_kernels [--benchmark_filter=linear/avx2]
 #include <benchmark/benchmark.h>
@@ -53,16 +54,19 @@ const CanonicalWeight& canonical_weight(int64_t N, int64_t K) {
   return cache.emplace(std::pair{N, K}, std::move(w)).first->second;
 }
 
-const std::vector<uint8_t>& packed_weight(int64_t N, int64_t K) {
-  static std::map<std::pair<int64_t, int64_t>, std::vector<uint8_t>> cache;
-  auto it = cache.find({N, K});
+const std::vector<uint8_t>& packed_weight(const PackedShape& shape) {
+  static std::map<std::tuple<int64_t, int64_t, DType>, std::vector<uint8_t>> cache;
+  const std::tuple key{shape.N, shape.K, shape.scale_dtype};
+  auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  const CanonicalWeight& w = canonical_weight(N, K);
-  const PackedShape shape{N, K, kGroup};
+  const CanonicalWeight& w = canonical_weight(shape.N, shape.K);
   std::vector<uint8_t> packed(size_t(shape.total_bytes()));
   cpu::prepack(w.qweight.data(), w.scales.data(), w.zeros.data(), shape, packed.data());
-  return cache.emplace(std::pair{N, K}, std::move(packed)).first->second;
+  return cache.emplace(key, std::move(packed)).first->second;
 }
+
+// The prepacked layout a model with activations in dtype has: records in that dtype.
+PackedShape linear_shape(DType dtype, int64_t N, int64_t K) { return {N, K, kGroup, dtype}; }
 
 void BM_pack(benchmark::State& state, int64_t N, int64_t K) {
   const std::vector<uint8_t> codes = random_codes(N * K);
@@ -110,8 +114,8 @@ std::vector<float> random_x(DType dtype, int64_t M, int64_t K) {
 
 // One op as the glue runs it, on one thread: prepare the activations, then every row block.
 void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
-  const PackedShape shape{N, K, kGroup};
-  const std::vector<uint8_t>& packed = packed_weight(N, K);
+  const PackedShape shape = linear_shape(dtype, N, K);
+  const std::vector<uint8_t>& packed = packed_weight(shape);
   const std::vector<float> x = random_x(dtype, M, K);
   const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, shape, M, dtype);
   std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4));
@@ -130,8 +134,8 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
 
 // W4A8 the same way: quantize x per row to int8, then every row block.
 void BM_linear_a8(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
-  const PackedShape shape{N, K, kGroup};
-  const std::vector<uint8_t>& packed = packed_weight(N, K);
+  const PackedShape shape = linear_shape(dtype, N, K);
+  const std::vector<uint8_t>& packed = packed_weight(shape);
   const std::vector<float> x = random_x(dtype, M, K);
   const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(shape, M);
   std::vector<int8_t> xq(size_t(sizes.codes));
