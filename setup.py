@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 CXX_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 INCLUDE_DIRS = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
 
-AVX512_FLAGS = ["-mgfni", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mfma", "-mf16c"]
 # One static library per instruction set: (name, sources, ISA flags). Static libraries are linked
 # in this order, so each must come before the ones it calls: the dispatcher first, then AMX (which
 # falls back to AVX-512), AVX-512, AVX2.

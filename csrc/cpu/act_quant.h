@@ -1,5 +1,6 @@
 // Dynamic per-row fixed-point quantization of activations (ActivationsA8): int8 for the W4A8
-// paths, int16 in two int8 planes for the vector GEMVs' bf16 x. The scalar definition
+// paths, int16 in two int8 planes for the vector GEMVs' bf16 x and int24 in three for their fp32
+// and fp16 x. The scalar definition
 // (the reference path's prepare_activations_a8; linear_simd.h vectorizes it with the same
 // arithmetic).
 #pragma once
@@ -23,13 +24,14 @@ namespace {
 inline uint32_t abs_bits(float v) { return float_to_bits(v) & 0x7FFFFFFFu; }
 constexpr uint32_t kNonFiniteBits = 0x7F800000u;  // |x| bits at or above this: Inf or NaN
 
-// The two grids, each with its scale for a run of x whose largest |x| has the bits amax_bits:
+// The grids, each with its scale for a run of x whose largest |x| has the bits amax_bits:
 // 1 for an all-zero run, NaN for a run with an Inf or a NaN (its codes are left unwritten).
 //  * Int8Grid (W4A8): one scale per row, max|x| / 127.
-//  * Int16Grid (Activations::x16): one scale per row and group, the power of two that puts max|x|
-//    in (16319, 32639]: every bf16 value within 2^7 of the group's largest is then an exact
-//    integer multiple of it, and a smaller one is off by at most half of it. Codes are stored as
-//    256 * hi + lo with hi = (q + 128) >> 8 and lo = q - 256 hi, both int8 for |q| <= 127 * 257.
+//  * Int16Grid and Int24Grid (Activations::xint): one scale per row and group, the power of two
+//    that puts max|x| in (kMax / 2, kMax], kMax = 127 * 257 or 127 * 65793: every bf16 value
+//    within 2^7 (int16), every fp16 value within 2^12 (int24) of the group's largest is then an
+//    exact integer multiple of it, and any other value is off by at most half of it. Codes are
+//    stored as signed base-256 digits, each an int8 for |q| <= kMax (split_digits).
 struct Int8Grid {
   static constexpr int kPlanes = 1;
   static constexpr bool kGroupScales = false;
@@ -41,23 +43,43 @@ struct Int8Grid {
     return amax > 0.f ? std::max(amax / kMax, std::numeric_limits<float>::denorm_min()) : 1.f;
   }
 };
-struct Int16Grid {
-  static constexpr int kPlanes = 2;
+template <int P>
+struct FixedPointGrid {
+  static constexpr int kPlanes = P;
   static constexpr bool kGroupScales = true;
-  static constexpr float kMax = 127.f * 257.f;
+  // every digit 127: 127 * 257 for int16, 127 * 65793 for int24 (exact in fp32)
+  static constexpr float kMax = P == 2 ? 127.f * 257.f : 127.f * 65793.f;
   static float scale_of(uint32_t amax_bits) {
     if (amax_bits >= kNonFiniteBits) return std::numeric_limits<float>::quiet_NaN();
     if (amax_bits == 0) return 1.f;
     const float amax = bits_to_float(amax_bits);
-    // 2^(ilogb - 14) puts amax in [2^14, 2^15); one more doubling where that passes kMax. Below
-    // 2^-149 (amax under 2^-135) the smallest subnormal is the step, and every value is exact.
-    const int exponent = std::max(std::ilogb(amax) - 14, -149);
+    // 2^(ilogb - b) puts amax in [2^b, 2^(b+1)), b = 8P - 2; one more doubling where that passes
+    // kMax. Below 2^-149 the smallest subnormal is the step, and every value is exact.
+    const int exponent = std::max(std::ilogb(amax) - (8 * P - 2), -149);
     const float scale = std::ldexp(1.f, exponent);
     return amax / scale > kMax ? 2.f * scale : scale;
   }
 };
-inline int8_t high_byte(int32_t q) { return int8_t((q + 128) >> 8); }
-inline int8_t low_byte(int32_t q) { return int8_t(q - 256 * ((q + 128) >> 8)); }
+using Int16Grid = FixedPointGrid<2>;
+using Int24Grid = FixedPointGrid<3>;
+
+// q as P signed base-256 digits, the most significant first: q = sum_p digits[p] * 256^(P-1-p).
+// Each step takes the low digit in [-128, 127] (q - 256 * ((q + 128) >> 8)) and carries the rest,
+// so every digit is an int8 for |q| <= kMax. V is int32_t here and a SIMD int vector in
+// linear_simd.h (Ops: high(q) = (q + 128) >> 8, low(q, high) = q - 256 * high).
+template <int P, typename V, typename Ops>
+void split_digits(V q, V (&digits)[P], Ops ops) {
+  for (int p = P - 1; p > 0; --p) {
+    const V high = ops.high(q);
+    digits[p] = ops.low(q, high);
+    q = high;
+  }
+  digits[0] = q;
+}
+struct ScalarDigits {
+  int32_t high(int32_t q) const { return (q + 128) >> 8; }
+  int32_t low(int32_t q, int32_t high) const { return q - 256 * high; }
+};
 
 template <typename Grid>
 int32_t quantize(float v, float scale) {
@@ -87,8 +109,6 @@ template <typename RowOps, typename Grid, typename PositionOf>
 void quantize_rows(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                    const ActivationsA8& a, int64_t m_begin, int64_t m_end, PositionOf position_of) {
   const int64_t Kp = s.padded_k(), Gp = s.padded_group(), groups = s.groups();
-  int32_t* const sums_of[2] = {a.xq_sum, a.xq_low_sum};
-  int8_t* const planes_of[2] = {a.xq, a.xq_low};
   for (int64_t m = m_begin; m < m_end; ++m) {
     float* const scales = a.scale + (Grid::kGroupScales ? m * groups : m);
     bool finite = true;
@@ -107,19 +127,20 @@ void quantize_rows(const void* x, DType dtype, int64_t ldx, const PackedShape& s
       const float scale = scales[Grid::kGroupScales ? g : 0];
       const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
       int8_t* dst[Grid::kPlanes];
-      for (int p = 0; p < Grid::kPlanes; ++p) dst[p] = planes_of[p] + m * Kp + g * Gp;
+      for (int p = 0; p < Grid::kPlanes; ++p) dst[p] = a.plane(p) + m * Kp + g * Gp;
       int32_t sums[Grid::kPlanes] = {};
       int64_t i = RowOps::template quantize_words<Grid>(x, dtype, src, len, scale, dst, sums);
       for (; i < Gp; ++i) {
         const int32_t q = i < len ? quantize<Grid>(load_as_float(x, dtype, src + i), scale) : 0;
         const int64_t at = (i / kCodesPerWord) * kCodesPerWord + position_of(int(i % kCodesPerWord));
-        const int8_t bytes[2] = {Grid::kPlanes == 1 ? int8_t(q) : high_byte(q), low_byte(q)};
+        int32_t digits[Grid::kPlanes];
+        split_digits(q, digits, ScalarDigits{});
         for (int p = 0; p < Grid::kPlanes; ++p) {
-          dst[p][at] = bytes[p];
-          sums[p] += bytes[p];
+          dst[p][at] = int8_t(digits[p]);
+          sums[p] += digits[p];
         }
       }
-      for (int p = 0; p < Grid::kPlanes; ++p) sums_of[p][m * groups + g] = sums[p];
+      for (int p = 0; p < Grid::kPlanes; ++p) a.plane_sums(p)[m * groups + g] = sums[p];
     }
   }
 }

@@ -43,8 +43,7 @@ bool isa_supported(Isa isa) {
     case Isa::Avx512:
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16") &&
-             __builtin_cpu_supports("gfni");  // Simd::unit_floats (every AVX512-BF16 CPU but Cooper Lake)
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
     case Isa::Amx: {
       static const bool ok = isa_supported(Isa::Avx512) && cpu_has_amx() && amx::request_permission();
       return ok;

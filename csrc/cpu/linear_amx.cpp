@@ -140,8 +140,8 @@ struct Bf16Flavour {
     for (int64_t w = 0; w < words; ++w) {
       __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
       // Column pair p (2p, 2p+1) sits at bits 4p and 16 + 4p: shifted to bits 3 and 19, kept by a
-      // mask and ORed with 0x3F80 (bf16 1.0) in one ternary-logic op (0xEA: a & b | c). The GEMV's
-      // GF form (two loads, merge-masked transforms, as Simd::unit_floats) measured slower here,
+      // mask and ORed with 0x3F80 (bf16 1.0) in one ternary-logic op (0xEA: a & b | c). A GF(2)
+      // affine form (two loads, merge-masked vgf2p8affineqb per column) measured slower here,
       // where every pass rebuilds the tiles: MiniLM in bench/demo.py (fp32 x, ~1900 rows)
       // 302-318 ms with it against 271-283 ms, M = 16 bf16 ~5% (bench_kernels).
       const __m512i v = Simd::load_words(codes + w * kBlockN);

@@ -24,8 +24,6 @@ struct Simd {
   using VI = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kMicroRows = 6;  // 6 x 16: 12 accumulators + 2 weight vectors + 1 x
-  static constexpr bool kUnitFloats = false;
-  static constexpr bool kInt16X = true;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_load_ps(p); }
@@ -77,7 +75,7 @@ struct Simd {
     return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), max)), max));
   }
   static VI add_i(VI a, VI b) { return _mm256_add_epi32(a, b); }
-  // act_quant.h's high_byte and low_byte of int16 codes in int32 lanes
+  // act_quant.h's ScalarDigits (a digit step of split_digits) in int32 lanes
   static VI high_bytes(VI q) { return _mm256_srai_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(128)), 8); }
   static VI low_bytes(VI q, VI high) { return _mm256_sub_epi32(q, _mm256_slli_epi32(high, 8)); }
   static int32_t hsum_i(VI v) {

@@ -8,28 +8,25 @@
 // fmadd(a, b, c) = a*b+c, fnmadd(a, b, c) = c-a*b, fmsub(a, b, c) = a*b-c, mul, add, hsum(v),
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
-// fp32 values written to y as dtype), kUnitFloats: whether unit_floats(words, cols) exists (the
-// GEMV's float x then uses it), kInt16X: whether the GEMV runs bf16 x as int16 (then also
-// high_bytes, low_bytes). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w) (bytes of codes),
-// bcast4(p) (4 int8 in every lane), kPairSums: false with dot_u8s8(acc, u8, s8) (4-way byte dot
-// product into int32 lanes), true with pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and
-// widen_pairs(acc, pairs) (into int32 lanes); to_float(vi), and the quantizer's max_abs_bits,
-// hmax_u32, quantize, add_i, hsum_i, store_a8_codes.
+// fp32 values written to y as dtype), high_bytes and low_bytes (act_quant.h's ScalarDigits per
+// lane, for the GEMV's fixed-point x). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w)
+// (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums: false with dot_u8s8(acc, u8, s8)
+// (4-way byte dot product into int32 lanes), true with pair_sums(u8, s8) (int16 sums of byte
+// pairs), add_pairs and widen_pairs(acc, pairs) (into int32 lanes); to_float(vi), and the
+// quantizer's max_abs_bits, hmax_u32, quantize, add_i, hsum_i, store_a8_codes.
 //
 // Two paths, chosen by M:
 //  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
-//    One word vector holds 8 columns of kLanes rows; each column is shifted out, turned to fp32 and
-//    multiplied into per-group accumulators. Scale and zero point are applied once per group:
-//    y += s * (acc - z * sum(x_group)).
-//    With kUnitFloats, each column becomes the fp32 (1 + q/16) with one GF(2) affine byte
-//    transform (Simd::unit_floats) and meets x in an FMA: acc = sum x (1 + q/16), so
-//    sum x q = 16 (acc - sum x); 1.6x faster than shift, mask and convert (fp32 x, M = 1,
-//    L2-resident weight, one thread: 114 -> 70 us). With kInt16X, bf16 x runs as int16 fixed
-//    point (Activations::x16) on W4A8's integer kernel, two dot products per code byte instead of
-//    one. On AVX-512 that is 4 vpdpbusd per 128 codes where bf16 dot products took 8 vdpbf16ps
-//    (2.5 cycles each here, against 0.67): M = 1, L2-resident 2048x1024, one thread 68 -> 46 us;
-//    on AVX2 (vpmaddubsw, int16 pair sums widened every 4 words) against shift, mask and
-//    convert 114 -> 64 us.
+//    One word vector holds 8 columns of kLanes rows. x runs as fixed point (Activations::xint) on
+//    W4A8's integer kernel: masks give the code bytes of 4 columns per lane, which meet 4 bytes of
+//    x in byte dot products; bf16 x as int16 (two int8 planes, two dot products per code byte),
+//    fp32 and fp16 x as int24 (three). Scale and zero point are applied once per group:
+//    y += s * (acc - z * sum(x_group)). On AVX-512 bf16 x takes 4 vpdpbusd per 128 codes where
+//    bf16 dot products took 8 vdpbf16ps (2.5 cycles each here, against 0.67): M = 1, L2-resident
+//    2048x1024, one thread 68 -> 46 us; on AVX2 (vpmaddubsw, int16 pair sums widened every 4
+//    words) against shift, mask and convert 114 -> 64 us. fp32 x on int24 against fp32 FMAs on
+//    the codes: AVX-512 75 -> 44 us (GF(2)-affine unit floats before), AVX2 117 -> 77 us (shift,
+//    mask and convert).
 //  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
 //    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
@@ -99,78 +96,37 @@ inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals,
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------
-// How the float GEMV turns the codes of a word into operands (see the top of the file).
-enum class Columns {
-  kFloats,     // each column's codes as fp32 (shift, mask, convert); acc = sum x q
-  kUnitFloats  // each column as fp32 (1 + q/16) in FMAs; acc = sum x (1 + q/16)
-};
-
-// Rows [m0, m0 + R) of y for row block b. Each accumulator is split kSplit ways (by column) so
-// consecutive FMAs do not wait on each other's latency when R is small (8 chains cover the FMA
-// latency at two FMAs per cycle). S is a parameter so that ISAs without kUnitFloats never
-// instantiate that branch.
-template <int R, Columns kColumns, typename S = Simd>
-void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
-               const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  constexpr int kSplit = std::max<int>(1, std::min<int>(kColumns == Columns::kUnitFloats ? 8 : 4, 8 / (R * kVecs)));
-  alignas(64) float out[R][kBlockN] = {};
+// Row m of y for row block b, on float x: each column's codes as fp32 (shift, mask, convert) in
+// FMAs, acc = sum x q. Only rows of x holding an Inf or a NaN take it (the others run on
+// fixed-point x, gemv_rows_a8), so it is written for clarity, not speed. The accumulator is split
+// kSplit ways (by column) so consecutive FMAs do not wait on each other's latency.
+void gemv_float_row(const Activations& a, int64_t m, const uint8_t* packed, const Geometry& geo,
+                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr int kSplit = 4;
+  alignas(64) float out[kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const float* xg[R];
-    for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
-    typename S::V acc[R][kSplit][kVecs];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kSplit; ++c)
-        for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = S::zero();
+    const float* xg = a.x + m * geo.Kp + g * geo.Gp;
+    typename Simd::V acc[kSplit][kVecs];
+    for (int c = 0; c < kSplit; ++c)
+      for (int64_t h = 0; h < kVecs; ++h) acc[c][h] = Simd::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
-      prefetch_ahead(codes + w * kBlockN);
-      if constexpr (kColumns == Columns::kUnitFloats) {
-        typename S::V cols[kVecs][kCodesPerWord];
-        for (int64_t h = 0; h < kVecs; ++h) S::unit_floats(codes + w * kBlockN + h * S::kLanes, cols[h]);
-        // unrolled before scalar replacement, or GCC keeps acc in memory (see microkernel)
-#pragma GCC unroll 8
-        for (int i = 0; i < kCodesPerWord; ++i)
-#pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            const typename S::V xb = S::broadcast(xg[r] + w * kCodesPerWord + i);
-#pragma GCC unroll 2
-            for (int64_t h = 0; h < kVecs; ++h)
-              acc[r][i % kSplit][h] = S::fmadd(xb, cols[h][i], acc[r][i % kSplit][h]);
-          }
-      } else {
-        for_each_column(codes + w * kBlockN, [&](int i, const typename S::V* q) {
-          for (int r = 0; r < R; ++r) {
-            const typename S::V xb = S::broadcast(xg[r] + w * kCodesPerWord + i);
-            for (int64_t h = 0; h < kVecs; ++h)
-              acc[r][i % kSplit][h] = S::fmadd(xb, q[h], acc[r][i % kSplit][h]);
-          }
-        });
-      }
+      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
+        const typename Simd::V xb = Simd::broadcast(xg + w * kCodesPerWord + i);
+        for (int64_t h = 0; h < kVecs; ++h) acc[i % kSplit][h] = Simd::fmadd(xb, q[h], acc[i % kSplit][h]);
+      });
     }
-    typename S::V scale[kVecs], zero[kVecs];
+    const typename Simd::V xs = Simd::broadcast(a.xsum + m * geo.groups + g);
     for (int64_t h = 0; h < kVecs; ++h) {
-      scale[h] = geo.scales(rec, h * S::kLanes);
-      zero[h] = geo.zeros(rec, h * S::kLanes);
-    }
-    for (int r = 0; r < R; ++r) {
-      const typename S::V xs = S::broadcast(a.xsum + (m0 + r) * geo.groups + g);
-      for (int64_t h = 0; h < kVecs; ++h) {
-        typename S::V sum = acc[r][0][h];
-        for (int c = 1; c < kSplit; ++c) sum = S::add(sum, acc[r][c][h]);
-        typename S::V centred;  // sum x q - z sum x
-        if constexpr (kColumns != Columns::kFloats) {  // = 16 acc - (16 + z) sum x
-          const typename S::V sixteen = S::broadcast_value(16.f);
-          centred = S::fmsub(sixteen, sum, S::mul(S::add(zero[h], sixteen), xs));
-        } else {
-          centred = S::fnmadd(zero[h], xs, sum);
-        }
-        float* o = out[r] + h * S::kLanes;
-        S::store(o, S::fmadd(scale[h], centred, S::load(o)));
-      }
+      typename Simd::V sum = acc[0][h];
+      for (int c = 1; c < kSplit; ++c) sum = Simd::add(sum, acc[c][h]);
+      const typename Simd::V centred = Simd::fnmadd(geo.zeros(rec, h * Simd::kLanes), xs, sum);  // sum x q - z sum x
+      float* o = out + h * Simd::kLanes;
+      Simd::store(o, Simd::fmadd(geo.scales(rec, h * Simd::kLanes), centred, Simd::load(o)));
     }
   }
-  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
+  store_row16(y, dtype, m * ldy + b * kBlockN, out, bias, b * kBlockN, N);
 }
 
 // Calls fn(std::integral_constant<int, R>, m0) over rows of x in chunks of up to kGemvRows.
@@ -286,8 +242,8 @@ void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
 constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
 
 // Rows [m0, m0 + R) of y for row block b, with x on Grid (act_quant.h): W4A8's int8 x, or
-// Activations::x16's int16 x in two planes, whose dot products are combined per group as
-// 256 * (high plane's) + (low plane's). Each plane keeps two accumulators, for the low and the high
+// Activations::xint's int16 / int24 x in two / three planes, whose dot products are combined per
+// group as base-256 digits, (256 * (high plane's) + (next plane's)) * 256 + ... Each plane keeps two accumulators, for the low and the high
 // nibbles of a word, so no vpdpbusd waits on another's latency (the chained form ran 1.1x slower).
 // With kPairSums (AVX2: no vpdpbusd, so vpmaddubsw gives int16 pair sums, vpmaddwd widens them),
 // the pair sums of up to kWordsPerWiden words add up in int16 before one widening: each is at most
@@ -298,8 +254,12 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
   constexpr int P = Grid::kPlanes;
   constexpr bool kPairSums = S::kPairSums;
   constexpr int64_t kWordsPerWiden = kPairSums ? 4 : std::numeric_limits<int64_t>::max() / 2;
-  const int8_t* const planes[2] = {a.xq, a.xq_low};
-  const int32_t* const plane_sums[2] = {a.xq_sum, a.xq_low_sum};
+  const int8_t* planes[P];
+  const int32_t* plane_sums[P];
+  for (int p = 0; p < P; ++p) {
+    planes[p] = a.plane(p);
+    plane_sums[p] = a.plane_sums(p);
+  }
   alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
@@ -368,6 +328,12 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
   for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
 }
 
+template <typename S>
+struct SimdDigits {  // act_quant.h's ScalarDigits, per int32 lane
+  typename S::VI high(typename S::VI q) const { return S::high_bytes(q); }
+  typename S::VI low(typename S::VI q, typename S::VI high) const { return S::low_bytes(q, high); }
+};
+
 // act_quant.h's row operations kLanes columns at a time (the scalar form costs ~6 ns per value:
 // at M = 128, K = 11008 a third of the W4A8 GEMM's time). Same arithmetic, so the same codes: IEEE
 // division by the row scale, round half to even, clamp to +-127.
@@ -391,12 +357,7 @@ struct SimdRowOps {
     for (; i + S::kLanes <= len; i += S::kLanes) {
       const typename S::VI q = S::quantize(S::load_x(x, dtype, src + i), scale_v, max_v);
       typename S::VI bytes[Grid::kPlanes];
-      if constexpr (Grid::kPlanes == 1) {
-        bytes[0] = q;
-      } else {
-        bytes[0] = S::high_bytes(q);
-        bytes[1] = S::low_bytes(q, bytes[0]);
-      }
+      split_digits(q, bytes, SimdDigits<S>{});
       for (int p = 0; p < Grid::kPlanes; ++p) {
         sum_v[p] = S::add_i(sum_v[p], bytes[p]);
         S::store_a8_codes(dst[p] + i, bytes[p]);
@@ -422,38 +383,36 @@ void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedS
     });
 }
 
-// True if rows [m0, m0 + R) of x16 hold int16 codes (no Inf or NaN in those rows of x).
+// True if rows [m0, m0 + R) of xint hold codes (no Inf or NaN in those rows of x).
 template <int R>
-bool rows_have_codes(const ActivationsA8& x16, int64_t m0, int64_t groups) {
+bool rows_have_codes(const ActivationsA8& xint, int64_t m0, int64_t groups) {
   for (int r = 0; r < R; ++r)
-    if (std::isnan(x16.scale[(m0 + r) * groups])) return false;
+    if (std::isnan(xint.scale[(m0 + r) * groups])) return false;
   return true;
 }
 
-// The GEMV of row block b over all rows of x, R rows at a time. A template only so that branches
-// an ISA lacks are never instantiated.
-template <typename S = Simd>
-void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
-          void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  constexpr Columns kColumns = S::kUnitFloats ? Columns::kUnitFloats : Columns::kFloats;
+// The GEMV of row block b over all rows of x, R rows at a time, on the fixed-point x that
+// prepare_activations made (xint_planes: Int16Grid for bf16 x, Int24Grid otherwise).
+template <typename Grid>
+void gemv_on(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+             void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
   for_row_chunks(a.M, [&](auto rows, int64_t m) {
     constexpr int R = decltype(rows)::value;
-    if constexpr (S::kInt16X) {
-      if (a.x16.xq != nullptr) {
-        if (rows_have_codes<R>(a.x16, m, geo.groups))
-          return gemv_rows_a8<R, Int16Grid>(a.x16, m, packed, geo, bias, y, dtype, ldy, b, N);
-        // a row with an Inf or a NaN: only such rows have the float copy, so each row on its own
-        for (int64_t r = m; r < m + R; ++r) {
-          if (rows_have_codes<1>(a.x16, r, geo.groups))
-            gemv_rows_a8<1, Int16Grid>(a.x16, r, packed, geo, bias, y, dtype, ldy, b, N);
-          else
-            gemv_rows<1, kColumns, S>(a, r, packed, geo, bias, y, dtype, ldy, b, N);
-        }
-        return;
-      }
+    if (rows_have_codes<R>(a.xint, m, geo.groups))
+      return gemv_rows_a8<R, Grid>(a.xint, m, packed, geo, bias, y, dtype, ldy, b, N);
+    // a row with an Inf or a NaN: only such rows have the float copy, so each row on its own
+    for (int64_t r = m; r < m + R; ++r) {
+      if (rows_have_codes<1>(a.xint, r, geo.groups))
+        gemv_rows_a8<1, Grid>(a.xint, r, packed, geo, bias, y, dtype, ldy, b, N);
+      else
+        gemv_float_row(a, r, packed, geo, bias, y, dtype, ldy, b, N);
     }
-    gemv_rows<R, kColumns, S>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
   });
+}
+void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+          void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  if (dtype == DType::BF16) gemv_on<Int16Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
+  else gemv_on<Int24Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
 }
 
 // ---- dense weights for a library GEMM -----------------------------------------------------------
@@ -478,16 +437,21 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
 }
 
 // ---- entry points -------------------------------------------------------------------------------
-// Whether the GEMV runs x as int16 (Activations::x16): bf16 only, whose 8 significant bits the
-// grid holds exactly within 2^7 of a group's largest value. fp16's 11 bits would need 2^11, and
-// fp16 and fp32 x keep exact float products.
-inline bool uses_x16(int64_t M, DType dtype) { return Simd::kInt16X && !use_gemm(M) && dtype == DType::BF16; }
+// The planes of the GEMV's fixed-point x (Activations::xint), 0 where it runs on floats: two
+// (int16) for bf16 x, whose 8 significant bits that grid holds exactly within 2^7 of a group's
+// largest value; three (int24) for fp32 and fp16 x, within a ulp of fp32 of the group's largest.
+// The three-plane kernel is faster than fp32 FMAs on the codes (unit floats or shift, mask and
+// convert) and its error is the size of the rounding of the fp32 sums it replaces.
+inline int xint_planes(int64_t M, DType dtype) {
+  if (use_gemm(M)) return 0;
+  return dtype == DType::BF16 ? Int16Grid::kPlanes : Int24Grid::kPlanes;
+}
 
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
   const int64_t Kp = s.padded_k();
   const bool gemm = use_gemm(M);
-  return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0,
-          uses_x16(M, dtype) ? M * Kp : 0};
+  const int planes = xint_planes(M, dtype);
+  return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0, planes > 0 ? M * Kp : 0, planes};
 }
 
 void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
@@ -523,15 +487,16 @@ void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const Pac
       a.xsum[m * geo.groups + g] = Simd::hsum(sum) + tail;
     }
   };
-  if constexpr (Simd::kInt16X) {
-    // x16 rows need no float copy; only those with an Inf or a NaN run on it (Activations::x16).
-    // (The copy took ~8 us of every K = 11008, M = 1 call, on one thread, before the GEMV starts.)
-    if (uses_x16(a.M, dtype)) {
-      quantize_rows<SimdRowOps, Int16Grid>(x, dtype, ldx, s, a.x16, m_begin, m_end, a8_position);
-      for (int64_t m = m_begin; m < m_end; ++m)
-        if (std::isnan(a.x16.scale[m * geo.groups])) float_row(m);
-      return;
-    }
+  // xint rows need no float copy; only those with an Inf or a NaN run on it (Activations::xint).
+  // (The copy took ~8 us of every K = 11008, M = 1 call, on one thread, before the GEMV starts.)
+  if (const int planes = xint_planes(a.M, dtype); planes > 0) {
+    if (planes == Int16Grid::kPlanes)
+      quantize_rows<SimdRowOps, Int16Grid>(x, dtype, ldx, s, a.xint, m_begin, m_end, a8_position);
+    else
+      quantize_rows<SimdRowOps, Int24Grid>(x, dtype, ldx, s, a.xint, m_begin, m_end, a8_position);
+    for (int64_t m = m_begin; m < m_end; ++m)
+      if (std::isnan(a.xint.scale[m * geo.groups])) float_row(m);
+    return;
   }
   for (int64_t m = m_begin; m < m_end; ++m) float_row(m);
 }

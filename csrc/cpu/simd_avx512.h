@@ -1,4 +1,4 @@
-// AVX-512 (F/BW/VL/BF16) + GFNI SIMD traits for linear_simd.h, shared by the AVX-512 and AMX translation
+// AVX-512 (F/BW/VL/VNNI/BF16) SIMD traits for linear_simd.h, shared by the AVX-512 and AMX translation
 // units; include only from files compiled with those flags, inside their own anonymous namespace.
 #pragma once
 
@@ -17,8 +17,6 @@ struct Simd {
   using VI = __m512i;
   static constexpr int kLanes = 16;
   static constexpr int kMicroRows = 12;  // 12 x 16: 12 accumulators + 1 weight vector + 1 x
-  static constexpr bool kUnitFloats = true;  // unit_floats (GFNI)
-  static constexpr bool kInt16X = true;      // vpdpbusd (AVX512-VNNI) on two int8 planes
 
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }
@@ -45,42 +43,6 @@ struct Simd {
   static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
   static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  // GF(2) affine matrices for vgf2p8affineqb: row i of the bit matrix (result bit i) is byte 7 - i
-  // of the qword; result bits 3..6 take source bits 0..3 (low nibble) or 4..7 (high nibble), and
-  // the instruction's constant 0x80 sets bit 7: a nibble q becomes the byte 0x80 | q << 3.
-  static constexpr long long kLowNibbleMatrix = 0x0000000102040800ll;
-  static constexpr long long kHighNibbleMatrix = 0x0000001020408000ll;
-  // The 16 words at `words`, and the same bytes one further (byte b of a lane = byte b + 1 of the
-  // words; the vector's last byte, which would lie past it, reads as 0)
-  static VI words_one_byte_on(const uint32_t* words) {
-    return _mm512_maskz_loadu_epi8(~(uint64_t(1) << 63), reinterpret_cast<const char*>(words) + 1);
-  }
-  // The 8 columns of the 16 words at `words` as fp32 (1 + q / 16) = 0x3F800000 | q << 19, exact,
-  // cols[i] = column i (for fp32 and fp16 x, where FMAs on these beat vdpbf16ps on bf16 pairs:
-  // 0.6 against 2.5 cycles per instruction here). Column i's nibble is in byte nibble_shift(i) / 8
-  // of its lane; the word vector, the vector one byte further and both shifted left by 16 bits put
-  // each byte in byte 2 of the lane, and one merge-masked GF(2) affine transform per column (the
-  // matrices above) turns byte 2 into 0x80 | q << 3 over the bytes of 1.0f.
-  static void unit_floats(const uint32_t* words, V (&cols)[8]) {
-    const VI from2 = _mm512_loadu_si512(words);  // byte 2 of each lane: original byte 2, ...
-    const VI from3 = words_one_byte_on(words);   // its byte 2 never comes from past the vector
-    const VI from0 = _mm512_slli_epi32(from2, 16);
-    const VI from1 = _mm512_slli_epi32(from3, 16);
-    const VI low_nibble = _mm512_set1_epi64(kLowNibbleMatrix), high_nibble = _mm512_set1_epi64(kHighNibbleMatrix);
-    const VI one = _mm512_set1_epi32(0x3F800000);
-    const __mmask64 byte2 = 0x4444444444444444ull;
-    auto unit = [&](VI src, VI matrix) {
-      return _mm512_castsi512_ps(_mm512_mask_gf2p8affine_epi64_epi8(one, byte2, src, matrix, 0x80));
-    };
-    cols[0] = unit(from0, low_nibble);   // nibble_shift 0
-    cols[2] = unit(from0, high_nibble);  // 4
-    cols[4] = unit(from1, low_nibble);   // 8
-    cols[6] = unit(from1, high_nibble);  // 12
-    cols[1] = unit(from2, low_nibble);   // 16
-    cols[3] = unit(from2, high_nibble);  // 20
-    cols[5] = unit(from3, low_nibble);   // 24
-    cols[7] = unit(from3, high_nibble);  // 28
-  }
   template <int kShift>
   static V codes_to_float(VI words) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words, kShift), _mm512_set1_epi32(0xF)));
@@ -105,7 +67,7 @@ struct Simd {
     return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_sub_ps(_mm512_setzero_ps(), max)), max));
   }
   static VI add_i(VI a, VI b) { return _mm512_add_epi32(a, b); }
-  // act_quant.h's high_byte and low_byte of int16 codes in int32 lanes
+  // act_quant.h's ScalarDigits (a digit step of split_digits) in int32 lanes
   static VI high_bytes(VI q) { return _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8); }
   static VI low_bytes(VI q, VI high) { return _mm512_sub_epi32(q, _mm512_slli_epi32(high, 8)); }
   static int32_t hsum_i(VI v) { return _mm512_reduce_add_epi32(v); }

@@ -449,24 +449,29 @@ TEST_P(FusedLinear, MatchesDequantizedMatmul) {
   }
 }
 
-// Unit in the last place of v in dtype (bf16: 8 significant bits, fp16: 11, and its subnormals).
+// Unit in the last place of v in dtype (bf16: 8 significant bits, fp16: 11, and its subnormals,
+// fp32: 24).
 double ulp_of(double v, DType dtype) {
-  const int bits = dtype == DType::BF16 ? 8 : 11;
+  const int bits = dtype == DType::BF16 ? 8 : dtype == DType::F16 ? 11 : 24;
   const int exponent = std::max(std::ilogb(std::max(std::fabs(v), 1e-30)), dtype == DType::F16 ? -14 : -126);
   return std::ldexp(1.0, exponent - (bits - 1));
 }
 
-// bf16 and fp16 x: every output within an ulp of its dtype of the exact result, plus a float dot
-// product's rounding, plus what kernels.h allows the GEMVs' int16 grid: each value of x
-// within 2^-15 of its group's largest |x| (exact within 2^7 of it, as are all values in this test
-// but those sharing a group with the 3000 below). x quantized to int8 would miss by ~8 ulps.
-TEST_P(FusedLinear, SixteenBitXIsExactToTheOutputsRounding) {
+// Every output within an ulp of its dtype of the exact result, plus a float dot product's
+// rounding, plus what kernels.h allows the GEMVs' fixed-point x: each value of x within 2^-15
+// (bf16 on int16) or 2^-23 (fp16, fp32 on int24) of its group's largest |x|; bf16 and fp16
+// values are exact within 2^7 / 2^12 of it, as are all of them in this test but those sharing a
+// group with the 3000 below. x quantized to int8 would miss by ~8 ulps, fp32 x on int16 by ~2^-15
+// of the 3000 (the fp32 rows fail then).
+TEST_P(FusedLinear, FixedPointXIsExactToTheOutputsRounding) {
   const auto [isa, c] = GetParam();
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
   std::mt19937 rng(10);
   const Weight w = make_weight(c, false, rng);
   for (int64_t M : {1, 2, 3, 5, 7}) {
-    for (DType dtype : {DType::BF16, DType::F16}) {
+    for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
+      const int grid_bits = dtype == DType::BF16 ? 15 : 23;
+      const double float_rounding = dtype == DType::F32 ? 1e-6 : 1e-5;  // of the sum of |x w|
       SCOPED_TRACE(std::string("M=") + std::to_string(M) + " " + dtype_name(dtype));
       Matrix x(dtype, M, c.K, 0.f);
       const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
@@ -475,17 +480,18 @@ TEST_P(FusedLinear, SixteenBitXIsExactToTheOutputsRounding) {
       if (M > 1) x.set(0, c.K / 2, 3000.f);
       std::vector<double> magnitudes, grid_slack;
       const std::vector<double> ref = reference_linear(w, x, M, &magnitudes);
-      Matrix group_max(DType::F32, M, c.K, 0.f);  // 2^-15 max|x| of each value's group
+      Matrix group_max(DType::F32, M, c.K, 0.f);  // 2^-grid_bits max|x| of each value's group
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k0 = 0; k0 < c.K; k0 += c.G) {
           float amax = 0.f;
           for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k) amax = std::max(amax, std::fabs(x.get(m, k)));
-          for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k) group_max.set(m, k, std::ldexp(amax, -15));
+          for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k)
+            group_max.set(m, k, std::ldexp(amax, -grid_bits));
         }
       reference_linear(w, group_max, M, &grid_slack);
       const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
       for (int64_t i = 0; i < M * c.N; ++i) {
-        const double bound = ulp_of(ref[i], dtype) + 1e-5 * magnitudes[i] + grid_slack[i];
+        const double bound = ulp_of(ref[i], dtype) + float_rounding * magnitudes[i] + grid_slack[i];
         ASSERT_LE(std::fabs(double(y.get(i / c.N, i % c.N)) - ref[i]), bound)
             << "row " << i / c.N << " column " << i % c.N << " reference " << ref[i];
       }

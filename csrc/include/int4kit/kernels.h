@@ -52,16 +52,21 @@ const char* isa_name(Isa isa);
 // x as fixed-point integers in int8 planes, the form the integer dot products (vpdpbusd,
 // vpmaddubsw, AMX int8 tiles) take. W4A8: each row of x gets its own scale, max|x| / 127 (1 for an
 // all-zero row), and int8 codes round_half_even(x / scale); the kernels apply per row and group
-// y += s * scale * (sum xq q - z sum xq). Activations::x16 uses the second plane: int16 codes
-// split as 256 * xq + xq_low, both int8, with a power-of-two scale per row and group.
+// y += s * scale * (sum xq q - z sum xq). Activations::xint has two or three planes: int16 or
+// int24 codes as signed base-256 digits, 256 * xq + lower[0] or 65536 * xq + 256 * lower[0] +
+// lower[1], each an int8, with a power-of-two scale per row and group.
 struct ActivationsA8 {
+  static constexpr int kMaxPlanes = 3;
   int8_t* xq = nullptr;       // activation_a8_sizes().codes, padded like the weights
   int32_t* xq_sum = nullptr;  // [M, groups]
-  float* scale = nullptr;     // [M] ([M, groups] in x16); NaN for a row with an Inf or a NaN (its
+  float* scale = nullptr;     // [M] ([M, groups] in xint); NaN for a row with an Inf or a NaN (its
                               // codes and sums are not written): W4A8's caller rejects such x
   int64_t M = 0;
-  int8_t* xq_low = nullptr;       // the low bytes of int16 codes (x16 only), laid out like xq
-  int32_t* xq_low_sum = nullptr;  // [M, groups]
+  int8_t* lower[kMaxPlanes - 1] = {};        // the further digits (xint only), laid out like xq
+  int32_t* lower_sums[kMaxPlanes - 1] = {};  // [M, groups] each
+  // plane p (0: the most significant digit, xq) and its sums
+  int8_t* plane(int p) const { return p == 0 ? xq : lower[p - 1]; }
+  int32_t* plane_sums(int p) const { return p == 0 ? xq_sum : lower_sums[p - 1]; }
 };
 
 // Activations as the kernels read them: x converted to fp32 with every group padded like the
@@ -76,17 +81,20 @@ struct Activations {
   float* xsum = nullptr;
   uint16_t* x_bf16 = nullptr;
   int64_t M = 0;
-  // bf16 x in the AVX2 and AVX-512 GEMVs: int16 fixed point in two int8 planes, which meet the
-  // weight codes in byte dot products like W4A8's x (on AVX-512, 4 vpdpbusd per 128 codes where
-  // bf16 dot products took 8 vdpbf16ps).
-  // Each row and group has a power-of-two step (act_quant.h's Int16Grid) that holds every value
-  // within 2^7 of the group's largest |x| exactly and the rest to half a step (under 2^-15 of
-  // that largest). A row with an Inf or a NaN (NaN scales) runs on x instead.
-  ActivationsA8 x16;
+  // x in the AVX2 and AVX-512 GEMVs as fixed point in int8 planes, which meet the weight codes
+  // in byte dot products like W4A8's x (on AVX-512, 2 vpdpbusd per plane and 128 codes where
+  // bf16 dot products took 8 vdpbf16ps): bf16 x as int16 in two planes, fp32 and fp16 x as int24
+  // in three. Each row and group has a power-of-two step (act_quant.h's Int16Grid / Int24Grid)
+  // that holds every bf16 value within 2^7 (int16) and every fp16 value within 2^12 (int24) of
+  // the group's largest |x| exactly; other values are off by at most half a step: 2^-15 of that
+  // largest (int16), 2^-23 (int24: one fp32 ulp of it, the rounding an fp32 sum of the products
+  // has anyway). A row with an Inf or a NaN (NaN scales) runs on x instead.
+  ActivationsA8 xint;
 };
 struct ActivationSizes {
   int64_t floats = 0, sums = 0, bf16 = 0;  // elements of x, xsum and x_bf16
-  int64_t x16 = 0;  // int8 codes per x16 plane (0: no x16); its sums and scales take `sums` each
+  int64_t xint = 0;         // int8 codes per xint plane (0: no xint)
+  int xint_planes = 0;      // 2 (int16) or 3 (int24); its sums and scales take `sums` each
 };
 ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype);
 
@@ -102,16 +110,16 @@ struct BufferLayout {
   }
 };
 
-// An ActivationsA8's arrays: `codes` int8 codes and `sums` int32 sums per plane (two planes, the
-// low bytes second, for x16's int16 codes), then `scales` floats.
+// An ActivationsA8's arrays: `codes` int8 codes and `sums` int32 sums per plane (1 to 3 planes,
+// the most significant first), then `scales` floats.
 inline ActivationsA8 lay_out_a8(BufferLayout& buf, int64_t M, int64_t codes, int64_t sums,
-                                int64_t scales, bool low_plane) {
+                                int64_t scales, int planes) {
   ActivationsA8 a;
   a.M = M;
   a.xq = reinterpret_cast<int8_t*>(buf.take(codes));
-  if (low_plane) a.xq_low = reinterpret_cast<int8_t*>(buf.take(codes));
+  for (int p = 1; p < planes; ++p) a.lower[p - 1] = reinterpret_cast<int8_t*>(buf.take(codes));
   a.xq_sum = reinterpret_cast<int32_t*>(buf.take(4 * sums));
-  if (low_plane) a.xq_low_sum = reinterpret_cast<int32_t*>(buf.take(4 * sums));
+  for (int p = 1; p < planes; ++p) a.lower_sums[p - 1] = reinterpret_cast<int32_t*>(buf.take(4 * sums));
   a.scale = reinterpret_cast<float*>(buf.take(4 * scales));
   return a;
 }
@@ -125,7 +133,7 @@ inline int64_t lay_out_activations(const ActivationSizes& z, int64_t M, uint8_t*
   out.x = reinterpret_cast<float*>(buf.take(4 * z.floats));
   out.xsum = reinterpret_cast<float*>(buf.take(4 * z.sums));
   out.x_bf16 = reinterpret_cast<uint16_t*>(buf.take(2 * z.bf16));
-  if (z.x16 > 0) out.x16 = lay_out_a8(buf, M, z.x16, z.sums, z.sums, /*low_plane=*/true);
+  if (z.xint > 0) out.xint = lay_out_a8(buf, M, z.xint, z.sums, z.sums, z.xint_planes);
   if (a != nullptr) *a = out;
   return buf.used;
 }
@@ -169,12 +177,12 @@ inline ActivationA8Sizes activation_a8_sizes(const PackedShape& s, int64_t M) {
 // laid out from a 64-byte aligned `base`.
 inline int64_t activation_a8_bytes(const ActivationA8Sizes& z, int64_t M) {
   BufferLayout buf;
-  lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*low_plane=*/false);
+  lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*planes=*/1);
   return buf.used;
 }
 inline ActivationsA8 activations_a8_at(uint8_t* base, const ActivationA8Sizes& z, int64_t M) {
   BufferLayout buf{base};
-  return lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*low_plane=*/false);
+  return lay_out_a8(buf, M, z.codes, z.sums, z.scales, /*planes=*/1);
 }
 // Same contract as prepare_activations / linear: fill with the ISA that then runs.
 void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
