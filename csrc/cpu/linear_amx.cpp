@@ -54,15 +54,16 @@ struct GroupParams {
 
 constexpr int64_t kTileRows = 16;  // rows of x per A and C tile
 constexpr int64_t kPassRows = 2 * kTileRows;  // rows of x per pass (two A tiles)
-// Below these row counts the AVX-512 GEMV is as fast or faster (4096x11008, bench_kernels, one
-// thread, tiles of M rows): W4A16 with fp16 x (two bf16 planes per tile) from 2 rows (M = 1: GEMV
-// 1.40 ms, tiles 1.46; M = 2: 2.58 against 1.53), fp32 x (three planes) from 3 (M = 2: 2.11
-// against 2.38; M = 3: 2.66 against 2.41); bf16 x, whose GEMV runs on the int16 grid, from 3
-// (bench_linear.py, two threads, hot / cold: M = 2 GEMV 0.67-0.69 / 1.25-1.29 ms, tiles
-// 0.84-0.86 / 1.24-1.26; M = 3 level hot, cold 1.40-1.46 against 1.23-1.31); W4A8 (VNNI GEMV)
-// from 4 (M = 2: 0.95 against 1.07, M = 3 level, M = 4: 1.24 against 1.20).
+// Below these row counts the AVX-512 GEMV is as fast or faster. fp32 x (three bf16 planes per
+// tile) from 4 rows and fp16 x (two) from 3, against the GEMV on int24 x (4096x11008, two threads,
+// hot, ms, GEMV / tiles: fp32 M = 3 1.19 / 1.37, M = 4 1.50 / 1.44, cold M = 3 1.70 / 1.92,
+// M = 4 2.01 / 1.99; fp16 M = 2 0.88 / 1.20, M = 3 1.16 / 1.20, M = 4 1.49 / 1.18); bf16 x,
+// whose GEMV runs on the int16 grid, from 3 (bench_linear.py, two threads, hot / cold: M = 2
+// GEMV 0.67-0.69 / 1.25-1.29 ms, tiles 0.84-0.86 / 1.24-1.26; M = 3 level hot, cold 1.40-1.46
+// against 1.23-1.31); W4A8 (VNNI GEMV) from 4 (M = 2: 0.95 against 1.07, M = 3 level, M = 4:
+// 1.24 against 1.20).
 constexpr int64_t kMinRowsA8 = 4;
-int64_t min_rows(DType dtype) { return dtype == DType::F16 ? 2 : 3; }
+int64_t min_rows(DType dtype) { return dtype == DType::F32 ? 4 : 3; }
 constexpr int64_t kPrefetchBytes = 4096;
 
 // Palette 1, eight tiles of 64-byte rows: tmm0-3 C (C[i][j] = tmm(2i + j) for A tile i and B

@@ -24,6 +24,7 @@ struct Simd {
   using VI = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kMicroRows = 6;  // 6 x 16: 12 accumulators + 2 weight vectors + 1 x
+  static constexpr int kInt24MaxRows = 1;  // linear_simd.h's xint_planes
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_load_ps(p); }

@@ -8,8 +8,8 @@
 // fmadd(a, b, c) = a*b+c, fnmadd(a, b, c) = c-a*b, fmsub(a, b, c) = a*b-c, mul, add, hsum(v),
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
-// fp32 values written to y as dtype), high_bytes and low_bytes (act_quant.h's ScalarDigits per
-// lane, for the GEMV's fixed-point x). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w)
+// fp32 values written to y as dtype), kInt24MaxRows (xint_planes), high_bytes and low_bytes (act_quant.h's
+// ScalarDigits per lane, for the GEMV's fixed-point x). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w)
 // (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums: false with dot_u8s8(acc, u8, s8)
 // (4-way byte dot product into int32 lanes), true with pair_sums(u8, s8) (int16 sums of byte
 // pairs), add_pairs and widen_pairs(acc, pairs) (into int32 lanes); to_float(vi), and the
@@ -20,13 +20,15 @@
 //    One word vector holds 8 columns of kLanes rows. x runs as fixed point (Activations::xint) on
 //    W4A8's integer kernel: masks give the code bytes of 4 columns per lane, which meet 4 bytes of
 //    x in byte dot products; bf16 x as int16 (two int8 planes, two dot products per code byte),
-//    fp32 and fp16 x as int24 (three). Scale and zero point are applied once per group:
-//    y += s * (acc - z * sum(x_group)). On AVX-512 bf16 x takes 4 vpdpbusd per 128 codes where
-//    bf16 dot products took 8 vdpbf16ps (2.5 cycles each here, against 0.67): M = 1, L2-resident
-//    2048x1024, one thread 68 -> 46 us; on AVX2 (vpmaddubsw, int16 pair sums widened every 4
-//    words) against shift, mask and convert 114 -> 64 us. fp32 x on int24 against fp32 FMAs on
-//    the codes: AVX-512 75 -> 44 us (GF(2)-affine unit floats before), AVX2 117 -> 77 us (shift,
-//    mask and convert).
+//    fp32 and fp16 x as int24 (three) for up to kInt24MaxRows rows. Scale and zero point are
+//    applied once per group: y += s * (acc - z * sum(x_group)). On AVX-512 bf16 x takes 4
+//    vpdpbusd per 128 codes where bf16 dot products took 8 vdpbf16ps (2.5 cycles each here,
+//    against 0.67): M = 1, L2-resident 2048x1024, one thread 68 -> 46 us; on AVX2 (vpmaddubsw,
+//    int16 pair sums widened every 4 words) against shift, mask and convert 114 -> 64 us; fp32 x
+//    on int24 against the float GEMV: AVX-512 75 (GF(2)-affine unit floats) -> 44 us, AVX2 117
+//    -> 77 us.
+//    The float GEMV (fp32 and fp16 x with more rows on AVX2, and rows with an Inf or a NaN)
+//    shifts, masks and converts each column to fp32 and multiplies it into per-group accumulators.
 //  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
 //    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
@@ -96,37 +98,52 @@ inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals,
 }
 
 // ---- GEMV ---------------------------------------------------------------------------------------
-// Row m of y for row block b, on float x: each column's codes as fp32 (shift, mask, convert) in
-// FMAs, acc = sum x q. Only rows of x holding an Inf or a NaN take it (the others run on
-// fixed-point x, gemv_rows_a8), so it is written for clarity, not speed. The accumulator is split
-// kSplit ways (by column) so consecutive FMAs do not wait on each other's latency.
-void gemv_float_row(const Activations& a, int64_t m, const uint8_t* packed, const Geometry& geo,
-                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  constexpr int kSplit = 4;
-  alignas(64) float out[kBlockN] = {};
+// Rows [m0, m0 + R) of y for row block b, on float x: each column's codes as fp32 (shift, mask,
+// convert) in FMAs, acc = sum x q. It takes what the fixed-point GEMV does not (xint_planes): fp32
+// and fp16 x with more rows than the ISA's kInt24MaxRows, and rows with an Inf or a NaN. Each
+// accumulator is split kSplit ways (by column) so consecutive FMAs do not wait on each other's
+// latency when R is small (8 chains cover the FMA latency at two FMAs per cycle).
+template <int R>
+void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
+               const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
+  alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
-    const float* xg = a.x + m * geo.Kp + g * geo.Gp;
-    typename Simd::V acc[kSplit][kVecs];
-    for (int c = 0; c < kSplit; ++c)
-      for (int64_t h = 0; h < kVecs; ++h) acc[c][h] = Simd::zero();
+    const float* xg[R];
+    for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
+    typename Simd::V acc[R][kSplit][kVecs];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < kSplit; ++c)
+        for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = Simd::zero();
     for (int64_t w = 0; w < geo.words; ++w) {
+      prefetch_ahead(codes + w * kBlockN);
       for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
-        const typename Simd::V xb = Simd::broadcast(xg + w * kCodesPerWord + i);
-        for (int64_t h = 0; h < kVecs; ++h) acc[i % kSplit][h] = Simd::fmadd(xb, q[h], acc[i % kSplit][h]);
+        for (int r = 0; r < R; ++r) {
+          const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
+          for (int64_t h = 0; h < kVecs; ++h)
+            acc[r][i % kSplit][h] = Simd::fmadd(xb, q[h], acc[r][i % kSplit][h]);
+        }
       });
     }
-    const typename Simd::V xs = Simd::broadcast(a.xsum + m * geo.groups + g);
+    typename Simd::V scale[kVecs], zero[kVecs];
     for (int64_t h = 0; h < kVecs; ++h) {
-      typename Simd::V sum = acc[0][h];
-      for (int c = 1; c < kSplit; ++c) sum = Simd::add(sum, acc[c][h]);
-      const typename Simd::V centred = Simd::fnmadd(geo.zeros(rec, h * Simd::kLanes), xs, sum);  // sum x q - z sum x
-      float* o = out + h * Simd::kLanes;
-      Simd::store(o, Simd::fmadd(geo.scales(rec, h * Simd::kLanes), centred, Simd::load(o)));
+      scale[h] = geo.scales(rec, h * Simd::kLanes);
+      zero[h] = geo.zeros(rec, h * Simd::kLanes);
+    }
+    for (int r = 0; r < R; ++r) {
+      const typename Simd::V xs = Simd::broadcast(a.xsum + (m0 + r) * geo.groups + g);
+      for (int64_t h = 0; h < kVecs; ++h) {
+        typename Simd::V sum = acc[r][0][h];
+        for (int c = 1; c < kSplit; ++c) sum = Simd::add(sum, acc[r][c][h]);
+        const typename Simd::V centred = Simd::fnmadd(zero[h], xs, sum);  // sum x q - z sum x
+        float* o = out[r] + h * Simd::kLanes;
+        Simd::store(o, Simd::fmadd(scale[h], centred, Simd::load(o)));
+      }
     }
   }
-  store_row16(y, dtype, m * ldy + b * kBlockN, out, bias, b * kBlockN, N);
+  for (int r = 0; r < R; ++r) store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, out[r], bias, b * kBlockN, N);
 }
 
 // Calls fn(std::integral_constant<int, R>, m0) over rows of x in chunks of up to kGemvRows.
@@ -254,6 +271,10 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
   constexpr int P = Grid::kPlanes;
   constexpr bool kPairSums = S::kPairSums;
   constexpr int64_t kWordsPerWiden = kPairSums ? 4 : std::numeric_limits<int64_t>::max() / 2;
+  // dot products into two accumulators per plane (low and high nibbles) where few chains would
+  // otherwise wait on each other's latency; one where R * P chains are plenty (and two would not
+  // fit the registers: 4 rows x 3 planes x 2 = 24 of 32 zmm)
+  constexpr int kNibbleSums = kPairSums || R * P <= 8 ? 2 : 1;
   const int8_t* planes[P];
   const int32_t* plane_sums[P];
   for (int p = 0; p < P; ++p) {
@@ -267,10 +288,11 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
     const int8_t* xg[R][P];
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) xg[r][p] = planes[p] + (m0 + r) * geo.Kp + g * geo.Gp;
-    typename Simd::VI acc[R][P][2][kVecs];  // [row][plane][low / high nibbles]
+    typename Simd::VI acc[R][P][kNibbleSums][kVecs];  // [row][plane][low / high nibbles]
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p)
-        for (int64_t h = 0; h < kVecs; ++h) acc[r][p][0][h] = acc[r][p][1][h] = Simd::zero_i();
+        for (int n = 0; n < kNibbleSums; ++n)
+          for (int64_t h = 0; h < kVecs; ++h) acc[r][p][n][h] = Simd::zero_i();
     for (int64_t w0 = 0; w0 < geo.words; w0 += kWordsPerWiden) {
       [[maybe_unused]] typename Simd::VI pairs[R][P][kVecs];
       if constexpr (kPairSums)
@@ -295,7 +317,7 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
                 pairs[r][p][h] = S::add_pairs(pairs[r][p][h], S::pair_sums(hi[h], x_hi));
               } else {
                 acc[r][p][0][h] = S::dot_u8s8(acc[r][p][0][h], lo[h], x_lo);
-                acc[r][p][1][h] = S::dot_u8s8(acc[r][p][1][h], hi[h], x_hi);
+                acc[r][p][kNibbleSums - 1][h] = S::dot_u8s8(acc[r][p][kNibbleSums - 1][h], hi[h], x_hi);
               }
             }
           }
@@ -317,7 +339,9 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
         typename Simd::V centred = Simd::zero();  // sum xq q - z sum xq, over the planes
         for (int p = 0; p < P; ++p) {
           const typename Simd::V xs = Simd::broadcast_value(float(plane_sums[p][m * geo.groups + g]));
-          const typename Simd::V plane = Simd::fnmadd(zero[h], xs, Simd::to_float(Simd::add_i(acc[r][p][0][h], acc[r][p][1][h])));
+          typename Simd::VI sum = acc[r][p][0][h];
+          if constexpr (kNibbleSums == 2) sum = Simd::add_i(sum, acc[r][p][1][h]);
+          const typename Simd::V plane = Simd::fnmadd(zero[h], xs, Simd::to_float(sum));
           centred = p == 0 ? plane : Simd::fmadd(centred, Simd::broadcast_value(256.f), plane);
         }
         float* o = out[r] + h * Simd::kLanes;
@@ -405,14 +429,21 @@ void gemv_on(const Activations& a, const uint8_t* packed, const Geometry& geo, c
       if (rows_have_codes<1>(a.xint, r, geo.groups))
         gemv_rows_a8<1, Grid>(a.xint, r, packed, geo, bias, y, dtype, ldy, b, N);
       else
-        gemv_float_row(a, r, packed, geo, bias, y, dtype, ldy, b, N);
+        gemv_rows<1>(a, r, packed, geo, bias, y, dtype, ldy, b, N);
     }
   });
 }
 void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
           void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
-  if (dtype == DType::BF16) gemv_on<Int16Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
-  else gemv_on<Int24Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
+  if (a.xint.xq == nullptr) {
+    for_row_chunks(a.M, [&](auto rows, int64_t m) {
+      gemv_rows<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+    });
+  } else if (dtype == DType::BF16) {
+    gemv_on<Int16Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
+  } else {
+    gemv_on<Int24Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
+  }
 }
 
 // ---- dense weights for a library GEMM -----------------------------------------------------------
@@ -439,12 +470,17 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
 // ---- entry points -------------------------------------------------------------------------------
 // The planes of the GEMV's fixed-point x (Activations::xint), 0 where it runs on floats: two
 // (int16) for bf16 x, whose 8 significant bits that grid holds exactly within 2^7 of a group's
-// largest value; three (int24) for fp32 and fp16 x, within a ulp of fp32 of the group's largest.
-// The three-plane kernel is faster than fp32 FMAs on the codes (unit floats or shift, mask and
-// convert) and its error is the size of the rounding of the fp32 sums it replaces.
+// largest value; three (int24) for fp32 and fp16 x, within a ulp of fp32 of the group's largest,
+// up to Simd::kInt24MaxRows rows (its error is the size of the rounding of the fp32 sums it
+// replaces). Three planes of byte dot products per row against fp32 FMAs on the codes, which
+// share each decoded column among the rows (4096x11008, two threads, hot, ms, float -> int24):
+// AVX-512 (unit floats before) M = 1 0.91 -> 0.61, 2 1.14 -> 0.87, 3 1.45 -> 1.15,
+// 4 1.92 -> 1.46, 7 3.53 -> 2.5; AVX2 M = 1 1.36 -> 0.91, but 2 1.78 -> 1.91, 4 2.75 -> 3.95
+// (16 ymm registers hold the pair sums and accumulators of one row of three planes).
 inline int xint_planes(int64_t M, DType dtype) {
   if (use_gemm(M)) return 0;
-  return dtype == DType::BF16 ? Int16Grid::kPlanes : Int24Grid::kPlanes;
+  if (dtype == DType::BF16) return Int16Grid::kPlanes;
+  return M <= Simd::kInt24MaxRows ? Int24Grid::kPlanes : 0;
 }
 
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {

@@ -17,6 +17,7 @@ struct Simd {
   using VI = __m512i;
   static constexpr int kLanes = 16;
   static constexpr int kMicroRows = 12;  // 12 x 16: 12 accumulators + 1 weight vector + 1 x
+  static constexpr int kInt24MaxRows = 7;  // every GEMV row (linear_simd.h's xint_planes)
 
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }
