@@ -135,9 +135,10 @@ def test_unprepack_rejects_wrong_scale_dtype_and_foreign_buffers():
     packed = ops.prepack(*to_cuda(qweight, scales, zeros), 64, 128)
     with pytest.raises(RuntimeError, match="scale_dtype is Half but packed holds BFloat16"):
         ops.unprepack(packed, 32, 128, 64, torch.float16)
-    cpu_packed = ops.prepack(qweight.float(), scales.float(), zeros.float(), 64, 128).cuda()
-    with pytest.raises(RuntimeError, match="no CUDA prepacked layout"):
-        ops.unprepack(cpu_packed, 32, 128, 64, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # CPU layouts of each scale dtype
+        cpu_packed = ops.prepack(qweight, scales.to(dtype), zeros.to(dtype), 64, 128).cuda()
+        with pytest.raises(RuntimeError, match="no CUDA prepacked layout"):
+            ops.unprepack(cpu_packed, 32, 128, 64, dtype)
     with pytest.raises(RuntimeError, match="no CUDA prepacked layout"):
         ops.linear(torch.randn(2, 128, device="cuda", dtype=torch.bfloat16), packed, 33, 128, 64)
 

@@ -337,29 +337,42 @@ def test_prepack_unprepack_round_trip(case, scale_dtype, zeros_kind):
 @pytest.mark.parametrize("case", PREPACK_CASES, ids=_quant_id)
 def test_cpu_prepacked_size_holds_the_scale_dtype(case):
     # docs/FORMAT.md: records of 16 codes words per 8 columns, then 16 scales and 16 zeros in the
-    # scale dtype; a footer of 0 / 16 / 32 bytes so the three sizes always differ
+    # scale dtype; a footer of 0 / 8 / 24 bytes so the three sizes always differ
     N, K, G = case
     groups = -(-K // (K if G == -1 else G))
     Gp = -(-(K if G == -1 else G) // 8) * 8
     blocks = -(-N // 16)
     sizes = {}
-    for dtype, param_bytes, footer in [(torch.float32, 4, 0), (torch.bfloat16, 2, 16),
-                                       (torch.float16, 2, 32)]:
+    for dtype, param_bytes, footer in [(torch.float32, 4, 0), (torch.bfloat16, 2, 8),
+                                       (torch.float16, 2, 24)]:
         sizes[dtype] = blocks * groups * (Gp * 8 + 32 * param_bytes) + footer
         assert ops.prepacked_bytes(N, K, G, dtype, "cpu") == sizes[dtype]
     assert len(set(sizes.values())) == 3
 
 
+def test_no_cpu_prepacked_size_is_a_cuda_one():
+    # a buffer moved to the other device must be refused by its ops, never read as another layout
+    for N in (1, 16, 17, 100, 4096):
+        for K in (1, 64, 100, 4096, 11008):
+            for G in (-1, 2, 9, 32, 64, 128):
+                if G > K:
+                    continue
+                cpu = {ops.prepacked_bytes(N, K, G, d, "cpu") for d in DTYPES}
+                cuda = {ops.prepacked_bytes(N, K, G, d, "cuda") for d in DTYPES}
+                assert len(cpu) == 3 and not cpu & cuda, (N, K, G, cpu, cuda)
+
+
 @pytest.mark.parametrize("stored,asked", [(torch.bfloat16, torch.float32),
-                                          (torch.float16, torch.float32),
+                                          (torch.float16, torch.bfloat16),
                                           (torch.float32, torch.bfloat16)])
-def test_unprepack_to_another_scale_dtype_converts(stored, asked):
-    # the buffer's own dtype comes from its size; the requested one is a conversion of it
+def test_unprepack_rejects_another_scale_dtype(stored, asked):
+    # the records hold the canonical scales in their dtype (read off the buffer's size): asking
+    # for another is refused, as on CUDA, rather than rounded or widened behind the caller's back
     N, K, G = 33, 256, 64
     qweight, scales, zeros = random_canonical(N, K, G, stored, "frac")
-    q2, s2, z2 = ops.unprepack(ops.prepack(qweight, scales, zeros, G, K), N, K, G, asked)
-    assert torch.equal(q2, qweight)
-    assert torch.equal(s2, scales.to(asked)) and torch.equal(z2, zeros.to(asked))
+    packed = ops.prepack(qweight, scales, zeros, G, K)
+    with pytest.raises(RuntimeError, match="scale_dtype is .* but packed holds .* scales"):
+        ops.unprepack(packed, N, K, G, asked)
 
 
 def test_prepack_round_trip_of_quantized_weight():

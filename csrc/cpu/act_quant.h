@@ -29,9 +29,10 @@ constexpr uint32_t kNonFiniteBits = 0x7F800000u;  // |x| bits at or above this: 
 //  * Int8Grid (W4A8): one scale per row, max|x| / 127.
 //  * Int16Grid and Int24Grid (Activations::xint): one scale per row and group, the power of two
 //    that puts max|x| in (kMax / 2, kMax], kMax = 127 * 257 or 127 * 65793: every bf16 value
-//    within 2^7 (int16), every fp16 value within 2^12 (int24) of the group's largest is then an
-//    exact integer multiple of it, and any other value is off by at most half of it. Codes are
-//    stored as signed base-256 digits, each an int8 for |q| <= kMax (split_digits).
+//    within 2^6 (int16), every fp16 value within 2^11 (int24) of the group's largest is then an
+//    exact integer multiple of it (within 2^7 / 2^12 too unless the scale had to double), and any
+//    other value is off by at most half of it, under max|x| / kMax. Codes are stored as signed
+//    base-256 digits, each an int8 for |q| <= kMax (split_digits).
 struct Int8Grid {
   static constexpr int kPlanes = 1;
   static constexpr bool kGroupScales = false;

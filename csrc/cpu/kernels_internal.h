@@ -29,6 +29,14 @@ INT4KIT_DECLARE_ISA(avx2)
 INT4KIT_DECLARE_ISA(avx512)
 INT4KIT_DECLARE_ISA(amx)
 
+namespace avx512 {
+// Rows [m_begin, m_end) of x on the int24 grid (Activations::xint's three planes, act_quant.h's
+// Int24Grid) for any M: what the AMX path's int8 tiles read for fp32 and fp16 x (the GEMV's
+// prepare_activations makes the same planes for its few rows).
+void prepare_x_int24(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                     const ActivationsA8& a, int64_t m_begin, int64_t m_end);
+}  // namespace avx512
+
 namespace amx {
 // Asks the kernel for the AMX tile state (once per process); false when refused.
 bool request_permission();

@@ -33,6 +33,11 @@ using Simd = avx512_simd::Simd;
 
 INT4KIT_SIMD_ENTRY_POINTS
 
+void prepare_x_int24(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                     const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
+  quantize_rows<SimdRowOps, Int24Grid>(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
+}
+
 }  // namespace avx512
 }  // namespace cpu
 }  // namespace int4kit

@@ -344,8 +344,10 @@ void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, con
           const typename Simd::V plane = Simd::fnmadd(zero[h], xs, Simd::to_float(sum));
           centred = p == 0 ? plane : Simd::fmadd(centred, Simd::broadcast_value(256.f), plane);
         }
+        // centred * x_scale first: exact for the power-of-two scales of the int16 / int24 grids,
+        // where scale * x_scale could underflow for tiny x
         float* o = out[r] + h * Simd::kLanes;
-        Simd::store(o, Simd::fmadd(Simd::mul(scale[h], x_scale), centred, Simd::load(o)));
+        Simd::store(o, Simd::fmadd(scale[h], Simd::mul(centred, x_scale), Simd::load(o)));
       }
     }
   }
@@ -416,7 +418,8 @@ bool rows_have_codes(const ActivationsA8& xint, int64_t m0, int64_t groups) {
 }
 
 // The GEMV of row block b over all rows of x, R rows at a time, on the fixed-point x that
-// prepare_activations made (xint_planes: Int16Grid for bf16 x, Int24Grid otherwise).
+// prepare_activations made (xint_planes: Int16Grid for bf16 x, Int24Grid otherwise; the grid is
+// told by the planes the activations hold).
 template <typename Grid>
 void gemv_on(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
              void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
@@ -439,7 +442,7 @@ void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
     for_row_chunks(a.M, [&](auto rows, int64_t m) {
       gemv_rows<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
     });
-  } else if (dtype == DType::BF16) {
+  } else if (a.xint.planes == Int16Grid::kPlanes) {
     gemv_on<Int16Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
   } else {
     gemv_on<Int24Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);

@@ -150,6 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& p
   const PackedShape shape = packed_shape(packed, N, K, group_size);
   TORCH_CHECK(is_compute_dtype(scale_dtype), "int4kit: scale_dtype must be float32, bfloat16 or "
               "float16, got ", scale_dtype);
+  // as on CUDA: the records hold the canonical scales, so another dtype is a mistake, not a cast
+  TORCH_CHECK(to_scalar_type(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
+              scale_dtype, " but packed holds ", to_scalar_type(shape.scale_dtype), " scales");
   const at::Tensor p = packed.contiguous();
   at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, p.options());
   at::Tensor scales = at::empty({N, shape.groups()}, p.options().dtype(at::kFloat));

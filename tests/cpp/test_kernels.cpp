@@ -281,14 +281,14 @@ TEST_P(Prepack, UnprepackRoundTripIsBitExact) {
 // Reads the prepacked buffer byte by byte as format.h describes it: per row block of 16 rows, per
 // group, Gp/8 words x 16 lanes of codes (word w holds columns 8w .. 8w + 7 of the group, column i
 // at bit nibble_shift(i)), then 16 scales and 16 zero points in the scale dtype; padding rows and
-// columns hold code 0; a footer of 0, 16 or 32 zero bytes (fp32, bf16, fp16 scales).
+// columns hold code 0; a footer of 0, 8 or 24 zero bytes (fp32, bf16, fp16 scales).
 TEST_P(Prepack, MatchesDocumentedLayout) {
   const Layout c = GetParam();
   const int64_t groups = groups_of(c.K, c.G), Gp = (c.G + 7) / 8 * 8, blocks = (c.N + 15) / 16;
   const int64_t code_bytes = Gp / 8 * 16 * 4;
   std::mt19937 rng(5);
   for (const auto& [scale_dtype, scale_bytes, footer] :
-       {std::tuple{DType::F32, 4, 0}, std::tuple{DType::BF16, 2, 16}, std::tuple{DType::F16, 2, 32}}) {
+       {std::tuple{DType::F32, 4, 0}, std::tuple{DType::BF16, 2, 8}, std::tuple{DType::F16, 2, 24}}) {
     SCOPED_TRACE(dtype_name(scale_dtype));
     const int64_t record_bytes = code_bytes + 2 * 16 * scale_bytes;
     const Weight w = make_weight(c, /*symmetric=*/false, rng, scale_dtype);
@@ -378,12 +378,14 @@ std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M
 
 // Runs the kernels as csrc/cpu/ops_cpu.cpp does: prepare_activations over row ranges (here two),
 // then linear over row blocks, split into [0, split) and [split, row_blocks) calls.
+// The activation buffer is NaN-filled by default, like the uninitialised tensors of the glue:
+// nothing may depend on what it held (a finite fill shows reads of what was never written where
+// the outputs should be NaN).
 Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const float* bias,
-                  int64_t ldy, int64_t split) {
+                  int64_t ldy, int64_t split, float buffer_fill = kNaN) {
   const PackedShape& s = w.shape;
-  // NaN-filled, like the uninitialised tensors of the glue: nothing may depend on what they held
   const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, s, M, x.dtype);
-  std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4), kNaN);
+  std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4), buffer_fill);
   const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
   cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
@@ -458,12 +460,12 @@ double ulp_of(double v, DType dtype) {
 }
 
 // Every output within an ulp of its dtype of the exact result, plus a float dot product's
-// rounding, plus what kernels.h allows the GEMVs' fixed-point x: each value of x within 2^-15
-// (bf16 on int16) or 2^-23 (fp16, fp32 on int24) of its group's largest |x|; bf16 and fp16
-// values are exact within 2^7 / 2^12 of it, as are all of them in this test but those sharing a
-// group with the 3000 below. x quantized to int8 would miss by ~8 ulps, fp32 x on int16 by ~2^-15
-// of the 3000 (the fp32 rows fail then). fp32 and fp16 rows past the ISA's kInt24MaxRows run on
-// the float GEMV, within the same bound.
+// rounding, plus what kernels.h allows the GEMVs' fixed-point x: each value of x within 1 / kMax
+// (~2^-15 for bf16 on int16, ~2^-23 for fp16 and fp32 on int24) of its group's largest |x|; bf16
+// and fp16 values are exact within 2^6 / 2^11 of it, as are all of them in this test but those
+// sharing a group with the 3000 below. x quantized to int8 would miss by ~8 ulps, fp32 x on int16
+// by ~2^-15 of the 3000 (the fp32 rows fail then). fp32 and fp16 rows past the ISA's
+// kInt24MaxRows run on the float GEMV (or AMX tiles), within the same bound.
 TEST_P(FusedLinear, FixedPointXIsExactToTheOutputsRounding) {
   const auto [isa, c] = GetParam();
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
@@ -471,7 +473,7 @@ TEST_P(FusedLinear, FixedPointXIsExactToTheOutputsRounding) {
   const Weight w = make_weight(c, false, rng);
   for (int64_t M : {1, 2, 3, 5, 7}) {
     for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
-      const int grid_bits = dtype == DType::BF16 ? 15 : 23;
+      const double half_step = dtype == DType::BF16 ? 1.0 / (127 * 257) : 1.0 / (127 * 65793);  // of max|x|
       SCOPED_TRACE(std::string("M=") + std::to_string(M) + " " + dtype_name(dtype));
       Matrix x(dtype, M, c.K, 0.f);
       const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
@@ -480,13 +482,13 @@ TEST_P(FusedLinear, FixedPointXIsExactToTheOutputsRounding) {
       if (M > 1) x.set(0, c.K / 2, 3000.f);
       std::vector<double> magnitudes, grid_slack;
       const std::vector<double> ref = reference_linear(w, x, M, &magnitudes);
-      Matrix group_max(DType::F32, M, c.K, 0.f);  // 2^-grid_bits max|x| of each value's group
+      Matrix group_max(DType::F32, M, c.K, 0.f);  // max|x| / kMax of each value's group
       for (int64_t m = 0; m < M; ++m)
         for (int64_t k0 = 0; k0 < c.K; k0 += c.G) {
           float amax = 0.f;
           for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k) amax = std::max(amax, std::fabs(x.get(m, k)));
           for (int64_t k = k0; k < std::min(c.K, k0 + c.G); ++k)
-            group_max.set(m, k, std::ldexp(amax, -grid_bits));
+            group_max.set(m, k, float(amax * half_step));
         }
       reference_linear(w, group_max, M, &grid_slack);
       const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
@@ -516,20 +518,22 @@ TEST_P(FusedLinear, NonFiniteRowsStayNonFiniteAndLeaveTheOthers) {
       const std::vector<double> ref = reference_linear(w, x, M);
       x.set(0, c.K - 1, kInf);
       if (M > 2) x.set(2, 0, -kNaN);
-      const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < c.N; ++n) {
-          if (m == 0) {
-            ASSERT_FALSE(std::isfinite(y.get(m, n))) << "row " << m << " column " << n;
-          } else if (m == 2) {
-            ASSERT_TRUE(std::isnan(y.get(m, n))) << "row " << m << " column " << n;
-          } else {
-            const double expected = ref[m * c.N + n];
-            ASSERT_NEAR(y.get(m, n), expected, ulp_of(expected, dtype == DType::F32 ? DType::F16 : dtype) +
-                                                   1e-3 * std::fabs(expected) + 1e-4)
-                << "row " << m << " column " << n;
+      for (float fill : {kNaN, 0.5f}) {  // 0.5: the non-finite rows must not read stale floats
+        const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks(), fill);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < c.N; ++n) {
+            if (m == 0) {
+              ASSERT_FALSE(std::isfinite(y.get(m, n))) << "row " << m << " column " << n;
+            } else if (m == 2) {
+              ASSERT_TRUE(std::isnan(y.get(m, n))) << "row " << m << " column " << n;
+            } else {
+              const double expected = ref[m * c.N + n];
+              ASSERT_NEAR(y.get(m, n), expected, ulp_of(expected, dtype == DType::F32 ? DType::F16 : dtype) +
+                                                     1e-3 * std::fabs(expected) + 1e-4)
+                  << "row " << m << " column " << n;
+            }
           }
-        }
+      }
     }
   }
 }
@@ -702,6 +706,18 @@ TEST_P(W4A8Linear, IntegerDotProductsHoldTheirExtremes) {
     for (int64_t n = 0; n < c.N; ++n) {
       ASSERT_NEAR(y8.get(0, n), ref8[n], 1e-5 * std::fabs(ref8[n]) + 1e-4) << "W4A8, column " << n;
       ASSERT_NEAR(y16.get(0, n), ref[n], ulp_of(ref[n], DType::BF16) + 1e-4) << "bf16 x, column " << n;
+    }
+  }
+  // fp32 x on the int24 grid (the GEMV at M = 1, int8 AMX tiles from 4 rows): -1 and just under -2
+  // are codes -2^22 and -8355711 + ..., top digit -127 in every row, against codes 15 everywhere
+  for (float value : {-1.f, -1.99999988f}) {
+    for (int64_t M : {1, 4}) {
+      SCOPED_TRACE("fp32 x " + std::to_string(value) + " M=" + std::to_string(M));
+      Matrix x(DType::F32, M, c.K, value);
+      const std::vector<double> ref = reference_linear(w, x, M);
+      const Matrix y = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
+      for (int64_t i = 0; i < M * c.N; ++i)
+        ASSERT_NEAR(y.get(i / c.N, i % c.N), ref[i], 1e-6 * std::fabs(ref[i]) + 1e-4) << "output " << i;
     }
   }
 }

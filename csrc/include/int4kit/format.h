@@ -114,9 +114,11 @@ inline void store_from_float(void* p, DType t, int64_t i, float v) {
 // so a SIMD load of 16 consecutive words gives 8 columns of 16 rows, and each group's scale and
 // zero point sit right after their codes in the same sequential stream. The scale dtype is the
 // canonical one (fp32, bf16 or fp16), so records hold the canonical values bit for bit; 16-bit
-// ones make an M = 1 stream 5.6% shorter at G = 128. After the last block, a footer of
-// 16 * int(scale dtype) zero bytes (0, 16, 32) makes the three sizes differ for any N, K, G with
-// at least one row, so the op glue tells the scale dtype from a buffer's size.
+// ones make an M = 1 stream 5.6% shorter at G = 128. After the last block, a footer of 0, 8 or
+// 24 zero bytes (fp32, bf16, fp16 scales): the record sizes are multiples of 64, so the three
+// totals differ (0, 8, 24 mod 64) and the op glue tells the scale dtype from a buffer's size; and
+// no CPU size is a CUDA one (16, 32 or 48 mod 64, cuda_layout.h), so a buffer prepacked for one
+// device is refused by the other's ops.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kCodesPerWord = 8;
@@ -144,7 +146,9 @@ struct PackedShape {
     return params_offset() + 2 * kBlockN * scale_bytes();
   }
   int64_t row_block_bytes() const { return groups() * group_record_bytes(); }
-  int64_t footer_bytes() const { return 16 * int64_t(scale_dtype); }
+  int64_t footer_bytes() const {
+    return scale_dtype == DType::F32 ? 0 : scale_dtype == DType::BF16 ? 8 : 24;
+  }
   int64_t total_bytes() const { return row_blocks() * row_block_bytes() + footer_bytes(); }
   // length of group g in real (unpadded) columns; the last group may be shorter than G
   int64_t group_len(int64_t g) const { return (g + 1) * G <= K ? G : K - g * G; }

@@ -62,6 +62,7 @@ struct ActivationsA8 {
   float* scale = nullptr;     // [M] ([M, groups] in xint); NaN for a row with an Inf or a NaN (its
                               // codes and sums are not written): W4A8's caller rejects such x
   int64_t M = 0;
+  int planes = 1;                            // 1 (W4A8), 2 (int16) or 3 (int24)
   int8_t* lower[kMaxPlanes - 1] = {};        // the further digits (xint only), laid out like xq
   int32_t* lower_sums[kMaxPlanes - 1] = {};  // [M, groups] each
   // plane p (0: the most significant digit, xq) and its sums
@@ -85,10 +86,12 @@ struct Activations {
   // in byte dot products like W4A8's x (on AVX-512, 2 vpdpbusd per plane and 128 codes where
   // bf16 dot products took 8 vdpbf16ps): bf16 x as int16 in two planes, fp32 and fp16 x as int24
   // in three. Each row and group has a power-of-two step (act_quant.h's Int16Grid / Int24Grid)
-  // that holds every bf16 value within 2^7 (int16) and every fp16 value within 2^12 (int24) of
-  // the group's largest |x| exactly; other values are off by at most half a step: 2^-15 of that
-  // largest (int16), 2^-23 (int24: one fp32 ulp of it, the rounding an fp32 sum of the products
-  // has anyway). A row with an Inf or a NaN (NaN scales) runs on x instead.
+  // that holds every bf16 value within 2^6 (int16) and every fp16 value within 2^11 (int24) of
+  // the group's largest |x| exactly (2^7 / 2^12 unless that largest lies within 0.4% under a
+  // power of two, where the step doubles); any other value is off by at most half a step, under
+  // 1 / kMax of that largest (~2^-15 for int16; ~2^-23 for int24, about one fp32 ulp of it, the
+  // rounding an fp32 sum of the products has anyway). A row with an Inf or a NaN (NaN scales)
+  // runs on x instead.
   ActivationsA8 xint;
 };
 struct ActivationSizes {
@@ -116,6 +119,7 @@ inline ActivationsA8 lay_out_a8(BufferLayout& buf, int64_t M, int64_t codes, int
                                 int64_t scales, int planes) {
   ActivationsA8 a;
   a.M = M;
+  a.planes = planes;
   a.xq = reinterpret_cast<int8_t*>(buf.take(codes));
   for (int p = 1; p < planes; ++p) a.lower[p - 1] = reinterpret_cast<int8_t*>(buf.take(codes));
   a.xq_sum = reinterpret_cast<int32_t*>(buf.take(4 * sums));
