@@ -55,6 +55,34 @@ inline int64_t effective_group_size(int64_t group_size, int64_t K) {
   return group_size;
 }
 
+// The prepacked layout (format.h's PackedShape or cuda_layout::Shape) of a `packed` buffer for
+// [N, K] at group_size: of the three scale dtypes, the one whose layout has the buffer's size (each
+// layout's footer makes the sizes differ). `layout` names it in the error ("CPU", "CUDA"),
+// `made_on` says where int4kit.prepack must have made it.
+template <typename Shape>
+Shape layout_of_size(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size,
+                     const char* layout, const char* made_on) {
+  const int64_t G = effective_group_size(group_size, K);
+  for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
+    const Shape shape{N, K, G, t};
+    if (shape.total_bytes() == packed.numel()) return shape;
+  }
+  TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no ", layout,
+              " prepacked layout of N = ", N, ", K = ", K, ", group_size = ", group_size,
+              " (expected ", Shape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
+              Shape{N, K, G, DType::BF16}.total_bytes(), " / ",
+              Shape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); was it made by "
+              "int4kit.prepack ", made_on, " with the same N, K and group_size?");
+  return {};
+}
+
+// unprepack's scale_dtype must be the one the records hold: they keep the canonical scales, so
+// another dtype is a mistake, not a cast.
+inline void check_unprepack_scale_dtype(DType held, at::ScalarType scale_dtype) {
+  TORCH_CHECK(to_scalar_type(held) == scale_dtype, "int4kit: scale_dtype is ", scale_dtype,
+              " but packed holds ", to_scalar_type(held), " scales");
+}
+
 // Checks the canonical trio against [N, K] / G and returns N.
 inline int64_t check_canonical(const at::Tensor& qweight, const at::Tensor& scales,
                                const c10::optional<at::Tensor>& zeros, int64_t K, int64_t G) {

@@ -130,18 +130,7 @@ PackedShape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, int64_t
   check_dtype(packed, at::kByte, "packed");
   check_dim(packed, 1, "packed");
   TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
-  const int64_t G = effective_group_size(group_size, K);
-  for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
-    const PackedShape shape{N, K, G, t};
-    if (shape.total_bytes() == packed.numel()) return shape;
-  }
-  TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no CPU prepacked "
-              "layout of N = ", N, ", K = ", K, ", group_size = ", group_size, " (expected ",
-              PackedShape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
-              PackedShape{N, K, G, DType::BF16}.total_bytes(), " / ",
-              PackedShape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); was it "
-              "made by int4kit.prepack on the CPU with the same N, K and group_size?");
-  return {};
+  return layout_of_size<PackedShape>(packed, N, K, group_size, "CPU", "on the CPU");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& packed, int64_t N,
@@ -150,9 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& p
   const PackedShape shape = packed_shape(packed, N, K, group_size);
   TORCH_CHECK(is_compute_dtype(scale_dtype), "int4kit: scale_dtype must be float32, bfloat16 or "
               "float16, got ", scale_dtype);
-  // as on CUDA: the records hold the canonical scales, so another dtype is a mistake, not a cast
-  TORCH_CHECK(to_scalar_type(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
-              scale_dtype, " but packed holds ", to_scalar_type(shape.scale_dtype), " scales");
+  check_unprepack_scale_dtype(shape.scale_dtype, scale_dtype);
   const at::Tensor p = packed.contiguous();
   at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, p.options());
   at::Tensor scales = at::empty({N, shape.groups()}, p.options().dtype(at::kFloat));

@@ -109,26 +109,14 @@ cuda_layout::Shape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, 
   TORCH_CHECK(packed.is_contiguous() && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
               "int4kit: packed must be a contiguous, 16-byte aligned buffer as int4kit.prepack returns");
   TORCH_CHECK(N > 0, "int4kit: N (out_features) must be positive, got ", N);
-  const int64_t G = effective_group_size(group_size, K);
-  for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
-    const cuda_layout::Shape shape{N, K, G, t};
-    if (shape.total_bytes() == packed.numel()) return shape;
-  }
-  TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no CUDA prepacked "
-              "layout of N = ", N, ", K = ", K, ", group_size = ", group_size, " (expected ",
-              cuda_layout::Shape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
-              cuda_layout::Shape{N, K, G, DType::BF16}.total_bytes(), " / ",
-              cuda_layout::Shape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); "
-              "was it made by int4kit.prepack on a CUDA device with the same N, K and group_size?");
-  return {};
+  return layout_of_size<cuda_layout::Shape>(packed, N, K, group_size, "CUDA", "on a CUDA device");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cuda(const at::Tensor& packed, int64_t N,
                                                                int64_t K, int64_t group_size,
                                                                at::ScalarType scale_dtype) {
   const cuda_layout::Shape shape = packed_shape(packed, N, K, group_size);
-  TORCH_CHECK(to_scalar_type(shape.scale_dtype) == scale_dtype, "int4kit: scale_dtype is ",
-              scale_dtype, " but packed holds ", to_scalar_type(shape.scale_dtype), " scales");
+  check_unprepack_scale_dtype(shape.scale_dtype, scale_dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, packed.options());
   at::Tensor scales = at::empty({N, shape.groups()}, packed.options().dtype(scale_dtype));
