@@ -8,12 +8,13 @@
 // fmadd(a, b, c) = a*b+c, fnmadd(a, b, c) = c-a*b, fmsub(a, b, c) = a*b-c, mul, add, hsum(v),
 // load_words(p) (kLanes uint32), codes_to_float<kShift>(words) = float((words >> kShift) & 0xF),
 // load_x(p, dtype, i) (kLanes values of x as fp32), store_y16(y, dtype, offset, out) (16 aligned
-// fp32 values written to y as dtype), kInt24MaxRows (xint_planes), high_bytes and low_bytes (act_quant.h's
-// ScalarDigits per lane, for the GEMV's fixed-point x). For W4A8: zero_i(), low_nibbles(w), high_nibbles(w)
-// (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums: false with dot_u8s8(acc, u8, s8)
-// (4-way byte dot product into int32 lanes), true with pair_sums(u8, s8) (int16 sums of byte
-// pairs), add_pairs and widen_pairs(acc, pairs) (into int32 lanes); to_float(vi), and the
-// quantizer's max_abs_bits, hmax_u32, quantize, add_i, hsum_i, store_a8_codes.
+// fp32 values written to y as dtype), kInt24MaxRows (xint_planes), high_bytes and low_bytes
+// (act_quant.h's ScalarDigits per lane, for the GEMV's fixed-point x). For W4A8: zero_i(),
+// low_nibbles(w), high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums:
+// false with dot_u8s8(acc, u8, s8) (4-way byte dot product into int32 lanes), true with
+// pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and widen_pairs(acc, pairs) (into
+// int32 lanes); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize, add_i,
+// hsum_i, store_a8_codes.
 //
 // Two paths, chosen by M:
 //  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
@@ -260,8 +261,9 @@ constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
 
 // Rows [m0, m0 + R) of y for row block b, with x on Grid (act_quant.h): W4A8's int8 x, or
 // Activations::xint's int16 / int24 x in two / three planes, whose dot products are combined per
-// group as base-256 digits, (256 * (high plane's) + (next plane's)) * 256 + ... Each plane keeps two accumulators, for the low and the high
-// nibbles of a word, so no vpdpbusd waits on another's latency (the chained form ran 1.1x slower).
+// group as base-256 digits, (256 * (high plane's) + (next plane's)) * 256 + ... With few rows
+// and planes each plane keeps two accumulators, for the low and the high nibbles of a word, so no
+// vpdpbusd waits on another's latency (the chained form ran 1.1x slower; kNibbleSums below).
 // With kPairSums (AVX2: no vpdpbusd, so vpmaddubsw gives int16 pair sums, vpmaddwd widens them),
 // the pair sums of up to kWordsPerWiden words add up in int16 before one widening: each is at most
 // 2 * 15 * 128 = 3840 in size, two per word (low and high nibbles), 4 words 30720 < 2^15.
