@@ -50,9 +50,8 @@ struct Half<__half> {
   static constexpr DType kDType = DType::F16;
   static __device__ T2 low2(T2 v) { return __low2half2(v); }
   static __device__ T2 high2(T2 v) { return __high2half2(v); }
-  static constexpr uint32_t kMagicBits = 0x64006400u;  // 1024 in both halves: codes land in the mantissa
-  static constexpr uint32_t kOnesBits = 0x3C003C00u;   // 1.0 in both halves
-  static constexpr float kMagic = 1024.f;
+  static constexpr MagicCodes kCodes = kMagicF16;
+  static constexpr uint32_t kOnesBits = 0x3C003C00u;  // 1.0 in both halves
   static __device__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ T from_float(float v) { return __float2half_rn(v); }
   static __device__ float to_float(T v) { return __half2float(v); }
@@ -64,9 +63,8 @@ struct Half<__nv_bfloat16> {
   static constexpr DType kDType = DType::BF16;
   static __device__ T2 low2(T2 v) { return __low2bfloat162(v); }
   static __device__ T2 high2(T2 v) { return __high2bfloat162(v); }
-  static constexpr uint32_t kMagicBits = 0x43004300u;  // 128 in both halves
-  static constexpr uint32_t kOnesBits = 0x3F803F80u;   // 1.0 in both halves
-  static constexpr float kMagic = 128.f;
+  static constexpr MagicCodes kCodes = kMagicBF16;
+  static constexpr uint32_t kOnesBits = 0x3F803F80u;  // 1.0 in both halves
   static __device__ T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ T from_float(float v) { return __float2bfloat16_rn(v); }
   static __device__ float to_float(T v) { return __bfloat162float(v); }
@@ -87,6 +85,42 @@ __device__ inline uint32_t as_bits(T2 v) {
   return bits;
 }
 
+// (a & kMask) | kBits as one LOP3. Written as C++ with two constants it compiles to two (a LOP3
+// takes one immediate); ptxas keeps one of these constants in a register across the loop.
+template <uint32_t kMask, uint32_t kBits>
+__device__ inline uint32_t and_or(uint32_t a) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "n"(kMask), "n"(kBits));
+  return d;
+}
+
+// A register `reg` of one k16 step's code word as magic + q in both halves (cuda_layout.h: register
+// r holds nibbles r and r + 4).
+template <typename T>
+__device__ inline uint32_t magic_codes(uint32_t word, int reg) {
+  return and_or<0x000F000Fu, both_halves(Half<T>::kCodes.magic_bits)>(word >> (4 * reg));
+}
+
+// The four A registers of one step as the small-M kernel feeds them to the mma: q - 8 exactly, for
+// row g + 8 (registers 1 and 3) times kCodes.high_gain (code_field in cuda_layout.h). bf16: a
+// shift, a LOP3 and a subtraction per register (no shift for register 0); fp16 reads row g + 8's
+// codes in place from bits 4-7 as 1024 + 16 q, so one shift serves the whole word.
+template <typename T>
+__device__ inline void centred_fragments(uint32_t word, uint32_t (&a)[4]) {
+  using H = Half<T>;
+  using T2 = typename H::T2;
+  constexpr MagicCodes c = H::kCodes;
+  const T2 low = as_pair<T2>(both_halves(c.plus(kSymmetricZero)));
+  const T2 high = as_pair<T2>(both_halves(c.plus(int(c.high_gain) * kSymmetricZero)));
+  [&]<int... kReg>(std::integer_sequence<int, kReg...>) {
+    ((a[kReg] = as_bits(__hsub2(
+          as_pair<T2>(and_or<code_field(kReg, c.high_gain).mask, both_halves(c.magic_bits)>(
+              word >> code_field(kReg, c.high_gain).shift)),
+          kReg & 1 ? high : low))),
+     ...);
+  }(std::make_integer_sequence<int, 4>{});
+}
+
 __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                                  __half) {
   asm volatile(
@@ -104,11 +138,9 @@ __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16-byte global -> shared copy that bypasses L1, to shared-window address dst; src_bytes = 0
-// fills the destination with zeros.
-__device__ inline void cp_async16(unsigned dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
+// 16-byte global -> shared copy that bypasses L1, to shared-window address dst.
+__device__ inline void cp_async16(unsigned dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ inline void cp_async8(unsigned dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
@@ -135,7 +167,7 @@ struct Dequantizer {
       const T2 s = as_pair<T2>(raw.x), z = as_pair<T2>(raw.y);  // (lo, hi) pairs
       const T2 limit = H::pair(64.f, 64.f);
       const T2 zi = __hmax2(__hmin2(h2rint(z), limit), __hneg2(limit));
-      const T2 shift = __hadd2(zi, H::pair(H::kMagic, H::kMagic));
+      const T2 shift = __hadd2(zi, H::pair(H::kCodes.magic, H::kCodes.magic));
       const T2 bias = __hmul2(__hsub2(z, zi), __hneg2(s));
       d.shift_lo = H::low2(shift), d.shift_hi = H::high2(shift);
       d.scale_lo = H::low2(s), d.scale_hi = H::high2(s);
@@ -146,8 +178,8 @@ struct Dequantizer {
     const float zi_lo = fminf(fmaxf(rintf(r.zero_lo), -64.f), 64.f);
     const float zi_hi = fminf(fmaxf(rintf(r.zero_hi), -64.f), 64.f);
     const float bias_lo = -(r.zero_lo - zi_lo) * r.scale_lo, bias_hi = -(r.zero_hi - zi_hi) * r.scale_hi;
-    d.shift_lo = H::pair(H::kMagic + zi_lo, H::kMagic + zi_lo);
-    d.shift_hi = H::pair(H::kMagic + zi_hi, H::kMagic + zi_hi);
+    d.shift_lo = H::pair(H::kCodes.magic + zi_lo, H::kCodes.magic + zi_lo);
+    d.shift_hi = H::pair(H::kCodes.magic + zi_hi, H::kCodes.magic + zi_hi);
     d.scale_lo = H::pair(r.scale_lo, r.scale_lo), d.scale_hi = H::pair(r.scale_hi, r.scale_hi);
     d.bias_lo = H::pair(bias_lo, bias_lo), d.bias_hi = H::pair(bias_hi, bias_hi);
     return d;
@@ -157,7 +189,7 @@ struct Dequantizer {
   __device__ void fragments(uint32_t word, uint32_t (&a)[4]) const {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {
-      const T2 magic_q = as_pair<T2>(((word >> (4 * reg)) & 0x000F000Fu) | H::kMagicBits);
+      const T2 magic_q = as_pair<T2>(magic_codes<T>(word, reg));
       const bool hi = reg & 1;  // registers 1 and 3 hold row g + 8
       a[reg] = as_bits(__hfma2(__hsub2(magic_q, hi ? shift_hi : shift_lo), hi ? scale_hi : scale_lo,
                                hi ? bias_hi : bias_lo));
@@ -166,7 +198,8 @@ struct Dequantizer {
 };
 
 struct LinearArgs {
-  const void* x;        // [M, K], rows ldx apart; 16-byte aligned, ldx % 8 == 0, zeros in [K, ldx)
+  const void* x;        // [M, K], rows ldx apart; 16-byte aligned, ldx a multiple of 64 (whole
+                        // chunks: no bounds checks), zeros in [K, ldx)
   const uint4* codes;   // prepacked codes
   const uint8_t* records;
   const void* bias;     // [N] or nullptr
@@ -184,7 +217,9 @@ struct Slots {  // the uint4 slots of one lane in one stage
   static constexpr int kCodes = 0, kRecords = NT, kX = 2 * NT, kCount = 2 * NT + 2 * TM;
 };
 
-template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma>
+// kRecordsInT: the records hold T's own dtype (a bf16 or fp16 model), so their size and decoding
+// are known at compile time; otherwise both are read off args.scale_dtype in the loop.
+template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma, bool kRecordsInT>
 __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   using H = Half<T>;
   using T2 = typename H::T2;
@@ -198,20 +233,24 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   const int64_t tile0 = int64_t(blockIdx.x) / token_blocks * NT;
   const int64_t token0 = int64_t(blockIdx.x) % token_blocks * 8 * TM;
   const T* x = static_cast<const T*>(args.x);
-  const int64_t record_bytes = kRecordValues * scale_bytes(args.scale_dtype);
+  // 32-bit column, group and record arithmetic: the glue keeps K below kMaxK
+  const int groups = int(args.groups);
+  const DType record_dtype = kRecordsInT ? H::kDType : args.scale_dtype;
+  const int record_bytes = kRecordValues * int(scale_bytes(record_dtype));
   // This lane's column of the ring: stage s, slot i at ring + (s * kCount + i) * 32 uint4s.
   uint4* const ring = smem + warp * STAGES * S::kCount * kLanes + lane;
   constexpr int kStage = S::kCount * kLanes;  // uint4s per stage
 
   // This block's K range (split-K across blocks, blockIdx.y) and, inside it, warp `warp` takes
   // chunks first + warp, first + warp + WK, ...
-  const int64_t first_chunk = int64_t(blockIdx.y) * args.chunks_per_split;
-  const int64_t span = min(args.chunks - first_chunk, args.chunks_per_split);
-  const int64_t iterations = span > warp ? (span - warp + WK - 1) / WK : 0;
+  const int first_chunk = int(blockIdx.y * args.chunks_per_split);
+  const int span = int(min(args.chunks - first_chunk, args.chunks_per_split));
+  const int iterations = span > warp ? (span - warp + WK - 1) / WK : 0;
 
-  // Per-lane bases, so a refill is a few adds: this lane's code words and record rows of each row
-  // tile (a tile past the last re-reads the last; its outputs are never stored), and the x row of
-  // each token tile (rows past M repeat the last one, also never stored).
+  // The refill state, so that a refill is a few adds: this lane's next code words and record rows
+  // of each row tile (a tile past the last re-reads the last; its outputs are never stored), its
+  // next x piece of each token tile (rows past M repeat the last one, also never stored), the
+  // next iteration to load, its ring stage and the lane's first column there.
   const uint4* codes[NT];
   const uint8_t* records[NT];
 #pragma unroll
@@ -220,48 +259,38 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
     codes[nt] = args.codes + (tile * args.chunks + first_chunk + warp) * kLanes + lane;
     records[nt] = args.records + (tile * args.groups * kLaneGroups + lane / 4) * record_bytes;
   }
-  const T* x_rows[TM];
+  int next = 0, next_stage = 0, next_column = lane_first_column(first_chunk + warp, lane);
+  const T* x_next[TM];
 #pragma unroll
   for (int tm = 0; tm < TM; ++tm) {
     const int64_t token = token0 + 8 * tm + lane / 4;
-    x_rows[tm] = x + (token < args.M ? token : args.M - 1) * args.ldx;
+    x_next[tm] = x + (token < args.M ? token : args.M - 1) * args.ldx + next_column;
   }
-  // 32-bit column and group arithmetic (the glue keeps K below kMaxK)
-  const int K = int(args.K), groups = int(args.groups);
-
-  // The refill state: the next iteration to load, its ring stage and this lane's first column
-  // there; code pointers advance with it.
-  int64_t next = 0;
-  int next_stage = 0, next_column = lane_first_column(int(first_chunk) + warp, lane);
   const unsigned ring_shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
   unsigned write = ring_shared;  // the shared-window address of stage next_stage
   auto slot_address = [&](int i) { return write + unsigned(i * kLanes * 16); };
   auto issue_next = [&]() {
     if (next < iterations) {
-      const int group = lane_group(next_column, args.group_divisor, groups);
+      const int record_offset = lane_group(next_column, args.group_divisor, groups) * kLaneGroups * record_bytes;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        cp_async16(slot_address(S::kCodes + nt), codes[nt], 16);
-        codes[nt] += WK * kLanes;
-        const uint8_t* src = records[nt] + int64_t(group) * kLaneGroups * record_bytes;
-        if (record_bytes == 16) cp_async16(slot_address(S::kRecords + nt), src, 16);
+        cp_async16(slot_address(S::kCodes + nt), codes[nt]);
+        const uint8_t* src = records[nt] + record_offset;
+        if (record_bytes == 16) cp_async16(slot_address(S::kRecords + nt), src);
         else cp_async8(slot_address(S::kRecords + nt), src);
       }
 #pragma unroll
-      for (int tm = 0; tm < TM; ++tm) {
+      for (int tm = 0; tm < TM; ++tm)  // past K: the row's zero padding (LinearArgs)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // A piece that starts inside K is read whole (the row's padding up to ldx is zeros);
-          // one that starts past it is zero-filled.
-          const int column = next_column + 8 * h;
-          cp_async16(slot_address(S::kX + 2 * tm + h), column < K ? x_rows[tm] + column : x,
-                     column < K ? 16 : 0);
-        }
-      }
+        for (int h = 0; h < 2; ++h) cp_async16(slot_address(S::kX + 2 * tm + h), x_next[tm] + 8 * h);
     }
     cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     ++next;
     next_column += WK * kChunkK;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) codes[nt] += WK * kLanes;
+#pragma unroll
+    for (int tm = 0; tm < TM; ++tm) x_next[tm] += WK * kChunkK;
     const bool wrap = next_stage == STAGES - 1;
     next_stage = wrap ? 0 : next_stage + 1;
     write = wrap ? ring_shared : write + unsigned(kStage * 16);
@@ -272,7 +301,7 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   for (int s = 0; s < STAGES - 1; ++s) issue_next();
   int stage = 0;
   const uint4* read = ring;  // stage `stage`
-  for (int64_t it = 0; it < iterations; ++it) {
+  for (int it = 0; it < iterations; ++it) {
     cp_async_wait<STAGES - 2>();  // this lane's copies for `it` have landed
     uint4 xs[TM][2];
 #pragma unroll
@@ -306,17 +335,13 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4 words = read[(S::kCodes + nt) * kLanes];
-        const LaneRecord r = decode_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
+        const LaneRecord r = decode_record(read[(S::kRecords + nt) * kLanes], record_dtype);
         const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
         float part[TM][4] = {};
 #pragma unroll
         for (int step = 0; step < kSteps; ++step) {
           uint32_t a[4];
-#pragma unroll
-          for (int reg = 0; reg < 4; ++reg)
-            a[reg] = as_bits(__hsub2(
-                as_pair<T2>(((step_words[step] >> (4 * reg)) & 0x000F000Fu) | H::kMagicBits),
-                H::pair(H::kMagic + kSymmetricZero, H::kMagic + kSymmetricZero)));
+          centred_fragments<T>(step_words[step], a);
 #pragma unroll
           for (int tm = 0; tm < TM; ++tm) {
             uint32_t b0, b1;
@@ -324,13 +349,16 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
             mma_16816(part[tm], a, b0, b1, T{});
           }
         }
-        const float shift_lo = r.zero_lo - kSymmetricZero, shift_hi = r.zero_hi - kSymmetricZero;
+        // row g + 8 summed high_gain (q - 8) x: its zero-point term and scale follow (exact in fp32)
+        const float shift_lo = r.zero_lo - kSymmetricZero;
+        const float shift_hi = H::kCodes.high_gain * (r.zero_hi - kSymmetricZero);
+        const float scale_hi = r.scale_hi * (1.f / H::kCodes.high_gain);
 #pragma unroll
         for (int tm = 0; tm < TM; ++tm)
 #pragma unroll
           for (int v = 0; v < 4; ++v) {  // values 0, 1: row g; 2, 3: row g + 8
             const bool hi = v >= 2;
-            acc[nt][tm][v] += (hi ? r.scale_hi : r.scale_lo) *
+            acc[nt][tm][v] += (hi ? scale_hi : r.scale_lo) *
                               fmaf(-(hi ? shift_hi : shift_lo), xsum[tm][v], part[tm][v]);
           }
       }
@@ -338,7 +366,7 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4 words = read[(S::kCodes + nt) * kLanes];
-        const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], args.scale_dtype);
+        const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], record_dtype);
         const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
 #pragma unroll
         for (int step = 0; step < kSteps; ++step) {
@@ -425,12 +453,12 @@ int tile_shape_index(int64_t M, bool group_per_chunk) {
 
 // Shared memory per block: WK * STAGES * (2 NT + 2 TM) * 512 bytes; above 48 KiB a kernel must opt
 // in (a host-side attribute call, no stream work, so capture-safe).
-template <typename T, TileShape kShape>
+template <typename T, TileShape kShape, bool kRecordsInT>
 int launch(const LinearArgs& args, cudaStream_t stream) {
   constexpr int NT = kShape.nt, TM = kShape.tm, WK = kShape.wk, STAGES = kShape.stages;
   constexpr int kSmem = WK * STAGES * Slots<NT, TM>::kCount * kLanes * 16;
   static_assert(NT * TM * 4 * kLanes * 4 <= kSmem / WK, "the split-K reduction must fit the ring");
-  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kShape.codes_in_mma>;
+  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kShape.codes_in_mma, kRecordsInT>;
   if (kSmem > 48 * 1024) {
     // The opt-in is per device: remember which devices have it (bit d), once per instantiation.
     static std::atomic<uint64_t> opted_in{0};
@@ -456,17 +484,19 @@ int launch(const LinearArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, size_t... I>
+template <typename T, bool kRecordsInT, size_t... I>
 int launch_shape(size_t index, const LinearArgs& args, cudaStream_t stream, std::index_sequence<I...>) {
   int err = cudaErrorInvalidValue;
-  ((index == I ? (err = launch<T, kTileShapes[I]>(args, stream)) : 0), ...);
+  ((index == I ? (err = launch<T, kTileShapes[I], kRecordsInT>(args, stream)) : 0), ...);
   return err;
 }
 
 template <typename T>
 int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
-  return launch_shape<T>(size_t(tile_shape_index(args.M, args.group_per_chunk)), args, stream,
-                         std::make_index_sequence<std::size(kTileShapes)>{});
+  const size_t index = size_t(tile_shape_index(args.M, args.group_per_chunk));
+  constexpr auto kShapes = std::make_index_sequence<std::size(kTileShapes)>{};
+  return args.scale_dtype == Half<T>::kDType ? launch_shape<T, true>(index, args, stream, kShapes)
+                                             : launch_shape<T, false>(index, args, stream, kShapes);
 }
 
 // SMs of the current device, looked up once per device.
@@ -508,6 +538,7 @@ int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
   if (dtype != DType::F16 && dtype != DType::BF16) return cudaErrorInvalidValue;
   // the kernel's column arithmetic is 32-bit (cuda_layout::kMaxK)
   if (shape.K <= 0 || shape.K >= cuda_layout::kMaxK || shape.G <= 0) return cudaErrorInvalidValue;
+  if (ldx % kChunkK != 0 || ldx < shape.K) return cudaErrorInvalidValue;  // whole chunks per row
   if (M == 0 || shape.N == 0) return cudaSuccess;
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
                         bias, out, M, ldx, shape.N, shape.K, shape.groups(),

@@ -171,10 +171,11 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                  "dequantize_prepacked");
     return at::linear(x2, weight, b).reshape(out_sizes);
   }
-  // The kernel reads x in 16-byte pieces: rows padded with zeros to a multiple of 8 elements.
+  // The kernel reads x in whole 64-column chunks of 16-byte pieces: rows padded with zeros to a
+  // multiple of 64 elements (a copy only when K is not one already).
   at::Tensor xc = x2.contiguous();
-  if (K % 8 != 0 || reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) {
-    at::Tensor padded = at::zeros({M, round_up(K, 8)}, xc.options());
+  if (K % cuda_layout::kChunkK != 0 || reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16 != 0) {
+    at::Tensor padded = at::zeros({M, round_up(K, cuda_layout::kChunkK)}, xc.options());
     padded.narrow(1, 0, K).copy_(xc);
     xc = padded;
   }

@@ -1,8 +1,9 @@
 // The CUDA prepacked layout checked on the CPU, where no GPU is needed: the fragment maps of
-// int4kit/cuda_layout.h are bijections, and a step-by-step emulation of what the fused kernel
-// computes (its nibble extraction, its x-fragment loads, mma.sync.m16n8k16 as the PTX ISA defines
-// its fragments, its accumulator map; dequantizing before the mma, or for small M scaling the fp32
-// partial sums of magic + q after it) reproduces x @ W^T. The PTX fragment tables are written out
+// int4kit/cuda_layout.h are bijections, the magic-number constants read as the kernel assumes, and
+// a step-by-step emulation of what the fused kernel computes (its nibble extraction, its
+// x-fragment loads, mma.sync.m16n8k16 as the PTX ISA defines its fragments, its accumulator map;
+// dequantizing before the mma, or for small M the codes centred into the mma bit by bit as in
+// fp16 or bf16 and the fp32 partial sums scaled after it) reproduces x @ W^T. The PTX fragment tables are written out
 // here independently of the layout header, so a wrong layout cannot agree with them by accident.
 #include <gtest/gtest.h>
 
@@ -31,6 +32,30 @@ TEST(CudaLayout, FragmentMapsAreInverseBijections) {
         EXPECT_EQ(std::make_tuple(p.lane, p.step, p.nibble), std::make_tuple(lane, step, nibble));
       }
   EXPECT_EQ(seen.size(), size_t(kTileRows * kChunkK));
+}
+
+// What the kernels' magic-number conversion relies on (cuda_layout.h, MagicCodes), read back with
+// the CPU's own fp16/bf16 decoders.
+TEST(CudaLayout, MagicCodesReadAsMagicPlusCode) {
+  for (const auto& [c, decode] : {std::pair{kMagicF16, &f16_to_float}, std::pair{kMagicBF16, &bf16_to_float}}) {
+    EXPECT_EQ(decode(c.magic_bits), c.magic);
+    EXPECT_EQ(both_halves(c.magic_bits), uint32_t(c.magic_bits) << 16 | c.magic_bits);
+    for (int q = 0; q < 16; ++q) {
+      EXPECT_EQ(decode(uint16_t(c.magic_bits | q)), c.magic + q) << q;
+      if (c.high_gain == 16.f) {
+        EXPECT_EQ(decode(uint16_t(c.magic_bits | q << 4)), c.magic + 16 * q) << q;
+      }
+    }
+    // every centre the kernels subtract, and a code's full range above it, stay exact
+    for (int j = 0; j < int(c.magic); ++j) ASSERT_EQ(decode(c.plus(j)), c.magic + j) << j;
+    EXPECT_LT(c.high_gain * 15, c.magic);
+  }
+  // the fields: high_gain 1 brings nibbles reg and reg + 4 down; 16 shifts by 8 for registers 2, 3
+  for (int reg = 0; reg < 4; ++reg) {
+    EXPECT_EQ(code_field(reg, 1.f).shift, 4 * reg);
+    EXPECT_EQ(code_field(reg, 1.f).mask, 0x000F000Fu);
+    EXPECT_EQ(code_field(reg, 16.f).shift + (reg & 1) * 4, 4 * reg);
+  }
 }
 
 TEST(CudaLayout, SizesAndDtypeFooter) {
@@ -103,9 +128,28 @@ void emulate_mma(const Fragments& f, float (&c)[kLanes][4]) {
   }
 }
 
-// (M, N, K, G) x (codes into the mma as they are: the small-M kernel with one group per chunk)
+// How the emulated kernel treats the codes: dequantized before the mma, or (the small-M kernel with
+// one group per chunk) centred into the mma as bf16 or fp16 does it.
+enum class Codes { kDequantized, kCentredBF16, kCentredF16 };
+void PrintTo(Codes c, std::ostream* os) {
+  *os << (c == Codes::kDequantized ? "dequantized" : c == Codes::kCentredBF16 ? "centred bf16" : "centred fp16");
+}
+
+// The small-M kernel's A element e (0..7) of a lane's step word: its register's code field OR-ed
+// into the magic, minus the centre, in the 16-bit float the kernel uses (centred_fragments in
+// linear.cu); gain (q - 8) exactly, gain = high_gain for row g + 8 (odd registers), else 1.
+float centred_element(uint32_t word, int e, const MagicCodes& c, float (*decode)(uint16_t)) {
+  const int reg = e / 2;
+  const CodeField f = code_field(reg, c.high_gain);
+  const uint32_t bits = ((word >> f.shift) & f.mask) | both_halves(c.magic_bits);
+  const uint16_t half = uint16_t(e % 2 ? bits >> 16 : bits & 0xFFFFu);
+  const int centre = (reg & 1 ? int(c.high_gain) : 1) * kSymmetricZero;
+  return decode(half) - decode(c.plus(centre));
+}
+
+// (M, N, K, G) x how the codes go into the mma
 class CudaLayoutEmulation
-    : public ::testing::TestWithParam<std::tuple<std::tuple<int, int, int, int>, bool>> {};
+    : public ::testing::TestWithParam<std::tuple<std::tuple<int, int, int, int>, Codes>> {};
 
 // out = x @ W^T through the layout, for W = (q - z) * s per group, against plain loops.
 TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
@@ -158,14 +202,17 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
     return std::min<int64_t>(t * kTileRows + lane / 4 + 8 * ((element / 2) & 1), N - 1);
   };
 
-  const bool codes_in_mma = std::get<1>(GetParam());
+  const Codes codes = std::get<1>(GetParam());
+  const bool codes_in_mma = codes != Codes::kDequantized;
+  const MagicCodes& magic = codes == Codes::kCentredF16 ? kMagicF16 : kMagicBF16;
+  float (*const decode)(uint16_t) = codes == Codes::kCentredF16 ? &f16_to_float : &bf16_to_float;
   std::vector<double> out(size_t(M) * N, 0.0);
   for (int64_t t = 0; t < shape.tiles(); ++t)
     for (int64_t token0 = 0; token0 < M; token0 += 8) {
       float acc[kLanes][4] = {};
       for (int64_t c = 0; c < shape.chunks(); ++c) {
-        // the small-M kernel: q - 8 into the mma, the group's scale and zero point applied to the
-        // chunk's fp32 partial sums, sum_k x from an mma against ones
+        // the small-M kernel: gain (q - 8) into the mma, the group's scale and zero point applied
+        // to the chunk's fp32 partial sums, sum_k x from an mma against ones
         float part[kLanes][4] = {}, xsum[kLanes][4] = {};
         for (int step = 0; step < kSteps; ++step) {
           Fragments f{};
@@ -175,7 +222,7 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
             const int64_t group = lane_group(lane_first_column(int(c), lane), group_divisor, int(groups));
             for (int e = 0; e < 8; ++e) {
               const int64_t n = row_of(t, lane, e);
-              f.a[lane][e] = codes_in_mma ? code_at(word, e) - kSymmetricZero
+              f.a[lane][e] = codes_in_mma ? centred_element(word, e, magic, decode)
                                           : (code_at(word, e) - z[n * groups + group]) * s[n * groups + group];
             }
           }
@@ -190,9 +237,11 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
         const int64_t group = c * kChunkK / G < groups ? c * kChunkK / G : groups - 1;
         for (int lane = 0; lane < kLanes; ++lane)
           for (int v = 0; v < 4; ++v) {
-            const int64_t n = std::min<int64_t>(t * kTileRows + accumulator_element(lane, v).row, N - 1);
-            const float sc = s[n * groups + group], zp = z[n * groups + group];
-            acc[lane][v] += sc * (part[lane][v] - (zp - kSymmetricZero) * xsum[lane][v]);
+            const int row = accumulator_element(lane, v).row;
+            const int64_t n = std::min<int64_t>(t * kTileRows + row, N - 1);
+            const float gain = row >= 8 ? magic.high_gain : 1.f;
+            const float sc = s[n * groups + group] / gain, shift = gain * (z[n * groups + group] - kSymmetricZero);
+            acc[lane][v] += sc * (part[lane][v] - shift * xsum[lane][v]);
           }
       }
       for (int lane = 0; lane < kLanes; ++lane)
@@ -214,18 +263,21 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
 }
 
 // Every shape through the dequantize-first kernel; those with one group per chunk (G % 64 == 0 or
-// per channel) also through the small-M one.
-std::vector<std::tuple<std::tuple<int, int, int, int>, bool>> emulation_cases() {
+// per channel) also through the small-M one, in bf16 and in fp16.
+std::vector<std::tuple<std::tuple<int, int, int, int>, Codes>> emulation_cases() {
   const std::tuple<int, int, int, int> shapes[] = {
       {1, 16, 64, 64},   {3, 40, 136, 32},  // N, K tails
       {9, 33, 256, 128},                    // two token tiles
       {8, 16, 200, 200},                    // per channel, K % 16 != 0
       {5, 24, 192, 16},  {2, 17, 320, 64},
       {4, 20, 450, 192}};                   // K tail, G a multiple of 64 but not a power of 2
-  std::vector<std::tuple<std::tuple<int, int, int, int>, bool>> cases;
+  std::vector<std::tuple<std::tuple<int, int, int, int>, Codes>> cases;
   for (const auto& shape : shapes) {
-    cases.emplace_back(shape, false);
-    if (group_per_chunk(std::get<2>(shape), std::get<3>(shape))) cases.emplace_back(shape, true);
+    cases.emplace_back(shape, Codes::kDequantized);
+    if (group_per_chunk(std::get<2>(shape), std::get<3>(shape))) {
+      cases.emplace_back(shape, Codes::kCentredBF16);
+      cases.emplace_back(shape, Codes::kCentredF16);
+    }
   }
   return cases;
 }

@@ -36,8 +36,8 @@ int unprepack(const uint8_t* packed, const cuda_layout::Shape& shape, uint8_t* q
 int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape, void* out,
                          DType out_dtype, void* stream);
 // out [M, N] = x [M, K] @ W^T (+ bias [N]), x, bias and out of dtype (F16 or BF16), fp32
-// accumulation. x rows are ldx elements apart (ldx % 8 == 0, zeros between K and ldx), x is
-// 16-byte aligned, K < cuda_layout::kMaxK, and the group size is one the fused path reads
+// accumulation. x rows are ldx elements apart (ldx a multiple of 64, at least K, zeros between K
+// and ldx: the kernel reads whole 64-column chunks), x is 16-byte aligned, K < cuda_layout::kMaxK, and the group size is one the fused path reads
 // (cuda_layout::fused_group_ok); other arguments return cudaErrorInvalidValue.
 // No allocation, no host synchronisation: CUDA-graph safe.
 // When the row tiles alone would leave SMs idle, K is split across blocks and the partial products

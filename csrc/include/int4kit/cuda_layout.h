@@ -109,7 +109,38 @@ INT4KIT_HOST_DEVICE inline int lane_group(int first_column, const FastDivisor& G
   return g < groups ? g : groups - 1;
 }
 
-constexpr int64_t kMaxK = int64_t(1) << 30;
+// Codes to 16-bit floats without a conversion instruction (linear.cu). A 16-bit float holding
+// `magic` (1024 in fp16, 128 in bf16) has an ulp of 1 up to 2 magic, so OR-ing a code q into bits
+// 0-3 of its pattern reads as magic + q, and adding an integer j < magic to the pattern adds j to
+// the value. fp16 has 10 mantissa bits, so a code in bits 4-7 reads as magic + 16 q too
+// (high_gain 16): the small-M kernel takes the codes of row g + 8 that way, without a shift.
+struct MagicCodes {
+  uint16_t magic_bits;
+  float magic, high_gain;
+  // the pattern of magic + j (0 <= j < magic), e.g. the centre magic + 8 the kernel subtracts
+  INT4KIT_HOST_DEVICE constexpr uint16_t plus(int j) const { return uint16_t(magic_bits + j); }
+};
+constexpr MagicCodes kMagicF16{0x6400, 1024.f, 16.f};
+constexpr MagicCodes kMagicBF16{0x4300, 128.f, 1.f};
+// The pattern of a 16-bit value in both halves of a 32-bit register.
+INT4KIT_HOST_DEVICE constexpr uint32_t both_halves(uint16_t bits) { return uint32_t(bits) * 0x00010001u; }
+
+// Where A register `reg` of a step word has its two codes: (word >> shift) & mask, with mask
+// 0x000F000F (bits 0-3 of each half: reads as magic + q) or, when high_gain is 16, 0x00F000F0 for
+// row g + 8 (bits 4-7: magic + 16 q). With high_gain 1 that is nibbles reg and reg + 4 brought
+// down; with 16, one shift by 8 serves registers 2 and 3.
+struct CodeField {
+  int shift;
+  uint32_t mask;
+};
+INT4KIT_HOST_DEVICE constexpr CodeField code_field(int reg, float high_gain) {
+  if (high_gain == 1.f) return {4 * reg, 0x000F000Fu};
+  return {8 * (reg >> 1), (reg & 1) ? 0x00F000F0u : 0x000F000Fu};
+}
+
+// K of the fused kernel: its columns, and its record offsets (K / 16 groups at most, 128 bytes
+// each per tile), stay in 32 bits. Larger K takes dequantize + matmul.
+constexpr int64_t kMaxK = int64_t(1) << 27;
 
 INT4KIT_HOST_DEVICE constexpr int64_t scale_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
 
