@@ -145,9 +145,11 @@ def test_unprepack_rejects_wrong_scale_dtype_and_foreign_buffers():
 
 # ---- fused linear -------------------------------------------------------------------------------
 
+# (K, N, G); N = 272 is 17 row tiles: three blocks of the M > 16 kernels (8 tiles each), the last
+# with one tile. M runs through every tile shape and token-block count, tails included.
 LINEAR_SHAPES = [(64, 16, 64), (136, 40, 32), (256, 33, 128), (200, 24, -1), (4096, 48, 128),
-                 (512, 100, 16)]
-LINEAR_MS = [1, 3, 8, 9, 16, 17, 32, 33, 64, 100]
+                 (512, 100, 16), (320, 272, 64)]
+LINEAR_MS = [1, 3, 8, 9, 16, 17, 32, 33, 64, 100, 200]
 
 
 @pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)

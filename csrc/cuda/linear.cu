@@ -212,77 +212,114 @@ struct LinearArgs {
   float* partials;            // [splits, M, N] fp32 when gridDim.y > 1, else unused
 };
 
-template <int NT, int TM>
-struct Slots {  // the uint4 slots of one lane in one stage
-  static constexpr int kCodes = 0, kRecords = NT, kX = 2 * NT, kCount = 2 * NT + 2 * TM;
+// Shared memory of one block of WN x WK warps, in uint4s. Warp (wn, wk) owns row tiles wn NT ..
+// wn NT + NT - 1 of the block and takes chunks wk, wk + WK, ... of its K range.
+//   lane ring  [warp][stage][slot][lane]: slots 0..NT-1 the lane's code words of each row tile,
+//              NT..2NT-1 its records and, when a warp is alone on its chunks (WN 1), 2NT + 2tm + h
+//              its x piece h of token tile tm. A lane reads back only what it copied itself (no
+//              barrier), and every 16-byte access of a warp is conflict-free.
+//   x ring     when WN > 1 warps share each chunk's x: [wk][stage][x tile], the chunk's 64
+//              columns laid out as cuda_layout.h's x_tile_slot, copied by the group's lanes
+//              together and read after a barrier of the group. A lane copies pieces 4 WN rows
+//              apart, all of one parity, so its slots are a constant stride apart.
+template <int NT, int TM, int WN, int WK, int STAGES>
+struct Smem {
+  static constexpr bool kSharedX = WN > 1;
+  static constexpr int kXTile = 8 * TM * 8;  // uint4s of x per chunk
+  static constexpr int kWarpStage = (2 * NT + (kSharedX ? 0 : 2 * TM)) * kLanes;
+  static constexpr int kXRing = WN * WK * STAGES * kWarpStage;  // where the x ring starts
+  static constexpr int kBytes = (kXRing + (kSharedX ? WK * STAGES * kXTile : 0)) * 16;
+  static constexpr int kXPiecesPerLane = kXTile / (WN * kLanes);
+  static constexpr int kXRowStride = WN * kLanes / 8;  // tile rows between a lane's shared pieces
+  static_assert(kXTile % (WN * kLanes) == 0, "the group's lanes copy the x tile in equal shares");
 };
+
+// v, opaque to the optimiser: a per-lane constant it would otherwise recompute from the thread
+// index inside the loop rather than keep in a register.
+__device__ inline unsigned opaque(unsigned v) {
+  asm volatile("mov.b32 %0, %0;\n" : "+r"(v));
+  return v;
+}
 
 // kRecordsInT: the records hold T's own dtype (a bf16 or fp16 model), so their size and decoding
 // are known at compile time; otherwise both are read off args.scale_dtype in the loop.
-template <typename T, int NT, int TM, int WK, int STAGES, bool kCodesInMma, bool kRecordsInT>
-__global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
+template <typename T, int NT, int TM, int WN, int WK, int STAGES, bool kCodesInMma, bool kRecordsInT>
+__global__ void __launch_bounds__(32 * WN * WK) linear_kernel(LinearArgs args) {
   using H = Half<T>;
-  using T2 = typename H::T2;
-  using S = Slots<NT, TM>;
+  using L = Smem<NT, TM, WN, WK, STAGES>;
   extern __shared__ uint4 smem[];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn = warp % WN, wk = warp / WN;
   // One grid dimension (y and z stop at 65535): token blocks fastest, so the blocks sharing a
   // weight tile run side by side and all but the first read it from L2.
   const int64_t token_blocks = ceil_div_device(args.M, 8 * TM);
-  const int64_t tile0 = int64_t(blockIdx.x) / token_blocks * NT;
+  const int64_t block_tile0 = int64_t(blockIdx.x) / token_blocks * (WN * NT);
+  const int64_t tile0 = block_tile0 + wn * NT;  // this warp's first row tile
   const int64_t token0 = int64_t(blockIdx.x) % token_blocks * 8 * TM;
   const T* x = static_cast<const T*>(args.x);
   // 32-bit column, group and record arithmetic: the glue keeps K below kMaxK
   const int groups = int(args.groups);
   const DType record_dtype = kRecordsInT ? H::kDType : args.scale_dtype;
   const int record_bytes = kRecordValues * int(scale_bytes(record_dtype));
-  // This lane's column of the ring: stage s, slot i at ring + (s * kCount + i) * 32 uint4s.
-  uint4* const ring = smem + warp * STAGES * S::kCount * kLanes + lane;
-  constexpr int kStage = S::kCount * kLanes;  // uint4s per stage
+  uint4* const ring = smem + warp * STAGES * L::kWarpStage + lane;  // this lane's column, stage 0
+  const uint4* const x_ring = smem + L::kXRing + wk * STAGES * L::kXTile;  // the group's, stage 0
 
-  // This block's K range (split-K across blocks, blockIdx.y) and, inside it, warp `warp` takes
-  // chunks first + warp, first + warp + WK, ...
+  // This block's K range (split-K across blocks, blockIdx.y) and, inside it, the warps of group
+  // wk take chunks first + wk, first + wk + WK, ...
   const int first_chunk = int(blockIdx.y * args.chunks_per_split);
   const int span = int(min(args.chunks - first_chunk, args.chunks_per_split));
-  const int iterations = span > warp ? (span - warp + WK - 1) / WK : 0;
+  const int iterations = span > wk ? (span - wk + WK - 1) / WK : 0;
 
   // The refill state, so that a refill is a few adds: this lane's next code words and record rows
-  // of each row tile (a tile past the last re-reads the last; its outputs are never stored), its
-  // next x piece of each token tile (rows past M repeat the last one, also never stored), the
+  // of each row tile (a tile past the last re-reads the last; its outputs are never stored), the
   // next iteration to load, its ring stage and the lane's first column there.
   const uint4* codes[NT];
   const uint8_t* records[NT];
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     const int64_t tile = tile0 + nt < args.tiles ? tile0 + nt : args.tiles - 1;
-    codes[nt] = args.codes + (tile * args.chunks + first_chunk + warp) * kLanes + lane;
+    codes[nt] = args.codes + (tile * args.chunks + first_chunk + wk) * kLanes + lane;
     records[nt] = args.records + (tile * args.groups * kLaneGroups + lane / 4) * record_bytes;
   }
-  int next = 0, next_stage = 0, next_column = lane_first_column(first_chunk + warp, lane);
-  const T* x_next[TM];
+  int next = 0, next_stage = 0, next_column = lane_first_column(first_chunk + wk, lane);
+  // The x pieces this lane copies: with a shared x tile, piece p = wn * 32 + lane + i * 32 WN of
+  // the tile, row p / 8, 16-byte piece p % 8 of the chunk; alone, piece h of row 8 tm + g at
+  // 16 q + 8 h (i = 2 tm + h), the one its B fragments need. Row r is token token0 + r (past M
+  // the last, never stored); past K a piece is the row's zero padding (LinearArgs).
+  const int g = lane / 4, q = lane % 4;
+  const int x_row = L::kSharedX ? (wn * kLanes + lane) / 8 : g;
+  const int x_column = L::kSharedX ? 8 * (lane % 8) : 16 * q;
+  // one pointer per shared piece, or per token tile (the pieces of a tile are 8 elements apart)
+  constexpr int kXPointers = L::kSharedX ? L::kXPiecesPerLane : TM;
+  const T* x_next[kXPointers];
 #pragma unroll
-  for (int tm = 0; tm < TM; ++tm) {
-    const int64_t token = token0 + 8 * tm + lane / 4;
-    x_next[tm] = x + (token < args.M ? token : args.M - 1) * args.ldx + next_column;
+  for (int i = 0; i < kXPointers; ++i) {
+    const int row = x_row + (L::kSharedX ? i * L::kXRowStride : 8 * i);
+    x_next[i] = x + min(token0 + row, args.M - 1) * args.ldx + (first_chunk + wk) * kChunkK + x_column;
   }
   const unsigned ring_shared = static_cast<unsigned>(__cvta_generic_to_shared(ring));
-  unsigned write = ring_shared;  // the shared-window address of stage next_stage
+  const unsigned x_ring_shared = static_cast<unsigned>(__cvta_generic_to_shared(x_ring));
+  // where this lane's first shared piece goes in stage 0
+  const unsigned x_write0 =
+      L::kSharedX ? opaque(x_ring_shared + unsigned(x_tile_slot(x_row, lane % 8)) * 16) : 0;
+  unsigned write = ring_shared, x_write = x_write0;  // stage next_stage
   auto slot_address = [&](int i) { return write + unsigned(i * kLanes * 16); };
   auto issue_next = [&]() {
     if (next < iterations) {
       const int record_offset = lane_group(next_column, args.group_divisor, groups) * kLaneGroups * record_bytes;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        cp_async16(slot_address(S::kCodes + nt), codes[nt]);
+        cp_async16(slot_address(nt), codes[nt]);
         const uint8_t* src = records[nt] + record_offset;
-        if (record_bytes == 16) cp_async16(slot_address(S::kRecords + nt), src);
-        else cp_async8(slot_address(S::kRecords + nt), src);
+        if (record_bytes == 16) cp_async16(slot_address(NT + nt), src);
+        else cp_async8(slot_address(NT + nt), src);
       }
 #pragma unroll
-      for (int tm = 0; tm < TM; ++tm)  // past K: the row's zero padding (LinearArgs)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) cp_async16(slot_address(S::kX + 2 * tm + h), x_next[tm] + 8 * h);
+      for (int i = 0; i < L::kXPiecesPerLane; ++i) {
+        if constexpr (L::kSharedX) cp_async16(x_write + unsigned(i * L::kXRowStride * 8 * 16), x_next[i]);
+        else cp_async16(slot_address(2 * NT + i), x_next[i / 2] + 8 * (i % 2));
+      }
     }
     cp_async_commit();  // an empty group past the end keeps the wait counts uniform
     ++next;
@@ -290,24 +327,39 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) codes[nt] += WK * kLanes;
 #pragma unroll
-    for (int tm = 0; tm < TM; ++tm) x_next[tm] += WK * kChunkK;
+    for (int i = 0; i < kXPointers; ++i) x_next[i] += WK * kChunkK;
     const bool wrap = next_stage == STAGES - 1;
     next_stage = wrap ? 0 : next_stage + 1;
-    write = wrap ? ring_shared : write + unsigned(kStage * 16);
+    write = wrap ? ring_shared : write + unsigned(L::kWarpStage * 16);
+    if constexpr (L::kSharedX) x_write = wrap ? x_write0 : x_write + unsigned(L::kXTile * 16);
+  };
+  // With a shared x tile the warps of group wk meet once per iteration: their copies are then
+  // visible to all of them, and all are done with the stage the next refill overwrites. (Barrier
+  // 0 is __syncthreads'.)
+  auto group_sync = [&]() {
+    if constexpr (L::kSharedX) asm volatile("bar.sync %0, %1;\n" ::"r"(1 + wk), "n"(WN * kLanes) : "memory");
+  };
+  // Where this lane's B fragments of token tile tm sit: in the shared tile, row 8 tm + g at
+  // pieces 2q and 2q + 1; alone, its own slots.
+  const int b_slot[2] = {x_tile_slot(g, 2 * q), x_tile_slot(g, 2 * q + 1)};
+  auto load_x = [&](const uint4* read, const uint4* x_read, int tm, int h) {
+    return L::kSharedX ? x_read[tm * 64 + b_slot[h]] : read[(2 * NT + 2 * tm + h) * kLanes];
   };
 
   float acc[NT][TM][4] = {};
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) issue_next();
   int stage = 0;
-  const uint4* read = ring;  // stage `stage`
+  const uint4* read = ring;      // stage `stage` of the lane ring
+  const uint4* x_read = x_ring;  // and of the group's x ring
   for (int it = 0; it < iterations; ++it) {
     cp_async_wait<STAGES - 2>();  // this lane's copies for `it` have landed
+    group_sync();
     uint4 xs[TM][2];
 #pragma unroll
     for (int tm = 0; tm < TM; ++tm) {
-      xs[tm][0] = read[(S::kX + 2 * tm) * kLanes];
-      xs[tm][1] = read[(S::kX + 2 * tm + 1) * kLanes];
+      xs[tm][0] = load_x(read, x_read, tm, 0);
+      xs[tm][1] = load_x(read, x_read, tm, 1);
     }
     // B fragments of step `step`: x elements 4 step + {0,1} and 4 step + {2,3} of the lane's 16
     auto b_fragments = [&](int tm, int step, uint32_t& b0, uint32_t& b1) {
@@ -334,8 +386,8 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
         }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint4 words = read[(S::kCodes + nt) * kLanes];
-        const LaneRecord r = decode_record(read[(S::kRecords + nt) * kLanes], record_dtype);
+        const uint4 words = read[nt * kLanes];
+        const LaneRecord r = decode_record(read[(NT + nt) * kLanes], record_dtype);
         const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
         float part[TM][4] = {};
 #pragma unroll
@@ -365,8 +417,8 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
     } else {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint4 words = read[(S::kCodes + nt) * kLanes];
-        const auto dq = Dequantizer<T>::from_record(read[(S::kRecords + nt) * kLanes], record_dtype);
+        const uint4 words = read[nt * kLanes];
+        const auto dq = Dequantizer<T>::from_record(read[(NT + nt) * kLanes], record_dtype);
         const uint32_t step_words[kSteps] = {words.x, words.y, words.z, words.w};
 #pragma unroll
         for (int step = 0; step < kSteps; ++step) {
@@ -381,16 +433,19 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
         }
       }
     }
-    issue_next();  // into the stage read one iteration ago, by this lane only
+    issue_next();  // into the stage read one iteration ago
     const bool wrap = stage == STAGES - 1;
     stage = wrap ? 0 : stage + 1;
-    read = wrap ? ring : read + kStage;
+    read = wrap ? ring : read + L::kWarpStage;
+    if constexpr (L::kSharedX) x_read = wrap ? x_ring : x_read + L::kXTile;
   }
   cp_async_wait<0>();
   __syncthreads();  // the ring is reused for the split-K reduction
 
-  // Partial tiles of all warps: [warp][nt][tm][value][lane] floats.
+  // Partial tiles of all warps: [warp][nt][tm][value][lane] floats; the WK warps that share wn
+  // (warps wn, wn + WN, ...) add theirs up.
   constexpr int kTileValues = NT * TM * 4 * kLanes;
+  static_assert(WN * WK * kTileValues * 4 <= L::kBytes, "the split-K reduction must fit the rings");
   float* partial = reinterpret_cast<float*>(smem);
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -401,13 +456,13 @@ __global__ void __launch_bounds__(32 * WK) linear_kernel(LinearArgs args) {
   __syncthreads();
   T* out = static_cast<T*>(args.out);
   const T* bias = static_cast<const T*>(args.bias);
-  for (int i = threadIdx.x; i < kTileValues; i += blockDim.x) {
+  for (int i = threadIdx.x; i < WN * kTileValues; i += blockDim.x) {  // i = wn kTileValues + value
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < WK; ++w) sum += partial[w * kTileValues + i];
+    for (int w = 0; w < WK; ++w) sum += partial[w * WN * kTileValues + i];
     const int l = i % kLanes, v = (i / kLanes) % 4, tm = (i / (4 * kLanes)) % TM, nt = i / (4 * kLanes * TM);
     const AccumulatorElement e = accumulator_element(l, v);
-    const int64_t n = (tile0 + nt) * kTileRows + e.row, token = token0 + 8 * tm + e.token;
+    const int64_t n = (block_tile0 + nt) * kTileRows + e.row, token = token0 + 8 * tm + e.token;
     if (n >= args.N || token >= args.M) continue;
     if (gridDim.y == 1)
       out[token * args.N + n] = H::from_float(bias ? sum + H::to_float(bias[n]) : sum);
@@ -431,34 +486,38 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partials, int spl
 }
 
 // The kernel's tile shapes, chosen by M (tile_shape_index) and instantiated from this one table.
-// M <= 8 is a GEMV: one token tile, many warps per row tile so enough bytes are in flight. For
-// small M with one group per chunk the codes go into the mma centred and the scales apply to the
-// fp32 partial sums (the dequantization is what limits a GEMV).
+// M <= 16: one warp per K group (WN 1), many groups per row tile so enough bytes are in flight; for
+// one group per chunk the codes go into the mma centred and the scales apply to the fp32 partial
+// sums (the dequantization is what limits a GEMV). Larger M: four warps on different row tiles
+// share each x tile, so x is read from L2 once per 128 rows instead of once per 32.
 struct TileShape {
-  int nt, tm, wk, stages;
+  int nt, tm, wn, wk, stages;
   bool codes_in_mma;
 };
 constexpr TileShape kTileShapes[] = {
-    {2, 1, 8, 4, true},   // M <= 8, one group per chunk
-    {2, 2, 4, 4, true},   // M <= 16, one group per chunk
-    {2, 1, 8, 4, false},  // M <= 8
-    {2, 2, 4, 4, false},  // M <= 16
-    {2, 4, 4, 3, false},  // M <= 32
-    {2, 8, 2, 3, false},  // larger M, over several token blocks
+    {2, 1, 1, 8, 4, true},   // M <= 8, one group per chunk
+    {2, 2, 1, 4, 4, true},   // M <= 16, one group per chunk
+    {2, 1, 1, 8, 4, false},  // M <= 8
+    {2, 2, 1, 4, 4, false},  // M <= 16
+    {2, 4, 4, 2, 3, false},  // M <= 32
+    {2, 8, 4, 2, 3, false},  // larger M, over several token blocks
 };
 int tile_shape_index(int64_t M, bool group_per_chunk) {
   if (M <= 16 && group_per_chunk) return M <= 8 ? 0 : 1;
   return M <= 8 ? 2 : M <= 16 ? 3 : M <= 32 ? 4 : 5;
 }
+int64_t grid_blocks(int64_t M, int64_t tiles, const TileShape& t) {
+  return ceil_div(M, 8 * t.tm) * ceil_div(tiles, t.wn * t.nt);
+}
 
-// Shared memory per block: WK * STAGES * (2 NT + 2 TM) * 512 bytes; above 48 KiB a kernel must opt
-// in (a host-side attribute call, no stream work, so capture-safe).
+// Shared memory per block (Smem); above 48 KiB a kernel must opt in (a host-side attribute call,
+// no stream work, so capture-safe). Every shape stays within the 99 KiB sm_86 and sm_89 allow.
 template <typename T, TileShape kShape, bool kRecordsInT>
 int launch(const LinearArgs& args, cudaStream_t stream) {
-  constexpr int NT = kShape.nt, TM = kShape.tm, WK = kShape.wk, STAGES = kShape.stages;
-  constexpr int kSmem = WK * STAGES * Slots<NT, TM>::kCount * kLanes * 16;
-  static_assert(NT * TM * 4 * kLanes * 4 <= kSmem / WK, "the split-K reduction must fit the ring");
-  auto kernel = linear_kernel<T, NT, TM, WK, STAGES, kShape.codes_in_mma, kRecordsInT>;
+  constexpr int NT = kShape.nt, TM = kShape.tm, WN = kShape.wn, WK = kShape.wk, STAGES = kShape.stages;
+  constexpr int kSmem = Smem<NT, TM, WN, WK, STAGES>::kBytes;
+  static_assert(kSmem <= 99 * 1024, "over the shared memory of sm_86 and sm_89");
+  auto kernel = linear_kernel<T, NT, TM, WN, WK, STAGES, kShape.codes_in_mma, kRecordsInT>;
   if (kSmem > 48 * 1024) {
     // The opt-in is per device: remember which devices have it (bit d), once per instantiation.
     static std::atomic<uint64_t> opted_in{0};
@@ -472,10 +531,10 @@ int launch(const LinearArgs& args, cudaStream_t stream) {
       opted_in.fetch_or(bit, std::memory_order_relaxed);
     }
   }
-  const int64_t blocks = ceil_div(args.M, 8 * TM) * ceil_div(args.tiles, NT);
+  const int64_t blocks = grid_blocks(args.M, args.tiles, kShape);
   const int64_t splits = ceil_div(args.chunks, args.chunks_per_split);
   if (blocks > 0x7FFFFFFF || splits > 65535) return cudaErrorInvalidConfiguration;
-  kernel<<<dim3(unsigned(blocks), unsigned(splits)), 32 * WK, kSmem, stream>>>(args);
+  kernel<<<dim3(unsigned(blocks), unsigned(splits)), 32 * WN * WK, kSmem, stream>>>(args);
   int err = cudaGetLastError();
   if (err != cudaSuccess || splits == 1) return err;
   reduce_splits_kernel<T><<<elementwise_grid(args.M * args.N), kElementwiseThreads, 0, stream>>>(
@@ -516,7 +575,7 @@ int multiprocessors() {
 // for ~2 blocks per SM, each keeping at least 2 chunks per warp.
 int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
   const TileShape& t = kTileShapes[tile_shape_index(M, cuda_layout::group_per_chunk(shape.K, shape.G))];
-  const int64_t blocks = ceil_div(M, 8 * t.tm) * ceil_div(shape.tiles(), t.nt);
+  const int64_t blocks = grid_blocks(M, shape.tiles(), t);
   const int64_t sms = multiprocessors();
   if (2 * blocks > sms) return shape.chunks();
   const int64_t most = std::max<int64_t>(1, shape.chunks() / (2 * t.wk));

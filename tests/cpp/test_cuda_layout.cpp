@@ -58,6 +58,40 @@ TEST(CudaLayout, MagicCodesReadAsMagicPlusCode) {
   }
 }
 
+// The shared x tile of the fused kernel: the group's lanes copy every piece exactly once (lane l
+// of WN x 32 takes piece l % 8 of rows l / 8 + 4 WN i, at slots a constant stride apart), token
+// tile tm sits 64 slots on, and each quarter-warp's B-fragment reads hit 8 different 16-byte bank
+// groups.
+TEST(CudaLayout, SharedXTileIsCopiedOnceAndReadWithoutBankConflicts) {
+  for (int WN : {2, 4, 8})
+    for (int TM : {1, 2, 4, 8}) {
+      const int pieces = 8 * TM * 8, lanes = WN * kLanes;
+      if (pieces % lanes != 0) continue;
+      const int stride = lanes / 8;
+      std::vector<int> copies(size_t(pieces), 0);
+      for (int l = 0; l < lanes; ++l)
+        for (int i = 0; i < pieces / lanes; ++i) {
+          const int slot = x_tile_slot(l / 8 + i * stride, l % 8);
+          ASSERT_GE(slot, 0);
+          ASSERT_LT(slot, pieces);
+          ++copies[size_t(slot)];
+          EXPECT_EQ(slot, x_tile_slot(l / 8, l % 8) + i * stride * 8);
+        }
+      for (int c : copies) ASSERT_EQ(c, 1) << "WN " << WN << " TM " << TM;
+      for (int tm = 0; tm < TM; ++tm)
+        for (int h = 0; h < 2; ++h)
+          for (int quarter = 0; quarter < 4; ++quarter) {
+            std::set<int> bank_groups;
+            for (int lane = 8 * quarter; lane < 8 * quarter + 8; ++lane) {
+              const int g = lane / 4, q = lane % 4;
+              EXPECT_EQ(x_tile_slot(8 * tm + g, 2 * q + h), tm * 64 + x_tile_slot(g, 2 * q + h));
+              bank_groups.insert(x_tile_slot(8 * tm + g, 2 * q + h) % 8);
+            }
+            EXPECT_EQ(bank_groups.size(), 8u) << "tm " << tm << " h " << h << " quarter " << quarter;
+          }
+    }
+}
+
 TEST(CudaLayout, SizesAndDtypeFooter) {
   const Shape f32{100, 200, 64, DType::F32}, bf16{100, 200, 64, DType::BF16},
       f16{100, 200, 64, DType::F16};

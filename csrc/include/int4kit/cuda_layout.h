@@ -138,6 +138,13 @@ INT4KIT_HOST_DEVICE constexpr CodeField code_field(int reg, float high_gain) {
   return {8 * (reg >> 1), (reg & 1) ? 0x00F000F0u : 0x000F000Fu};
 }
 
+// The x tile that the warps of one K group share in the fused kernel (linear.cu, more than one
+// warp per K group): [8 TM tokens][8 pieces of 16 bytes] = one 64-column chunk of x per token
+// row, piece p of row r at slot p ^ (r & 1). A quarter-warp reads rows g, g + 1 (g even) at
+// pieces 2q + h, q = 0..3, and the XOR moves the odd row's reads to the other four 16-byte bank
+// groups; rows 8 apart (token tiles) and rows of one parity keep the same offsets.
+INT4KIT_HOST_DEVICE constexpr int x_tile_slot(int row, int piece) { return row * 8 + (piece ^ (row & 1)); }
+
 // K of the fused kernel: its columns, and its record offsets (K / 16 groups at most, 128 bytes
 // each per tile), stay in 32 bits. Larger K takes dequantize + matmul.
 constexpr int64_t kMaxK = int64_t(1) << 27;
