@@ -16,7 +16,11 @@ written) is measured in the same run and int4kit's weight stream is reported aga
 
     python bench/bench_linear_cuda.py                       # the issue's shapes and M, ~2-3 min
     python bench/bench_linear_cuda.py --shapes 8192x8192 --m 1 16 --json out.json --markdown out.md
+    python bench/bench_linear_cuda.py --tile-sweep          # int4kit with each fused tile shape
 (`bench/bench_linear.py --device cuda` runs this.)
+
+The tile sweep times the fused kernel once per tile shape (INT4KIT_CUDA_TILE, docs/CUDA.md) next
+to the shape int4kit picks by M ("auto"), to place the choice on a new GPU.
 """
 import argparse
 import json
@@ -130,23 +134,84 @@ def check(log=print, K=4096, N=1024):
     return errs
 
 
-class fused_max_m:
-    """Sets INT4KIT_CUDA_FUSED_MAX_M for the block (None: leave it as it is)."""
+class env_var:
+    """Sets environment variable `name` for the block (None: leave it as it is); the CUDA glue
+    reads INT4KIT_CUDA_FUSED_MAX_M and INT4KIT_CUDA_TILE on every call."""
 
-    def __init__(self, value):
-        self.value, self.saved = value, os.environ.get("INT4KIT_CUDA_FUSED_MAX_M")
+    def __init__(self, name, value):
+        self.name, self.value, self.saved = name, value, os.environ.get(name)
 
     def __enter__(self):
         if self.value is not None:
-            os.environ["INT4KIT_CUDA_FUSED_MAX_M"] = str(self.value)
+            os.environ[self.name] = str(self.value)
 
     def __exit__(self, *exc):
         if self.value is None:
             return
         if self.saved is None:
-            os.environ.pop("INT4KIT_CUDA_FUSED_MAX_M", None)
+            os.environ.pop(self.name, None)
         else:
-            os.environ["INT4KIT_CUDA_FUSED_MAX_M"] = self.saved
+            os.environ[self.name] = self.saved
+
+
+def fused_max_m(value):
+    return env_var("INT4KIT_CUDA_FUSED_MAX_M", value)
+
+
+def tile_shapes(case):
+    """The fused kernel's tile shapes, as the glue lists them for an index it does not know."""
+    x = torch.zeros(1, case.K, device="cuda", dtype=torch.bfloat16)
+    packed, call = case.build("int4kit")
+    with env_var("INT4KIT_CUDA_TILE", -1):
+        try:
+            call(x, packed)
+        except RuntimeError as e:
+            lines = str(e).split("the shapes are:", 1)[-1].strip().splitlines()
+            return [line.strip() for line in lines if line.strip() and ":" in line]
+    raise RuntimeError("INT4KIT_CUDA_TILE=-1 was accepted; cannot list the tile shapes")
+
+
+def tile_sweep(shapes=("8192x8192", "8192x28672"), ms=(1, 4, 8, 16, 32, 64, 128), log=print):
+    """ms per call of the fused kernel under each tile shape, and with the one picked by M."""
+    rows = []
+    for shape in shapes:
+        K, N = (int(v) for v in shape.lower().split("x"))
+        case = Case(K, N)
+        names = tile_shapes(case)
+        if not rows:
+            log("tile shapes (INT4KIT_CUDA_TILE):\n" + "\n".join("  " + n for n in names))
+        first, call = case.build("int4kit")
+        copies = max(2, -(-4 * l2_bytes() // nbytes(first)))
+        weights = [first] + [clone(first) for _ in range(copies - 1)]
+        for M in ms:
+            x = torch.randn(M, K, device="cuda").bfloat16()
+            row = {"K": K, "N": N, "M": M, "ms": {}}
+            for tile in ["auto"] + list(range(len(names))):
+                with env_var("INT4KIT_CUDA_TILE", None if tile == "auto" else tile), \
+                        fused_max_m(1 << 30), torch.inference_mode():
+                    try:
+                        row["ms"][str(tile)] = time_graph(call, weights, x)
+                    except RuntimeError:  # a shape that needs one group per chunk
+                        row["ms"][str(tile)] = None
+            rows.append(row)
+            log(tile_markdown([row], names, header=len(rows) == 1), end="", flush=True)
+        del weights, first, case
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "tiles": names, "rows": rows}
+
+
+def tile_markdown(rows, names, header=True):
+    cols = ["auto"] + [str(i) for i in range(len(names))]
+    head = ("| K x N | M | " + " | ".join(f"tile {c}" for c in cols) + " | best |\n|"
+            + "---|" * (len(cols) + 3) + "\n") if header else ""
+    lines = []
+    for r in rows:
+        times = {c: r["ms"].get(c) for c in cols}
+        best = min((t, c) for c, t in times.items() if t is not None and c != "auto")[1]
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | "
+                     + " | ".join("-" if t is None else f"{t:.4f}" for t in times.values())
+                     + f" | {best} |")
+    return head + "\n".join(lines) + "\n"
 
 
 def run(shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, impls=IMPLS, log=print):
@@ -204,12 +269,21 @@ def main(argv=None):
     p.add_argument("--m", nargs="+", type=int, default=list(DEFAULT_MS), help="activation rows M")
     p.add_argument("--json", metavar="PATH", help="save the rows as JSON")
     p.add_argument("--markdown", metavar="PATH", help="save the table as Markdown")
+    p.add_argument("--tile-sweep", action="store_true",
+                   help="time the fused kernel under each tile shape instead (default shapes "
+                        "8192x8192 8192x28672, M 1 4 8 16 32 64 128)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device is available here; nothing to benchmark")
         return 0
-    result = run(args.shapes, args.m)
-    table = markdown(result)
+    if args.tile_sweep:
+        shapes = args.shapes if args.shapes != list(DEFAULT_SHAPES) else ["8192x8192", "8192x28672"]
+        ms = args.m if args.m != list(DEFAULT_MS) else [1, 4, 8, 16, 32, 64, 128]
+        result = tile_sweep(shapes, ms)
+        table = tile_markdown(result["rows"], result["tiles"])
+    else:
+        result = run(args.shapes, args.m)
+        table = markdown(result)
     print("all shapes:\n" + table)
     if args.json:
         with open(args.json, "w") as f:

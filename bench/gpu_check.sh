@@ -5,8 +5,10 @@
 #
 #   run: bash bench/gpu_check.sh        (on the device machine; OUT is set by the device tool)
 #
-# Budget: under 8 minutes on 16 cores even when every stage hits its timeout (build <= 240 s,
-# CUDA tests <= 100 s, benchmark <= 140 s); each stage has its own timeout.
+# Budget: under 8 minutes on 16 cores even when every stage hits its timeout (build <= 150 s,
+# CUDA tests <= 110 s, benchmark <= 140 s, tile sweep <= 60 s); each stage has its own timeout.
+# $OUT gets 8 files (the device tool returns at most 8): env, build, ptxas, cuda_tests, bench,
+# tile_sweep logs, bench_cuda.json and bench_cuda.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -35,17 +37,20 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $O
 } > "$OUT/env.log" 2>&1
 
 # build in place (no pip: the image has no network); the .so lands in python/int4kit
-if stage build 240 "$PY" setup.py build_clib build_ext --inplace; then
+if stage build 150 "$PY" setup.py build_clib build_ext --inplace; then
   export PYTHONPATH=$PWD/python
   grep -h "registers\|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
   # no -x: a first run on a device should show every failure at once; pytest-xdist (in the
   # device image) spreads the CPU-side references and torch.compile runs over the cores
   xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-  stage cuda_tests 100 "$PY" -m pytest -q -rs $xdist tests/test_cuda.py
+  stage cuda_tests 110 "$PY" -m pytest -q -rs $xdist tests/test_cuda.py
   grep -E "^FAILED|^ERROR" "$OUT/cuda_tests.log" | head -n 30
   stage bench 140 "$PY" bench/bench_linear.py --device cuda --json "$OUT/bench_cuda.json" \
     --markdown "$OUT/bench_cuda.md"
   tail -n 25 "$OUT/bench.log"
+  # the fused kernel under each tile shape, to check the choice by M (docs/CUDA.md)
+  stage tile_sweep 60 "$PY" bench/bench_linear_cuda.py --tile-sweep
+  tail -n 16 "$OUT/tile_sweep.log"
 fi
 
 echo

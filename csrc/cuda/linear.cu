@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <iterator>
+#include <string>
 #include <utility>
 
 #include "cuda/device_utils.cuh"
@@ -485,26 +486,42 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partials, int spl
   }
 }
 
-// The kernel's tile shapes, chosen by M (tile_shape_index) and instantiated from this one table.
-// M <= 16: one warp per K group (WN 1), many groups per row tile so enough bytes are in flight; for
-// one group per chunk the codes go into the mma centred and the scales apply to the fp32 partial
-// sums (the dequantization is what limits a GEMV). Larger M: four warps on different row tiles
-// share each x tile, so x is read from L2 once per 128 rows instead of once per 32.
+// The kernel's tile shapes, instantiated from this one table; tile_shape_index picks one by M,
+// linear's `tile` argument can force any that fits (a benchmark sweep). Two ways to feed x:
+//  * WN 1: a warp alone on its chunks copies its own x slots, no barrier, fewest instructions; 8
+//    row-tile pairs' worth of x per chunk are read from L2 per 8 distinct tokens. Cheap while few
+//    tokens are distinct (M <= 4: rows past M repeat the last and are fetched once).
+//  * WN > 1: WN warps on different row tiles share the chunk's x tile, read from L2 once per
+//    32 WN rows, at the price of a group barrier per chunk; the L2 reads of x would otherwise
+//    outgrow the codes' (2x at M = 8, 3x at M = 16, 8x at M = 64).
+// Scales after the mma (codes_in_mma) when every chunk lies in one group: the dequantization is
+// what limits a GEMV. WK groups of warps take every WK-th chunk, so enough bytes are in flight.
+// docs/CUDA.md lists the table with its indices.
 struct TileShape {
   int nt, tm, wn, wk, stages;
   bool codes_in_mma;
 };
 constexpr TileShape kTileShapes[] = {
-    {2, 1, 1, 8, 4, true},   // M <= 8, one group per chunk
-    {2, 2, 1, 4, 4, true},   // M <= 16, one group per chunk
-    {2, 1, 1, 8, 4, false},  // M <= 8
-    {2, 2, 1, 4, 4, false},  // M <= 16
-    {2, 4, 4, 2, 3, false},  // M <= 32
-    {2, 8, 4, 2, 3, false},  // larger M, over several token blocks
+    {2, 1, 1, 8, 4, true},   // 0: M <= 4, one group per chunk
+    {2, 1, 2, 4, 4, true},   // 1: M <= 8
+    {2, 2, 2, 4, 4, true},   // 2: M <= 16
+    {2, 2, 1, 4, 4, true},   // 3: M <= 16 with private x (candidate)
+    {2, 1, 1, 8, 4, false},  // 4: M <= 4
+    {2, 1, 2, 4, 4, false},  // 5: M <= 8
+    {2, 2, 2, 4, 4, false},  // 6: M <= 16
+    {2, 2, 1, 4, 4, false},  // 7: M <= 16 with private x (candidate)
+    {2, 4, 4, 2, 3, false},  // 8: M <= 32
+    {2, 8, 4, 2, 3, false},  // 9: larger M, over several token blocks
 };
-int tile_shape_index(int64_t M, bool group_per_chunk) {
-  if (M <= 16 && group_per_chunk) return M <= 8 ? 0 : 1;
-  return M <= 8 ? 2 : M <= 16 ? 3 : M <= 32 ? 4 : 5;
+constexpr int kTileShapeCount = int(std::size(kTileShapes));
+bool tile_fits(int tile, bool group_per_chunk) {
+  return tile >= 0 && tile < kTileShapeCount && (group_per_chunk || !kTileShapes[tile].codes_in_mma);
+}
+int tile_shape_index(int64_t M, bool group_per_chunk, int tile) {
+  if (tile >= 0) return tile;  // linear checked tile_fits
+  const int small = M <= 4 ? 0 : M <= 8 ? 1 : 2;
+  if (M <= 16) return group_per_chunk ? small : 4 + small;
+  return M <= 32 ? 8 : 9;
 }
 int64_t grid_blocks(int64_t M, int64_t tiles, const TileShape& t) {
   return ceil_div(M, 8 * t.tm) * ceil_div(tiles, t.wn * t.nt);
@@ -551,9 +568,9 @@ int launch_shape(size_t index, const LinearArgs& args, cudaStream_t stream, std:
 }
 
 template <typename T>
-int launch_for_m(const LinearArgs& args, cudaStream_t stream) {
-  const size_t index = size_t(tile_shape_index(args.M, args.group_per_chunk));
-  constexpr auto kShapes = std::make_index_sequence<std::size(kTileShapes)>{};
+int launch_tile(int tile, const LinearArgs& args, cudaStream_t stream) {
+  const size_t index = size_t(tile);
+  constexpr auto kShapes = std::make_index_sequence<kTileShapeCount>{};
   return args.scale_dtype == Half<T>::kDType ? launch_shape<T, true>(index, args, stream, kShapes)
                                              : launch_shape<T, false>(index, args, stream, kShapes);
 }
@@ -573,8 +590,8 @@ int multiprocessors() {
 // Split-K across blocks only when the tile grid alone leaves more than half the SMs without a
 // block (small N, long K; a split costs a partials round trip and a second launch): enough splits
 // for ~2 blocks per SM, each keeping at least 2 chunks per warp.
-int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
-  const TileShape& t = kTileShapes[tile_shape_index(M, cuda_layout::group_per_chunk(shape.K, shape.G))];
+int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape, int tile) {
+  const TileShape& t = kTileShapes[tile];
   const int64_t blocks = grid_blocks(M, shape.tiles(), t);
   const int64_t sms = multiprocessors();
   if (2 * blocks > sms) return shape.chunks();
@@ -585,28 +602,48 @@ int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape) {
 
 }  // namespace
 
-int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape) {
+int linear_tile_count() { return kTileShapeCount; }
+
+bool linear_tile_fits(int tile, int64_t K, int64_t G) {
+  return tile_fits(tile, cuda_layout::group_per_chunk(K, G));
+}
+
+std::string linear_tile_name(int tile) {
+  if (tile < 0 || tile >= kTileShapeCount) return "";
+  const TileShape& t = kTileShapes[tile];
+  return "NT " + std::to_string(t.nt) + " TM " + std::to_string(t.tm) + " WN " + std::to_string(t.wn) +
+         " WK " + std::to_string(t.wk) + " stages " + std::to_string(t.stages) +
+         (t.codes_in_mma ? ", scales after the mma" : "");
+}
+
+int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape, int tile) {
   if (M <= 0 || shape.N <= 0 || shape.K <= 0 || shape.G <= 0) return 0;
-  const int64_t splits = ceil_div(shape.chunks(), chunks_per_split(M, shape));
+  const bool per_chunk = cuda_layout::group_per_chunk(shape.K, shape.G);
+  if (tile >= 0 && !tile_fits(tile, per_chunk)) return 0;
+  const int index = tile_shape_index(M, per_chunk, tile);
+  const int64_t splits = ceil_div(shape.chunks(), chunks_per_split(M, shape, index));
   return splits > 1 ? splits * M * shape.N : 0;
 }
 
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
-           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype,
+           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, int tile,
            float* workspace, void* stream) {
   if (dtype != DType::F16 && dtype != DType::BF16) return cudaErrorInvalidValue;
   // the kernel's column arithmetic is 32-bit (cuda_layout::kMaxK)
   if (shape.K <= 0 || shape.K >= cuda_layout::kMaxK || shape.G <= 0) return cudaErrorInvalidValue;
   if (ldx % kChunkK != 0 || ldx < shape.K) return cudaErrorInvalidValue;  // whole chunks per row
+  const bool per_chunk = cuda_layout::group_per_chunk(shape.K, shape.G);
+  if (tile >= 0 && !tile_fits(tile, per_chunk)) return cudaErrorInvalidValue;
   if (M == 0 || shape.N == 0) return cudaSuccess;
+  const int index = tile_shape_index(M, per_chunk, tile);
   const LinearArgs args{x, reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(),
                         bias, out, M, ldx, shape.N, shape.K, shape.groups(),
                         shape.tiles(), shape.chunks(), shape.scale_dtype,
-                        FastDivisor(uint32_t(shape.G)), cuda_layout::group_per_chunk(shape.K, shape.G),
-                        chunks_per_split(M, shape), workspace};
+                        FastDivisor(uint32_t(shape.G)), per_chunk, chunks_per_split(M, shape, index),
+                        workspace};
   if (args.chunks_per_split < shape.chunks() && workspace == nullptr) return cudaErrorInvalidValue;
   const auto s = static_cast<cudaStream_t>(stream);
-  return dtype == DType::BF16 ? launch_for_m<__nv_bfloat16>(args, s) : launch_for_m<__half>(args, s);
+  return dtype == DType::BF16 ? launch_tile<__nv_bfloat16>(index, args, s) : launch_tile<__half>(index, args, s);
 }
 
 }  // namespace cuda

@@ -142,6 +142,23 @@ int64_t fused_max_m() {
   return value;
 }
 
+// The fused kernel's tile shape: picked by M, unless INT4KIT_CUDA_TILE names one (read on every
+// call, so bench/bench_linear_cuda.py --tile-sweep can time each shape in one process).
+int fused_tile(int64_t K, int64_t G) {
+  const char* env = std::getenv("INT4KIT_CUDA_TILE");
+  if (env == nullptr || *env == '\0') return -1;
+  char* end = nullptr;
+  const long long value = std::strtoll(env, &end, 10);
+  if (*end == '\0' && value >= 0 && value < linear_tile_count() && linear_tile_fits(int(value), K, G))
+    return int(value);
+  std::string shapes;
+  for (int t = 0; t < linear_tile_count(); ++t)
+    shapes += "\n  " + std::to_string(t) + ": " + linear_tile_name(t) +
+              (linear_tile_fits(t, K, G) ? "" : " (needs one group per 64-column chunk)");
+  TORCH_CHECK(false, "int4kit: INT4KIT_CUDA_TILE=", env, " names no tile shape of the fused kernel ",
+              "that fits K = ", K, ", group size ", G, "; the shapes are:", shapes);
+}
+
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
                        int64_t group_size, const c10::optional<at::Tensor>& bias) {
   check_compute_dtype(x, "x");
@@ -181,11 +198,12 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& packed, int64_t N,
   }
   at::Tensor out = at::empty({M, N}, x.options());
   // split-K partials, when N alone cannot fill the GPU (from the caching allocator: graph-safe)
-  const int64_t workspace_floats = linear_workspace_floats(M, shape);
+  const int tile = fused_tile(K, shape.G);
+  const int64_t workspace_floats = linear_workspace_floats(M, shape, tile);
   at::Tensor workspace = workspace_floats ? at::empty({workspace_floats}, x.options().dtype(at::kFloat))
                                           : at::Tensor();
   check_launch(linear(xc.data_ptr(), M, xc.size(1), packed.data_ptr<uint8_t>(), shape,
-                      b ? b->data_ptr() : nullptr, out.data_ptr(), to_kernel_dtype(dtype),
+                      b ? b->data_ptr() : nullptr, out.data_ptr(), to_kernel_dtype(dtype), tile,
                       workspace_floats ? workspace.data_ptr<float>() : nullptr, current_stream()),
                "linear");
   return out.reshape(out_sizes);

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "int4kit/cuda_layout.h"
 #include "int4kit/format.h"
@@ -37,15 +38,20 @@ int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape,
                          DType out_dtype, void* stream);
 // out [M, N] = x [M, K] @ W^T (+ bias [N]), x, bias and out of dtype (F16 or BF16), fp32
 // accumulation. x rows are ldx elements apart (ldx a multiple of 64, at least K, zeros between K
-// and ldx: the kernel reads whole 64-column chunks), x is 16-byte aligned, K < cuda_layout::kMaxK, and the group size is one the fused path reads
-// (cuda_layout::fused_group_ok); other arguments return cudaErrorInvalidValue.
-// No allocation, no host synchronisation: CUDA-graph safe.
+// and ldx: the kernel reads whole 64-column chunks), x is 16-byte aligned, K < cuda_layout::kMaxK,
+// and the group size is one the fused path reads (cuda_layout::fused_group_ok); other arguments
+// return cudaErrorInvalidValue. No allocation, no host synchronisation: CUDA-graph safe.
+// `tile` -1 picks the kernel's tile shape by M; 0 .. linear_tile_count() - 1 forces one that
+// linear_tile_fits (benchmark sweeps; linear_tile_name describes it).
 // When the row tiles alone would leave SMs idle, K is split across blocks and the partial products
-// go through `workspace` (linear_workspace_floats(M, shape) floats, 0: none needed) before a
+// go through `workspace` (linear_workspace_floats(M, shape, tile) floats, 0: none needed) before a
 // deterministic reduction; query it on the device that will run the call.
-int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape);
+int linear_tile_count();
+bool linear_tile_fits(int tile, int64_t K, int64_t G);
+std::string linear_tile_name(int tile);
+int64_t linear_workspace_floats(int64_t M, const cuda_layout::Shape& shape, int tile);
 int linear(const void* x, int64_t M, int64_t ldx, const uint8_t* packed,
-           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype,
+           const cuda_layout::Shape& shape, const void* bias, void* out, DType dtype, int tile,
            float* workspace, void* stream);
 
 }  // namespace cuda
