@@ -106,6 +106,15 @@ def make_extension():
         extra_compile_args={"cxx": GLUE_CXX_FLAGS})
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, building the ISA static libraries first: `pip install -e .` with an older
+    setuptools runs build_ext alone, and the link then finds no int4kit_cpu_* library."""
+
+    def run(self):
+        self.run_command("build_clib")  # a no-op when it already ran in this invocation
+        super().run()
+
+
 if shutil.which("ninja") is None:
     print("int4kit: ninja not found, the build will compile one file at a time")
 
@@ -119,5 +128,5 @@ setup(
     libraries=[(name, {"sources": srcs, "include_dirs": INCLUDE_DIRS, "cflags": CXX_FLAGS + flags})
                for name, srcs, flags in ISA_LIBRARIES],
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )
