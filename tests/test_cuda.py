@@ -244,6 +244,24 @@ def test_linear_other_paths(case, monkeypatch):
     assert rel_err(y, R.linear(x, qweight, scales, zeros, G)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scale_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(200, 40, 64), (256, 33, 6), (131, 20, -1)],
+                         ids=["K-tail-g64", "g6", "per-channel-K131"])
+def test_dense_path_multiplies_by_the_exact_dequantized_weight(shape, scale_dtype, out_dtype,
+                                                               monkeypatch):
+    # linear's dense path (dequantize_prepacked into a temporary, then cuBLAS) on x = I gives
+    # W^T: every value must be (q - z) * s in fp32, rounded once to the output dtype
+    monkeypatch.setenv("INT4KIT_CUDA_FUSED_MAX_M", "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    K, N, G = shape
+    qweight, scales, zeros = canonical(N, K, G, False, scale_dtype, frac_zeros=True)
+    packed = ops.prepack(*to_cuda(qweight, scales, zeros), G, K)
+    y = ops.linear(torch.eye(K, dtype=out_dtype, device="cuda"), packed, N, K, G)
+    expected = R.dequantize(qweight, scales, zeros, G, K, torch.float32).to(out_dtype)
+    assert torch.equal(y.t().cpu(), expected)
+
+
 def test_linear_rejects_bad_input():
     K, N, G = 128, 32, 64
     packed = ops.prepack(*to_cuda(*canonical(N, K, G, True)), G, K)

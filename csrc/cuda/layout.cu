@@ -95,32 +95,76 @@ __global__ void unprepack_records_kernel(const Bits* __restrict__ records, int64
   }
 }
 
-// Any group size: each code looks up its own group (this path does not rely on lane_group).
-__global__ void dequantize_prepacked_kernel(const uint32_t* __restrict__ codes,
+// Output conversions of the dense path (round to nearest even, as store_float).
+template <typename Out>
+__device__ inline Out from_float(float v);
+template <>
+__device__ inline float from_float<float>(float v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ inline __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// One lane record (scale and zero point of rows g and g + 8) as loaded from memory.
+__device__ inline uint4 load_record(const uint8_t* r, DType scale_dtype) {
+  if (scale_dtype == DType::F32) return *reinterpret_cast<const uint4*>(r);
+  const uint2 v = *reinterpret_cast<const uint2*>(r);
+  return make_uint4(v.x, v.y, 0, 0);
+}
+
+// The dense weight [N, K] of Out straight from the prepacked layout, for linear's dense path. One
+// thread per lane slot of a tile-chunk: its 16-byte load holds rows g and g + 8 at the 16
+// contiguous columns 16q .. 16q + 15 of the chunk (lane_code), so each row is written as 16
+// contiguous values, in 16-byte stores where rows allow. With G a multiple of 16 or one group
+// per row (lane_groups) a row's 16 columns share one record; otherwise each column looks up its
+// own. Values are (q - z) * s in fp32, rounded once to Out. K < 2^31 (the launcher checks).
+template <typename Out>
+__global__ void dequantize_prepacked_kernel(const uint4* __restrict__ codes,
                                             const uint8_t* __restrict__ records, DType scale_dtype,
-                                            int64_t N, int64_t K, int64_t G, int64_t chunks,
-                                            int64_t words, void* out, DType out_dtype) {
-  const int64_t groups = (K + G - 1) / G;
+                                            int64_t N, int K, int groups, FastDivisor group_divisor,
+                                            bool lane_groups, int64_t chunks, int64_t slots,
+                                            Out* __restrict__ out) {
+  constexpr int kColumns = 16;
   const int64_t record_bytes = kRecordValues * scale_bytes(scale_dtype);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words;
+  const bool vector_rows = (int64_t(K) * int64_t(sizeof(Out))) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < slots;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const WordPosition p = word_position(i, chunks);
-    const uint32_t word = codes[i];
-    for (int nibble = 0; nibble < 8; ++nibble) {
-      const TileElement e = fragment_element(p.lane, p.step, nibble);
-      const int64_t n = p.tile * kTileRows + e.row, k = p.chunk * kChunkK + e.k;
-      if (n >= N || k >= K) continue;
-      const int64_t record = (p.tile * groups + k / G) * kLaneGroups + e.row % 8;
-      const uint8_t* r = records + record * record_bytes;
-      const uint4 raw = scale_dtype == DType::F32
-                            ? *reinterpret_cast<const uint4*>(r)
-                            : make_uint4(reinterpret_cast<const uint2*>(r)->x,
-                                         reinterpret_cast<const uint2*>(r)->y, 0, 0);
-      const LaneRecord rec = decode_record(raw, scale_dtype);
-      const bool hi = e.row >= 8;
-      const float q = float((word >> (4 * nibble)) & 0xF);
-      store_float(out, out_dtype, n * K + k,
-                  (q - (hi ? rec.zero_hi : rec.zero_lo)) * (hi ? rec.scale_hi : rec.scale_lo));
+    const int lane = int(i % kLanes), g = lane / 4;
+    const int64_t tile = i / kLanes / chunks;
+    const int k0 = int(i / kLanes % chunks) * kChunkK + kColumns * (lane % 4);
+    if (k0 >= K) continue;
+    const uint4 raw = codes[i];
+    const uint32_t words[kSteps] = {raw.x, raw.y, raw.z, raw.w};
+    const uint8_t* tile_records = records + tile * groups * kLaneGroups * record_bytes;
+    auto record_at = [&](int k) {
+      const int64_t group = lane_group(k, group_divisor, groups);
+      const uint8_t* r = tile_records + (group * kLaneGroups + g) * record_bytes;
+      return decode_record(load_record(r, scale_dtype), scale_dtype);
+    };
+    const LaneRecord shared_record = record_at(k0);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t n = tile * kTileRows + g + 8 * half;
+      if (n >= N) continue;
+      Out values[kColumns];
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) {
+        const LaneRecord r = lane_groups ? shared_record : record_at(min(k0 + j, K - 1));
+        const LaneCode c = lane_code(half, j);
+        const float q = float((words[c.step] >> (4 * c.nibble)) & 0xF);
+        values[j] = from_float<Out>((q - (half ? r.zero_hi : r.zero_lo)) * (half ? r.scale_hi : r.scale_lo));
+      }
+      Out* row = out + n * K + k0;
+      if (vector_rows && k0 + kColumns <= K) {
+        constexpr int kVectors = kColumns * int(sizeof(Out)) / 16;
+        uint4 v[kVectors];
+        memcpy(v, values, sizeof(values));
+#pragma unroll
+        for (int j = 0; j < kVectors; ++j) reinterpret_cast<uint4*>(row)[j] = v[j];
+      } else {
+        for (int j = 0; j < kColumns && k0 + j < K; ++j) row[j] = values[j];
+      }
     }
   }
 }
@@ -177,12 +221,23 @@ int unprepack(const uint8_t* packed, const cuda_layout::Shape& shape, uint8_t* q
 
 int dequantize_prepacked(const uint8_t* packed, const cuda_layout::Shape& shape, void* out,
                          DType out_dtype, void* stream) {
-  const int64_t words = shape.codes_bytes() / 4;
-  dequantize_prepacked_kernel<<<elementwise_grid(words), kElementwiseThreads, 0,
-                                static_cast<cudaStream_t>(stream)>>>(
-      reinterpret_cast<const uint32_t*>(packed), packed + shape.codes_bytes(), shape.scale_dtype,
-      shape.N, shape.K, shape.G, shape.chunks(), words, out, out_dtype);
-  return cudaGetLastError();
+  // 32-bit columns and groups (FastDivisor takes n < 2^31): a row of 2^31 codes is 1 GiB
+  if (shape.K <= 0 || shape.K >= (int64_t(1) << 31) || shape.G <= 0) return cudaErrorInvalidValue;
+  const int64_t slots = shape.codes_bytes() / 16;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const bool lane_groups = shape.G % 16 == 0 || shape.groups() == 1;
+  auto run = [&](auto* typed_out) {
+    dequantize_prepacked_kernel<<<elementwise_grid(slots), kElementwiseThreads, 0, s>>>(
+        reinterpret_cast<const uint4*>(packed), packed + shape.codes_bytes(), shape.scale_dtype,
+        shape.N, int(shape.K), int(shape.groups()), FastDivisor(uint32_t(shape.G)), lane_groups,
+        shape.chunks(), slots, typed_out);
+    return cudaGetLastError();
+  };
+  switch (out_dtype) {
+    case DType::F32: return run(static_cast<float*>(out));
+    case DType::BF16: return run(static_cast<__nv_bfloat16*>(out));
+    default: return run(static_cast<__half*>(out));
+  }
 }
 
 }  // namespace cuda

@@ -34,6 +34,19 @@ TEST(CudaLayout, FragmentMapsAreInverseBijections) {
   EXPECT_EQ(seen.size(), size_t(kTileRows * kChunkK));
 }
 
+// The dense path's view of a lane: row g + 8 half, column 16q + j of the chunk (lane_code) is
+// where fragment_element says it is.
+TEST(CudaLayout, LaneCodeNamesTheLanesContiguousColumns) {
+  for (int lane = 0; lane < kLanes; ++lane)
+    for (int half = 0; half < 2; ++half)
+      for (int j = 0; j < 16; ++j) {
+        const LaneCode c = lane_code(half, j);
+        const TileElement e = fragment_element(lane, c.step, c.nibble);
+        EXPECT_EQ(e.row, lane / 4 + 8 * half);
+        EXPECT_EQ(e.k, 16 * (lane % 4) + j);
+      }
+}
+
 // What the kernels' magic-number conversion relies on (cuda_layout.h, MagicCodes), read back with
 // the CPU's own fp16/bf16 decoders.
 TEST(CudaLayout, MagicCodesReadAsMagicPlusCode) {

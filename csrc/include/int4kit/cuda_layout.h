@@ -78,6 +78,15 @@ INT4KIT_HOST_DEVICE inline AccumulatorElement accumulator_element(int lane, int 
   return {(lane >> 2) + 8 * (v >> 1), 2 * (lane & 3) + (v & 1)};
 }
 
+// A lane l = 4g + q holds, of each of its two rows (g + 8 half, half = 0 or 1), the 16 contiguous
+// columns 16q .. 16q + 15 of the chunk; column 16q + j of them is this nibble of word `step`.
+struct LaneCode {
+  int step, nibble;
+};
+INT4KIT_HOST_DEVICE constexpr LaneCode lane_code(int half, int j) {
+  return {j >> 2, 2 * ((j >> 1) & 1) + half + 4 * (j & 1)};
+}
+
 // The first of the 16 columns a lane holds in chunk `chunk`. Column indices are 32-bit: the fused
 // kernel takes K < kMaxK (its launcher checks).
 INT4KIT_HOST_DEVICE inline int lane_first_column(int chunk, int lane) {
