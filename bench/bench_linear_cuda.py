@@ -159,7 +159,8 @@ def fused_max_m(value):
 
 
 def tile_shapes(case):
-    """The fused kernel's tile shapes, as the glue lists them for an index it does not know."""
+    """The fused kernel's tile shapes as the glue lists them for an index it does not know:
+    [(index, description, fits this case's group size)]."""
     x = torch.zeros(1, case.K, device="cuda", dtype=torch.bfloat16)
     packed, call = case.build("int4kit")
     with env_var("INT4KIT_CUDA_TILE", -1):
@@ -167,99 +168,58 @@ def tile_shapes(case):
             call(x, packed)
         except RuntimeError as e:
             lines = str(e).split("the shapes are:", 1)[-1].strip().splitlines()
-            return [line.strip() for line in lines if line.strip() and ":" in line]
+            shapes = [line.strip() for line in lines if ":" in line]
+            return [(i, s, "needs one group per" not in s) for i, s in enumerate(shapes)]
     raise RuntimeError("INT4KIT_CUDA_TILE=-1 was accepted; cannot list the tile shapes")
 
 
 def tile_sweep(shapes=("8192x8192", "8192x28672"), ms=(1, 4, 8, 16, 32, 64, 128), log=print):
-    """ms per call of the fused kernel under each tile shape, and with the one picked by M."""
+    """ms per call of the fused kernel under each tile shape that fits, and with the one picked by
+    M ("auto"); each forced shape's output is first checked against the automatic one's."""
     rows = []
     for shape in shapes:
         K, N = (int(v) for v in shape.lower().split("x"))
         case = Case(K, N)
-        names = tile_shapes(case)
+        tiles = tile_shapes(case)
         if not rows:
-            log("tile shapes (INT4KIT_CUDA_TILE):\n" + "\n".join("  " + n for n in names))
+            log("tile shapes (INT4KIT_CUDA_TILE):\n" + "\n".join(f"  {s}" for _, s, _ in tiles))
         first, call = case.build("int4kit")
         copies = max(2, -(-4 * l2_bytes() // nbytes(first)))
         weights = [first] + [clone(first) for _ in range(copies - 1)]
         for M in ms:
             x = torch.randn(M, K, device="cuda").bfloat16()
             row = {"K": K, "N": N, "M": M, "ms": {}}
-            for tile in ["auto"] + list(range(len(names))):
-                with env_var("INT4KIT_CUDA_TILE", None if tile == "auto" else tile), \
-                        fused_max_m(1 << 30), torch.inference_mode():
-                    try:
-                        row["ms"][str(tile)] = time_graph(call, weights, x)
-                    except RuntimeError:  # a shape that needs one group per chunk
+            with fused_max_m(1 << 30), torch.inference_mode():
+                expected = call(x, first).float()
+                for tile, _, fits in [("auto", "", True)] + tiles:
+                    if not fits:
                         row["ms"][str(tile)] = None
+                        continue
+                    with env_var("INT4KIT_CUDA_TILE", None if tile == "auto" else tile):
+                        err = rel_err(call(x, first).float(), expected)
+                        if err > 1e-2:
+                            raise RuntimeError(f"tile {tile} at M={M}: output differs from the "
+                                               f"automatic tile's by {err:.2g} (relative)")
+                        row["ms"][str(tile)] = time_graph(call, weights, x)
             rows.append(row)
-            log(tile_markdown([row], names, header=len(rows) == 1), end="", flush=True)
+            log(tile_markdown([row], len(tiles), header=len(rows) == 1), end="", flush=True)
         del weights, first, case
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "tiles": names, "rows": rows}
+    return {"device": torch.cuda.get_device_name(), "tiles": [s for _, s, _ in tiles], "rows": rows}
 
 
-def tile_markdown(rows, names, header=True):
-    cols = ["auto"] + [str(i) for i in range(len(names))]
+def tile_markdown(rows, tile_count, header=True):
+    cols = ["auto"] + [str(i) for i in range(tile_count)]
     head = ("| K x N | M | " + " | ".join(f"tile {c}" for c in cols) + " | best |\n|"
             + "---|" * (len(cols) + 3) + "\n") if header else ""
     lines = []
     for r in rows:
         times = {c: r["ms"].get(c) for c in cols}
-        best = min((t, c) for c, t in times.items() if t is not None and c != "auto")[1]
+        best = min(((t, c) for c, t in times.items() if t is not None and c != "auto"),
+                   default=(None, "-"))[1]
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | "
                      + " | ".join("-" if t is None else f"{t:.4f}" for t in times.values())
                      + f" | {best} |")
-    return head + "\n".join(lines) + "\n"
-
-
-def run(shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, impls=IMPLS, log=print):
-    copy_gbps = copy_bandwidth_gbps()
-    log(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_gbps:.0f} GB/s (read + write), "
-        f"L2 {l2_bytes() / 2**20:.0f} MiB")
-    errs = check(log)
-    rows = []
-    for shape in shapes:
-        K, N = (int(v) for v in shape.lower().split("x"))
-        case = Case(K, N)
-        weight_bytes = None
-        times = {}
-        for impl in impls:
-            first, call = case.build(impl)
-            if impl == "int4kit":
-                weight_bytes = nbytes(first)
-            copies = max(2, -(-4 * l2_bytes() // nbytes(first)))
-            weights = [first] + [clone(first) for _ in range(copies - 1)]
-            for M in ms:
-                x = torch.randn(M, K, device="cuda").bfloat16()
-                with fused_max_m(0 if impl == "int4kit_dq" else None), torch.inference_mode():
-                    times[(impl, M)] = time_graph(call, weights, x)
-            del weights, first
-            torch.cuda.empty_cache()
-        shape_rows = []
-        for M in ms:
-            t = {impl: times[(impl, M)] for impl in impls}
-            gbps = weight_bytes / (t["int4kit"] * 1e-3) / 1e9
-            shape_rows.append({"K": K, "N": N, "M": M, "ms": t, "weight_bytes": weight_bytes,
-                               "gbps": gbps, "copy_fraction": gbps / copy_gbps,
-                               "vs_bf16": t["bf16"] / t["int4kit"],
-                               "vs_tinygemm": t["tinygemm"] / t["int4kit"]})
-        log(markdown({"rows": shape_rows}), flush=True)  # each shape as it finishes
-        rows += shape_rows
-        del case
-        torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "copy_gbps": copy_gbps, "errors": errs, "rows": rows}
-
-
-def markdown(result):
-    head = ("| K x N | M | int4kit ms | dq+mm ms | bf16 ms | tinygemm ms | int4kit GB/s | of copy BW "
-            "| vs bf16 | vs tinygemm |\n|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = [f"| {r['K']}x{r['N']} | {r['M']} | {r['ms']['int4kit']:.4f} | {r['ms']['int4kit_dq']:.4f} "
-             f"| {r['ms']['bf16']:.4f} | {r['ms']['tinygemm']:.4f} | {r['gbps']:.0f} "
-             f"| {100 * r['copy_fraction']:.0f}% | {r['vs_bf16']:.2f}x | {r['vs_tinygemm']:.2f}x |"
-             for r in result["rows"]]
     return head + "\n".join(lines) + "\n"
 
 
@@ -280,7 +240,7 @@ def main(argv=None):
         shapes = args.shapes if args.shapes != list(DEFAULT_SHAPES) else ["8192x8192", "8192x28672"]
         ms = args.m if args.m != list(DEFAULT_MS) else [1, 4, 8, 16, 32, 64, 128]
         result = tile_sweep(shapes, ms)
-        table = tile_markdown(result["rows"], result["tiles"])
+        table = tile_markdown(result["rows"], len(result["tiles"]))
     else:
         result = run(args.shapes, args.m)
         table = markdown(result)

@@ -36,10 +36,12 @@ def test_tile_sweep_table_names_the_fastest_shape():
     import bench_linear_cuda
     rows = [{"K": 64, "N": 32, "M": 1, "ms": {"auto": 0.5, "0": 0.5, "1": 0.25, "2": None}},
             {"K": 64, "N": 32, "M": 8, "ms": {"auto": 0.5, "0": 0.75, "1": 1.0, "2": 0.5}}]
-    table = bench_linear_cuda.tile_markdown(rows, ["0: a", "1: b", "2: c"]).splitlines()
+    table = bench_linear_cuda.tile_markdown(rows, 3).splitlines()
     assert table[0] == "| K x N | M | tile auto | tile 0 | tile 1 | tile 2 | best |"
     assert table[2] == "| 64x32 | 1 | 0.5000 | 0.5000 | 0.2500 | - | 1 |"
     assert table[3] == "| 64x32 | 8 | 0.5000 | 0.7500 | 1.0000 | 0.5000 | 2 |"
+    none = bench_linear_cuda.tile_markdown([{"K": 64, "N": 32, "M": 1, "ms": {"auto": 0.5}}], 2)
+    assert none.splitlines()[2] == "| 64x32 | 1 | 0.5000 | - | - | - |"
 
 
 def test_bench_gptq(capsys):

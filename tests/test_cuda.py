@@ -172,6 +172,35 @@ def test_linear_matches_float64_reference(shape, symmetric, scale_dtype, x_dtype
         assert err <= TOL[x_dtype], f"M={M}: relative error {err:.3g}"
 
 
+TILE_COUNT = 10  # kTileShapes in csrc/cuda/linear.cu; 0-3 scale after the mma
+
+
+@pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)
+@pytest.mark.parametrize("G", [64, 32])
+def test_linear_with_every_tile_shape_forced(G, x_dtype, monkeypatch):
+    # INT4KIT_CUDA_TILE forces a tile shape at M values the choice by M never gives it (the
+    # private-x shapes 3 and 7 are only reached this way); shapes that scale after the mma need
+    # one group per 64-column chunk and are refused at G = 32, with the list of shapes
+    K, N = 320, 272
+    qweight, scales, zeros = canonical(N, K, G, False, x_dtype)
+    packed = ops.prepack(*to_cuda(qweight, scales, zeros), G, K)
+    for tile in range(TILE_COUNT):
+        monkeypatch.setenv("INT4KIT_CUDA_TILE", str(tile))
+        if G == 32 and tile < 4:
+            with pytest.raises(RuntimeError, match="needs one group per 64-column chunk"):
+                ops.linear(torch.randn(1, K, dtype=x_dtype, device="cuda"), packed, N, K, G)
+            continue
+        for M in (1, 9, 16, 40, 100):
+            x = torch.randn(M, K).to(x_dtype)
+            poisoned_allocator(M * N)
+            y = ops.linear(x.cuda(), packed, N, K, G)
+            err = rel_err(y, R.linear(x, qweight, scales, zeros, G))
+            assert err <= TOL[x_dtype], f"tile {tile}, M={M}: relative error {err:.3g}"
+    monkeypatch.setenv("INT4KIT_CUDA_TILE", str(TILE_COUNT))
+    with pytest.raises(RuntimeError, match=f"INT4KIT_CUDA_TILE={TILE_COUNT} names no tile shape"):
+        ops.linear(torch.randn(1, K, dtype=x_dtype, device="cuda"), packed, N, K, G)
+
+
 @pytest.mark.parametrize("x_dtype", HALF_DTYPES, ids=HALF_IDS)
 @pytest.mark.parametrize("shape", [(16384, 40, 128), (64 * 65 + 40, 40, 32)],
                          ids=["even-splits", "short-last-split-g32"])

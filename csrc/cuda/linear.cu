@@ -6,18 +6,20 @@
 // nothing on padding this way (a token tile is 8 wide, not 16), and one A fragment, the costly part
 // (load + dequantize), is reused for TM token tiles.
 //
-// Work split. A block owns NT row tiles (16 NT output channels) and 8 TM tokens; its WK warps split
-// K between them (warp w takes chunks w, w + WK, ...: in-block split-K keeps many loads in flight
-// even when N is small) and add their partial tiles through shared memory at the end. Blocks are
-// numbered token block fastest, so the blocks that share a weight tile run together and read it
-// from L2 after the first.
+// Work split. A block has WN x WK warps and owns 16 NT WN output channels and 8 TM tokens: warp
+// (wn, wk) owns NT row tiles, and the WK groups split K between them (group wk takes chunks wk,
+// wk + WK, ...: in-block split-K keeps many loads in flight even when N is small) and add their
+// partial tiles through shared memory at the end. Blocks are numbered token block fastest, so the
+// blocks that share a weight tile run together and read it from L2 after the first.
 //
-// Pipeline. Every lane streams its own data through a STAGES-deep cp.async ring in shared memory:
-// per chunk, NT 16-byte code loads (its A fragments for 4 k16 steps), NT records (scale and zero
-// point of its two rows) and, per token tile, 32 bytes of x (its B fragments for the 4 steps). A
-// lane only ever reads back what it copied itself, so cp.async.wait_group is the only
-// synchronisation the loop needs; the ring is laid out [warp][stage][slot][lane] so every 16-byte
-// shared access of a warp is conflict-free.
+// Pipeline. Every lane streams its codes and records through a STAGES-deep cp.async ring in shared
+// memory: per chunk, NT 16-byte code loads (its A fragments for 4 k16 steps) and NT records
+// (scale and zero point of its two rows), read back only by the lane that copied them. x comes one
+// of two ways (Smem below): with WN = 1 each lane also copies the 32 bytes of x per token tile its
+// B fragments need, and cp.async.wait_group is the only synchronisation; with WN > 1 the WN warps
+// of a K group copy each chunk's x tile together and must meet at a named barrier before reading
+// it, every iteration (group_sync; it also keeps a refill from overwriting a stage another warp
+// still reads).
 //
 // Dequantization per A register (two codes): (word >> 4r) & 0x000F000F | magic gives magic + q in
 // both halves; subtracting magic + round(z) leaves q - round(z) exactly, and one FMA with the scale
