@@ -33,7 +33,7 @@ def demangle(names):
 def short(name):
     """int4kit::cuda::(anonymous namespace)::linear_kernel<__half, 2, 1, 8, 4>(...) -> the kernel
     and its template arguments."""
-    name = re.sub(r"^(void )?int4kit::cuda::\(anonymous namespace\)::", "", name)
+    name = re.sub(r"^(void )?int4kit::cuda::(\(anonymous namespace\)|fused_linear)::", "", name)
     name = re.sub(r"\(.*\)$", "", name)
     return name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
 

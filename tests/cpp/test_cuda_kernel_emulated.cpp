@@ -1,0 +1,191 @@
+// The fused CUDA linear kernel itself (csrc/cuda/linear_kernel.cuh, the code nvcc compiles) run on
+// the CPU by cuda_emulator.h: every tile shape of kTileShapes, bf16 and fp16 activations, records
+// in the activation dtype or in fp32, symmetric and asymmetric (fractional) zero points, N, K and
+// M tails, split-K across blocks with the reduction kernel; against a float64 x @ W^T + bias. A
+// wrong fragment, slot, swizzle, barrier or pipeline count fails here without a GPU.
+#include "cuda_emulator.h"  // first: it stands in for ptx.cuh
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <ostream>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda/linear_kernel.cuh"
+
+namespace int4kit {
+namespace cuda {
+namespace {
+
+using namespace cuda_layout;
+using namespace fused_linear;
+
+struct Problem {
+  int tile, M, N, K, G;  // G: the effective group size (K per channel)
+  bool bf16;             // activations bf16, else fp16
+  DType records;         // scale dtype
+  bool symmetric;
+  int splits;  // K ranges across blocks (grid.y)
+};
+
+std::string name(const Problem& p) {
+  return "tile" + std::to_string(p.tile) + "_M" + std::to_string(p.M) + "_N" + std::to_string(p.N) +
+         "_K" + std::to_string(p.K) + "_G" + std::to_string(p.G) + (p.bf16 ? "_bf16" : "_fp16") +
+         (p.records == DType::F32 ? "_recf32" : p.records == DType::BF16 ? "_recbf16" : "_recf16") +
+         (p.symmetric ? "_sym" : "_asym") + "_splits" + std::to_string(p.splits);
+}
+
+void PrintTo(const Problem& p, std::ostream* os) { *os << name(p); }
+
+// A value as the 16-bit dtype holds it (round to nearest even), and its bits.
+template <typename T>
+uint16_t bits_of(float v) {
+  const T h = T(v);
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+float round_to(DType t, float v) {
+  if (t == DType::F32) return v;
+  return t == DType::BF16 ? float(__nv_bfloat16(v)) : float(__half(v));
+}
+
+template <typename T, TileShape kShape, bool kRecordsInT>
+void run_kernel(const Problem& p, const LinearArgs& args) {
+  using L = Smem<kShape.nt, kShape.tm, kShape.wn, kShape.wk, kShape.stages>;
+  const auto kernel = [](LinearArgs a) {
+    linear_kernel<T, kShape.nt, kShape.tm, kShape.wn, kShape.wk, kShape.stages, kShape.codes_in_mma,
+                  kRecordsInT>(a);
+  };
+  emulator::launch({unsigned(grid_blocks(p.M, args.tiles, kShape)), unsigned(p.splits), 1},
+                   32 * kShape.wn * kShape.wk, L::kBytes, kernel, args);
+}
+
+template <typename T, size_t... I>
+void run_tile(const Problem& p, const LinearArgs& args, bool records_in_t, std::index_sequence<I...>) {
+  ((p.tile == int(I) ? (records_in_t ? run_kernel<T, kTileShapes[I], true>(p, args)
+                                     : run_kernel<T, kTileShapes[I], false>(p, args)),
+    0 : 0),
+   ...);
+}
+
+template <typename T>
+double run(const Problem& p) {
+  std::mt19937 rng(uint32_t(p.tile * 7919 + p.M * 104729 + p.N * 31 + p.K * 7 + p.G));
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  const Shape shape{p.N, p.K, p.G, p.records};
+  const int64_t groups = shape.groups(), tiles = shape.tiles(), chunks = shape.chunks();
+  const int64_t ldx = ceil_div(p.K, kChunkK) * kChunkK;
+  std::vector<int> q(size_t(p.N) * p.K);
+  std::vector<float> s(size_t(p.N) * groups), z(size_t(p.N) * groups), bias(size_t(p.N));
+  for (auto& v : q) v = int(rng() % 16);
+  for (auto& v : s) v = round_to(p.records, 0.01f + 0.05f * std::abs(uni(rng)));
+  for (auto& v : z) v = p.symmetric ? float(kSymmetricZero) : round_to(p.records, 7.5f + 7.f * uni(rng));
+  for (auto& v : bias) v = float(T(0.1f * uni(rng)));
+  std::vector<T> x(size_t(p.M) * ldx, T(0.f));
+  for (int m = 0; m < p.M; ++m)
+    for (int k = 0; k < p.K; ++k) x[size_t(m) * ldx + k] = T(uni(rng));
+
+  // The prepacked layout (cuda_layout.h): code words by fragment_element, records per lane group.
+  std::vector<uint32_t> codes(size_t(shape.codes_bytes() / 4));
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int lane = 0; lane < kLanes; ++lane)
+        for (int step = 0; step < kSteps; ++step) {
+          uint32_t word = 0;
+          for (int nibble = 0; nibble < 8; ++nibble) {
+            const TileElement e = fragment_element(lane, step, nibble);
+            const int64_t n = t * kTileRows + e.row, k = c * kChunkK + e.k;
+            if (n < p.N && k < p.K) word |= uint32_t(q[size_t(n * p.K + k)]) << (4 * nibble);
+          }
+          codes[size_t(((t * chunks + c) * kLanes + lane) * kSteps + step)] = word;
+        }
+  const int record_bytes = kRecordValues * int(scale_bytes(p.records));
+  std::vector<uint8_t> records(size_t(shape.records_bytes()), 0);
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int lg = 0; lg < kLaneGroups; ++lg)
+        for (int v = 0; v < kRecordValues; ++v) {
+          const int64_t n = t * kTileRows + lg + 8 * (v & 1);
+          const float value = n >= p.N ? 0.f : (v < 2 ? s : z)[size_t(n * groups + g)];
+          uint8_t* dst = records.data() + ((t * groups + g) * kLaneGroups + lg) * record_bytes;
+          if (p.records == DType::F32) {
+            std::memcpy(dst + 4 * v, &value, 4);
+          } else {
+            const uint16_t bits = p.records == DType::BF16 ? bits_of<__nv_bfloat16>(value) : bits_of<__half>(value);
+            std::memcpy(dst + 2 * v, &bits, 2);
+          }
+        }
+
+  std::vector<T> bias_t(bias.begin(), bias.end());
+  std::vector<T> out(size_t(p.M) * p.N, T(std::numeric_limits<float>::quiet_NaN()));
+  const int64_t chunks_per_split = ceil_div(chunks, p.splits);
+  std::vector<float> partials(p.splits > 1 ? size_t(p.splits) * p.M * p.N : 0,
+                              std::numeric_limits<float>::quiet_NaN());
+  LinearArgs args{x.data(), reinterpret_cast<const uint4*>(codes.data()), records.data(),
+                  bias_t.data(), out.data(), p.M, ldx, p.N, p.K, groups, tiles, chunks, p.records,
+                  FastDivisor(uint32_t(p.G)), group_per_chunk(p.K, p.G), chunks_per_split,
+                  partials.data()};
+  EXPECT_EQ(ceil_div(chunks, chunks_per_split), p.splits) << "the split count must be exact";
+  run_tile<T>(p, args, p.records == Half<T>::kDType, std::make_index_sequence<kTileShapeCount>{});
+  if (p.splits > 1)
+    emulator::launch({2, 1, 1}, 64, 0, reduce_splits_kernel<T>, static_cast<const float*>(partials.data()),
+                     p.splits, int64_t(p.M), int64_t(p.N), static_cast<const T*>(bias_t.data()),
+                     out.data());
+
+  double err2 = 0, ref2 = 0;
+  for (int m = 0; m < p.M; ++m)
+    for (int n = 0; n < p.N; ++n) {
+      double ref = bias[size_t(n)];
+      for (int k = 0; k < p.K; ++k)
+        ref += double(float(x[size_t(m) * ldx + k])) * (q[size_t(n) * p.K + k] - z[size_t(n) * groups + k / p.G]) *
+               s[size_t(n) * groups + k / p.G];
+      const double y = float(out[size_t(m) * p.N + n]);
+      if (!std::isfinite(y)) {
+        ADD_FAILURE() << "output (" << m << ", " << n << ") never written";
+        return INFINITY;
+      }
+      err2 += (y - ref) * (y - ref);
+      ref2 += ref * ref;
+    }
+  return std::sqrt(err2 / ref2);
+}
+
+class FusedKernelEmulated : public ::testing::TestWithParam<Problem> {};
+
+TEST_P(FusedKernelEmulated, MatchesFloat64Reference) {
+  const Problem& p = GetParam();
+  const double err = p.bf16 ? run<__nv_bfloat16>(p) : run<__half>(p);
+  // bf16 rounding of the output alone is up to 2^-9 relative; the CUDA tests allow 1e-2
+  EXPECT_LE(err, 1e-2) << name(p);
+}
+
+// Each tile shape at M values of its own range and past it (token tails), twice: bf16 x with bf16
+// records, asymmetric, K a whole number of chunks; fp16 x with fp32 records, symmetric, a K tail.
+// N = 272 is 17 row tiles (partial blocks for every shape). Plus split-K across blocks.
+std::vector<Problem> problems() {
+  std::vector<Problem> out;
+  for (int tile = 0; tile < kTileShapeCount; ++tile) {
+    const TileShape& t = kTileShapes[tile];
+    const int tokens = 8 * t.tm;
+    for (int M : {tokens == 8 ? 1 : tokens - 5, tokens + 3}) {
+      out.push_back({tile, M, 272, 320, 64, true, DType::BF16, false, 1});
+      out.push_back({tile, M, 272, 200, t.codes_in_mma ? 128 : 32, false, DType::F32, true, 1});
+    }
+  }
+  out.push_back({0, 1, 40, 64 * 9, 64, true, DType::BF16, false, 3});     // M <= 4 GEMV
+  out.push_back({9, 40, 40, 64 * 9, 64, false, DType::F16, false, 3});    // shared x, two groups
+  out.push_back({5, 5, 40, 200, 200, true, DType::F16, false, 2});        // per channel, K tail
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FusedKernelEmulated, ::testing::ValuesIn(problems()),
+                         [](const ::testing::TestParamInfo<Problem>& info) { return name(info.param); });
+
+}  // namespace
+}  // namespace cuda
+}  // namespace int4kit
