@@ -1,5 +1,6 @@
-// The fused CUDA linear kernel itself (csrc/cuda/linear_kernel.cuh, the code nvcc compiles) run on
-// the CPU by cuda_emulator.h: every tile shape of kTileShapes, bf16 and fp16 activations, records
+// The CUDA kernels themselves (the code nvcc compiles) run on the CPU by cuda_emulator.h. The
+// layout kernels (csrc/cuda/layout_kernels.cuh): prepack, unprepack and the dense path's
+// dequantization. The fused linear kernel (csrc/cuda/linear_kernel.cuh): every tile shape of kTileShapes, bf16 and fp16 activations, records
 // in the activation dtype or in fp32, symmetric and asymmetric (fractional) zero points, N, K and
 // M tails, split-K across blocks with the reduction kernel; against a float64 x @ W^T + bias. A
 // wrong fragment, slot, swizzle, barrier or pipeline count fails here without a GPU.
@@ -12,9 +13,11 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "cuda/layout_kernels.cuh"
 #include "cuda/linear_kernel.cuh"
 
 namespace int4kit {
@@ -48,6 +51,14 @@ uint16_t bits_of(float v) {
   uint16_t bits;
   std::memcpy(&bits, &h, 2);
   return bits;
+}
+float bits_to_float_of(DType t, uint32_t bits) {
+  if (t == DType::F32) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return t == DType::BF16 ? bf16_to_float(uint16_t(bits)) : f16_to_float(uint16_t(bits));
 }
 float round_to(DType t, float v) {
   if (t == DType::F32) return v;
@@ -154,6 +165,126 @@ double run(const Problem& p) {
     }
   return std::sqrt(err2 / ref2);
 }
+
+// ---- layout kernels -------------------------------------------------------------------------------
+
+// (N, K, G, scale dtype, symmetric)
+using LayoutCase = std::tuple<int, int, int, DType, bool>;
+class LayoutKernelsEmulated : public ::testing::TestWithParam<LayoutCase> {};
+
+// Raw bits of a value in a scale dtype, widened to 32 bits.
+uint32_t raw_bits(DType t, float v) {
+  if (t == DType::F32) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    return bits;
+  }
+  return t == DType::BF16 ? bits_of<__nv_bfloat16>(v) : bits_of<__half>(v);
+}
+
+// prepack then unprepack gives the canonical codes, scales and zeros back bit for bit, prepack's
+// words are where fragment_element puts the codes, and dequantize_prepacked writes (q - z) * s in
+// fp32 rounded once to each output dtype. Grids smaller than the work, as grid-stride loops allow.
+TEST_P(LayoutKernelsEmulated, PrepackRoundTripAndDequantize) {
+  using namespace layout_kernels;
+  const auto [N, K, G, dtype, symmetric] = GetParam();
+  const Shape shape{N, K, G, dtype};
+  const int64_t groups = shape.groups(), row_bytes = (K + 1) / 2, bytes = scale_bytes(dtype);
+  std::mt19937 rng(uint32_t(N * 31 + K * 7 + G));
+  std::uniform_real_distribution<float> uni(0.f, 1.f);
+  std::vector<uint8_t> qweight(size_t(N * row_bytes));
+  for (auto& b : qweight) b = uint8_t(rng());
+  if (K % 2) {  // the canonical format's padding nibble is 0
+    for (int n = 0; n < N; ++n) qweight[size_t(n * row_bytes + row_bytes - 1)] &= 0x0F;
+  }
+  std::vector<uint8_t> scales(size_t(N * groups * bytes)), zeros(scales.size());
+  for (int64_t i = 0; i < N * groups; ++i) {
+    const uint32_t s = raw_bits(dtype, 0.001f + 0.05f * uni(rng)), z = raw_bits(dtype, 15.f * uni(rng));
+    std::memcpy(scales.data() + i * bytes, &s, size_t(bytes));  // little endian: the low bytes
+    std::memcpy(zeros.data() + i * bytes, &z, size_t(bytes));
+  }
+  std::vector<uint8_t> packed(size_t(shape.total_bytes()), 0x5A);
+  const int64_t words = shape.codes_bytes() / 4, values = shape.records_bytes() / bytes;
+  emulator::launch({3, 1, 1}, 64, 0, prepack_codes_kernel, static_cast<const uint8_t*>(qweight.data()),
+                   int64_t(N), int64_t(K), shape.chunks(), words, reinterpret_cast<uint32_t*>(packed.data()));
+  uint8_t* records = packed.data() + shape.codes_bytes();
+  auto prepack_records = [&](auto bits, auto eight) {
+    using Bits = decltype(bits);
+    emulator::launch({2, 1, 1}, 64, 0, prepack_records_kernel<Bits>,
+                     reinterpret_cast<const Bits*>(scales.data()),
+                     symmetric ? static_cast<const Bits*>(nullptr) : reinterpret_cast<const Bits*>(zeros.data()),
+                     Bits(eight), int64_t(N), groups, values, reinterpret_cast<Bits*>(records));
+  };
+  if (dtype == DType::F32) prepack_records(uint32_t{}, kEightF32);
+  else prepack_records(uint16_t{}, dtype == DType::BF16 ? kEightBF16 : kEightF16);
+
+  // codes where the layout says
+  for (int64_t w = 0; w < words; ++w) {
+    const int64_t tile_chunk = w / (kLanes * kSteps);
+    const int64_t tile = tile_chunk / shape.chunks(), chunk = tile_chunk % shape.chunks();
+    const int lane = int(w / kSteps % kLanes), step = int(w % kSteps);
+    uint32_t word;
+    std::memcpy(&word, packed.data() + 4 * w, 4);
+    for (int nibble = 0; nibble < 8; ++nibble) {
+      const TileElement e = fragment_element(lane, step, nibble);
+      const int64_t n = tile * kTileRows + e.row, k = chunk * kChunkK + e.k;
+      const int expected = n < N && k < K ? (qweight[size_t(n * row_bytes + k / 2)] >> (4 * (k % 2))) & 0xF : 0;
+      ASSERT_EQ(int((word >> (4 * nibble)) & 0xF), expected) << "word " << w << " nibble " << nibble;
+    }
+  }
+
+  // unprepack: the canonical arrays back, bit for bit
+  std::vector<uint8_t> q_back(qweight.size(), 0xEE), s_back(scales.size(), 0xEE), z_back(zeros.size(), 0xEE);
+  emulator::launch({2, 1, 1}, 64, 0, unprepack_codes_kernel, reinterpret_cast<const uint32_t*>(packed.data()),
+                   int64_t(N), int64_t(K), shape.chunks(), q_back.data());
+  auto unprepack_records = [&](auto bits) {
+    using Bits = decltype(bits);
+    emulator::launch({2, 1, 1}, 64, 0, unprepack_records_kernel<Bits>, reinterpret_cast<const Bits*>(records),
+                     int64_t(N), groups, reinterpret_cast<Bits*>(s_back.data()), reinterpret_cast<Bits*>(z_back.data()));
+  };
+  if (dtype == DType::F32) unprepack_records(uint32_t{});
+  else unprepack_records(uint16_t{});
+  EXPECT_EQ(q_back, qweight);
+  EXPECT_EQ(s_back, scales);
+  if (!symmetric) {
+    EXPECT_EQ(z_back, zeros);
+  }
+  auto value = [&](const std::vector<uint8_t>& v, int64_t i) {
+    uint32_t b = 0;
+    std::memcpy(&b, v.data() + i * bytes, size_t(bytes));
+    return bits_to_float_of(dtype, b);
+  };
+  for (int64_t i = 0; symmetric && i < N * groups; ++i) ASSERT_EQ(value(z_back, i), 8.f) << i;
+
+  // dequantize_prepacked into each output dtype
+  auto check = [&](auto out_type, DType out_dtype) {
+    using Out = decltype(out_type);
+    std::vector<Out> out(size_t(N) * K, Out(std::numeric_limits<float>::quiet_NaN()));
+    emulator::launch({3, 1, 1}, 64, 0, dequantize_prepacked_kernel<Out>,
+                     reinterpret_cast<const uint4*>(packed.data()), static_cast<const uint8_t*>(records),
+                     dtype, int64_t(N), K, int(groups), FastDivisor(uint32_t(G)),
+                     G % 16 == 0 || groups == 1, shape.chunks(), shape.codes_bytes() / 16, out.data());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int q = (qweight[size_t(n * row_bytes + k / 2)] >> (4 * (k % 2))) & 0xF;
+        const float z = symmetric ? 8.f : value(zeros, n * groups + k / G);
+        const float expected = (float(q) - z) * value(scales, n * groups + k / G);
+        ASSERT_EQ(float(out[size_t(n * K + k)]), float(Out(expected)))
+            << "out dtype " << int(out_dtype) << " n " << n << " k " << k;
+      }
+  };
+  check(float{}, DType::F32);
+  check(__nv_bfloat16{}, DType::BF16);
+  check(__half{}, DType::F16);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, LayoutKernelsEmulated,
+    ::testing::Values(LayoutCase{40, 200, 64, DType::F32, false}, LayoutCase{33, 131, 131, DType::BF16, false},
+                      LayoutCase{17, 256, 6, DType::F16, false}, LayoutCase{16, 96, 32, DType::BF16, true},
+                      LayoutCase{24, 136, 16, DType::F32, true}));
+
+// ---- fused linear kernel -------------------------------------------------------------------------
 
 class FusedKernelEmulated : public ::testing::TestWithParam<Problem> {};
 
