@@ -123,6 +123,7 @@ def _assert_same_quantization(weight, group_size, symmetric):
                     f"{codes[tuple(bad[0])]} vs {rcodes[tuple(bad[0])]}")
     assert torch.equal(scales, rs), "scales differ from the reference"
     assert torch.equal(zeros, rz), "zeros differ from the reference"
+    assert torch.equal(torch.signbit(zeros), torch.signbit(rz)), "zeros differ in the sign of 0"
     return qweight, scales, zeros
 
 
@@ -148,7 +149,9 @@ def test_quantize_one_sided_groups(symmetric):
     # all-positive and all-negative groups: the range is still taken to include 0
     w = torch.rand(8, 64) + 0.5
     w[4:] *= -1
-    _assert_same_quantization(w, 16, symmetric)
+    _, _, zeros = _assert_same_quantization(w, 16, symmetric)
+    # no negative weight: the zero point is +0, bit for bit the same on every device (not -0)
+    assert not torch.signbit(zeros[:4]).any()
 
 
 def test_quantize_ties_round_half_to_even():

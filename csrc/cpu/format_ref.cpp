@@ -58,7 +58,8 @@ void quantize_rtn(const float* w, int64_t N, int64_t K, int64_t G, bool symmetri
         z = 0.f;
       }
       if (!(s > 0.f)) s = 1.f;
-      if (!symmetric) z = std::clamp(std::nearbyint(-lo / s), 0.f, float(kMaxCode));
+      // 0 - lo, not -lo: lo = +0 (no negative weight) must give z = +0, not -0, on every device
+      if (!symmetric) z = std::clamp(std::nearbyint((0.f - lo) / s), 0.f, float(kMaxCode));
       scales[n * groups + g] = s;
       zeros[n * groups + g] = z;
       uint8_t* cg = codes + n * K + g * G;

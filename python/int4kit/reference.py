@@ -46,7 +46,7 @@ def quantize(weight: torch.Tensor, group_size: int = 128,
     if symmetric:
         z = torch.full_like(s, SYMMETRIC_ZERO)
     else:
-        z = torch.round(-lo / s).clamp(0, MAX_CODE)
+        z = torch.round((0 - lo) / s).clamp(0, MAX_CODE)  # +0, not -0, when lo = 0
     codes = (torch.round(w / s[..., None]) + z[..., None]).clamp(0, MAX_CODE)
     codes = codes.reshape(N, groups * G)[:, :K].to(torch.uint8)
     return pack(codes), s.to(weight.dtype), z.to(weight.dtype)

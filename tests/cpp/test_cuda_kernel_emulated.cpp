@@ -1,4 +1,5 @@
 // The CUDA kernels themselves (the code nvcc compiles) run on the CPU by cuda_emulator.h. The
+// canonical-format kernels (csrc/cuda/format_kernels.cuh) against the CPU's own, bit for bit. The
 // layout kernels (csrc/cuda/layout_kernels.cuh): prepack, unprepack and the dense path's
 // dequantization. The fused linear kernel (csrc/cuda/linear_kernel.cuh): every tile shape of kTileShapes, bf16 and fp16 activations, records
 // in the activation dtype or in fp32, symmetric and asymmetric (fractional) zero points, N, K and
@@ -8,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <ostream>
@@ -17,8 +19,10 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/format_kernels.cuh"
 #include "cuda/layout_kernels.cuh"
 #include "cuda/linear_kernel.cuh"
+#include "int4kit/kernels.h"
 
 namespace int4kit {
 namespace cuda {
@@ -165,6 +169,71 @@ double run(const Problem& p) {
     }
   return std::sqrt(err2 / ref2);
 }
+
+// ---- canonical-format kernels ---------------------------------------------------------------------
+
+// (N, K, G, symmetric, scale dtype)
+using FormatCase = std::tuple<int, int, int, bool, DType>;
+class FormatKernelsEmulated : public ::testing::TestWithParam<FormatCase> {};
+
+// quantize, pack, unpack and dequantize on "CUDA" give what the CPU's give, bit for bit (the ops
+// promise both devices the same codes). The weights include an all-zero group, a one-signed group
+// and a group too small for a 16-bit scale (s = 1).
+TEST_P(FormatKernelsEmulated, MatchTheCpuBitForBit) {
+  using namespace format_kernels;
+  const auto [N, K, G, symmetric, dtype] = GetParam();
+  const int64_t groups = ceil_div(K, G), row_bytes = (K + 1) / 2;
+  std::mt19937 rng(uint32_t(N * 131 + K * 17 + G));
+  std::normal_distribution<float> normal(0.f, 0.02f);
+  std::vector<float> w(size_t(N) * K);
+  for (auto& v : w) v = normal(rng);
+  for (int k = 0; k < std::min(G, K); ++k) {
+    w[size_t(k)] = 0.f;                                      // row 0, group 0: all zero
+    w[size_t(K + k)] = std::abs(w[size_t(K + k)]);           // row 1, group 0: one sign
+    w[size_t(2 * K + k)] = 1e-30f * float(k % 3);            // row 2, group 0: below fp16/bf16 scales
+  }
+  std::vector<uint8_t> codes_cpu(w.size()), codes_gpu(w.size(), 0xEE);
+  std::vector<float> s_cpu(size_t(N * groups)), z_cpu(s_cpu.size()), s_gpu(s_cpu.size(), -1.f), z_gpu(s_cpu.size(), -1.f);
+  cpu::quantize_rtn(w.data(), N, K, G, symmetric, dtype, codes_cpu.data(), s_cpu.data(), z_cpu.data());
+  emulator::launch({2, 1, 1}, 64, 0, quantize_kernel, static_cast<const float*>(w.data()), int64_t(N), int64_t(K),
+                   int64_t(G), bool(symmetric), dtype, codes_gpu.data(), s_gpu.data(), z_gpu.data());
+  EXPECT_EQ(codes_gpu, codes_cpu);
+  EXPECT_EQ(0, std::memcmp(s_gpu.data(), s_cpu.data(), s_cpu.size() * 4)) << "scales";
+  EXPECT_EQ(0, std::memcmp(z_gpu.data(), z_cpu.data(), z_cpu.size() * 4)) << "zeros";
+
+  std::vector<uint8_t> q_cpu(size_t(N * row_bytes)), q_gpu(q_cpu.size(), 0xEE);
+  ASSERT_EQ(cpu::pack(codes_cpu.data(), N, K, q_cpu.data()), Status::Ok);
+  int bad = 0;
+  emulator::launch({2, 1, 1}, 64, 0, pack_kernel, static_cast<const uint8_t*>(codes_cpu.data()), int64_t(N),
+                   int64_t(K), q_gpu.data(), &bad);
+  EXPECT_EQ(q_gpu, q_cpu);
+  EXPECT_EQ(bad, 0);
+  std::vector<uint8_t> bad_codes = codes_cpu;
+  bad_codes[size_t(N * K / 2)] = 16;
+  emulator::launch({2, 1, 1}, 64, 0, pack_kernel, static_cast<const uint8_t*>(bad_codes.data()), int64_t(N),
+                   int64_t(K), q_gpu.data(), &bad);
+  EXPECT_EQ(bad, 1) << "a code above 15 is reported";
+
+  std::vector<uint8_t> unpacked(w.size(), 0xEE);
+  emulator::launch({2, 1, 1}, 64, 0, unpack_kernel, static_cast<const uint8_t*>(q_cpu.data()), int64_t(N),
+                   int64_t(K), unpacked.data());
+  EXPECT_EQ(unpacked, codes_cpu);
+
+  std::vector<float> deq_cpu(w.size()), deq_gpu(w.size(), -1.f);
+  cpu::dequantize(q_cpu.data(), s_cpu.data(), symmetric ? nullptr : z_cpu.data(), N, K, G, deq_cpu.data());
+  emulator::launch({2, 1, 1}, 64, 0, dequantize_kernel, static_cast<const uint8_t*>(q_cpu.data()),
+                   static_cast<const void*>(s_cpu.data()),
+                   static_cast<const void*>(symmetric ? nullptr : z_cpu.data()), DType::F32, int64_t(N),
+                   int64_t(K), int64_t(G), static_cast<void*>(deq_gpu.data()), DType::F32);
+  EXPECT_EQ(0, std::memcmp(deq_gpu.data(), deq_cpu.data(), deq_cpu.size() * 4)) << "dequantize";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FormatKernelsEmulated,
+                         ::testing::Values(FormatCase{5, 130, 64, false, DType::F32},
+                                           FormatCase{4, 131, 32, true, DType::BF16},
+                                           FormatCase{3, 100, 100, false, DType::F16},
+                                           FormatCase{6, 96, 6, true, DType::F32},
+                                           FormatCase{3, 257, 128, false, DType::BF16}));
 
 // ---- layout kernels -------------------------------------------------------------------------------
 
