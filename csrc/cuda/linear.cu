@@ -75,17 +75,8 @@ int multiprocessors() {
   return sms;
 }
 
-// Split-K across blocks only when the tile grid alone leaves more than half the SMs without a
-// block (small N, long K; a split costs a partials round trip and a second launch): enough splits
-// for ~2 blocks per SM, each keeping at least 2 chunks per warp.
 int64_t chunks_per_split(int64_t M, const cuda_layout::Shape& shape, int tile) {
-  const TileShape& t = kTileShapes[tile];
-  const int64_t blocks = grid_blocks(M, shape.tiles(), t);
-  const int64_t sms = multiprocessors();
-  if (2 * blocks > sms) return shape.chunks();
-  const int64_t most = std::max<int64_t>(1, shape.chunks() / (2 * t.wk));
-  const int64_t splits = std::min<int64_t>({ceil_div(2 * sms, blocks), most, 32});
-  return ceil_div(shape.chunks(), splits);
+  return split_chunks(M, shape, kTileShapes[tile], multiprocessors());
 }
 
 }  // namespace

@@ -487,6 +487,18 @@ inline int64_t grid_blocks(int64_t M, int64_t tiles, const TileShape& t) {
   return ceil_div(M, 8 * t.tm) * ceil_div(tiles, t.wn * t.nt);
 }
 
+// Chunks per K range of split-K across blocks (grid.y = ceil(chunks / this)). Only when the tile
+// grid alone leaves more than half of the `sms` SMs without a block (small N, long K; a split
+// costs a partials round trip and a second launch): enough splits for ~2 blocks per SM, each
+// keeping at least 2 chunks per warp, at most 32.
+inline int64_t split_chunks(int64_t M, const cuda_layout::Shape& shape, const TileShape& t, int64_t sms) {
+  const int64_t blocks = grid_blocks(M, shape.tiles(), t);
+  if (2 * blocks > sms) return shape.chunks();
+  const int64_t most = shape.chunks() / (2 * t.wk) > 1 ? shape.chunks() / (2 * t.wk) : 1;
+  const int64_t wanted = ceil_div(2 * sms, blocks), splits = wanted < most ? wanted : most;
+  return ceil_div(shape.chunks(), splits < 32 ? splits : 32);
+}
+
 }  // namespace fused_linear
 }  // namespace cuda
 }  // namespace int4kit

@@ -36,14 +36,14 @@ struct Problem {
   bool bf16;             // activations bf16, else fp16
   DType records;         // scale dtype
   bool symmetric;
-  int splits;  // K ranges across blocks (grid.y)
+  int sms;     // the GPU's SM count, for split_chunks' choice of split-K across blocks
 };
 
 std::string name(const Problem& p) {
   return "tile" + std::to_string(p.tile) + "_M" + std::to_string(p.M) + "_N" + std::to_string(p.N) +
          "_K" + std::to_string(p.K) + "_G" + std::to_string(p.G) + (p.bf16 ? "_bf16" : "_fp16") +
          (p.records == DType::F32 ? "_recf32" : p.records == DType::BF16 ? "_recbf16" : "_recf16") +
-         (p.symmetric ? "_sym" : "_asym") + "_splits" + std::to_string(p.splits);
+         (p.symmetric ? "_sym" : "_asym") + "_sms" + std::to_string(p.sms);
 }
 
 void PrintTo(const Problem& p, std::ostream* os) { *os << name(p); }
@@ -70,26 +70,28 @@ float round_to(DType t, float v) {
 }
 
 template <typename T, TileShape kShape, bool kRecordsInT>
-void run_kernel(const Problem& p, const LinearArgs& args) {
+void run_kernel(const Problem& p, const LinearArgs& args, int splits) {
   using L = Smem<kShape.nt, kShape.tm, kShape.wn, kShape.wk, kShape.stages>;
   const auto kernel = [](LinearArgs a) {
     linear_kernel<T, kShape.nt, kShape.tm, kShape.wn, kShape.wk, kShape.stages, kShape.codes_in_mma,
                   kRecordsInT>(a);
   };
-  emulator::launch({unsigned(grid_blocks(p.M, args.tiles, kShape)), unsigned(p.splits), 1},
+  emulator::launch({unsigned(grid_blocks(p.M, args.tiles, kShape)), unsigned(splits), 1},
                    32 * kShape.wn * kShape.wk, L::kBytes, kernel, args);
 }
 
 template <typename T, size_t... I>
-void run_tile(const Problem& p, const LinearArgs& args, bool records_in_t, std::index_sequence<I...>) {
-  ((p.tile == int(I) ? (records_in_t ? run_kernel<T, kTileShapes[I], true>(p, args)
-                                     : run_kernel<T, kTileShapes[I], false>(p, args)),
+void run_tile(const Problem& p, const LinearArgs& args, int splits, bool records_in_t,
+              std::index_sequence<I...>) {
+  ((p.tile == int(I) ? (records_in_t ? run_kernel<T, kTileShapes[I], true>(p, args, splits)
+                                     : run_kernel<T, kTileShapes[I], false>(p, args, splits)),
     0 : 0),
    ...);
 }
 
+// x @ W^T + bias through the kernel; its relative (Frobenius) error, and the K ranges it used.
 template <typename T>
-double run(const Problem& p) {
+double run(const Problem& p, int& splits_used) {
   std::mt19937 rng(uint32_t(p.tile * 7919 + p.M * 104729 + p.N * 31 + p.K * 7 + p.G));
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
   const Shape shape{p.N, p.K, p.G, p.records};
@@ -138,18 +140,20 @@ double run(const Problem& p) {
 
   std::vector<T> bias_t(bias.begin(), bias.end());
   std::vector<T> out(size_t(p.M) * p.N, T(std::numeric_limits<float>::quiet_NaN()));
-  const int64_t chunks_per_split = ceil_div(chunks, p.splits);
-  std::vector<float> partials(p.splits > 1 ? size_t(p.splits) * p.M * p.N : 0,
+  // the launcher's split-K choice for this GPU size, as linear.cu makes it
+  const int64_t chunks_per_split = split_chunks(p.M, shape, kTileShapes[p.tile], p.sms);
+  const int splits = int(ceil_div(chunks, chunks_per_split));
+  splits_used = splits;
+  std::vector<float> partials(splits > 1 ? size_t(splits) * p.M * p.N : 0,
                               std::numeric_limits<float>::quiet_NaN());
   LinearArgs args{x.data(), reinterpret_cast<const uint4*>(codes.data()), records.data(),
                   bias_t.data(), out.data(), p.M, ldx, p.N, p.K, groups, tiles, chunks, p.records,
                   FastDivisor(uint32_t(p.G)), group_per_chunk(p.K, p.G), chunks_per_split,
                   partials.data()};
-  EXPECT_EQ(ceil_div(chunks, chunks_per_split), p.splits) << "the split count must be exact";
-  run_tile<T>(p, args, p.records == Half<T>::kDType, std::make_index_sequence<kTileShapeCount>{});
-  if (p.splits > 1)
+  run_tile<T>(p, args, splits, p.records == Half<T>::kDType, std::make_index_sequence<kTileShapeCount>{});
+  if (splits > 1)
     emulator::launch({2, 1, 1}, 64, 0, reduce_splits_kernel<T>, static_cast<const float*>(partials.data()),
-                     p.splits, int64_t(p.M), int64_t(p.N), static_cast<const T*>(bias_t.data()),
+                     splits, int64_t(p.M), int64_t(p.N), static_cast<const T*>(bias_t.data()),
                      out.data());
 
   double err2 = 0, ref2 = 0;
@@ -359,27 +363,30 @@ class FusedKernelEmulated : public ::testing::TestWithParam<Problem> {};
 
 TEST_P(FusedKernelEmulated, MatchesFloat64Reference) {
   const Problem& p = GetParam();
-  const double err = p.bf16 ? run<__nv_bfloat16>(p) : run<__half>(p);
+  int splits = 0;
+  const double err = p.bf16 ? run<__nv_bfloat16>(p, splits) : run<__half>(p, splits);
+  EXPECT_EQ(splits > 1, p.N == 40) << "the split-K cases (N = 40) split, the others do not";
   // bf16 rounding of the output alone is up to 2^-9 relative; the CUDA tests allow 1e-2
   EXPECT_LE(err, 1e-2) << name(p);
 }
 
 // Each tile shape at M values of its own range and past it (token tails), twice: bf16 x with bf16
 // records, asymmetric, K a whole number of chunks; fp16 x with fp32 records, symmetric, a K tail.
-// N = 272 is 17 row tiles (partial blocks for every shape). Plus split-K across blocks.
+// N = 272 is 17 row tiles (partial blocks for every shape). Then N = 40 with a long K on a
+// 132-SM GPU, where split_chunks splits K across blocks (even and uneven ranges).
 std::vector<Problem> problems() {
   std::vector<Problem> out;
   for (int tile = 0; tile < kTileShapeCount; ++tile) {
     const TileShape& t = kTileShapes[tile];
     const int tokens = 8 * t.tm;
     for (int M : {tokens == 8 ? 1 : tokens - 5, tokens + 3}) {
-      out.push_back({tile, M, 272, 320, 64, true, DType::BF16, false, 1});
-      out.push_back({tile, M, 272, 200, t.codes_in_mma ? 128 : 32, false, DType::F32, true, 1});
+      out.push_back({tile, M, 272, 320, 64, true, DType::BF16, false, 132});
+      out.push_back({tile, M, 272, 200, t.codes_in_mma ? 128 : 32, false, DType::F32, true, 132});
     }
   }
-  out.push_back({0, 1, 40, 64 * 9, 64, true, DType::BF16, false, 3});     // M <= 4 GEMV
-  out.push_back({9, 40, 40, 64 * 9, 64, false, DType::F16, false, 3});    // shared x, two groups
-  out.push_back({5, 5, 40, 200, 200, true, DType::F16, false, 2});        // per channel, K tail
+  out.push_back({0, 1, 40, 4096, 64, true, DType::BF16, false, 132});      // 4 ranges of 16 chunks
+  out.push_back({9, 40, 40, 4096, 64, false, DType::F16, false, 132});     // shared x, 16 ranges
+  out.push_back({5, 5, 40, 1288, 1288, true, DType::F16, false, 132});     // per channel, 11 + 10
   return out;
 }
 
