@@ -22,6 +22,7 @@
 #include "cuda/format_kernels.cuh"
 #include "cuda/layout_kernels.cuh"
 #include "cuda/linear_kernel.cuh"
+#include "cuda_layout_reference.h"
 #include "int4kit/kernels.h"
 
 namespace int4kit {
@@ -108,19 +109,7 @@ double run(const Problem& p, int& splits_used) {
     for (int k = 0; k < p.K; ++k) x[size_t(m) * ldx + k] = T(uni(rng));
 
   // The prepacked layout (cuda_layout.h): code words by fragment_element, records per lane group.
-  std::vector<uint32_t> codes(size_t(shape.codes_bytes() / 4));
-  for (int64_t t = 0; t < tiles; ++t)
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int lane = 0; lane < kLanes; ++lane)
-        for (int step = 0; step < kSteps; ++step) {
-          uint32_t word = 0;
-          for (int nibble = 0; nibble < 8; ++nibble) {
-            const TileElement e = fragment_element(lane, step, nibble);
-            const int64_t n = t * kTileRows + e.row, k = c * kChunkK + e.k;
-            if (n < p.N && k < p.K) word |= uint32_t(q[size_t(n * p.K + k)]) << (4 * nibble);
-          }
-          codes[size_t(((t * chunks + c) * kLanes + lane) * kSteps + step)] = word;
-        }
+  const std::vector<uint32_t> codes = reference_code_words(q, shape);
   const int record_bytes = kRecordValues * int(scale_bytes(p.records));
   std::vector<uint8_t> records(size_t(shape.records_bytes()), 0);
   for (int64_t t = 0; t < tiles; ++t)

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_layout_reference.h"
 #include "int4kit/cuda_layout.h"
 
 namespace int4kit {
@@ -215,19 +216,7 @@ TEST_P(CudaLayoutEmulation, KernelDataFlowReproducesTheProduct) {
   const FastDivisor group_divisor{uint32_t(G)};
 
   // Prepack the codes the way the CUDA prepack kernel does: word (tile, chunk, lane, step).
-  std::vector<uint32_t> words(size_t(shape.codes_bytes() / 4));
-  for (int64_t t = 0; t < shape.tiles(); ++t)
-    for (int64_t c = 0; c < shape.chunks(); ++c)
-      for (int lane = 0; lane < kLanes; ++lane)
-        for (int step = 0; step < kSteps; ++step) {
-          uint32_t word = 0;
-          for (int nibble = 0; nibble < 8; ++nibble) {
-            const TileElement e = fragment_element(lane, step, nibble);
-            const int64_t n = t * kTileRows + e.row, k = c * kChunkK + e.k;
-            if (n < N && k < K) word |= uint32_t(q[n * K + k]) << (4 * nibble);
-          }
-          words[((t * shape.chunks() + c) * kLanes + lane) * kSteps + step] = word;
-        }
+  const std::vector<uint32_t> words = reference_code_words(q, shape);
 
   // The B fragments of one step: the lane's 16 contiguous x values from k = 64c + 16q; step s
   // uses 4s .. 4s+3.
