@@ -1,6 +1,5 @@
 // The fused W4A16 linear on tensor cores, host side: tile-shape choice, split-K, launch (the kernel
 // and its design notes are in linear_kernel.cuh).
-#include <algorithm>
 #include <atomic>
 #include <string>
 #include <utility>
