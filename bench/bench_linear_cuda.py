@@ -173,7 +173,11 @@ def tile_shapes(case):
     raise RuntimeError("INT4KIT_CUDA_TILE=-1 was accepted; cannot list the tile shapes")
 
 
-def tile_sweep(shapes=("8192x8192", "8192x28672"), ms=(1, 4, 8, 16, 32, 64, 128), log=print):
+SWEEP_SHAPES = ("8192x8192", "8192x28672")
+SWEEP_MS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # 512: whether the fused kernel beats dq+mm there
+
+
+def tile_sweep(shapes=SWEEP_SHAPES, ms=SWEEP_MS, log=print):
     """ms per call of the fused kernel under each tile shape that fits, and with the one picked by
     M ("auto"); each forced shape's output is first checked against the automatic one's."""
     rows = []
@@ -231,14 +235,14 @@ def main(argv=None):
     p.add_argument("--markdown", metavar="PATH", help="save the table as Markdown")
     p.add_argument("--tile-sweep", action="store_true",
                    help="time the fused kernel under each tile shape instead (default shapes "
-                        "8192x8192 8192x28672, M 1 4 8 16 32 64 128)")
+                        f"{' '.join(SWEEP_SHAPES)}, M {' '.join(map(str, SWEEP_MS))})")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device is available here; nothing to benchmark")
         return 0
     if args.tile_sweep:
-        shapes = args.shapes if args.shapes != list(DEFAULT_SHAPES) else ["8192x8192", "8192x28672"]
-        ms = args.m if args.m != list(DEFAULT_MS) else [1, 4, 8, 16, 32, 64, 128]
+        shapes = args.shapes if args.shapes != list(DEFAULT_SHAPES) else list(SWEEP_SHAPES)
+        ms = args.m if args.m != list(DEFAULT_MS) else list(SWEEP_MS)
         result = tile_sweep(shapes, ms)
         table = tile_markdown(result["rows"], len(result["tiles"]))
     else:
