@@ -1,10 +1,12 @@
-// The CUDA kernels themselves (the code nvcc compiles) run on the CPU by cuda_emulator.h. The
-// canonical-format kernels (csrc/cuda/format_kernels.cuh) against the CPU's own, bit for bit. The
-// layout kernels (csrc/cuda/layout_kernels.cuh): prepack, unprepack and the dense path's
-// dequantization. The fused linear kernel (csrc/cuda/linear_kernel.cuh): every tile shape of kTileShapes, bf16 and fp16 activations, records
-// in the activation dtype or in fp32, symmetric and asymmetric (fractional) zero points, N, K and
-// M tails, split-K across blocks with the reduction kernel; against a float64 x @ W^T + bias. A
-// wrong fragment, slot, swizzle, barrier or pipeline count fails here without a GPU.
+// The CUDA kernels themselves (the code nvcc compiles) run on the CPU by cuda_emulator.h:
+//  * the canonical-format kernels (csrc/cuda/format_kernels.cuh) against the CPU's, bit for bit;
+//  * the layout kernels (csrc/cuda/layout_kernels.cuh): prepack, unprepack and the dense path's
+//    dequantization;
+//  * the fused linear kernel (csrc/cuda/linear_kernel.cuh): every tile shape of kTileShapes, bf16
+//    and fp16 activations, records in the activation dtype or in fp32, symmetric and asymmetric
+//    (fractional) zero points, N, K and M tails, split-K across blocks with the reduction kernel;
+//    against a float64 x @ W^T + bias.
+// A wrong fragment, slot, swizzle, barrier or pipeline count fails here without a GPU.
 #include "cuda_emulator.h"  // first: it stands in for ptx.cuh
 
 #include <gtest/gtest.h>
@@ -37,7 +39,7 @@ struct Problem {
   bool bf16;             // activations bf16, else fp16
   DType records;         // scale dtype
   bool symmetric;
-  int sms;     // the GPU's SM count, for split_chunks' choice of split-K across blocks
+  int sms;               // the GPU's SM count, for split_chunks' choice of split-K
 };
 
 std::string name(const Problem& p) {
