@@ -123,3 +123,29 @@ def test_cuda_resources(capsys):
     import cuda_resources
     assert cuda_resources.main(["--archs", "9.0a"]) == 0
     assert "linear_kernel<bf16" in capsys.readouterr().out
+
+
+def test_sass_main_loop_is_the_longest_backward_branch():
+    import cuda_resources
+    sass = """
+        Function : _Z1kv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDS.128 R4, [R2] ;
+        /*0020*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   LOP3.LUT R3, R3, 0xf, RZ, 0xc0, !PT ;
+        /*0050*/              @!P1 BRA 0x40 ;
+        /*0060*/                   EXIT ;
+    """
+    loops = cuda_resources.main_loops(sass)
+    count, ops = loops["_Z1kv"]
+    assert count == 3 and ops == {"LDS": 1, "HMMA": 1, "BRA": 1}
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists(),
+                    reason="needs nvcc")
+def test_cuda_resources_loops(capsys):
+    import cuda_resources
+    assert cuda_resources.main(["--archs", "9.0a", "--loops", "--filter", "linear_kernel"]) == 0
+    out = capsys.readouterr().out
+    assert "| sm_90a | `linear_kernel<bf16, 2, 1, 1, 8, 4, true, true>` |" in out and "HMMA" in out
