@@ -142,8 +142,16 @@ def test_sass_main_loop_is_the_longest_backward_branch():
     assert count == 3 and ops == {"LDS": 1, "HMMA": 1, "BRA": 1}
 
 
-@pytest.mark.skipif(not (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists(),
-                    reason="needs nvcc")
+def _cuobjdump_found():
+    import cuda_resources
+    try:
+        return bool(cuda_resources.cuobjdump())
+    except SystemExit:
+        return False
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc").exists()
+                    or not _cuobjdump_found(), reason="needs nvcc and cuobjdump (the toolkit's or triton's)")
 def test_cuda_resources_loops(capsys):
     import cuda_resources
     assert cuda_resources.main(["--archs", "9.0a", "--loops", "--filter", "linear_kernel"]) == 0
