@@ -29,11 +29,21 @@ __device__ inline float load_float(const void* p, DType t, int64_t i) {
   }
 }
 
+// v as Out (float, bf16 or fp16), rounded to nearest even.
+template <typename Out>
+__device__ inline Out from_float(float v);
+template <>
+__device__ inline float from_float<float>(float v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ inline __half from_float<__half>(float v) { return __float2half_rn(v); }
+
 __device__ inline void store_float(void* p, DType t, int64_t i, float v) {
   switch (t) {
     case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
+    case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = from_float<__nv_bfloat16>(v); break;
+    default: static_cast<__half*>(p)[i] = from_float<__half>(v); break;
   }
 }
 

@@ -99,16 +99,6 @@ __global__ void unprepack_records_kernel(const Bits* __restrict__ records, int64
   }
 }
 
-// Output conversions of the dense path (round to nearest even, as store_float).
-template <typename Out>
-__device__ inline Out from_float(float v);
-template <>
-__device__ inline float from_float<float>(float v) { return v; }
-template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ inline __half from_float<__half>(float v) { return __float2half_rn(v); }
-
 // One lane record (scale and zero point of rows g and g + 8) as loaded from memory.
 __device__ inline uint4 load_record(const uint8_t* r, DType scale_dtype) {
   if (scale_dtype == DType::F32) return *reinterpret_cast<const uint4*>(r);

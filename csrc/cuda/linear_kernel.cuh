@@ -60,7 +60,6 @@ struct Half<__half> {
   static constexpr MagicCodes kCodes = kMagicF16;
   static constexpr uint32_t kOnesBits = 0x3C003C00u;  // 1.0 in both halves
   static __device__ T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
-  static __device__ T from_float(float v) { return __float2half_rn(v); }
   static __device__ float to_float(T v) { return __half2float(v); }
 };
 template <>
@@ -73,7 +72,6 @@ struct Half<__nv_bfloat16> {
   static constexpr MagicCodes kCodes = kMagicBF16;
   static constexpr uint32_t kOnesBits = 0x3F803F80u;  // 1.0 in both halves
   static __device__ T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static __device__ T from_float(float v) { return __float2bfloat16_rn(v); }
   static __device__ float to_float(T v) { return __bfloat162float(v); }
 };
 
@@ -426,7 +424,7 @@ __global__ void __launch_bounds__(32 * WN * WK) linear_kernel(LinearArgs args) {
     const int64_t n = (block_tile0 + nt) * kTileRows + e.row, token = token0 + 8 * tm + e.token;
     if (n >= args.N || token >= args.M) continue;
     if (gridDim.y == 1)
-      out[token * args.N + n] = H::from_float(bias ? sum + H::to_float(bias[n]) : sum);
+      out[token * args.N + n] = from_float<T>(bias ? sum + H::to_float(bias[n]) : sum);
     else  // one of several K ranges: reduce_splits_kernel adds them up
       args.partials[(int64_t(blockIdx.y) * args.M + token) * args.N + n] = sum;
   }
@@ -442,7 +440,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partials, int spl
        i += int64_t(gridDim.x) * blockDim.x) {
     float sum = bias ? H::to_float(bias[i % N]) : 0.f;
     for (int s = 0; s < splits; ++s) sum += partials[s * total + i];
-    out[i] = H::from_float(sum);
+    out[i] = from_float<T>(sum);
   }
 }
 
