@@ -51,25 +51,11 @@ std::string name(const Problem& p) {
 
 void PrintTo(const Problem& p, std::ostream* os) { *os << name(p); }
 
-// A value as the 16-bit dtype holds it (round to nearest even), and its bits.
-template <typename T>
-uint16_t bits_of(float v) {
-  const T h = T(v);
-  uint16_t bits;
-  std::memcpy(&bits, &h, 2);
-  return bits;
-}
-float bits_to_float_of(DType t, uint32_t bits) {
-  if (t == DType::F32) {
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
-  return t == DType::BF16 ? bf16_to_float(uint16_t(bits)) : f16_to_float(uint16_t(bits));
-}
+// v as dtype t holds it (format.h's round-to-nearest-even conversions).
 float round_to(DType t, float v) {
-  if (t == DType::F32) return v;
-  return t == DType::BF16 ? float(__nv_bfloat16(v)) : float(__half(v));
+  uint32_t bits = 0;
+  store_from_float(&bits, t, 0, v);
+  return load_as_float(&bits, t, 0);
 }
 
 template <typename T, TileShape kShape, bool kRecordsInT>
@@ -120,13 +106,8 @@ double run(const Problem& p, int& splits_used) {
         for (int v = 0; v < kRecordValues; ++v) {
           const int64_t n = t * kTileRows + lg + 8 * (v & 1);
           const float value = n >= p.N ? 0.f : (v < 2 ? s : z)[size_t(n * groups + g)];
-          uint8_t* dst = records.data() + ((t * groups + g) * kLaneGroups + lg) * record_bytes;
-          if (p.records == DType::F32) {
-            std::memcpy(dst + 4 * v, &value, 4);
-          } else {
-            const uint16_t bits = p.records == DType::BF16 ? bits_of<__nv_bfloat16>(value) : bits_of<__half>(value);
-            std::memcpy(dst + 2 * v, &bits, 2);
-          }
+          store_from_float(records.data() + ((t * groups + g) * kLaneGroups + lg) * record_bytes,
+                           p.records, v, value);
         }
 
   std::vector<T> bias_t(bias.begin(), bias.end());
@@ -236,16 +217,6 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FormatKernelsEmulated,
 using LayoutCase = std::tuple<int, int, int, DType, bool>;
 class LayoutKernelsEmulated : public ::testing::TestWithParam<LayoutCase> {};
 
-// Raw bits of a value in a scale dtype, widened to 32 bits.
-uint32_t raw_bits(DType t, float v) {
-  if (t == DType::F32) {
-    uint32_t bits;
-    std::memcpy(&bits, &v, 4);
-    return bits;
-  }
-  return t == DType::BF16 ? bits_of<__nv_bfloat16>(v) : bits_of<__half>(v);
-}
-
 // prepack then unprepack gives the canonical codes, scales and zeros back bit for bit, prepack's
 // words are where fragment_element puts the codes, and dequantize_prepacked writes (q - z) * s in
 // fp32 rounded once to each output dtype. Grids smaller than the work, as grid-stride loops allow.
@@ -263,9 +234,8 @@ TEST_P(LayoutKernelsEmulated, PrepackRoundTripAndDequantize) {
   }
   std::vector<uint8_t> scales(size_t(N * groups * bytes)), zeros(scales.size());
   for (int64_t i = 0; i < N * groups; ++i) {
-    const uint32_t s = raw_bits(dtype, 0.001f + 0.05f * uni(rng)), z = raw_bits(dtype, 15.f * uni(rng));
-    std::memcpy(scales.data() + i * bytes, &s, size_t(bytes));  // little endian: the low bytes
-    std::memcpy(zeros.data() + i * bytes, &z, size_t(bytes));
+    store_from_float(scales.data(), dtype, i, 0.001f + 0.05f * uni(rng));
+    store_from_float(zeros.data(), dtype, i, 15.f * uni(rng));
   }
   std::vector<uint8_t> packed(size_t(shape.total_bytes()), 0x5A);
   const int64_t words = shape.codes_bytes() / 4, values = shape.records_bytes() / bytes;
@@ -313,11 +283,7 @@ TEST_P(LayoutKernelsEmulated, PrepackRoundTripAndDequantize) {
   if (!symmetric) {
     EXPECT_EQ(z_back, zeros);
   }
-  auto value = [&](const std::vector<uint8_t>& v, int64_t i) {
-    uint32_t b = 0;
-    std::memcpy(&b, v.data() + i * bytes, size_t(bytes));
-    return bits_to_float_of(dtype, b);
-  };
+  auto value = [&](const std::vector<uint8_t>& v, int64_t i) { return load_as_float(v.data(), dtype, i); };
   for (int64_t i = 0; symmetric && i < N * groups; ++i) ASSERT_EQ(value(z_back, i), 8.f) << i;
 
   // dequantize_prepacked into each output dtype
