@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "ptx_mma_reference.h"
+
 #undef __global__  // the CUDA headers' host-compiler versions: attributes g++ does not know
 #undef __shared__
 #define __global__
@@ -178,10 +180,7 @@ void launch(EmulatedDim grid, int threads, size_t shared_bytes, Kernel kernel, A
     }
 }
 
-// The PTX ISA's m16n8k16 fragments of 16-bit A (16 x 16, row) and B (16 x 8, col) and fp32 C;
-// g = lane / 4, q = lane % 4; register r of A or B holds elements 2r (low half) and 2r + 1.
-//   A: a0,a1 (g, 2q+{0,1}); a2,a3 (g+8, 2q+{0,1}); a4,a5 (g, 2q+8+{0,1}); a6,a7 (g+8, 2q+8+{0,1})
-//   B: b0,b1 (2q+{0,1}, g); b2,b3 (2q+8+{0,1}, g)        C: c0,c1 (g, 2q+{0,1}); c2,c3 (g+8, ...)
+// mma.sync.m16n8k16: the warp's fragments gathered, this thread's C by ptx_mma_reference.h.
 template <typename T>
 void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   using Raw = std::conditional_t<std::is_same_v<T, __half>, __half_raw, __nv_bfloat16_raw>;
@@ -196,18 +195,12 @@ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   w.b[lane][0] = b0;
   w.b[lane][1] = b1;
   w.sync.arrive_and_wait("mma.sync (inputs)");
-  float A[16][16], B[16][8];
+  MmaFragments f;
   for (int l = 0; l < kWarp; ++l) {
-    const int g = l / 4, q = l % 4;
-    for (int i = 0; i < 8; ++i) A[g + 8 * ((i / 2) % 2)][2 * q + 8 * (i / 4) + i % 2] = value(w.a[l][i / 2], i % 2);
-    for (int i = 0; i < 4; ++i) B[2 * q + 8 * (i / 2) + i % 2][g] = value(w.b[l][i / 2], i % 2);
+    for (int i = 0; i < 8; ++i) f.a[l][i] = value(w.a[l][i / 2], i % 2);
+    for (int i = 0; i < 4; ++i) f.b[l][i] = value(w.b[l][i / 2], i % 2);
   }
-  for (int i = 0; i < 4; ++i) {
-    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
-    float sum = c[i];
-    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
-    c[i] = sum;
-  }
+  reference_mma_lane(f, lane, c);
   w.sync.arrive_and_wait("mma.sync (outputs)");  // nobody overwrites the inputs before all read
 }
 

@@ -3,8 +3,9 @@
 // a step-by-step emulation of what the fused kernel computes (its nibble extraction, its
 // x-fragment loads, mma.sync.m16n8k16 as the PTX ISA defines its fragments, its accumulator map;
 // dequantizing before the mma, or for small M the codes centred into the mma bit by bit as in
-// fp16 or bf16 and the fp32 partial sums scaled after it) reproduces x @ W^T. The PTX fragment tables are written out
-// here independently of the layout header, so a wrong layout cannot agree with them by accident.
+// fp16 or bf16 and the fp32 partial sums scaled after it) reproduces x @ W^T. The PTX fragment
+// tables (ptx_mma_reference.h) are written out independently of the layout header, so a wrong
+// layout cannot agree with them by accident.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cuda_layout_reference.h"
+#include "ptx_mma_reference.h"
 #include "int4kit/cuda_layout.h"
 
 namespace int4kit {
@@ -152,28 +154,10 @@ TEST(CudaLayout, FastDivisorMatchesDivision) {
   }
 }
 
-// PTX ISA, mma.m16n8k16 with 16-bit A/B and fp32 C ("row.col"); g = lane / 4, q = lane % 4.
-//   A (16 x 16): a0,a1 (g, 2q+{0,1}); a2,a3 (g+8, 2q+{0,1}); a4,a5 (g, 2q+8+{0,1}); a6,a7 (g+8, ...)
-//   B (16 x 8):  b0,b1 (2q+{0,1}, g);  b2,b3 (2q+8+{0,1}, g)
-//   C (16 x 8):  c0,c1 (g, 2q+{0,1});  c2,c3 (g+8, 2q+{0,1})
-// Register r of A holds elements 2r and 2r+1 (low half first); B likewise.
-struct Fragments {
-  float a[kLanes][8], b[kLanes][4];
-};
+// The whole warp's mma: every lane's C fragment (ptx_mma_reference.h).
+using Fragments = MmaFragments;
 void emulate_mma(const Fragments& f, float (&c)[kLanes][4]) {
-  float A[16][16], B[16][8];
-  for (int lane = 0; lane < kLanes; ++lane) {
-    const int g = lane / 4, q = lane % 4;
-    for (int i = 0; i < 8; ++i) A[g + 8 * ((i / 2) % 2)][2 * q + 8 * (i / 4) + i % 2] = f.a[lane][i];
-    for (int i = 0; i < 4; ++i) B[2 * q + 8 * (i / 2) + i % 2][g] = f.b[lane][i];
-  }
-  for (int lane = 0; lane < kLanes; ++lane) {
-    const int g = lane / 4, q = lane % 4;
-    for (int i = 0; i < 4; ++i) {
-      const int row = g + 8 * (i / 2), col = 2 * q + i % 2;
-      for (int k = 0; k < 16; ++k) c[lane][i] += A[row][k] * B[k][col];
-    }
-  }
+  for (int lane = 0; lane < kLanes; ++lane) reference_mma_lane(f, lane, c[lane]);
 }
 
 // How the emulated kernel treats the codes: dequantized before the mma, or (the small-M kernel with
