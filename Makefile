@@ -34,8 +34,20 @@ system-deps:
 	fi
 
 # The extension (CPU kernels always; CUDA sources too when torch has CUDA and nvcc is found).
-build: venv
+# Rebuilt only when a native source, setup.py or the environment changed (the stamp also needs
+# the built library to exist); Python sources are used in place (editable install).
+NATIVE_SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \))
+BUILD_STAMP    := build/.extension-built
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): setup.py $(NATIVE_SOURCES) $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation -e .
+	@mkdir -p $(dir $@) && touch $@
+
+ifeq ($(wildcard python/int4kit/_C*.so),)
+.PHONY: $(BUILD_STAMP)
+endif
 
 cpp: system-deps
 	cmake -S . -B $(CMAKE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja

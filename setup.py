@@ -123,7 +123,7 @@ setup(
     version="0.1.0",
     description="INT4 weight quantization for PyTorch with hand-written CPU and CUDA kernels",
     package_dir={"": "python"},
-    packages=["int4kit", "int4kit.quant"],
+    packages=["int4kit", "int4kit.quant", "int4kit.formats"],
     python_requires=">=3.10",
     libraries=[(name, {"sources": srcs, "include_dirs": INCLUDE_DIRS, "cflags": CXX_FLAGS + flags})
                for name, srcs, flags in ISA_LIBRARIES],

@@ -3,13 +3,17 @@
     import int4kit
     layer = int4kit.Int4Linear.from_linear(linear, group_size=128, symmetric=False)
     report = int4kit.quantize_model(model, int4kit.QuantConfig(group_size=128))
+    int4kit.save_quantized(model, "out")          # or model.save_pretrained("out") (transformers)
+    int4kit.load_quantized(skeleton_model, "out")
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
 from . import ops, reference
+from .formats import CheckpointError, load_quantized, save_quantized, skeleton
 from .nn import Int4Linear
 from .ops import cpu_isa
 from .quant import QuantConfig, QuantReport, quantize_model
 
-__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "reference", "cpu_isa"]
+__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "reference", "cpu_isa",
+           "save_quantized", "load_quantized", "skeleton", "CheckpointError"]
 __version__ = "0.1.0"

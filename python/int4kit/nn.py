@@ -5,8 +5,9 @@ The module keeps one copy of its weight, in the layout of the device it lives on
     module moves there or loads there and consumed by the fused kernels;
   * other devices: the canonical format (buffers `qweight`, `scales`, `zeros`); forward
     dequantizes and runs a dense matmul.
-Its state dict is always the canonical format (keys qweight, scales, zeros when asymmetric, bias),
-so checkpoints are portable between devices and bit-exact through save/load.
+Its state dict is always the canonical format (keys qweight, scales, zeros when asymmetric, bias,
+and input_scale / input_perm when present), so checkpoints are portable between devices and
+bit-exact through save/load (docs/CHECKPOINT.md).
 """
 from typing import Optional
 
@@ -19,6 +20,9 @@ from . import ops
 _CANONICAL = ("qweight", "scales", "zeros")
 _LAYOUT_BUFFERS = ("packed",) + _CANONICAL
 _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# optional inputs transforms, saved only when present: column k of the stored weight multiplies
+# x[..., input_perm[k]] * input_scale[k] (both in the stored column order)
+_INPUT_BUFFERS = ("input_perm", "input_scale")
 ACT_QUANTS = (None, "int8")
 
 
@@ -40,6 +44,19 @@ def check_group_size(group_size, in_features: int) -> None:
     if group_size > in_features:
         raise ValueError(f"group_size {group_size} is larger than in_features = {in_features}; "
                          f"use -1 for one group per channel")
+
+
+def is_permutation(perm: torch.Tensor) -> bool:
+    """perm is a 1-D int64 tensor holding each of 0..len-1 exactly once."""
+    if perm.dim() != 1 or perm.dtype != torch.int64:
+        return False
+    if perm.device.type == "meta":
+        return True
+    seen = torch.zeros(perm.numel(), dtype=torch.bool, device=perm.device)
+    if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= perm.numel()):
+        return False
+    seen[perm] = True
+    return bool(seen.all())
 
 
 class Int4Linear(nn.Module):
@@ -75,6 +92,11 @@ class Int4Linear(nn.Module):
         # optional per-input-channel multiplier applied to x before the kernel (AWQ's 1/s where it
         # cannot be folded into the previous op); saved as `input_scale` only when present
         self.register_buffer("input_scale", None)
+        # optional int64 permutation of x's columns, gathered before input_scale: a GPTQ act-order
+        # checkpoint whose g_idx is not monotone is stored with K permuted into whole groups
+        self.register_buffer("input_perm", None)
+        # the method that made the weights ("rtn", "gptq", ...; None: unknown): checkpoint metadata
+        self.method = None
         device = torch.device(device) if device is not None else torch.device("cpu")
         # an empty module holds the all-zero weight: every code at the zero point, scale 1
         groups = ops.num_groups(in_features, group_size)
@@ -188,15 +210,21 @@ class Int4Linear(nn.Module):
         missing = [keys[name] for name in wanted if name not in present]
         missing_keys.extend(missing)
         rest = {k: v for k, v in state_dict.items() if k not in keys.values()}
-        if prefix + "input_scale" in rest and self.input_scale is None:
-            input_scale = rest[prefix + "input_scale"]
-            if tuple(input_scale.shape) != (self.in_features,):
-                error_msgs.append(f"{prefix}input_scale: expected shape [{self.in_features}], "
-                                  f"got {list(input_scale.shape)}")
-                del rest[prefix + "input_scale"]
-            else:  # make room for it; the loader below copies it in
-                self.input_scale = torch.empty(self.in_features, device=self._device(),
-                                               dtype=input_scale.dtype)
+        for name in _INPUT_BUFFERS:  # optional: make room for them; the loader below copies them in
+            key = prefix + name
+            if key not in rest or getattr(self, name) is not None:
+                continue
+            tensor = rest[key]
+            if tuple(tensor.shape) != (self.in_features,):
+                error_msgs.append(f"{key}: expected shape [{self.in_features}], "
+                                  f"got {list(tensor.shape)}")
+                del rest[key]
+            elif name == "input_perm" and not is_permutation(tensor):
+                error_msgs.append(f"{key}: expected an int64 permutation of 0..{self.in_features - 1}")
+                del rest[key]
+            else:
+                setattr(self, name, torch.empty(self.in_features, device=self._device(),
+                                                dtype=tensor.dtype))
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if missing or (self.symmetric and "zeros" in present):
@@ -224,6 +252,9 @@ class Int4Linear(nn.Module):
         # of ~100 small calls they add up, so each is read once
         N, K, G = self.out_features, self.in_features, self.group_size
         packed, bias, act_quant, input_scale = self.packed, self.bias, self.act_quant, self.input_scale
+        input_perm = self.input_perm
+        if input_perm is not None:
+            x = x.index_select(-1, input_perm)
         if input_scale is not None:
             x = x * input_scale.to(x.dtype)
         if act_quant is not None:
@@ -242,4 +273,6 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}, "
                 f"symmetric={self.symmetric}, scale_dtype={self.scale_dtype}"
-                + (f", act_quant={self.act_quant!r}" if self.act_quant else ""))
+                + (f", act_quant={self.act_quant!r}" if self.act_quant else "")
+                + (f", method={self.method!r}" if self.method else "")
+                + (", input_perm=True" if self.input_perm is not None else ""))

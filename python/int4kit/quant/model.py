@@ -232,20 +232,24 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     else:
         _quantize_sequential(model, targets, batches, config, report)
     for name in report.swapped:  # W4A8 changes how the layers run, not what they store
-        model.get_submodule(name).act_quant = config.act_quant
+        module = model.get_submodule(name)
+        module.act_quant = config.act_quant
+        module.method = config.method
     report.bytes_after = state_dict_bytes(model)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def dense_stand_in(module: Int4Linear) -> nn.Linear:
-    """An nn.Linear computing what `module` computes (its dequantized weight, input_scale folded
-    into the columns): calibration runs through it, which is faster than the int4 kernels on
+    """An nn.Linear computing what `module` computes (its dequantized weight, input_scale and
+    input_perm folded into the columns): calibration runs through it, which is faster than the int4 kernels on
     small batches and independent of them."""
     qweight, scales, zeros = module.canonical()
     w = dequant_canonical(qweight, scales, zeros, module.group_size, module.in_features)
     if module.input_scale is not None:
         w = w * module.input_scale.float().cpu()[None, :]
+    if module.input_perm is not None:  # stored column k reads x column input_perm[k]
+        w = torch.empty_like(w).index_copy_(1, module.input_perm.cpu(), w)
     dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                       device="meta")
     dense.weight = nn.Parameter(w.to(module._device(), module.scale_dtype), requires_grad=False)

@@ -1,0 +1,280 @@
+"""Safetensors checkpoint directories, read and written one shard at a time.
+
+The layout is Hugging Face's: either one `model.safetensors`, or shards
+`model-00001-of-0000N.safetensors` and a `model.safetensors.index.json` whose `weight_map` names
+the shard of every tensor. Every foreign format int4kit reads or writes shares this layout, so the
+per-format code only maps tensor names and contents.
+"""
+import json
+import os
+import re
+import uuid
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is not what its format says it must be. The message names the
+    file, the tensor and what was expected."""
+
+
+def parse_size(size: Union[int, str], argument: str = "max_shard_size") -> int:
+    """Bytes in `size`: an int, or a string such as "5GB" (10^9) or "500MiB" (2^20), as in
+    Hugging Face's max_shard_size."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+        if match is None:
+            raise ValueError(f"{argument} must be an int or a size such as '5GB' or '500MiB', "
+                             f"got {size!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    else:
+        raise TypeError(f"{argument} must be an int or a size string such as '5GB', "
+                        f"got {type(size).__name__}")
+    if value <= 0:
+        raise ValueError(f"{argument} must be positive, got {size!r}")
+    return value
+
+
+def _safetensors():
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError as error:  # pragma: no cover - a dependency of the package
+        raise ImportError("int4kit's checkpoints need the safetensors package: "
+                          "pip install safetensors") from error
+    return safetensors
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a safetensors checkpoint directory (or a single file).
+
+    Nothing is read until `get`; headers are checked when the reader is made, so a truncated or
+    corrupt file fails here, with its name, before any weight is touched."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+        self.directory = path if os.path.isdir(path) else os.path.dirname(path)
+        self.index_metadata: Dict[str, str] = {}
+        if os.path.isfile(path):
+            files = {os.path.basename(path): None}
+        elif not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        elif os.path.isfile(os.path.join(path, INDEX_FILE)):
+            index = read_json(os.path.join(path, INDEX_FILE))
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: expected a JSON object "
+                                      f"with a 'weight_map' of tensor name -> shard file name")
+            for shard in set(weight_map.values()):
+                if os.path.basename(shard) != shard:
+                    raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: shard name "
+                                          f"{shard!r} is not a file name in the checkpoint folder")
+            self.index_metadata = {k: v for k, v in (index.get("metadata") or {}).items()
+                                   if isinstance(v, str)}
+            files = {name: None for name in sorted(set(weight_map.values()))}
+        elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+            files = {SINGLE_FILE: None}
+        else:
+            raise CheckpointError(f"{path!r} is not a safetensors checkpoint: it has neither "
+                                  f"{INDEX_FILE} nor {SINGLE_FILE}")
+        st = _safetensors()
+        self._handles = {}
+        self._file_of: Dict[str, str] = {}
+        self.metadata: Dict[str, str] = {}
+        for name in files:
+            full = os.path.join(self.directory, name)
+            if not os.path.isfile(full):
+                raise CheckpointError(f"{full}: shard named in {INDEX_FILE} is missing")
+            try:
+                handle = st.safe_open(full, framework="pt", device="cpu")
+                keys = list(handle.keys())
+                metadata = handle.metadata() or {}
+            except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
+                raise CheckpointError(f"{full}: not a readable safetensors file ({error})") from None
+            self._handles[name] = handle
+            self.metadata.update(metadata)
+            for key in keys:
+                if key in self._file_of:
+                    raise CheckpointError(f"{full}: tensor {key!r} is also in "
+                                          f"{self._file_of[key]}")
+                self._file_of[key] = name
+        if os.path.isfile(os.path.join(path, INDEX_FILE)):
+            for key, shard in weight_map.items():
+                if self._file_of.get(key) != shard:
+                    raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: tensor {key!r} is "
+                                          f"mapped to {shard} but that shard does not hold it")
+
+    def keys(self) -> List[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def file_of(self, key: str) -> str:
+        return os.path.join(self.directory, self._file_of[key])
+
+    def files(self) -> List[str]:
+        return [os.path.join(self.directory, name) for name in self._handles]
+
+    def keys_by_file(self) -> Dict[str, List[str]]:
+        """Shard file name -> its tensor names, shards in order: for converting one at a time."""
+        out: Dict[str, List[str]] = {name: [] for name in self._handles}
+        for key, name in self._file_of.items():
+            out[name].append(key)
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._file_of:
+            raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
+        try:
+            return self._handles[self._file_of[key]].get_tensor(key)
+        except Exception as error:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read "
+                                  f"({error})") from None
+
+    def shape_dtype(self, key: str) -> Tuple[List[int], str]:
+        """Shape and safetensors dtype name (e.g. "U8", "BF16") without reading the data."""
+        piece = self._handles[self._file_of[key]].get_slice(key)
+        return list(piece.get_shape()), piece.get_dtype()
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
+
+
+def write_json_atomic(path: str, content) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ShardWriter:
+    """Writes tensors to a checkpoint directory in shards of at most max_bytes (a tensor larger
+    than that gets a shard of its own), holding at most one shard in memory.
+
+    Shards are written under temporary names; `finish` gives them their final names and writes
+    the index last, so a save that fails part-way (`abort`, or an exception in a `with` block)
+    leaves no checkpoint that loads, and a previous checkpoint in the folder stays whole until the
+    new one is complete. Files of an earlier save that the new one does not overwrite (stale
+    shards, an index or single file of the other kind) are removed by `finish`."""
+
+    def __init__(self, directory: str, max_bytes: int, metadata: Optional[Dict[str, str]] = None):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._tag = uuid.uuid4().hex[:8]
+        self._pending: Dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: List[Tuple[str, List[str]]] = []  # (temporary file, its keys)
+        self.total_bytes = 0
+        self._keys = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is not None:
+            self.abort()
+        return False
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._keys:
+            raise ValueError(f"tensor {key!r} was already written to this checkpoint")
+        self._keys.add(key)
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        self._pending[key] = tensor
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def add_all(self, tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        for key, tensor in tensors:
+            self.add(key, tensor)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        st = _safetensors()
+        tmp = os.path.join(self.directory, f".tmp-{self._tag}-{len(self._written):05d}.safetensors")
+        st.torch.save_file(self._pending, tmp, metadata=self.metadata)
+        self._written.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def abort(self) -> None:
+        self._pending = {}
+        for tmp, _ in self._written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self._written = []
+
+    def finish(self) -> List[str]:
+        """Commits the checkpoint; returns the file names written (shards, then the index)."""
+        try:
+            self._flush()
+            if not self._written:  # a model without tensors still gets a (empty) checkpoint
+                self._pending = {}
+                st = _safetensors()
+                tmp = os.path.join(self.directory, f".tmp-{self._tag}-00000.safetensors")
+                st.torch.save_file({}, tmp, metadata=self.metadata)
+                self._written.append((tmp, []))
+        except BaseException:
+            self.abort()
+            raise
+        index_path = os.path.join(self.directory, INDEX_FILE)
+        single_path = os.path.join(self.directory, SINGLE_FILE)
+        stale = [name for name in os.listdir(self.directory) if _SHARD_NAME.match(name)]
+        if len(self._written) == 1:
+            if os.path.exists(index_path):
+                os.remove(index_path)  # else the loader would follow the old index
+            os.replace(self._written[0][0], single_path)
+            names = [SINGLE_FILE]
+        else:
+            if os.path.exists(index_path):
+                os.remove(index_path)  # shards are about to change under it
+            count = len(self._written)
+            names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+            weight_map = {}
+            for (tmp, keys), name in zip(self._written, names):
+                os.replace(tmp, os.path.join(self.directory, name))
+                weight_map.update({key: name for key in keys})
+            write_json_atomic(index_path, {"metadata": {"total_size": self.total_bytes,
+                                                        **self.metadata},
+                                           "weight_map": weight_map})
+            if os.path.exists(single_path):
+                os.remove(single_path)
+            names.append(INDEX_FILE)
+        for name in stale:
+            if name not in names:
+                os.remove(os.path.join(self.directory, name))
+        self._written = []
+        return names
