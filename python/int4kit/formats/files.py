@@ -237,8 +237,11 @@ class ShardWriter:
                 os.remove(tmp)
         self._written = []
 
-    def finish(self) -> List[str]:
-        """Commits the checkpoint; returns the file names written (shards, then the index)."""
+    def finish(self, metadata: Optional[Dict[str, str]] = None) -> List[str]:
+        """Commits the checkpoint; returns the file names written (shards, then the index).
+        `metadata` known only at the end (e.g. a config built while converting) goes into the
+        last shard and the index."""
+        self.metadata.update(metadata or {})
         try:
             self._flush()
             if not self._written:  # a model without tensors still gets a (empty) checkpoint
