@@ -125,6 +125,8 @@ setup(
     package_dir={"": "python"},
     packages=["int4kit", "int4kit.quant", "int4kit.formats"],
     python_requires=">=3.10",
+    install_requires=["safetensors"],
+    entry_points={"console_scripts": ["int4kit = int4kit.cli:main"]},
     libraries=[(name, {"sources": srcs, "include_dirs": INCLUDE_DIRS, "cflags": CXX_FLAGS + flags})
                for name, srcs, flags in ISA_LIBRARIES],
     ext_modules=[make_extension()],

@@ -8,7 +8,7 @@
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
-from . import ops, reference
+from . import hf, ops, reference
 from .formats import (CheckpointError, convert_checkpoint, load_quantized, save_quantized,
                       skeleton)
 from .nn import Int4Linear
@@ -18,3 +18,5 @@ from .quant import QuantConfig, QuantReport, quantize_model
 __all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "reference", "cpu_isa",
            "save_quantized", "load_quantized", "skeleton", "CheckpointError", "convert_checkpoint"]
 __version__ = "0.1.0"
+
+hf.install()  # transformers' from_pretrained knows quant_method "int4kit" from here on

@@ -175,6 +175,30 @@ class Int4Linear(nn.Module):
                                                self.group_size, self.scale_dtype)
         return qweight, scales, None if self.symmetric else zeros
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 [out_features, in_features] weight this layer computes with, in x's
+        column order (input_perm undone, input_scale folded into the columns)."""
+        qweight, scales, zeros = self.canonical()
+        w = ops.dequantize(qweight, scales, zeros, self.group_size, self.in_features,
+                           torch.float32)
+        if self.input_scale is not None:
+            w = w * self.input_scale.float()[None, :]
+        if self.input_perm is not None:  # stored column k reads x column input_perm[k]
+            w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
+        return w
+
+    def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """An nn.Linear computing what this layer computes: the dequantized weight in `dtype`
+        (default: the scale dtype), on this layer's device."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device="meta")
+        dense.weight = nn.Parameter(self.dequantized_weight().to(dtype or self.scale_dtype),
+                                    requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach().clone().to(dtype or self.bias.dtype),
+                                      requires_grad=False)
+        return dense
+
     def _apply(self, fn, recurse=True):
         # Layout buffers never go through fn: a dtype cast must not touch the quantized scales,
         # and a device move needs a re-layout, not a copy of the bytes.

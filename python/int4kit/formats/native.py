@@ -205,20 +205,6 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def _check(reader: CheckpointReader, key: str, tensor: torch.Tensor, shape, dtypes) -> None:
-    if tuple(tensor.shape) != tuple(shape) or tensor.dtype not in dtypes:
-        raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} expected shape {list(shape)} "
-                              f"and dtype {' or '.join(dtype_name(d) for d in dtypes)}, got "
-                              f"{list(tensor.shape)} {dtype_name(tensor.dtype)}")
-
-
-def _check_finite(reader: CheckpointReader, key: str, tensor: torch.Tensor) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
-        raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} must be finite, has "
-                              f"{tensor[tuple(bad)].item()} at {bad}")
-
-
 def layer_keys(name: str, settings: dict) -> List[str]:
     """The tensor names a quantized layer has in the checkpoint."""
     parts = ["qweight", "scales"] + ([] if settings["symmetric"] else ["zeros"])
@@ -226,29 +212,40 @@ def layer_keys(name: str, settings: dict) -> List[str]:
     return [f"{name}.{p}" if name else p for p in parts]
 
 
-def read_layer(reader: CheckpointReader, name: str, settings: dict) -> Dict[str, torch.Tensor]:
-    """A quantized layer's tensors from the checkpoint, each checked against the config: shape,
-    dtype, finite scales and zero points, input_perm a permutation. Keys are the short names."""
+def check_layer_tensors(tensors: Dict[str, torch.Tensor], settings: dict, where) -> None:
+    """Checks a quantized layer's tensors (short names -> tensors) against its settings: shape,
+    dtype, finite scales and zero points, input_perm a permutation. where(short name) says which
+    file and tensor an error is about."""
     N, K, G = settings["out_features"], settings["in_features"], settings["group_size"]
     groups = ops.num_groups(K, G)
     scale_dtype = SCALE_DTYPES[settings["scale_dtype"]]
-    prefix = f"{name}." if name else ""
     expect = {"qweight": ((N, (K + 1) // 2), (torch.uint8,)),
               "scales": ((N, groups), (scale_dtype,)), "zeros": ((N, groups), (scale_dtype,)),
               "bias": ((N,), _FLOAT_DTYPES), "input_scale": ((K,), _FLOAT_DTYPES),
               "input_perm": ((K,), (torch.int64,))}
-    out = {}
-    for key in layer_keys(name, settings):
-        short = key[len(prefix):]
-        tensor = reader.get(key)
-        _check(reader, key, tensor, *expect[short])
-        if short in ("scales", "zeros", "input_scale"):
-            _check_finite(reader, key, tensor)
+    for short, tensor in tensors.items():
+        shape, dtypes = expect[short]
+        if tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
+            raise CheckpointError(f"{where(short)} expected shape {list(shape)} and dtype "
+                                  f"{' or '.join(dtype_name(d) for d in dtypes)}, got "
+                                  f"{list(tensor.shape)} {dtype_name(tensor.dtype)}")
+        if short in ("scales", "zeros", "input_scale") and not bool(torch.isfinite(tensor).all()):
+            bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            raise CheckpointError(f"{where(short)} must be finite, has "
+                                  f"{tensor[tuple(bad)].item()} at {bad}")
         if short == "input_perm" and not is_permutation(tensor):
-            raise CheckpointError(f"{reader.file_of(key)}: tensor {key!r} must be a permutation "
-                                  f"of 0..{K - 1} (each index once)")
-        out[short] = tensor
-    return out
+            raise CheckpointError(f"{where(short)} must be a permutation of 0..{K - 1} "
+                                  f"(each index once)")
+
+
+def read_layer(reader: CheckpointReader, name: str, settings: dict) -> Dict[str, torch.Tensor]:
+    """A quantized layer's tensors from the checkpoint, checked (check_layer_tensors); keys are
+    the short names (qweight, scales, ...)."""
+    prefix = f"{name}." if name else ""
+    tensors = {key[len(prefix):]: reader.get(key) for key in layer_keys(name, settings)}
+    check_layer_tensors(tensors, settings,
+                        lambda short: f"{reader.file_of(prefix + short)}: tensor {prefix + short!r}")
+    return tensors
 
 
 def build_layer(settings: dict, tensors: Dict[str, torch.Tensor], device) -> Int4Linear:

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .. import hf
 from ..nn import Int4Linear
 from . import calibration
 from .awq import awq, awq_scales, scaled_hessian
@@ -212,6 +213,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     t0 = time.perf_counter()
     report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
     targets = []
+    tied = _tied_weights(model)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -219,6 +221,9 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
             report.skipped.append((name, "named in skip"))
         elif filter_fn is not None and not filter_fn(name, module):
             report.skipped.append((name, "filter_fn returned False"))
+        elif name in tied:
+            report.skipped.append((name, f"weight tied to {tied[name]} (an Int4Linear cannot "
+                                         f"share it)"))
         elif config.group_size != -1 and config.group_size > module.in_features:
             report.skipped.append((name, f"in_features {module.in_features} < group_size "
                                          f"{config.group_size}"))
@@ -226,7 +231,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
             targets.append(name)
 
     if batches is None:
-        for name in targets:
+        for name in calibration.progress(targets, config.show_progress, desc=config.method):
             _replace(model, name, _data_free(model.get_submodule(name), config))
             report.swapped.append(name)
     else:
@@ -235,33 +240,33 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         module = model.get_submodule(name)
         module.act_quant = config.act_quant
         module.method = config.method
+    if report.swapped and hf.is_transformers_model(model):
+        hf.attach(model)  # model.save_pretrained now writes int4kit's format
     report.bytes_after = state_dict_bytes(model)
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _tied_weights(model: nn.Module) -> Dict[str, str]:
+    """Linear layers whose weight is also another module's parameter (tied embeddings):
+    layer name -> the other parameter's name."""
+    owners: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = {}
+    for names in owners.values():
+        if len(names) > 1:
+            for name in names:
+                if name.endswith(".weight"):
+                    tied[name[: -len(".weight")]] = next(n for n in names if n != name)
+    return tied
+
+
 def dense_stand_in(module: Int4Linear) -> nn.Linear:
-    """An nn.Linear computing what `module` computes (its dequantized weight, input_scale and
-    input_perm folded into the columns): calibration runs through it, which is faster than the int4 kernels on
-    small batches and independent of them."""
-    qweight, scales, zeros = module.canonical()
-    w = dequant_canonical(qweight, scales, zeros, module.group_size, module.in_features)
-    if module.input_scale is not None:
-        w = w * module.input_scale.float().cpu()[None, :]
-    if module.input_perm is not None:  # stored column k reads x column input_perm[k]
-        w = torch.empty_like(w).index_copy_(1, module.input_perm.cpu(), w)
-    dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                      device="meta")
-    dense.weight = nn.Parameter(w.to(module._device(), module.scale_dtype), requires_grad=False)
-    if module.bias is not None:
-        dense.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-    return dense
-
-
-def dequant_canonical(qweight, scales, zeros, group_size, K) -> torch.Tensor:
-    from .. import reference
-    return reference.dequantize(qweight.cpu(), scales.cpu(), None if zeros is None else zeros.cpu(),
-                                group_size, K, torch.float32)
+    """An nn.Linear computing what `module` computes (its dequantized weight in the scale dtype):
+    calibration runs through it, which is faster than the int4 kernels on small batches and
+    independent of them."""
+    return module.to_linear()
 
 
 def _quantize_sequential(model, targets, batches, config, report):

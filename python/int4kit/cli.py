@@ -1,0 +1,282 @@
+"""The `int4kit` command.
+
+    int4kit quantize MODEL_DIR OUT_DIR --method gptq --group-size 128 [--symmetric] [--act-order]
+                     [--calib FILE]
+    int4kit convert SRC DST [--to int4kit|gptq|gptq_v2|compressed-tensors] [--lossy]
+    int4kit info CHECKPOINT
+    int4kit eval [--methods rtn,gptq] [--settings "g128 asym"]
+    int4kit bench [--quick] [--plot FILE] [bench/bench_linear.py options]
+
+A user mistake (a missing folder, a bad option, a checkpoint that is not what it claims) ends with
+one line on stderr and exit code 2, never a traceback.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+EXIT_USER_ERROR = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line."""
+
+
+def _offline():
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ---- quantize ----------------------------------------------------------------------------------
+
+def read_calibration_text(path: Optional[str]) -> List[str]:
+    """Calibration samples: one per non-empty line of a text file, or a JSON list of strings
+    (.json); int4kit's built-in English sentences when no file is given."""
+    if path is None:
+        from .eval_data import CALIBRATION
+        return list(CALIBRATION)
+    if not os.path.isfile(path):
+        raise UserError(f"--calib {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--calib {path!r}: not valid JSON ({error})") from None
+        if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
+            raise UserError(f"--calib {path!r}: expected a JSON list of strings")
+    else:
+        samples = [line.strip() for line in text.splitlines() if line.strip()]
+    if not samples:
+        raise UserError(f"--calib {path!r}: holds no text")
+    return samples
+
+
+def _model_class(config):
+    """The transformers class the checkpoint was saved from (its config's architectures), so a
+    causal LM keeps its head; AutoModel otherwise."""
+    import transformers
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def cmd_quantize(args) -> int:
+    _offline()
+    import torch
+    import transformers
+    from . import QuantConfig, quantize_model
+    from .eval import batches
+
+    if not os.path.isdir(args.model_dir):
+        raise UserError(f"MODEL_DIR {args.model_dir!r} is not a folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(args.model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"MODEL_DIR {args.model_dir!r} is not a Hugging Face model folder "
+                        f"({str(error).splitlines()[0]})") from None
+    quant_config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric,
+                               method=args.method, act_order=args.act_order,
+                               clip_search=args.clip_search, refine_rounds=args.refine_rounds,
+                               show_progress=True)
+    model = _model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    calib = None
+    tokenizer = None
+    if quant_config.needs_calibration or args.calib:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        samples = read_calibration_text(args.calib)
+        calib = batches(tokenizer, samples, batch_size=args.batch_size,
+                        max_length=args.max_length)
+    report = quantize_model(model, quant_config,
+                            calib_data=calib if quant_config.needs_calibration else None,
+                            skip=args.skip)
+    model.save_pretrained(args.out_dir, max_shard_size=args.max_shard_size)
+    try:
+        (tokenizer or transformers.AutoTokenizer.from_pretrained(args.model_dir)).save_pretrained(
+            args.out_dir)
+    except (OSError, ValueError):
+        pass  # a model folder without a tokenizer: nothing to copy
+    print(report)
+    print(f"saved {args.out_dir}")
+    return 0
+
+
+# ---- convert, info -------------------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    from .formats import convert_checkpoint
+    report = convert_checkpoint(args.src, args.dst, to=args.to, lossy=args.lossy,
+                                max_shard_size=args.max_shard_size)
+    print(report)
+    print(f"saved {args.dst}")
+    return 0
+
+
+def describe_checkpoint(path: str) -> str:
+    """What `int4kit info` prints: format, layers, methods, bits per weight, size, version."""
+    from .formats.convert import detect_format
+    from .formats.files import CheckpointReader
+    from .formats.native import layer_keys, read_quantization_config
+    if not os.path.exists(path):
+        raise UserError(f"CHECKPOINT {path!r} does not exist")
+    reader = CheckpointReader(path)
+    fmt = detect_format(reader.directory, reader)
+    size = sum(os.path.getsize(f) for f in reader.files())
+    lines = [f"{path}: {fmt.name} checkpoint, {len(reader.files())} file(s), "
+             f"{size / 2**20:.2f} MiB"]
+    if fmt.name != "int4kit":
+        lines.append(f"  quantization config: {json.dumps(fmt.config, sort_keys=True)}")
+        lines.append("  convert it with: int4kit convert SRC DST")
+        return "\n".join(lines)
+    config = read_quantization_config(reader)
+    layers = config["layers"]
+    weights = quantized_bytes = 0
+    for name, settings in layers.items():
+        weights += settings["in_features"] * settings["out_features"]
+        quantized_bytes += sum(_nbytes(reader, key) for key in layer_keys(name, settings)
+                               if not key.endswith(".bias"))
+    total_tensor_bytes = sum(_nbytes(reader, key) for key in reader.keys())
+    count_by = {}
+    for settings in layers.values():
+        key = (settings["method"] or "unknown", settings["group_size"],
+               "sym" if settings["symmetric"] else "asym", settings["scale_dtype"],
+               settings["act_quant"] or "W4A16")
+        count_by[key] = count_by.get(key, 0) + 1
+    lines += [f"  format version {config['format_version']}, {len(layers)} quantized layers, "
+              f"{weights / 1e6:.2f} M quantized weights",
+              f"  bits per quantized weight: {8 * quantized_bytes / max(weights, 1):.3f} "
+              f"(codes, scales, zero points, input_scale/input_perm)",
+              f"  quantized layers {quantized_bytes / 2**20:.2f} MiB, other tensors "
+              f"{(total_tensor_bytes - quantized_bytes) / 2**20:.2f} MiB"]
+    for (method, group, sym, dtype, act), count in sorted(count_by.items(), key=str):
+        lines.append(f"  {count:4d} x method {method}, group size {group}, {sym}, "
+                     f"{dtype} scales, {act}")
+    return "\n".join(lines)
+
+
+_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
+             "F64": 8, "I64": 8}
+
+
+def _nbytes(reader, key) -> int:
+    """Bytes of a tensor in the file, from its header."""
+    shape, dtype = reader.shape_dtype(key)
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * _ITEMSIZE.get(dtype, 4)
+
+
+def cmd_info(args) -> int:
+    print(describe_checkpoint(args.checkpoint))
+    return 0
+
+
+# ---- eval, bench ---------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    _offline()
+    from . import eval as ev
+    methods = ev.METHODS if not args.methods else [m for m in ev.METHODS
+                                                   if m[0] in args.methods.split(",")]
+    settings = ev.SETTINGS if not args.settings else [s for s in ev.SETTINGS
+                                                      if s[0] in args.settings.split(",")]
+    if not methods:
+        raise UserError(f"--methods {args.methods!r} names none of "
+                        f"{', '.join(m[0] for m in ev.METHODS)}")
+    if not settings:
+        raise UserError(f"--settings {args.settings!r} names none of "
+                        f"{', '.join(s[0] for s in ev.SETTINGS)}")
+    rows = ev.run(methods, settings)
+    print()
+    print(ev.markdown_table(rows))
+    return 0
+
+
+def cmd_bench(args, rest: List[str]) -> int:
+    script_dir = os.path.join(ROOT, "bench")
+    if not os.path.isfile(os.path.join(script_dir, "bench_linear.py")):
+        raise UserError("int4kit bench runs bench/bench_linear.py from int4kit's source folder, "
+                        "which this installation does not have")
+    sys.path.insert(0, script_dir)
+    import bench_linear
+    argv = list(rest) + ["--plot", args.plot]
+    if args.quick:
+        argv += ["--quick", "--mode", "hot", "--m", "1", "4", "16", "64", "128"]
+    return bench_linear.main(argv) or 0
+
+
+# ---- entry point ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="int4kit", description="INT4 weight quantization: "
+                                     "quantize, convert, inspect, evaluate, benchmark")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a Hugging Face model folder and save it")
+    q.add_argument("model_dir", metavar="MODEL_DIR")
+    q.add_argument("out_dir", metavar="OUT_DIR")
+    q.add_argument("--method", default="gptq", choices=("rtn", "hqq", "gptq", "awq", "awq+gptq"))
+    q.add_argument("--group-size", type=int, default=128, help="-1: per output channel")
+    q.add_argument("--symmetric", action="store_true", help="zero point fixed at 8")
+    q.add_argument("--act-order", action="store_true", help="GPTQ visits columns by Hessian size")
+    q.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping of each group")
+    q.add_argument("--refine-rounds", type=int, default=0, help="GPTQ scale/zero refits")
+    q.add_argument("--calib", metavar="FILE", help="calibration text: one sample per line, or a "
+                   "JSON list of strings (default: int4kit's built-in English sentences)")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--max-length", type=int, default=128, help="tokens per calibration sample")
+    q.add_argument("--skip", nargs="*", default=[], metavar="LAYER",
+                   help="layer names or fnmatch patterns to keep dense")
+    q.add_argument("--max-shard-size", default="5GB")
+
+    c = sub.add_parser("convert", help="GPTQ / AWQ / compressed-tensors <-> int4kit checkpoints")
+    c.add_argument("src", metavar="SRC")
+    c.add_argument("dst", metavar="DST")
+    c.add_argument("--to", default="int4kit",
+                   choices=("int4kit", "gptq", "gptq_v2", "compressed-tensors"))
+    c.add_argument("--lossy", action="store_true",
+                   help="re-quantize layers the target cannot hold exactly")
+    c.add_argument("--max-shard-size", default="5GB")
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("checkpoint", metavar="CHECKPOINT")
+
+    e = sub.add_parser("eval", help="the accuracy harness on all-MiniLM-L6-v2")
+    e.add_argument("--methods", help="comma-separated method labels (default: all)")
+    e.add_argument("--settings", help="comma-separated setting labels (default: all)")
+
+    b = sub.add_parser("bench", help="kernel benchmark table and a PNG of speedup vs batch size; "
+                       "other options go to bench/bench_linear.py")
+    b.add_argument("--plot", default="int4kit_bench.png", metavar="FILE")
+    b.add_argument("--quick", action="store_true", help="hot weights, M = 1..128, short runs")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from .formats.files import CheckpointError
+    try:
+        if args.command == "bench":
+            return cmd_bench(args, rest)
+        return {"quantize": cmd_quantize, "convert": cmd_convert, "info": cmd_info,
+                "eval": cmd_eval}[args.command](args)
+    except (UserError, CheckpointError, ValueError, TypeError, OSError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"int4kit {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

