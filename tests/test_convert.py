@@ -148,6 +148,16 @@ def quantized_llama(method="rtn", symmetric=False, group_size=G):
     return model
 
 
+def assert_converts_back(model, exported, back):
+    """Converting an export back into int4kit gives the model's canonical tensors exactly."""
+    int4kit.convert_checkpoint(exported, back)
+    loaded = load_native(back)
+    for name in linear_names(model):
+        pairs = zip(model.get_submodule(name).canonical(), loaded.get_submodule(name).canonical())
+        for a, b in pairs:
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("version", ["gptq", "gptq_v2"])
 def test_gptq_export_is_exact_and_reads_back(tmp_path, version):
     model = quantized_llama(symmetric=True)
@@ -161,12 +171,7 @@ def test_gptq_export_is_exact_and_reads_back(tmp_path, version):
                                files[f"{name}.scales"], files[f"{name}.g_idx"],
                                version == "gptq")
         assert torch.equal(w, dense_of(model.get_submodule(name))), name
-    # and back: the same canonical tensors
-    int4kit.convert_checkpoint(tmp_path / "out", tmp_path / "back")
-    back = load_native(tmp_path / "back")
-    for name in linear_names(model):
-        for a, b in zip(model.get_submodule(name).canonical(), back.get_submodule(name).canonical()):
-            assert (a is None and b is None) or torch.equal(a, b), name
+    assert_converts_back(model, tmp_path / "out", tmp_path / "back")
 
 
 def test_gptq_export_refuses_what_it_cannot_hold(tmp_path):
@@ -306,12 +311,7 @@ def test_compressed_tensors_export_decompresses_to_the_same_weights(tmp_path, sy
         codes = unpack_from_int32(files[f"{name}.weight_packed"], 4,
                                   torch.Size([layer.out_features, layer.in_features]))
         assert torch.equal(codes.to(torch.int64) + 8, ops_unpack(layer)), name
-    # and back into int4kit: the same canonical tensors
-    int4kit.convert_checkpoint(tmp_path / "ct", tmp_path / "back")
-    back = load_native(tmp_path / "back")
-    for name in linear_names(model):
-        for a, b in zip(model.get_submodule(name).canonical(), back.get_submodule(name).canonical()):
-            assert (a is None and b is None) or torch.equal(a, b), name
+    assert_converts_back(model, tmp_path / "ct", tmp_path / "back")
 
 
 def ops_unpack(layer):

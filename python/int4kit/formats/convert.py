@@ -136,6 +136,22 @@ def _layer_index(reader: CheckpointReader, marker: str, suffixes) -> Dict[str, s
             if f"{prefix}.{suffix}" in reader}
 
 
+def _layers_in_shard_order(reader: CheckpointReader, layer_of: Dict[str, str],
+                           writer: ShardWriter):
+    """Walks the source one shard at a time: tensors of no quantized layer go to `writer` as they
+    are; each layer's name is yielded once, where its first tensor is met (its other tensors
+    may lie in other shards: the reader fetches them)."""
+    done = set()
+    for keys in reader.keys_by_file().values():
+        for key in keys:
+            layer = layer_of.get(key)
+            if layer is None:
+                writer.add(key, reader.get(key))
+            elif layer not in done:
+                done.add(layer)
+                yield layer
+
+
 def _import(reader: CheckpointReader, fmt: SourceFormat, writer: ShardWriter,
             report: ConvertReport) -> dict:
     if fmt.name in ("gptq", "gptq_v2"):
@@ -147,33 +163,25 @@ def _import(reader: CheckpointReader, fmt: SourceFormat, writer: ShardWriter,
     layer_of = _layer_index(reader, marker, suffixes)
     layers: Dict[str, dict] = {}
     overflowed = {}
-    for keys in reader.keys_by_file().values():
-        for key in keys:
-            prefix = layer_of.get(key)
-            if prefix is None:
-                writer.add(key, reader.get(key))
-                continue
-            if prefix in layers:
-                continue
-            tensors = {s: reader.get(f"{prefix}.{s}") for s in suffixes
-                       if f"{prefix}.{s}" in reader}
-            where = f"{reader.file_of(f'{prefix}.{marker}')}: {prefix}"
-            try:
-                if fmt.name == "awq":
-                    out, settings = awq.awq_to_canonical(tensors, fmt.group_size, fmt.version, where)
-                elif fmt.name == "compressed-tensors":
-                    out, settings = ct.ct_to_canonical(tensors, ct.scheme_of(fmt.config, prefix,
-                                                                            where), where)
-                else:
-                    out, settings, count = gptq.gptq_to_canonical(tensors, fmt.group_size,
-                                                                  fmt.version, where)
-                    if count:
-                        overflowed[prefix] = count
-            except ValueError as error:
-                raise CheckpointError(str(error)) from None
-            for short, tensor in out.items():
-                writer.add(f"{prefix}.{short}", tensor)
-            layers[prefix] = settings
+    for prefix in _layers_in_shard_order(reader, layer_of, writer):
+        tensors = {s: reader.get(f"{prefix}.{s}") for s in suffixes if f"{prefix}.{s}" in reader}
+        where = f"{reader.file_of(f'{prefix}.{marker}')}: {prefix}"
+        try:
+            if fmt.name == "awq":
+                out, settings = awq.awq_to_canonical(tensors, fmt.group_size, fmt.version, where)
+            elif fmt.name == "compressed-tensors":
+                out, settings = ct.ct_to_canonical(tensors, ct.scheme_of(fmt.config, prefix, where),
+                                                   where)
+            else:
+                out, settings, count = gptq.gptq_to_canonical(tensors, fmt.group_size,
+                                                              fmt.version, where)
+                if count:
+                    overflowed[prefix] = count
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        for short, tensor in out.items():
+            writer.add(f"{prefix}.{short}", tensor)
+        layers[prefix] = settings
     if overflowed:
         report.notes.append(
             f"{sum(overflowed.values())} zero points in {len(overflowed)} layers (e.g. "
@@ -268,25 +276,16 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
     layers = native["layers"]
     config = _target_config(to, layers, reader.directory)
     layer_of = {key: name for name, s in layers.items() for key in layer_keys(name, s)}
-    done = set()
-    for keys in reader.keys_by_file().values():
-        for key in keys:
-            name = layer_of.get(key)
-            if name is None:
-                writer.add(key, reader.get(key))
-                continue
-            if name in done:
-                continue
-            done.add(name)
-            settings = layers[name]
-            tensors = read_layer(reader, name, settings)
-            where = f"{reader.file_of(key)}: {name}"
-            try:
-                out = _export_layer(tensors, settings, to, lossy, report, where)
-            except ValueError as error:
-                raise CheckpointError(str(error)) from None
-            for short, tensor in out.items():
-                writer.add(f"{name}.{short}" if name else short, tensor)
+    for name in _layers_in_shard_order(reader, layer_of, writer):
+        settings = layers[name]
+        tensors = read_layer(reader, name, settings)
+        where = f"{reader.file_of(layer_keys(name, settings)[0])}: {name}"
+        try:
+            out = _export_layer(tensors, settings, to, lossy, report, where)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        for short, tensor in out.items():
+            writer.add(f"{name}.{short}" if name else short, tensor)
     for alias, original in native.get("aliases", {}).items():
         writer.add(alias, reader.get(original))  # other tools expect every name present
     report.layers = len(layers)
