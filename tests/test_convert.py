@@ -411,3 +411,39 @@ def test_minilm_compressed_tensors_file(tmp_path, minilm_model, symmetric):
     for key, w in expected.items():
         assert torch.equal(dense_of(loaded.get_submodule(key.removesuffix(".weight"))).half()
                            .float(), w), key
+
+
+def test_gptq_pytorch_bin_is_read_weights_only(tmp_path):
+    """Older checkpoints ship pytorch_model.bin: read with weights_only=True, same result."""
+    write_gptq(tmp_path / "st", "gptq", False, True, torch.float16)
+    os.makedirs(tmp_path / "bin")
+    torch.save(safetensors.torch.load_file(tmp_path / "st" / "model.safetensors"),
+               tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    int4kit.convert_checkpoint(tmp_path / "st", tmp_path / "from_st")
+    report = int4kit.convert_checkpoint(tmp_path / "bin", tmp_path / "from_bin")
+    assert "pytorch_model.bin" not in os.listdir(tmp_path / "from_bin")
+    assert report.layers == 14
+    a = safetensors.torch.load_file(tmp_path / "from_st" / "model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "from_bin" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Payload:
+    """Unpickling this would run a command: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/int4kit-pickle-ran",))
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    if os.path.exists("/tmp/int4kit-pickle-ran"):
+        os.remove("/tmp/int4kit-pickle-ran")
+    ff.write_hf_folder(tmp_path, tiny_llama(), {}, {"quant_method": "gptq", "bits": 4,
+                                                     "group_size": 32})
+    os.remove(tmp_path / "model.safetensors")
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": Payload()},
+               tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: not a readable weights-only"):
+        int4kit.convert_checkpoint(tmp_path, tmp_path / "out")
+    assert not os.path.exists("/tmp/int4kit-pickle-ran")

@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from . import awq, compressed_tensors as ct, gptq
 from .packing import NotRepresentable
-from .files import (CONFIG_FILE, INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
+from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
                     parse_size, read_json, write_json_atomic)
 from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, layer_keys,
                      read_quantization_config, read_layer)
@@ -23,6 +23,8 @@ SOURCES = ("int4kit", "gptq", "gptq_v2", "awq", "compressed-tensors")
 TARGETS = ("int4kit", "gptq", "gptq_v2", "compressed-tensors")
 # configs other tools write beside the weights; a converted folder drops the source's own
 _SIDE_CONFIGS = ("quantize_config.json", "quant_config.json")
+# weight files are converted, never copied (a pickle is never passed on)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -339,8 +341,9 @@ def _write_side_files(src: str, dst: str, config: dict, to: str, report: Convert
     """config.json with the new quantization_config, the files beside the weights copied."""
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if (not os.path.isfile(path) or name.endswith(".safetensors") or name == INDEX_FILE
-                or name in _SIDE_CONFIGS or name == CONFIG_FILE or name.startswith(".")):
+        if (not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES)
+                or name in (INDEX_FILE, PT_INDEX_FILE, CONFIG_FILE) or name in _SIDE_CONFIGS
+                or name.startswith(".")):
             continue
         shutil.copyfile(path, os.path.join(dst, name))
     src_config = os.path.join(src, CONFIG_FILE)

@@ -16,6 +16,8 @@ import torch
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+PT_SINGLE_FILE = "pytorch_model.bin"  # older checkpoints, read weights-only (never written)
+PT_INDEX_FILE = "pytorch_model.bin.index.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -55,8 +57,46 @@ def _safetensors():
     return safetensors
 
 
+class _PickledFile:
+    """A `pytorch_model.bin` (older checkpoints), read with torch.load(weights_only=True): only
+    tensors and plain containers are unpickled, no code from the file runs. The same face as a
+    safetensors handle."""
+
+    def __init__(self, path: str):
+        try:
+            self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # UnpicklingError (a forbidden global), RuntimeError, OSError
+            raise CheckpointError(f"{path}: not a readable weights-only PyTorch file "
+                                  f"({str(error).splitlines()[0]})") from None
+        if not isinstance(self._tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self._tensors.items()):
+            raise CheckpointError(f"{path}: expected a dict of tensor name -> tensor")
+
+    def keys(self):
+        return list(self._tensors)
+
+    def metadata(self):
+        return {}
+
+    def get_tensor(self, key):
+        return self._tensors[key].contiguous()
+
+    def shape_dtype(self, key):
+        t = self._tensors[key]
+        return list(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))
+
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL",
+                       torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16",
+                       torch.float32: "F32", torch.int32: "I32", torch.float64: "F64",
+                       torch.int64: "I64"}
+# (index file, single file) of each layout, in the order a folder is looked at
+LAYOUTS = ((INDEX_FILE, SINGLE_FILE), (PT_INDEX_FILE, PT_SINGLE_FILE))
+
+
 class CheckpointReader:
-    """Lazy access to the tensors of a safetensors checkpoint directory (or a single file).
+    """Lazy access to the tensors of a checkpoint folder (or one file): safetensors, or for older
+    foreign checkpoints `pytorch_model.bin` shards read weights-only (never full pickle).
 
     Nothing is read until `get`; headers are checked when the reader is made, so a truncated or
     corrupt file fails here, with its name, before any weight is touched."""
@@ -67,55 +107,71 @@ class CheckpointReader:
             raise TypeError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
         self.directory = path if os.path.isdir(path) else os.path.dirname(path)
         self.index_metadata: Dict[str, str] = {}
+        weight_map, index_path = None, None
         if os.path.isfile(path):
-            files = {os.path.basename(path): None}
+            files = [os.path.basename(path)]
         elif not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        elif os.path.isfile(os.path.join(path, INDEX_FILE)):
-            index = read_json(os.path.join(path, INDEX_FILE))
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-                raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: expected a JSON object "
-                                      f"with a 'weight_map' of tensor name -> shard file name")
-            for shard in set(weight_map.values()):
-                if os.path.basename(shard) != shard:
-                    raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: shard name "
-                                          f"{shard!r} is not a file name in the checkpoint folder")
-            self.index_metadata = {k: v for k, v in (index.get("metadata") or {}).items()
-                                   if isinstance(v, str)}
-            files = {name: None for name in sorted(set(weight_map.values()))}
-        elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
-            files = {SINGLE_FILE: None}
         else:
-            raise CheckpointError(f"{path!r} is not a safetensors checkpoint: it has neither "
-                                  f"{INDEX_FILE} nor {SINGLE_FILE}")
-        st = _safetensors()
+            files = None
+            for index_name, single_name in LAYOUTS:
+                if os.path.isfile(os.path.join(path, index_name)):
+                    index_path = os.path.join(path, index_name)
+                    weight_map = self._read_index(index_path)
+                    files = sorted(set(weight_map.values()))
+                    break
+                if os.path.isfile(os.path.join(path, single_name)):
+                    files = [single_name]
+                    break
+            if files is None:
+                raise CheckpointError(f"{path!r} is not a safetensors checkpoint: it has neither "
+                                      f"{INDEX_FILE} nor {SINGLE_FILE}")
         self._handles = {}
         self._file_of: Dict[str, str] = {}
         self.metadata: Dict[str, str] = {}
         for name in files:
             full = os.path.join(self.directory, name)
             if not os.path.isfile(full):
-                raise CheckpointError(f"{full}: shard named in {INDEX_FILE} is missing")
-            try:
-                handle = st.safe_open(full, framework="pt", device="cpu")
-                keys = list(handle.keys())
-                metadata = handle.metadata() or {}
-            except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
-                raise CheckpointError(f"{full}: not a readable safetensors file ({error})") from None
+                raise CheckpointError(f"{full}: shard named in {os.path.basename(index_path)} "
+                                      f"is missing")
+            handle = self._open(full)
             self._handles[name] = handle
-            self.metadata.update(metadata)
-            for key in keys:
+            self.metadata.update(handle.metadata() or {})
+            for key in handle.keys():
                 if key in self._file_of:
                     raise CheckpointError(f"{full}: tensor {key!r} is also in "
                                           f"{self._file_of[key]}")
                 self._file_of[key] = name
-        if os.path.isfile(os.path.join(path, INDEX_FILE)):
-            for key, shard in weight_map.items():
-                if self._file_of.get(key) != shard:
-                    raise CheckpointError(f"{os.path.join(path, INDEX_FILE)}: tensor {key!r} is "
-                                          f"mapped to {shard} but that shard does not hold it")
+        for key, shard in (weight_map or {}).items():
+            if self._file_of.get(key) != shard:
+                raise CheckpointError(f"{index_path}: tensor {key!r} is mapped to {shard} but "
+                                      f"that shard does not hold it")
+
+    def _read_index(self, index_path: str) -> Dict[str, str]:
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' of "
+                                  f"tensor name -> shard file name")
+        for shard in set(weight_map.values()):
+            if os.path.basename(shard) != shard:
+                raise CheckpointError(f"{index_path}: shard name {shard!r} is not a file name in "
+                                      f"the checkpoint folder")
+        self.index_metadata = {k: v for k, v in (index.get("metadata") or {}).items()
+                               if isinstance(v, str)}
+        return weight_map
+
+    @staticmethod
+    def _open(full: str):
+        if not full.endswith(".safetensors"):
+            return _PickledFile(full)
+        try:
+            handle = _safetensors().safe_open(full, framework="pt", device="cpu")
+            handle.keys(), handle.metadata()
+        except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
+            raise CheckpointError(f"{full}: not a readable safetensors file ({error})") from None
+        return _SafetensorsFile(handle)
 
     def keys(self) -> List[str]:
         return list(self._file_of)
@@ -147,7 +203,26 @@ class CheckpointReader:
 
     def shape_dtype(self, key: str) -> Tuple[List[int], str]:
         """Shape and safetensors dtype name (e.g. "U8", "BF16") without reading the data."""
-        piece = self._handles[self._file_of[key]].get_slice(key)
+        return self._handles[self._file_of[key]].shape_dtype(key)
+
+
+class _SafetensorsFile:
+    """A safe_open handle with shape_dtype, the face CheckpointReader uses."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def keys(self):
+        return list(self._handle.keys())
+
+    def metadata(self):
+        return self._handle.metadata()
+
+    def get_tensor(self, key):
+        return self._handle.get_tensor(key)
+
+    def shape_dtype(self, key):
+        piece = self._handle.get_slice(key)
         return list(piece.get_shape()), piece.get_dtype()
 
 
