@@ -96,7 +96,7 @@ def test_files_hold_the_canonical_tensors(tmp_path):
     assert config["layers"]["up"] == {
         "in_features": 64, "out_features": 96, "group_size": 32, "symmetric": False,
         "scale_dtype": "float32", "act_quant": None, "method": "rtn", "bias": True,
-        "input_scale": False, "input_perm": False}
+        "input_scale": False, "input_scale_dtype": None, "input_perm": False}
     assert set(config["layers"]) == {"up", "down"}
     # the file is the canonical tensors plus the dense parts, and little else
     payload = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -151,14 +151,15 @@ def test_tied_weights_are_saved_once_and_stay_tied(tmp_path):
     assert torch.equal(fresh(IDS), model(IDS))
 
 
-def test_real_skeleton_is_loaded_in_place_with_its_dtype(tmp_path):
+def test_real_skeleton_keeps_its_dtype(tmp_path):
     model = quantized_tiny()
     int4kit.save_quantized(model, tmp_path)
-    fresh = Tiny()  # random real weights, overwritten
-    emb = fresh.emb.weight
+    fresh = Tiny().to(torch.bfloat16)  # random real weights in another dtype
     int4kit.load_quantized(fresh, tmp_path)
-    assert_same_state(model, fresh)
-    assert fresh.emb.weight.data_ptr() != emb.data_ptr() or torch.equal(emb, model.emb.weight)
+    assert fresh.emb.weight.dtype == torch.bfloat16  # the skeleton's dtype is kept
+    assert torch.equal(fresh.emb.weight, model.emb.weight.bfloat16())
+    for a, b in zip(model.up.canonical(), fresh.up.canonical()):  # quantized tensors as saved
+        assert torch.equal(a, b)
 
 
 def test_settings_and_optional_inputs_survive(tmp_path):
@@ -353,6 +354,31 @@ def test_index_naming_a_missing_shard(tmp_path):
     os.remove(sorted(tmp_path.glob("model-00002-of-*.safetensors"))[0])
     with pytest.raises(CheckpointError, match="model-00002-of-.*missing"):
         load_into_skeleton(tmp_path)
+
+
+def test_stale_config_json_is_caught_and_replaced(tmp_path):
+    """save_quantized into a Hugging Face folder updates its config.json with the weights; a
+    config.json that disagrees with the weights' metadata is an error, not silently obeyed."""
+    model = quantized_tiny()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    int4kit.save_quantized(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "tiny"
+    assert config["quantization_config"]["layers"]["up"]["symmetric"] is False
+    config["quantization_config"]["layers"]["up"]["act_quant"] = "int8"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: its quantization_config and the "
+                                              "safetensors metadata .* describe different layers"):
+        load_into_skeleton(tmp_path)
+
+
+def test_meta_buffers_fail_before_anything_changes(tmp_path):
+    saved(tmp_path)
+    with torch.device("meta"):
+        model = Tiny()  # its non-persistent buffer is meta too: no checkpoint holds it
+    with pytest.raises(CheckpointError, match="buffer.*on the meta device.*positions.*skeleton"):
+        int4kit.load_quantized(model, tmp_path)
+    assert isinstance(model.up, nn.Linear) and model.emb.weight.device.type == "meta"
 
 
 def test_nothing_is_changed_when_loading_fails(tmp_path):

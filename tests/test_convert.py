@@ -328,7 +328,55 @@ def test_act_order_needs_lossy_for_compressed_tensors(tmp_path):
     report = int4kit.convert_checkpoint(tmp_path / "native", tmp_path / "ct",
                                         to="compressed-tensors", lossy=True)
     assert 0 < report.max_weight_error < 1
-    assert len(ct_oracle.read_ct_checkpoint(tmp_path / "ct", torch.float32)) == 14
+    decompressed = ct_oracle.read_ct_checkpoint(tmp_path / "ct", torch.float32)
+    assert len(decompressed) == 14
+    native = load_native(tmp_path / "native")
+    worst = 0.0
+    for name in linear_names(native):  # the model's weight, within the reported error
+        diff = (decompressed[f"{name}.weight"] - dense_of(native.get_submodule(name))).abs().max()
+        worst = max(worst, float(diff))
+    bf16_rounding = 2 ** -8 * max(float(w.abs().max()) for w in decompressed.values())
+    assert worst <= report.max_weight_error + bf16_rounding
+
+
+def test_gptq_export_of_act_order_layers(tmp_path):
+    """input_perm goes out as GPTQ's g_idx: GPTQ's own dequantization gives the same weights."""
+    _, expected = write_gptq(tmp_path / "src", "gptq", False, True, torch.float16)
+    int4kit.convert_checkpoint(tmp_path / "src", tmp_path / "native")
+    # to v1 again: the zero points read as 16 (v1's overflow) fit only there
+    int4kit.convert_checkpoint(tmp_path / "native", tmp_path / "out", to="gptq")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[
+        "quantization_config"]["desc_act"] is True
+    files = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    for name, w in expected.items():
+        assert torch.equal(ff.gptq_dequantize(files[f"{name}.qweight"], files[f"{name}.qzeros"],
+                                              files[f"{name}.scales"], files[f"{name}.g_idx"],
+                                              True), w), name
+
+
+@pytest.mark.parametrize("to", ["gptq_v2", "compressed-tensors"])
+def test_lossy_export_keeps_the_config_true_to_the_layers(tmp_path, to):
+    """A symmetric layer with an input_scale is re-quantized symmetric: the target's config says
+    sym, and its zero points are 8 (GPTQ) or absent (compressed-tensors)."""
+    model = quantized_llama(symmetric=True)
+    layer = model.model.layers[0].mlp.down_proj
+    layer.input_scale = torch.rand(layer.in_features) + 0.5
+    int4kit.save_quantized(model, tmp_path / "native")
+    report = int4kit.convert_checkpoint(tmp_path / "native", tmp_path / "out", to=to, lossy=True)
+    assert len([n for n in report.notes if "re-quantized" in n]) == 1
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    files = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    if to == "gptq_v2":
+        assert config["sym"] is True
+        zeros = ff.gptq_dequantize(files[f"{name}.qzeros"].new_zeros(
+            files[f"{name}.qweight"].shape), files[f"{name}.qzeros"],
+            torch.ones_like(files[f"{name}.scales"]), torch.zeros(files[f"{name}.qweight"].shape[0]
+                                                                  * 8, dtype=torch.int32), False)
+        assert torch.equal(zeros, torch.full_like(zeros, -8.0))  # (0 - z) * 1 with z = 8
+    else:
+        assert all(g["weights"]["symmetric"] for g in config["config_groups"].values())
+        assert f"{name}.weight_zero_point" not in files
 
 
 # ---- the real model: all-MiniLM-L6-v2 in each foreign format ----------------------------------------

@@ -170,6 +170,26 @@ def test_missing_or_bad_tensors_raise(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_offloading_device_maps_are_refused(tmp_path):
+    model = tiny_llama()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32))
+    quantizer = model.hf_quantizer
+    with pytest.raises(ValueError, match="disk is not supported"):
+        quantizer.validate_environment(device_map={"": "disk"})
+    for device_map in ({"model": "cpu", "lm_head": "disk"}, {"model": "cuda:0", "lm_head": "cpu"}):
+        model.hf_device_map = device_map
+        with pytest.raises(ValueError, match="Int4Linear layers must live on the CPU or a GPU"):
+            quantizer._process_model_after_weight_loading(model)
+
+
+def test_a_broken_transformers_api_warns_instead_of_breaking_imports(monkeypatch):
+    def broken():
+        raise AttributeError("register_quantizer moved")
+    monkeypatch.setattr(int4kit.hf, "_register", broken)
+    with pytest.warns(RuntimeWarning, match="could not register its quantizer.*load_quantized"):
+        int4kit.hf.install()  # transformers is imported in this process: registers at once
+
+
 def test_dense_checkpoint_cannot_be_quantized_by_from_pretrained(tmp_path):
     tiny_llama().save_pretrained(tmp_path)
     config = int4kit.hf._register()["config"]()

@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.util
 import json
 import sys
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -61,8 +62,9 @@ def meta_layer(settings: dict, dtype: torch.dtype) -> Int4Linear:
                         scale_dtype=scale_dtype, device="meta", dtype=dtype,
                         act_quant=settings["act_quant"])
     K = settings["in_features"]
-    if settings["input_scale"]:
-        module.input_scale = torch.empty(K, dtype=scale_dtype, device="meta")
+    if settings["input_scale"]:  # in its saved dtype: transformers casts to the meta tensor's
+        dtype = SCALE_DTYPES[settings.get("input_scale_dtype") or settings["scale_dtype"]]
+        module.input_scale = torch.empty(K, dtype=dtype, device="meta")
     if settings["input_perm"]:
         module.input_perm = torch.empty(K, dtype=torch.int64, device="meta")
     module.method = settings["method"]
@@ -144,7 +146,7 @@ def _register():
         def validate_environment(self, device_map=None, **kwargs):
             if isinstance(device_map, dict) and "disk" in set(map(str, device_map.values())):
                 raise ValueError("int4kit: offloading Int4Linear layers to disk is not supported; "
-                                 "use a device_map of CPU and CUDA devices")
+                                 "pass a device_map without offload (e.g. 'cpu' or 'cuda')")
 
         def update_dtype(self, dtype):
             return dtype  # activations, biases and dense layers follow the requested dtype
@@ -177,6 +179,15 @@ def _register():
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or "checkpoint"
+            device_map = getattr(model, "hf_device_map", None) or {}
+            places = {str(d) for d in device_map.values()}
+            offloaded = sorted(places & {"disk", "meta"})
+            if "cpu" in places and places - {"cpu"}:  # accelerate offloads "cpu" next to GPUs
+                offloaded.append("cpu next to a GPU")
+            if offloaded:
+                raise ValueError(f"int4kit: device_map put layers on {offloaded[0]} (offload); "
+                                 f"Int4Linear layers must live on the CPU or a GPU, so pass a "
+                                 f"device_map without offload (e.g. 'cpu' or 'cuda')")
             for name, settings in self._names.items():
                 _finish_layer(name, model.get_submodule(name), settings, source)
             return model
@@ -240,16 +251,27 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            _register()
+            _register_or_warn()
 
         spec.loader.exec_module = exec_and_register
         return spec
 
 
+def _register_or_warn() -> None:
+    """A transformers without the custom-quantizer API (or with one that changed) must not
+    break `import transformers` or `import int4kit`: int4kit's own API still works."""
+    try:
+        _register()
+    except Exception as error:  # noqa: BLE001  (any failure of a third-party API)
+        warnings.warn(f"int4kit could not register its quantizer with transformers "
+                      f"({type(error).__name__}: {error}); from_pretrained will not know "
+                      f"int4kit checkpoints, load_quantized still does", RuntimeWarning)
+
+
 def install() -> None:
     """Called by `import int4kit`: register now, or when transformers gets imported."""
     if "transformers" in sys.modules:
-        _register()
+        _register_or_warn()
     elif importlib.util.find_spec("transformers") is not None:
         if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
             sys.meta_path.insert(0, _RegisterAfterImport())

@@ -48,6 +48,8 @@ def awq_to_canonical(tensors: Dict[str, torch.Tensor], group_size: int, version:
         K, N = qweight.shape[0], qweight.shape[1] * 8
     else:
         N, K = qweight.shape[0], qweight.shape[1] * 8
+    if K == 0 or N == 0:
+        raise ValueError(f"{where}.qweight: an empty layer ({list(qweight.shape)})")
     G = K if group_size == -1 else group_size
     if G <= 0 or G % 2 or K % G:
         raise ValueError(f"{where}: AWQ needs in_features ({K}) to be a multiple of an even "

@@ -94,6 +94,8 @@ def ct_to_canonical(tensors: Dict[str, torch.Tensor], weights: dict, where: str)
     if shape is None or shape.numel() != 2:
         raise ValueError(f"{where}.weight_shape: expected 2 values (out, in features)")
     N, K = (int(v) for v in shape.tolist())
+    if N <= 0 or K <= 0:
+        raise ValueError(f"{where}.weight_shape: expected positive sizes, got [{N}, {K}]")
     if N != packed.shape[0] or -(-K // 8) != packed.shape[1]:
         raise ValueError(f"{where}.weight_packed: shape {list(packed.shape)} does not hold a "
                          f"weight_shape of [{N}, {K}]")

@@ -16,8 +16,8 @@ from . import awq, compressed_tensors as ct, gptq
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
                     parse_size, read_json, write_json_atomic)
-from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, layer_keys,
-                     read_quantization_config, read_layer)
+from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, check_layer_tensors,
+                     layer_keys, read_quantization_config, read_layer, set_config_json)
 
 SOURCES = ("int4kit", "gptq", "gptq_v2", "awq", "compressed-tensors")
 TARGETS = ("int4kit", "gptq", "gptq_v2", "compressed-tensors")
@@ -179,8 +179,10 @@ def _import(reader: CheckpointReader, fmt: SourceFormat, writer: ShardWriter,
                                                               fmt.version, where)
                 if count:
                     overflowed[prefix] = count
-        except ValueError as error:
+        except (ValueError, ZeroDivisionError) as error:
             raise CheckpointError(str(error)) from None
+        # what the layer became must be a valid native layer (bias shape, finite scales, ...)
+        check_layer_tensors(out, settings, lambda short: f"{where}: its {short}")
         for short, tensor in out.items():
             writer.add(f"{prefix}.{short}", tensor)
         layers[prefix] = settings
@@ -217,10 +219,12 @@ def _requantize(tensors, settings, symmetric: bool, report: ConvertReport, where
     dense = _dense_original(tensors, settings)
     scale_dtype = tensors["scales"].dtype
     qweight, scales, zeros = ops.quantize(dense.to(scale_dtype), settings["group_size"], symmetric)
-    out = {"qweight": qweight, "scales": scales, "zeros": None if symmetric else zeros}
+    out = {"qweight": qweight, "scales": scales}
+    if not symmetric:
+        out["zeros"] = zeros
     if "bias" in tensors:
         out["bias"] = tensors["bias"]
-    error = (ops.dequantize(qweight, scales, out["zeros"], settings["group_size"],
+    error = (ops.dequantize(qweight, scales, out.get("zeros"), settings["group_size"],
                             settings["in_features"], torch.float32) - dense).abs().max().item()
     report.max_weight_error = max(report.max_weight_error, error)
     report.notes.append(f"{where}: re-quantized (round-to-nearest), largest weight error {error:.3g}")
@@ -228,16 +232,13 @@ def _requantize(tensors, settings, symmetric: bool, report: ConvertReport, where
 
 
 def _export_layer(tensors, settings, to: str, lossy: bool, report: ConvertReport, where: str):
-    """One native layer -> the target's tensors (short names)."""
+    """One native layer -> (the target's tensors by short name, the settings they hold: a
+    re-quantized layer has no input_perm or input_scale and may have changed symmetry)."""
     K, G = settings["in_features"], settings["group_size"]
     if settings["act_quant"]:
         report.notes.append(f"{where}: act_quant={settings['act_quant']!r} is a run-time setting "
                             f"of int4kit; {to} stores the weights only")
-    if "input_scale" in tensors:
-        if not lossy:
-            raise ValueError(f"{where}: has an input_scale (AWQ's unfolded 1/s), which {to} "
-                             f"cannot store; pass lossy=True to re-quantize the scaled weight")
-        tensors = _requantize(tensors, settings, to == "gptq", report, where)
+
     def convert(t):
         if to == "compressed-tensors":
             return ct.canonical_to_ct(t["qweight"], t["scales"], t.get("zeros"), G, K,
@@ -246,26 +247,37 @@ def _export_layer(tensors, settings, to: str, lossy: bool, report: ConvertReport
                                       t.get("input_perm"), to, where)
 
     try:
+        if "input_scale" in tensors:
+            raise NotRepresentable(f"{where}: has an input_scale (AWQ's unfolded 1/s), which "
+                                   f"{to} cannot store")
         out = convert(tensors)
     except NotRepresentable as error:
         if not lossy:
             raise NotRepresentable(f"{error}; pass lossy=True to re-quantize") from None
-        # v1 holds zero points 1..16 only: symmetric (z = 8) always fits
-        tensors = _requantize(tensors, settings, to == "gptq", report, where)
+        # the layer keeps its symmetry, except for v1, which holds zero points 1..16 only:
+        # symmetric (z = 8) always fits there
+        symmetric = settings["symmetric"] or to == "gptq"
+        tensors = _requantize(tensors, settings, symmetric, report, where)
+        settings = dict(settings, symmetric=symmetric, input_perm=False, input_scale=False)
         out = convert(tensors)
     if "bias" in tensors:
         out["bias"] = tensors["bias"]
-    return out
+    return out, settings
 
 
-def _target_config(to: str, layers: Dict[str, dict], source: str) -> dict:
-    if to == "compressed-tensors":
-        return ct.make_config(layers)
+def _check_group_sizes(to: str, layers: Dict[str, dict], source: str) -> None:
     sizes = {s["group_size"] for s in layers.values()}
-    if len(sizes) != 1:
+    if to != "compressed-tensors" and len(sizes) != 1:
         raise CheckpointError(f"{source}: GPTQ has one group size per checkpoint; these layers "
                               f"use {sorted(sizes)}")
-    return {"quant_method": "gptq", "bits": 4, "group_size": sizes.pop(),
+
+
+def _target_config(to: str, layers: Dict[str, dict]) -> dict:
+    """The target's quantization_config for the layers as written (after any re-quantization)."""
+    if to == "compressed-tensors":
+        return ct.make_config(layers)
+    return {"quant_method": "gptq", "bits": 4,
+            "group_size": next(iter(layers.values()))["group_size"],
             "desc_act": any(s["input_perm"] for s in layers.values()),
             "sym": all(s["symmetric"] for s in layers.values()), "static_groups": False,
             "true_sequential": True, "checkpoint_format": to, "damp_percent": 0.01,
@@ -276,14 +288,14 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
             report: ConvertReport) -> dict:
     native = read_quantization_config(reader)
     layers = native["layers"]
-    config = _target_config(to, layers, reader.directory)
+    _check_group_sizes(to, layers, reader.directory)
+    written: Dict[str, dict] = {}
     layer_of = {key: name for name, s in layers.items() for key in layer_keys(name, s)}
     for name in _layers_in_shard_order(reader, layer_of, writer):
-        settings = layers[name]
-        tensors = read_layer(reader, name, settings)
-        where = f"{reader.file_of(layer_keys(name, settings)[0])}: {name}"
+        tensors = read_layer(reader, name, layers[name])
+        where = f"{reader.file_of(layer_keys(name, layers[name])[0])}: {name}"
         try:
-            out = _export_layer(tensors, settings, to, lossy, report, where)
+            out, written[name] = _export_layer(tensors, layers[name], to, lossy, report, where)
         except ValueError as error:
             raise CheckpointError(str(error)) from None
         for short, tensor in out.items():
@@ -291,7 +303,7 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
     for alias, original in native.get("aliases", {}).items():
         writer.add(alias, reader.get(original))  # other tools expect every name present
     report.layers = len(layers)
-    return config
+    return _target_config(to, written)
 
 
 def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
@@ -329,9 +341,11 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     with ShardWriter(dst, max_bytes) as writer:
         if to == "int4kit":
             config = _import(reader, fmt, writer, report)
+            set_config_json(dst, None)  # a config.json from an earlier save must not outlive it
             report.files = writer.finish({METADATA_KEY: json.dumps(config, separators=(",", ":"))})
         else:
             config = _export(reader, to, lossy, writer, report)
+            set_config_json(dst, None)
             report.files = writer.finish()
     _write_side_files(src, dst, config, to, report)
     return report

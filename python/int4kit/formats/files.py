@@ -234,13 +234,26 @@ def read_json(path: str):
         raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
 
 
+def _fsync(path: str) -> None:
+    """Flushes a file (or a folder's entries) to the disk, so a rename after it never exposes an
+    empty or partial file after a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str, content) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, sort_keys=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -251,11 +264,13 @@ class ShardWriter:
     """Writes tensors to a checkpoint directory in shards of at most max_bytes (a tensor larger
     than that gets a shard of its own), holding at most one shard in memory.
 
-    Shards are written under temporary names; `finish` gives them their final names and writes
-    the index last, so a save that fails part-way (`abort`, or an exception in a `with` block)
-    leaves no checkpoint that loads, and a previous checkpoint in the folder stays whole until the
-    new one is complete. Files of an earlier save that the new one does not overwrite (stale
-    shards, an index or single file of the other kind) are removed by `finish`."""
+    Shards are written (and flushed to disk) under temporary names while the checkpoint is made;
+    a save that fails then (`abort`, or an exception in a `with` block) removes them and leaves
+    the folder's previous checkpoint as it was. `finish` commits: it removes the old index, gives
+    the shards their final names and writes the new index last (a single file is one rename).
+    A crash in the middle of those renames leaves no checkpoint that loads, never a mix of old
+    and new tensors. Files of an earlier save that the new one does not overwrite (stale shards,
+    an index or single file of the other kind) are removed at the end."""
 
     def __init__(self, directory: str, max_bytes: int, metadata: Optional[Dict[str, str]] = None):
         os.makedirs(directory, exist_ok=True)
@@ -301,8 +316,9 @@ class ShardWriter:
             return
         st = _safetensors()
         tmp = os.path.join(self.directory, f".tmp-{self._tag}-{len(self._written):05d}.safetensors")
-        st.torch.save_file(self._pending, tmp, metadata=self.metadata)
         self._written.append((tmp, list(self._pending)))
+        st.torch.save_file(self._pending, tmp, metadata=self.metadata)
+        _fsync(tmp)
         self._pending, self._pending_bytes = {}, 0
 
     def abort(self) -> None:
@@ -354,5 +370,6 @@ class ShardWriter:
         for name in stale:
             if name not in names:
                 os.remove(os.path.join(self.directory, name))
+        _fsync(self.directory)
         self._written = []
         return names

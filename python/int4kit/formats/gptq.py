@@ -39,6 +39,8 @@ def gptq_to_canonical(tensors: Dict[str, torch.Tensor], group_size: int, version
             raise ValueError(f"{where}.{name}: expected a 2-D {' or '.join(map(str, dtypes))} "
                              f"tensor, got {list(t.shape)} {t.dtype}")
     K, N = qweight.shape[0] * 8, qweight.shape[1]
+    if K == 0 or N == 0:
+        raise ValueError(f"{where}.qweight: an empty layer ({list(qweight.shape)})")
     G = K if group_size == -1 else group_size
     groups = -(-K // G)
     if G % 2 or G <= 0 or G > K:

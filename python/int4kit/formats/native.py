@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation
 from .. import ops
 from .files import (CONFIG_FILE, CheckpointError, CheckpointReader, ShardWriter, parse_size,
-                    read_json)
+                    read_json, write_json_atomic)
 
 QUANT_METHOD = "int4kit"
 FORMAT_VERSION = 1
@@ -46,6 +46,8 @@ def layer_settings(module: Int4Linear) -> dict:
             "scale_dtype": dtype_name(module.scale_dtype), "act_quant": module.act_quant,
             "method": module.method, "bias": module.bias is not None,
             "input_scale": module.input_scale is not None,
+            "input_scale_dtype": (None if module.input_scale is None
+                                  else dtype_name(module.input_scale.dtype)),
             "input_perm": module.input_perm is not None}
 
 
@@ -109,6 +111,9 @@ def validate_config(config, source: str) -> dict:
         if settings["scale_dtype"] not in SCALE_DTYPES:
             raise _bad(source, f"{where} scale_dtype must be one of {list(SCALE_DTYPES)}, got "
                                f"{settings['scale_dtype']!r}")
+        if settings.get("input_scale_dtype") not in (None, *SCALE_DTYPES):
+            raise _bad(source, f"{where} input_scale_dtype must be null or one of "
+                               f"{list(SCALE_DTYPES)}, got {settings['input_scale_dtype']!r}")
         if settings["act_quant"] not in ACT_QUANTS:
             raise _bad(source, f"{where} act_quant must be null or 'int8', got "
                                f"{settings['act_quant']!r}")
@@ -125,22 +130,48 @@ def read_quantization_config(reader: CheckpointReader) -> dict:
     """The int4kit config of a checkpoint: config.json's quantization_config when the folder has
     a config.json that carries one, else the safetensors metadata."""
     config_path = os.path.join(reader.directory, CONFIG_FILE)
+    from_json = None
     if os.path.isfile(config_path):
         hf_config = read_json(config_path)
         if isinstance(hf_config, dict) and "quantization_config" in hf_config:
-            return validate_config(hf_config["quantization_config"], config_path)
+            from_json = validate_config(hf_config["quantization_config"], config_path)
     text = reader.metadata.get(METADATA_KEY) or reader.index_metadata.get(METADATA_KEY)
     if text is None:
+        if from_json is not None:
+            return from_json
         raise CheckpointError(f"{reader.directory}: not an int4kit checkpoint (no "
                               f"quantization_config in {CONFIG_FILE} and no {METADATA_KEY!r} in "
                               f"the safetensors metadata); GPTQ, AWQ and compressed-tensors "
                               f"checkpoints go through int4kit.convert_checkpoint")
     try:
-        config = json.loads(text)
+        from_metadata = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{reader.files()[0]}: metadata {METADATA_KEY!r} is not JSON "
                               f"({error})") from None
-    return validate_config(config, reader.files()[0])
+    from_metadata = validate_config(from_metadata, reader.files()[0])
+    if from_json is not None and from_json["layers"] != from_metadata["layers"]:
+        raise CheckpointError(f"{config_path}: its quantization_config and the safetensors "
+                              f"metadata of the weights describe different layers (a config.json "
+                              f"left from another save?)")
+    return from_metadata
+
+
+def set_config_json(directory: str, config: Optional[dict]) -> None:
+    """Puts `config` in the folder's config.json as quantization_config (None: removes it), when
+    the folder has a config.json; the rest of the file is kept. Savers call it with None before
+    committing new weights and with the new config after, so that config.json never describes
+    weights that are not there."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    content = read_json(path)
+    if not isinstance(content, dict) or (config is None and "quantization_config" not in content):
+        return
+    if config is None:
+        del content["quantization_config"]
+    else:
+        content["quantization_config"] = config
+    write_json_atomic(path, content)
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -200,7 +231,10 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
     metadata = {METADATA_KEY: json.dumps(config, separators=(",", ":"))}
     with ShardWriter(directory, max_bytes, metadata) as writer:
         writer.add_all(checkpoint_tensors(model, skip=config["aliases"]))
-        return writer.finish()
+        set_config_json(directory, None)
+        names = writer.finish()
+    set_config_json(directory, config)  # a Hugging Face folder's config.json follows the weights
+    return names
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -221,7 +255,9 @@ def check_layer_tensors(tensors: Dict[str, torch.Tensor], settings: dict, where)
     scale_dtype = SCALE_DTYPES[settings["scale_dtype"]]
     expect = {"qweight": ((N, (K + 1) // 2), (torch.uint8,)),
               "scales": ((N, groups), (scale_dtype,)), "zeros": ((N, groups), (scale_dtype,)),
-              "bias": ((N,), _FLOAT_DTYPES), "input_scale": ((K,), _FLOAT_DTYPES),
+              "bias": ((N,), _FLOAT_DTYPES),
+              "input_scale": ((K,), (SCALE_DTYPES[settings["input_scale_dtype"]],)
+                              if settings.get("input_scale_dtype") else _FLOAT_DTYPES),
               "input_perm": ((K,), (torch.int64,))}
     for short, tensor in tensors.items():
         shape, dtypes = expect[short]
@@ -349,6 +385,14 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
                               + (" ..." if len(unexpected) > 5 else "")
                               + "; pass strict=False to ignore them")
 
+    non_persistent_meta = [name for name, t in model.named_buffers()
+                           if t.device.type == "meta" and name not in own
+                           and not name.startswith(prefixes)]
+    if non_persistent_meta:
+        raise CheckpointError(f"{reader.directory}: the model has {len(non_persistent_meta)} "
+                              f"buffer(s) on the meta device that no checkpoint holds "
+                              f"(non-persistent: {', '.join(non_persistent_meta[:5])}); build the "
+                              f"skeleton with int4kit.skeleton(), which keeps buffers real")
     # quantized layers: check every tensor before changing the model
     built = {}
     for name, settings in layers.items():
@@ -383,13 +427,6 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
         _replace(model, name, module)
     for key, value in updates:
         _set_tensor(model, key, value)
-    left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.device.type == "meta"]
-    if left:
-        raise CheckpointError(f"{reader.directory}: after loading, {len(left)} tensor(s) of the "
-                              f"model are still on the meta device ({', '.join(left[:5])}): they "
-                              f"are not saved (non-persistent buffers), so build the skeleton with "
-                              f"int4kit.skeleton(), which keeps buffers real")
     return model
 
 
