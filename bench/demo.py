@@ -251,7 +251,8 @@ def main() -> int:
           f"process's: {'yes' if identical else 'NO'}")
     print(f"   peak memory while loading: +{load_peak / 2**20:.1f} MiB RSS, "
           f"{load_peak / budget:.2f}x (checkpoint {ckpt / 2**20:.1f} MiB + non-quantized parts "
-          f"{dense_parts / 2**20:.1f} MiB)")
+          f"{dense_parts / 2**20:.1f} MiB; the goal is at most 1.5x: "
+          f"{'met' if load_peak <= 1.5 * budget else 'NOT MET'})")
 
     # 3. size, accuracy, speed
     fp32_file = folder_bytes(path)

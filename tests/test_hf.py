@@ -119,6 +119,22 @@ def test_requested_dtype_leaves_the_quantized_tensors_alone(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_dtype_casts_and_dequantize_after_quantize_model():
+    model = tiny_llama()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))
+    layer = model.model.layers[0].mlp.up_proj
+    scales = layer.canonical()[1]
+    model.half().float()  # still allowed: the quantized tensors keep their dtype
+    assert torch.equal(layer.canonical()[1], scales)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.dequantize()  # transformers' own API: back to nn.Linear with the dequantized weights
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+    assert getattr(model.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, logits, rtol=1e-4, atol=1e-4)
+
+
 def test_hf_folder_loads_with_load_quantized_too(tmp_path):
     model = tiny_llama()
     int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))

@@ -233,8 +233,9 @@ def attach(model: nn.Module) -> None:
     config = classes["config"].from_model(model)
     model.config.quantization_config = config
     model.hf_quantizer = classes["quantizer"](config, pre_quantized=True)
-    model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    # not is_quantized: transformers would then refuse .half() / .float(), which Int4Linear
+    # supports (the quantized tensors keep their dtype, activations follow)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
