@@ -135,6 +135,19 @@ def test_dtype_casts_and_dequantize_after_quantize_model():
         assert torch.allclose(model(IDS).logits, logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("device_map", ["cpu", "auto", {"": "cpu"}])
+def test_device_map(tmp_path, device_map):
+    pytest.importorskip("accelerate")
+    model = tiny_llama()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map)
+    assert loaded.model.layers[1].self_attn.o_proj.packed.device.type == "cpu"
+    assert_same_state(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
 def test_hf_folder_loads_with_load_quantized_too(tmp_path):
     model = tiny_llama()
     int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))
@@ -235,6 +248,10 @@ def minilm_quantized():
 def test_minilm_round_trip_in_a_new_process(tmp_path, minilm_quantized):
     model, batch, hidden = minilm_quantized
     model.save_pretrained(tmp_path / "model")
+    # the file is the canonical tensors and the dense parts, within 2%
+    size = os.path.getsize(tmp_path / "model" / "model.safetensors")
+    payload = int4kit.quant.model.state_dict_bytes(model)
+    assert payload <= size <= 1.02 * payload
     safetensors.torch.save_file({"hidden": hidden, **batch}, tmp_path / "expected.safetensors")
     run_fresh("""
         import torch, safetensors.torch, int4kit
