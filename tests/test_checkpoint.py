@@ -128,6 +128,31 @@ def test_sharded_save_follows_hugging_face_conventions(tmp_path):
     assert_same_state(model, fresh)
 
 
+def test_save_is_streamed_one_shard_at_a_time(tmp_path, monkeypatch):
+    """The writer never holds more than one shard, and each layer's canonical tensors are made
+    only when its turn comes (not all up front, as model.state_dict() would)."""
+    model = quantized_tiny()
+    events = []
+    real_canonical = int4kit.Int4Linear.canonical
+
+    def canonical(self):
+        events.append("canonical")
+        return real_canonical(self)
+    real_flush = files.ShardWriter._flush
+
+    def flush(self):
+        if self._pending:
+            events.append(self._pending_bytes)
+        return real_flush(self)
+    monkeypatch.setattr(int4kit.Int4Linear, "canonical", canonical)
+    monkeypatch.setattr(files.ShardWriter, "_flush", flush)
+    int4kit.save_quantized(model, tmp_path, max_shard_size=3500)
+    sizes = [e for e in events if e != "canonical"]
+    assert len(sizes) >= 4 and max(sizes) <= 3500 + 3072  # a shard, or one tensor over it
+    first_flush = next(i for i, e in enumerate(events) if e != "canonical")
+    assert events[:first_flush].count("canonical") == 1  # `down` waits for its turn
+
+
 def test_resave_replaces_the_previous_checkpoint_whole(tmp_path):
     model = quantized_tiny()
     int4kit.save_quantized(model, tmp_path, max_shard_size=4000)
@@ -403,4 +428,6 @@ def test_save_arguments_are_checked(tmp_path):
         int4kit.save_quantized(Tiny(), tmp_path)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         int4kit.save_quantized("model", tmp_path)
+    with pytest.raises(TypeError, match="single Int4Linear"):
+        int4kit.save_quantized(model.up, tmp_path)
     assert files.parse_size("5GB") == 5 * 10**9 and files.parse_size("500MiB") == 500 * 2**20

@@ -217,11 +217,16 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
     failure part-way leaves no checkpoint that loads (and the folder's previous one intact)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, Int4Linear):
+        raise TypeError("model is a single Int4Linear, which a skeleton could not be loaded into "
+                        "in place; save its state_dict (safetensors.torch.save_file("
+                        "layer.state_dict(), path)) or wrap it in a module")
     directory = os.fspath(directory)
     max_bytes = parse_size(max_shard_size)
     config = quantization_config(model)
-    meta = [key for key, t in model.state_dict(keep_vars=True).items()
-            if t is not None and t.device.type == "meta"]
+    # (not model.state_dict(): it would build every layer's canonical tensors at once)
+    meta = [key for key, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.device.type == "meta"]
     if meta:
         raise ValueError(f"model has tensors on the meta device (e.g. {meta[0]!r}), which hold no "
                          f"values to save; load or materialize them first")
@@ -345,6 +350,9 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
     config = read_quantization_config(reader)
     layers = config["layers"]
     aliases = dict(config.get("aliases", {}))
+    if "" in layers:
+        raise CheckpointError(f"{reader.directory}: the config lists the model itself as a "
+                              f"quantized layer, which cannot be replaced in place")
     for name, settings in layers.items():
         try:
             module = model.get_submodule(name)
