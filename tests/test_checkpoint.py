@@ -269,6 +269,8 @@ def rewrite(path, change, metadata_change=None):
         metadata = f.metadata()
     tensors = safetensors.torch.load_file(path)
     change(tensors)
+    # a self-consistent file: the checksums match what it now holds
+    metadata[files.CHECKSUM_KEY] = json.dumps({k: files.tensor_crc32(v) for k, v in tensors.items()})
     if metadata_change is not None:
         config = json.loads(metadata[native.METADATA_KEY])
         metadata_change(config)
@@ -371,6 +373,22 @@ def test_not_a_checkpoint(tmp_path):
         load_into_skeleton(tmp_path / "nowhere")
     safetensors.torch.save_file({"a": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not an int4kit checkpoint"):
+        load_into_skeleton(tmp_path)
+
+
+def test_flipped_data_bits_fail_the_checksum(tmp_path):
+    """safetensors has no checksum of its own: int4kit records each tensor's CRC-32 in its
+    shard's metadata, so a flipped bit in the data is an error, not a silently different
+    weight."""
+    path = saved(tmp_path)
+    with safetensors.safe_open(path, "pt") as f:
+        checksums = json.loads(f.metadata()[files.CHECKSUM_KEY])
+    tensors = safetensors.torch.load_file(path)
+    assert checksums == {k: files.tensor_crc32(v) for k, v in tensors.items()}
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the CRC-32.*corrupt"):
         load_into_skeleton(tmp_path)
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import uuid
+import zlib
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -21,6 +22,15 @@ PT_INDEX_FILE = "pytorch_model.bin.index.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+CHECKSUM_KEY = "int4kit_crc32"  # shard metadata: JSON {tensor name: CRC-32 of its bytes}
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 (zlib) of a tensor's bytes as stored: row-major, little-endian."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
 
 
 class CheckpointError(ValueError):
@@ -128,6 +138,7 @@ class CheckpointReader:
                                       f"{INDEX_FILE} nor {SINGLE_FILE}")
         self._handles = {}
         self._file_of: Dict[str, str] = {}
+        self._checksums: Dict[str, int] = {}
         self.metadata: Dict[str, str] = {}
         for name in files:
             full = os.path.join(self.directory, name)
@@ -136,7 +147,9 @@ class CheckpointReader:
                                       f"is missing")
             handle = self._open(full)
             self._handles[name] = handle
-            self.metadata.update(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
+            self._checksums.update(self._read_checksums(full, metadata.pop(CHECKSUM_KEY, None)))
+            self.metadata.update(metadata)
             for key in handle.keys():
                 if key in self._file_of:
                     raise CheckpointError(f"{full}: tensor {key!r} is also in "
@@ -146,6 +159,22 @@ class CheckpointReader:
             if self._file_of.get(key) != shard:
                 raise CheckpointError(f"{index_path}: tensor {key!r} is mapped to {shard} but "
                                       f"that shard does not hold it")
+
+    @staticmethod
+    def _read_checksums(full: str, text: Optional[str]) -> Dict[str, int]:
+        if text is None:
+            return {}
+        try:
+            checksums = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise CheckpointError(f"{full}: metadata {CHECKSUM_KEY!r} is not JSON "
+                                  f"({str(error)[:80]})") from None
+        if not isinstance(checksums, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                for k, v in checksums.items()):
+            raise CheckpointError(f"{full}: metadata {CHECKSUM_KEY!r} must map tensor names to "
+                                  f"CRC-32 integers")
+        return checksums
 
     def _read_index(self, index_path: str) -> Dict[str, str]:
         index = read_json(index_path)
@@ -196,10 +225,16 @@ class CheckpointReader:
         if key not in self._file_of:
             raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
         try:
-            return self._handles[self._file_of[key]].get_tensor(key)
+            tensor = self._handles[self._file_of[key]].get_tensor(key)
         except Exception as error:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read "
                                   f"({error})") from None
+        expected = self._checksums.get(key)
+        if expected is not None and tensor_crc32(tensor) != expected:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} does not match the "
+                                  f"CRC-32 its file recorded when it was written: the file is "
+                                  f"corrupt")
+        return tensor
 
     def shape_dtype(self, key: str) -> Tuple[List[int], str]:
         """Shape and safetensors dtype name (e.g. "U8", "BF16") without reading the data."""
@@ -230,7 +265,7 @@ def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path}: not a readable JSON file ({error})") from None
 
 
@@ -317,7 +352,9 @@ class ShardWriter:
         st = _safetensors()
         tmp = os.path.join(self.directory, f".tmp-{self._tag}-{len(self._written):05d}.safetensors")
         self._written.append((tmp, list(self._pending)))
-        st.torch.save_file(self._pending, tmp, metadata=self.metadata)
+        checksums = {key: tensor_crc32(t) for key, t in self._pending.items()}
+        st.torch.save_file(self._pending, tmp,
+                           metadata={**self.metadata, CHECKSUM_KEY: json.dumps(checksums)})
         _fsync(tmp)
         self._pending, self._pending_bytes = {}, 0
 

@@ -145,7 +145,7 @@ def read_quantization_config(reader: CheckpointReader) -> dict:
                               f"checkpoints go through int4kit.convert_checkpoint")
     try:
         from_metadata = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{reader.files()[0]}: metadata {METADATA_KEY!r} is not JSON "
                               f"({error})") from None
     from_metadata = validate_config(from_metadata, reader.files()[0])
