@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .formats.files import CheckpointError
+from .formats.files import CHECKSUM_KEY, CheckpointError, tensor_crc32
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
                              check_layer_tensors, quantization_config, validate_config)
 from .nn import _CANONICAL, Int4Linear
@@ -101,6 +101,18 @@ def _finish_layer(name: str, module: Int4Linear, settings: dict, source: str) ->
         value = getattr(module, extra)
         if value is not None:
             setattr(module, extra, value.detach().to(device))
+
+
+def _layer_checksums(model: nn.Module) -> Dict[str, int]:
+    """CRC-32 of every quantized layer's saved tensors, for the shards transformers writes (its
+    other tensors it may rename or reshape on the way, so only these are vouched for)."""
+    checksums = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            own: Dict[str, torch.Tensor] = {}
+            module._save_to_state_dict(own, f"{name}." if name else "", False)
+            checksums.update({key: tensor_crc32(t) for key, t in own.items()})
+    return checksums
 
 
 def _register():
@@ -197,7 +209,7 @@ def _register():
             # layers as they are now (and goes into every shard too, for load_quantized)
             model.config.quantization_config = Int4kitConfig.from_model(model)
             text = json.dumps(model.config.quantization_config.to_dict(), separators=(",", ":"))
-            return None, {METADATA_KEY: text}
+            return None, {METADATA_KEY: text, CHECKSUM_KEY: json.dumps(_layer_checksums(model))}
 
         def is_serializable(self, **kwargs):
             return True
