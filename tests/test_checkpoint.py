@@ -449,3 +449,43 @@ def test_save_arguments_are_checked(tmp_path):
     with pytest.raises(TypeError, match="single Int4Linear"):
         int4kit.save_quantized(model.up, tmp_path)
     assert files.parse_size("5GB") == 5 * 10**9 and files.parse_size("500MiB") == 500 * 2**20
+
+
+# ---- what the hostile-file fuzzer (tests/checkpoint_fuzz.py) found, kept as regular tests --------
+
+def test_a_damaged_checksum_key_does_not_switch_the_check_off(tmp_path):
+    path = saved(tmp_path)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(path)
+    tensors["up.qweight"][0, 0] ^= 1  # a changed code ...
+    metadata["int4kit_crc33"] = metadata.pop(files.CHECKSUM_KEY)  # ... and a damaged key name
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="no checksum recorded for .*corrupt"):
+        load_into_skeleton(tmp_path)
+    metadata[files.WRITER_KEY] = "int4kiu"
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="'int4kit_writer' is 'int4kiu'.*corrupt"):
+        load_into_skeleton(tmp_path)
+
+
+def test_a_header_lying_about_a_dtype_of_the_same_width(tmp_path):
+    """The checksum covers dtype and shape: F32 bytes relabelled I32 are caught."""
+    path = saved(tmp_path)
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["emb.weight"]["dtype"] = "I32"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    with pytest.raises(CheckpointError, match="'emb.weight' does not match the CRC-32"):
+        load_into_skeleton(tmp_path)
+
+
+def test_an_integer_tensor_where_the_model_has_a_float_one(tmp_path):
+    path = saved(tmp_path)
+    rewrite(path, lambda t: t.update({"emb.weight": t["emb.weight"].view(torch.int32)}))
+    with pytest.raises(CheckpointError, match="'emb.weight' has dtype int32, the model's "
+                                              "emb.weight is float32"):
+        load_into_skeleton(tmp_path)

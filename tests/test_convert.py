@@ -495,3 +495,49 @@ def test_a_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="pytorch_model.bin: not a readable weights-only"):
         int4kit.convert_checkpoint(tmp_path, tmp_path / "out")
     assert not os.path.exists("/tmp/int4kit-pickle-ran")
+
+
+# ---- what the hostile-file fuzzer (tests/checkpoint_fuzz.py) found, kept as regular tests --------
+
+def _damaged_awq(tmp_path, change):
+    model = tiny_llama()
+    tensors = {}
+    for name in linear_names(model):
+        w = model.get_submodule(name).weight.detach()
+        codes, zeros, scales = ff.quantize_asym(w, G, torch.arange(w.shape[1]) // G, False,
+                                                torch.float16)
+        qweight, qzeros = ff.awq_pack_gemm(codes, zeros)
+        tensors.update({f"{name}.qweight": qweight, f"{name}.qzeros": qzeros,
+                        f"{name}.scales": scales})
+    change(tensors)
+    ff.write_hf_folder(tmp_path / "src", model, tensors, {
+        "quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True, "version": "gemm"})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.qzeros"), "up_proj: the layer lacks qzeros"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.yweight":
+                         t.pop("model.layers.0.mlp.up_proj.qweight")}),
+     r"'model.layers.0.mlp.up_proj.qzeros' belongs to a quantized layer, which has no 'qweight'"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.scales":
+                         t["model.layers.0.mlp.up_proj.scales"].view(torch.bfloat16)}),
+     r"up_proj.scales: expected a 2-D float16 tensor"),
+])
+def test_damaged_foreign_layers_are_named(tmp_path, change, message):
+    _damaged_awq(tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        int4kit.convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+
+
+def test_info_on_a_checkpoint_missing_a_tensor(tmp_path):
+    from int4kit.cli import describe_checkpoint
+    model = quantized_llama()
+    int4kit.save_quantized(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(path)
+    del tensors["model.layers.0.mlp.up_proj.scales"]
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.up_proj.scales' is missing"):
+        describe_checkpoint(str(tmp_path))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .formats.files import CHECKSUM_KEY, CheckpointError, tensor_crc32
+from .formats.files import CHECKSUM_KEY, WRITER_KEY, CheckpointError, tensor_crc32
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
                              check_layer_tensors, quantization_config, validate_config)
 from .nn import _CANONICAL, Int4Linear
@@ -209,7 +209,8 @@ def _register():
             # layers as they are now (and goes into every shard too, for load_quantized)
             model.config.quantization_config = Int4kitConfig.from_model(model)
             text = json.dumps(model.config.quantization_config.to_dict(), separators=(",", ":"))
-            return None, {METADATA_KEY: text, CHECKSUM_KEY: json.dumps(_layer_checksums(model))}
+            return None, {METADATA_KEY: text, CHECKSUM_KEY: json.dumps(_layer_checksums(model)),
+                          WRITER_KEY: "transformers"}
 
         def is_serializable(self, **kwargs):
             return True

@@ -16,7 +16,8 @@ from . import awq, compressed_tensors as ct, gptq
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
                     parse_size, read_json, write_json_atomic)
-from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, check_layer_tensors,
+from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, check_checksums_present,
+                     check_layer_tensors,
                      layer_keys, read_quantization_config, read_layer, set_config_json)
 
 SOURCES = ("int4kit", "gptq", "gptq_v2", "awq", "compressed-tensors")
@@ -158,16 +159,30 @@ def _import(reader: CheckpointReader, fmt: SourceFormat, writer: ShardWriter,
             report: ConvertReport) -> dict:
     if fmt.name in ("gptq", "gptq_v2"):
         marker, suffixes = "qweight", ("qweight", "qzeros", "scales", "g_idx", "bias")
+        required = ("qweight", "qzeros", "scales")
     elif fmt.name == "awq":
         marker, suffixes = "qweight", ("qweight", "qzeros", "scales", "bias")
+        required = ("qweight", "qzeros", "scales")
     else:
         marker, suffixes = "weight_packed", ct.SUFFIXES
+        required = ("weight_packed", "weight_scale", "weight_shape")
     layer_of = _layer_index(reader, marker, suffixes)
+    # a layer's other tensors without its marker: a damaged name, never a dense tensor
+    orphans = [key for key in reader.keys() if key not in layer_of and
+               key.rpartition(".")[2] in set(required[1:]) | {"g_idx", "weight_g_idx",
+                                                             "weight_zero_point"}]
+    if orphans:
+        raise CheckpointError(f"{reader.file_of(orphans[0])}: tensor {orphans[0]!r} belongs to a "
+                              f"quantized layer, which has no {marker!r} tensor")
     layers: Dict[str, dict] = {}
     overflowed = {}
     for prefix in _layers_in_shard_order(reader, layer_of, writer):
-        tensors = {s: reader.get(f"{prefix}.{s}") for s in suffixes if f"{prefix}.{s}" in reader}
         where = f"{reader.file_of(f'{prefix}.{marker}')}: {prefix}"
+        missing = [s for s in required if f"{prefix}.{s}" not in reader]
+        if missing:
+            raise CheckpointError(f"{where}: the layer lacks {', '.join(missing)} (a {fmt.name} "
+                                  f"layer has {', '.join(required)})")
+        tensors = {s: reader.get(f"{prefix}.{s}") for s in suffixes if f"{prefix}.{s}" in reader}
         try:
             if fmt.name == "awq":
                 out, settings = awq.awq_to_canonical(tensors, fmt.group_size, fmt.version, where)
@@ -288,6 +303,7 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
             report: ConvertReport) -> dict:
     native = read_quantization_config(reader)
     layers = native["layers"]
+    check_checksums_present(reader, layers)
     _check_group_sizes(to, layers, reader.directory)
     written: Dict[str, dict] = {}
     layer_of = {key: name for name, s in layers.items() for key in layer_keys(name, s)}

@@ -25,12 +25,18 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 CHECKSUM_KEY = "int4kit_crc32"  # shard metadata: JSON {tensor name: CRC-32 of its bytes}
+# shard metadata: who wrote the shard, "int4kit" (every tensor has a checksum) or "transformers"
+# (save_pretrained: the quantized layers' tensors have one)
+WRITER_KEY = "int4kit_writer"
 
 
 def tensor_crc32(tensor: torch.Tensor) -> int:
-    """CRC-32 (zlib) of a tensor's bytes as stored: row-major, little-endian."""
+    """CRC-32 (zlib) of a tensor's dtype and shape as text (e.g. "torch.float32[96, 64]"),
+    then of its bytes as stored (row-major, little-endian): a header that lies about the dtype
+    or shape of the same bytes fails it too."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+    head = zlib.crc32(f"{tensor.dtype}{list(tensor.shape)}".encode())
+    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()), head)
 
 
 class CheckpointError(ValueError):
@@ -139,6 +145,8 @@ class CheckpointReader:
         self._handles = {}
         self._file_of: Dict[str, str] = {}
         self._checksums: Dict[str, int] = {}
+        self.shard_metadata: Dict[str, Dict[str, str]] = {}  # shard file name -> its metadata
+        self.shard_checksums: Dict[str, Dict[str, int]] = {}
         self.metadata: Dict[str, str] = {}
         for name in files:
             full = os.path.join(self.directory, name)
@@ -148,7 +156,10 @@ class CheckpointReader:
             handle = self._open(full)
             self._handles[name] = handle
             metadata = dict(handle.metadata() or {})
-            self._checksums.update(self._read_checksums(full, metadata.pop(CHECKSUM_KEY, None)))
+            self.shard_metadata[name] = dict(metadata)
+            self.shard_checksums[name] = self._read_checksums(full, metadata.pop(CHECKSUM_KEY,
+                                                                                 None))
+            self._checksums.update(self.shard_checksums[name])
             self.metadata.update(metadata)
             for key in handle.keys():
                 if key in self._file_of:
@@ -238,6 +249,8 @@ class CheckpointReader:
 
     def shape_dtype(self, key: str) -> Tuple[List[int], str]:
         """Shape and safetensors dtype name (e.g. "U8", "BF16") without reading the data."""
+        if key not in self._file_of:
+            raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
         return self._handles[self._file_of[key]].shape_dtype(key)
 
 
@@ -311,7 +324,7 @@ class ShardWriter:
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.max_bytes = max_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {"format": "pt", WRITER_KEY: "int4kit", **(metadata or {})}
         self._tag = uuid.uuid4().hex[:8]
         self._pending: Dict[str, torch.Tensor] = {}
         self._pending_bytes = 0

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation
 from .. import ops
-from .files import (CONFIG_FILE, CheckpointError, CheckpointReader, ShardWriter, parse_size,
-                    read_json, write_json_atomic)
+from .files import (CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader, ShardWriter,
+                    parse_size, read_json, write_json_atomic)
 
 QUANT_METHOD = "int4kit"
 FORMAT_VERSION = 1
@@ -154,6 +154,30 @@ def read_quantization_config(reader: CheckpointReader) -> dict:
                               f"metadata of the weights describe different layers (a config.json "
                               f"left from another save?)")
     return from_metadata
+
+
+def check_checksums_present(reader: CheckpointReader, layers: Dict[str, dict]) -> None:
+    """Every shard int4kit wrote records who wrote it and the checksums it owes: all of its
+    tensors (int4kit's writer) or the quantized layers' (transformers'). A shard that lacks
+    them was damaged where the metadata is (a corrupted key would otherwise switch the
+    verification off) or was not written by int4kit."""
+    quantized = {key for name, s in layers.items() for key in layer_keys(name, s)}
+    for shard, keys in reader.keys_by_file().items():
+        full = os.path.join(reader.directory, shard)
+        if shard.endswith(".bin"):
+            raise CheckpointError(f"{full}: int4kit checkpoints are safetensors; a pickle file is "
+                                  f"not one")
+        writer = reader.shard_metadata[shard].get(WRITER_KEY)
+        if writer not in ("int4kit", "transformers"):
+            raise CheckpointError(f"{full}: metadata {WRITER_KEY!r} is {writer!r}; every shard of "
+                                  f"an int4kit checkpoint says 'int4kit' or 'transformers' there: "
+                                  f"the file is corrupt")
+        owed = set(keys) if writer == "int4kit" else quantized.intersection(keys)
+        unchecked = sorted(owed - reader.shard_checksums[shard].keys())
+        if unchecked:
+            raise CheckpointError(f"{full}: no checksum recorded for {', '.join(unchecked[:3])}, "
+                                  f"which its writer records for every such tensor: the file is "
+                                  f"corrupt")
 
 
 def set_config_json(directory: str, config: Optional[dict]) -> None:
@@ -349,6 +373,7 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
     reader = CheckpointReader(directory)
     config = read_quantization_config(reader)
     layers = config["layers"]
+    check_checksums_present(reader, layers)
     aliases = dict(config.get("aliases", {}))
     if "" in layers:
         raise CheckpointError(f"{reader.directory}: the config lists the model itself as a "
@@ -420,6 +445,11 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
             raise CheckpointError(f"{reader.file_of(source)}: tensor {source!r} has shape "
                                   f"{list(value.shape)}, the model's {key} has "
                                   f"{list(current.shape)}")
+        if value.is_floating_point() != current.is_floating_point() or (
+                value.dtype == torch.bool) != (current.dtype == torch.bool):
+            raise CheckpointError(f"{reader.file_of(source)}: tensor {source!r} has dtype "
+                                  f"{dtype_name(value.dtype)}, the model's {key} is "
+                                  f"{dtype_name(current.dtype)}")
         target = device if device is not None else (
             current.device if current.device.type != "meta" else torch.device("cpu"))
         if current.device.type == "meta":
