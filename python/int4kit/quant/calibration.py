@@ -64,6 +64,35 @@ def progress(iterable, enabled: bool, **kwargs):
     return iterable
 
 
+def _tensors_of(item) -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(item, Mapping):
+        return [(str(k), v) for k, v in item.items() if isinstance(v, torch.Tensor)]
+    if isinstance(item, tuple):
+        return [(f"item {i}", v) for i, v in enumerate(item) if isinstance(v, torch.Tensor)]
+    return [("the batch", item)] if isinstance(item, torch.Tensor) else []
+
+
+def check_batches(model: nn.Module, batches: List) -> None:
+    """Refuses calibration data that cannot work before anything is computed or changed: empty
+    tensors, NaN or inf, tensors on another device than the model's parameters."""
+    params = [p for p in model.parameters() if p.device.type != "meta"]
+    device = params[0].device if params else None
+    for i, item in enumerate(batches):
+        tensors = _tensors_of(item)
+        if not tensors:
+            raise CalibrationError(f"calib_data batch {i} holds no tensor (expected a tensor, a "
+                                   f"tuple of tensors or a mapping such as a tokenizer's output)")
+        for name, tensor in tensors:
+            if tensor.numel() == 0:
+                raise CalibrationError(f"calib_data batch {i}: {name} is empty "
+                                       f"(shape {list(tensor.shape)})")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CalibrationError(f"calib_data batch {i}: {name} holds NaN or inf")
+            if device is not None and tensor.device != device:
+                raise CalibrationError(f"calib_data batch {i}: {name} is on {tensor.device}, the "
+                                       f"model's parameters on {device}")
+
+
 def call_model(model: nn.Module, item):
     """item -> model(**item) if a mapping, model(*item) if a tuple, else model(item)."""
     if isinstance(item, Mapping):

@@ -124,11 +124,12 @@ def _fold_into_producer(model, name, s, report, final=None) -> bool:
         if not isinstance(prod, (nn.Linear, Int4Linear)) or prod.out_features != s.numel():
             continue
         with torch.no_grad():
-            if isinstance(prod, nn.Linear):
-                sd = s.to(prod.weight.device, prod.weight.dtype)
-                prod.weight.div_(sd[:, None])
+            if isinstance(prod, nn.Linear):  # new tensors, not in place: quantize_model's undo
+                sd = s.to(prod.weight.device, prod.weight.dtype)  # puts the old ones back
+                prod.weight = nn.Parameter(prod.weight / sd[:, None],
+                                           requires_grad=prod.weight.requires_grad)
                 if prod.bias is not None:
-                    prod.bias.div_(sd)
+                    prod.bias = nn.Parameter(prod.bias / sd, requires_grad=prod.bias.requires_grad)
             if final is not None and pname in final:
                 final[pname] = _scale_rows(final[pname], s)
             elif isinstance(prod, Int4Linear):
@@ -210,6 +211,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         if not batches:
             raise ValueError("calib_data is empty: at least one batch is needed for method "
                              f"{config.method!r}")
+        calibration.check_batches(model, batches)
     t0 = time.perf_counter()
     report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
     targets = []
@@ -230,21 +232,65 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         else:
             targets.append(name)
 
-    if batches is None:
-        for name in calibration.progress(targets, config.show_progress, desc=config.method):
-            _replace(model, name, _data_free(model.get_submodule(name), config))
-            report.swapped.append(name)
-    else:
-        _quantize_sequential(model, targets, batches, config, report)
-    for name in report.swapped:  # W4A8 changes how the layers run, not what they store
-        module = model.get_submodule(name)
-        module.act_quant = config.act_quant
-        module.method = config.method
-    if report.swapped and hf.is_transformers_model(model):
-        hf.attach(model)  # model.save_pretrained now writes int4kit's format
+    undo = _Undo(model, targets)
+    try:
+        if batches is None:
+            built = {name: _data_free(model.get_submodule(name), config)
+                     for name in calibration.progress(targets, config.show_progress,
+                                                      desc=config.method)}
+            for name in targets:  # the model changes only once every layer is built
+                _replace(model, name, built[name])
+            report.swapped.extend(targets)
+        else:
+            _quantize_sequential(model, targets, batches, config, report)
+        for name in report.swapped:  # W4A8 changes how the layers run, not what they store
+            module = model.get_submodule(name)
+            module.act_quant = config.act_quant
+            module.method = config.method
+        if report.swapped and hf.is_transformers_model(model):
+            hf.attach(model)  # model.save_pretrained now writes int4kit's format
+    except BaseException:  # an error or a KeyboardInterrupt anywhere: the model as it was
+        undo()
+        raise
     report.bytes_after = state_dict_bytes(model)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _Undo:
+    """What quantize_model may change, remembered so that an interruption at any point puts the
+    model back exactly: the target layers, every Linear's weight and bias (AWQ folds replace a
+    producer's), and what Hugging Face integration attaches."""
+
+    _MISSING = object()
+
+    def __init__(self, model: nn.Module, targets: List[str]):
+        self.model = model
+        self.layers = {name: model.get_submodule(name) for name in targets}
+        self.params = [(m, m._parameters.get("weight"), m._parameters.get("bias"))
+                       for m in model.modules() if isinstance(m, nn.Linear)]
+        self.attrs = {name: getattr(model, name, self._MISSING)
+                      for name in ("hf_quantizer", "quantization_method")}
+        config = getattr(model, "config", None)
+        self.quantization_config = (self._MISSING if config is None else
+                                    getattr(config, "quantization_config", self._MISSING))
+
+    def __call__(self) -> None:
+        for name, module in self.layers.items():
+            _replace(self.model, name, module)
+        for module, weight, bias in self.params:
+            module._parameters["weight"], module._parameters["bias"] = weight, bias
+        for name, value in self.attrs.items():
+            if value is self._MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                setattr(self.model, name, value)
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            if self.quantization_config is self._MISSING:
+                config.__dict__.pop("quantization_config", None)
+            else:
+                config.quantization_config = self.quantization_config
 
 
 def _tied_weights(model: nn.Module) -> Dict[str, str]:
