@@ -7,12 +7,12 @@ TORCH      ?= torch==2.14.1
 CMAKE_DIR  := build/cmake
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: demo test setup venv system-deps build cpp pytest ctest bench bench-cpp clean
+.PHONY: demo test setup venv system-deps build cpp pytest ctest ctest-sanitize bench bench-cpp clean
 
 demo: setup
 	$(PY) bench/demo.py
 
-test: setup pytest ctest
+test: setup pytest ctest ctest-sanitize
 
 setup: venv system-deps build
 
@@ -58,6 +58,16 @@ pytest: build
 
 ctest: cpp
 	cd $(CMAKE_DIR) && ctest --output-on-failure
+
+# The C++ tests again, built with AddressSanitizer and UndefinedBehaviorSanitizer (each test
+# forces every ISA this CPU has); any finding fails the run.
+SANITIZE_DIR := build/cmake-sanitize
+ctest-sanitize: system-deps venv
+	cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DINT4KIT_SANITIZE=ON \
+		-DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja
+	cmake --build $(SANITIZE_DIR) --target test_kernels test_cuda_layout test_cuda_kernel_emulated
+	cd $(SANITIZE_DIR) && ASAN_OPTIONS=abort_on_error=1:detect_leaks=1 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ctest --output-on-failure -E isa_objects
 
 bench: build
 	$(PY) bench/bench_linear.py
