@@ -84,12 +84,32 @@ at::Tensor unpack_cpu(const at::Tensor& qweight, int64_t K) {
   return out;
 }
 
+// Rows go through in chunks of about 64 MiB of fp32: quantizing a weight needs its own bytes, the
+// outputs and one chunk. (A whole fp32 copy, its finiteness mask and a byte per code came to ~4x
+// a bf16 weight: 16 GiB more for a 65536 x 32768 one, tests/test_huge.py.) Rows are quantized
+// independently, so the result is the same as in one piece.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& weight,
                                                             int64_t group_size, bool symmetric) {
-  const QuantizeBuffers b = quantize_buffers(weight, group_size);
-  quantize_rtn(b.w.data_ptr<float>(), b.N, b.K, b.G, symmetric, to_kernel_dtype(weight.scalar_type()),
-               b.codes.data_ptr<uint8_t>(), b.scales.data_ptr<float>(), b.zeros.data_ptr<float>());
-  return {pack_cpu(b.codes), b.scales.to(weight.scalar_type()), b.zeros.to(weight.scalar_type())};
+  check_compute_dtype(weight, "weight");
+  check_dim(weight, 2, "weight");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t G = effective_group_size(group_size, K);
+  const int64_t groups = num_groups(K, G);
+  at::Tensor qweight = at::empty({N, packed_row_bytes(K)}, weight.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, groups}, weight.options().dtype(at::kFloat));
+  at::Tensor zeros = at::empty_like(scales);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, 4 * K));
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t n = std::min(rows, N - r0);
+    const at::Tensor w = weight.narrow(0, r0, n).to(at::kFloat).contiguous();
+    TORCH_CHECK(at::isfinite(w).all().item<bool>(), "int4kit: weight contains NaN or Inf");
+    at::Tensor codes = at::empty({n, K}, qweight.options());
+    quantize_rtn(w.data_ptr<float>(), n, K, G, symmetric, to_kernel_dtype(weight.scalar_type()),
+                 codes.data_ptr<uint8_t>(), scales.data_ptr<float>() + r0 * groups,
+                 zeros.data_ptr<float>() + r0 * groups);
+    qweight.narrow(0, r0, n).copy_(pack_cpu(codes));
+  }
+  return {qweight, scales.to(weight.scalar_type()), zeros.to(weight.scalar_type())};
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& qweight, const at::Tensor& scales,
