@@ -36,6 +36,7 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
@@ -130,7 +131,6 @@ def make_seeds(root):
     ff.write_hf_folder(os.path.join(root, "gptq"), base, tensors_gptq, gptq_config)
     seeds["gptq"] = (os.path.join(root, "gptq"), "convert")
     os.makedirs(os.path.join(root, "gptq_bin"))
-    import safetensors.torch
     torch.save(safetensors.torch.load_file(os.path.join(root, "gptq", "model.safetensors")),
                os.path.join(root, "gptq_bin", "pytorch_model.bin"))
     shutil.copy(os.path.join(root, "gptq", "config.json"), os.path.join(root, "gptq_bin"))
@@ -139,6 +139,38 @@ def make_seeds(root):
                        tensors_awq, {"quant_method": "awq", "bits": 4, "group_size": 16,
                                      "zero_point": True, "version": "gemm"})
     seeds["awq"] = (os.path.join(root, "awq"), "convert")
+    # AutoGPTQ's and AutoAWQ's own config files instead of config.json's quantization_config
+    ff.write_hf_folder(os.path.join(root, "gptq_legacy"), base, tensors_gptq, None,
+                       side_config=("quantize_config.json", {k: v for k, v in gptq_config.items()
+                                                              if k != "quant_method"}))
+    seeds["gptq_legacy"] = (os.path.join(root, "gptq_legacy"), "convert")
+    ff.write_hf_folder(os.path.join(root, "awq_legacy"), base, tensors_awq, None,
+                       side_config=("quant_config.json", {"w_bit": 4, "q_group_size": 16,
+                                                          "zero_point": True,
+                                                          "version": "GEMM"}))
+    seeds["awq_legacy"] = (os.path.join(root, "awq_legacy"), "convert")
+    # pytorch_model.bin in two shards with their index
+    folder = os.path.join(root, "gptq_bin_sharded")
+    os.makedirs(folder)
+    state = safetensors.torch.load_file(os.path.join(root, "gptq", "model.safetensors"))
+    keys = sorted(state)
+    parts = {"pytorch_model-00001-of-00002.bin": keys[::2],
+             "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in parts.items():
+        torch.save({k: state[k] for k in part}, os.path.join(folder, name))
+    with open(os.path.join(folder, ckfiles.PT_INDEX_FILE), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {k: n for n, part in parts.items()
+                                                  for k in part}}, f)
+    shutil.copy(os.path.join(root, "gptq", "config.json"), folder)
+    seeds["gptq_bin_sharded"] = (folder, "convert")
+    # compressed-tensors, written by compressed-tensors itself
+    try:
+        import ct_oracle
+    except ImportError:  # compressed-tensors not installed: that seed is left out
+        return seeds
+    ct_oracle.write_ct_checkpoint(llama(), os.path.join(root, "ct"), strategy="group",
+                                  group_size=16, symmetric=False, scale_dtype=torch.bfloat16)
+    seeds["ct"] = (os.path.join(root, "ct"), "convert")
     return seeds
 
 

@@ -126,7 +126,8 @@ def write_hf_folder(path, model, tensors: dict, quantization_config: dict, side_
     safetensors.torch.save_file(state, os.path.join(path, "model.safetensors"),
                                 metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = quantization_config
+    if quantization_config is not None:  # None: the tool's own side config says it
+        config["quantization_config"] = quantization_config
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     if side_config is not None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CASES, SEED, BUDGET_S = 3000, 20261206, 240
+CASES, SEED, BUDGET_S = 3000, 20261206, 300
 
 
 def test_hostile_checkpoints_fail_cleanly(tmp_path):
@@ -29,5 +29,6 @@ def test_hostile_checkpoints_fail_cleanly(tmp_path):
         "truncate", "bitflip", "pickle", "header_flip", "inflate", "lie_shape", "lie_dtype",
         "lie_offsets", "deep_metadata", "data_flip", "deep_json", "lie_config", "lie_index"}, \
         summary["mutations"]
-    assert set(summary["seeds"]) == {"native", "sharded", "hf", "gptq", "gptq_bin", "awq"}
+    assert set(summary["seeds"]) == {"native", "sharded", "hf", "gptq", "gptq_bin", "awq",
+                                     "gptq_legacy", "awq_legacy", "gptq_bin_sharded", "ct"}
     assert summary["counts"]["clear"] > summary["cases"] // 2
