@@ -166,6 +166,8 @@ def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch)
      "batch 1: token_type_ids is on meta"),
     ({"inputs_embeds": torch.full((2, 12, 64), float("inf"))}, "batch 1: inputs_embeds holds NaN"),
     ("some text", "batch 1 holds no tensor"),
+    ({"inputs_embeds": torch.randn(2, 12, 64, dtype=torch.float64)},
+     "batch 1: the model raised RuntimeError"),  # a dtype the model does not compute in
 ])
 def test_bad_calibration_data_is_refused_before_anything_changes(bad, message):
     model = tiny_bert()

@@ -269,3 +269,15 @@ def test_linear_from_several_python_threads(op):
         t.join()
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
+
+
+def test_all_zero_weight_stays_within_the_fixed_point_bound(cpu_isa):
+    """Found by tests/test_properties.py: an all-zero weight (codes and zero points 8, scale 1)
+    with strided fp32 x gives about 2^-21 |x| on the fixed-point x grid rather than exact zeros;
+    docs/FORMAT.md's bound (2^-23 of the group's largest |x| per term) holds it."""
+    q, s, _ = ops.quantize(torch.zeros(1, 4), -1, True)
+    packed = ops.prepack(q, s, None, -1, 4)
+    x = torch.tensor([[1.5410, -0.2934, -2.1788, 0.5684],
+                      [-1.0845, -1.3986, 0.4033, 0.8380]]).t().contiguous().t()
+    y = ops.linear(x, packed, 1, 4, -1, None)
+    assert (y.abs() <= 2.0 ** -18 * 16 * x.abs().sum(1, keepdim=True)).all()

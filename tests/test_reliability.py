@@ -127,3 +127,24 @@ def test_rss_is_flat_over_100_quantize_model_calls():
     gc.collect()
     after = rss_bytes()
     assert after - before <= 0.01 * before, (before, after)
+
+
+def test_dense_path_scratch_is_bounded_by_the_largest_layer():
+    """Calls with many rows dequantize the weight into a reused per-thread buffer for torch's
+    GEMM (README, "What is in it"): it grows to the largest such layer's dense weight and stays
+    there, whatever the number of calls."""
+    small = Int4Linear.from_linear(nn.Linear(1024, 1024), group_size=128, symmetric=False)
+    large = Int4Linear.from_linear(nn.Linear(2048, 2048), group_size=128, symmetric=False)
+    x_small, x_large = torch.randn(1024, 1024), torch.randn(1024, 2048)
+    with torch.no_grad():
+        small(x_small)
+        gc.collect()
+        before = rss_bytes()
+        for _ in range(20):
+            small(x_small)
+            large(x_large)
+        gc.collect()
+        after = rss_bytes()
+    dense_large = 2048 * 2048 * 4
+    threads = torch.get_num_threads()
+    assert after - before <= threads * dense_large + 0.01 * before, (before, after)

@@ -93,13 +93,22 @@ def check_batches(model: nn.Module, batches: List) -> None:
                                        f"model's parameters on {device}")
 
 
-def call_model(model: nn.Module, item):
-    """item -> model(**item) if a mapping, model(*item) if a tuple, else model(item)."""
-    if isinstance(item, Mapping):
-        return model(**item)
-    if isinstance(item, tuple):
-        return model(*item)
-    return model(item)
+def call_model(model: nn.Module, item, index: int = 0):
+    """item -> model(**item) if a mapping, model(*item) if a tuple, else model(item). An error
+    the model raises on the batch (a wrong dtype, a wrong shape) comes out as a CalibrationError
+    naming batch `index`."""
+    try:
+        if isinstance(item, Mapping):
+            return model(**item)
+        if isinstance(item, tuple):
+            return model(*item)
+        return model(item)
+    except (_StopForward, CalibrationError):
+        raise
+    except Exception as error:  # noqa: BLE001  (re-raised with the batch named)
+        raise CalibrationError(f"calib_data batch {index}: the model raised "
+                               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                               ) from error
 
 
 def attention_mask_of(item) -> Optional[torch.Tensor]:
@@ -283,7 +292,7 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                 break
             state.update(mask=attention_mask_of(item), batch=i, seen=set())
             try:
-                call_model(model, item)
+                call_model(model, item, i)
             except _StopForward:
                 pass
             flush()
