@@ -384,3 +384,12 @@ def test_prepack_round_trip_of_quantized_weight():
     q2, s2, z2 = ops.unprepack(ops.prepack(qweight, scales, zeros, 60, 300), 50, 300, 60,
                                torch.bfloat16)
     assert torch.equal(q2, qweight) and torch.equal(s2, scales) and torch.equal(z2, zeros)
+
+
+def test_quantize_across_its_row_chunks():
+    """The CPU op quantizes in chunks of ~64 MiB of fp32 rows: a transposed (non-contiguous)
+    4100 x 4096 weight spans two, and matches the reference bit for bit."""
+    w = (torch.randn(4096, 4100) * 0.05).t()
+    q, s, z = ops.quantize(w, 128, False)
+    rq, rs, rz = R.quantize(w.contiguous(), 128, False)
+    assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(z, rz)

@@ -1,7 +1,7 @@
 """A weight with N x K = 2^31 codes (65536 x 32768, bf16, group 128): quantize, prepack, linear,
 unprepack and the state dict go through it without 32-bit index overflow, on every CPU path.
 Checked against int4kit.reference on sampled rows, including the last ones, where an overflowed
-offset would land. About 7 GiB at peak (docs/RELIABILITY.md)."""
+offset would land. About 6 GiB at peak, the 4 GiB weight included (docs/RELIABILITY.md)."""
 import gc
 
 import pytest

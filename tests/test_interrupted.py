@@ -20,11 +20,13 @@ from test_quant_model import bert_batches, tiny_bert
 
 
 class Interrupt:
-    """Wraps functions so that the n-th call among all of them raises KeyboardInterrupt."""
+    """Wraps functions so that the n-th call among all of them raises KeyboardInterrupt, before
+    the call runs (or, with after=True, once it has run)."""
 
-    def __init__(self, monkeypatch, targets, at=None):
+    def __init__(self, monkeypatch, targets, at=None, after=False):
         self.calls = 0
         self.at = at
+        self.after = after
         for owner, name in targets:
             real = getattr(owner, name)
             monkeypatch.setattr(owner, name, self._wrap(real))
@@ -32,9 +34,13 @@ class Interrupt:
     def _wrap(self, real):
         def wrapper(*args, **kwargs):
             self.calls += 1
-            if self.calls == self.at:
-                raise KeyboardInterrupt(f"interrupted at call {self.calls}")
-            return real(*args, **kwargs)
+            mine = self.calls  # boundaries nest (a fold replaces a layer): count each once
+            if mine == self.at and not self.after:
+                raise KeyboardInterrupt(f"interrupted at call {mine}")
+            result = real(*args, **kwargs)
+            if mine == self.at:
+                raise KeyboardInterrupt(f"interrupted after call {mine}")
+            return result
         return wrapper
 
 
@@ -48,6 +54,16 @@ def snapshot(model):
         {n: type(m) for n, m in model.named_modules()}
 
 
+def assert_untouched(model, before, where):
+    before_state, before_types = before
+    state, types = snapshot(model)
+    assert types == before_types, f"{where}: layers swapped"
+    for key in before_state:  # AWQ's folds into producers undone too
+        assert torch.equal(state[key], before_state[key]), f"{where}: {key} changed"
+    assert getattr(model.config, "quantization_config", None) is None, where
+    assert not hasattr(model, "hf_quantizer") and not hasattr(model, "quantization_method"), where
+
+
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "awq", "awq+gptq"])
 def test_quantize_model_is_all_or_nothing(monkeypatch, method):
     config = QuantConfig(group_size=32, symmetric=False, method=method)
@@ -57,17 +73,43 @@ def test_quantize_model_is_all_or_nothing(monkeypatch, method):
         quantize_model(tiny_bert(), config, calib_data=calib)
     assert counter.calls > 5
     for at in range(1, counter.calls + 1):
-        model = tiny_bert()
-        before_state, before_types = snapshot(model)
-        with monkeypatch.context() as m:
-            Interrupt(m, QUANTIZE_BOUNDARIES, at=at)
-            with pytest.raises(KeyboardInterrupt):
-                quantize_model(model, config, calib_data=calib)
-        state, types = snapshot(model)
-        assert types == before_types, f"interrupted at call {at}: layers swapped"
-        for key in before_state:  # AWQ's folds into producers undone too
-            assert torch.equal(state[key], before_state[key]), f"call {at}: {key} changed"
-        assert getattr(model.config, "quantization_config", None) is None
+        for after in (False, True):  # before the boundary's work, and once it is done
+            model = tiny_bert()
+            before = snapshot(model)
+            with monkeypatch.context() as m:
+                Interrupt(m, QUANTIZE_BOUNDARIES, at=at, after=after)
+                with pytest.raises(KeyboardInterrupt):
+                    quantize_model(model, config, calib_data=calib)
+            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+
+
+def test_undo_puts_back_an_int4_producer_an_awq_fold_replaced(monkeypatch):
+    """value is quantized first; AWQ on output.dense then folds its scales into value's
+    Int4Linear (replacing it): interrupted, the first Int4Linear comes back."""
+    model = tiny_bert()
+    quantize_model(model, QuantConfig(group_size=32, symmetric=False),
+                   filter_fn=lambda name, m: name.endswith("attention.self.value"))
+    value = model.encoder.layer[0].attention.self.value
+    before = snapshot(model)
+    with monkeypatch.context() as m:
+        Interrupt(m, [(qmodel, "_fold_into_producer")], at=2, after=True)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(model, QuantConfig(group_size=32, symmetric=False, method="awq"),
+                           calib_data=bert_batches(n=2),
+                           filter_fn=lambda name, m: name.endswith("attention.output.dense"))
+    assert model.encoder.layer[0].attention.self.value is value
+    state, types = snapshot(model)
+    assert types == before[1] and all(torch.equal(state[k], before[0][k]) for k in state)
+
+
+def test_undo_leaves_a_weight_norm_linear_working(monkeypatch):
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)),
+                          nn.Linear(32, 32))
+    with monkeypatch.context() as m:
+        Interrupt(m, [(qmodel, "_replace")], at=1)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(model, QuantConfig(group_size=32))
+    model(torch.randn(2, 32))  # its weight is still computed by the parametrization
 
 
 class Two(nn.Module):
@@ -145,7 +187,7 @@ def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch)
         counter = Interrupt(m, boundaries)
         int4kit.convert_checkpoint(tmp_path / "src", tmp_path / "count", max_shard_size=20000)
     complete = int4kit.formats.CheckpointReader(tmp_path / "count")
-    for at in range(1, counter.calls + 1, 3):
+    for at in range(1, counter.calls + 1):
         dst = tmp_path / f"dst{at}"
         with monkeypatch.context() as m:
             Interrupt(m, boundaries, at=at)

@@ -32,8 +32,8 @@ WRITER_KEY = "int4kit_writer"
 
 def tensor_crc32(tensor: torch.Tensor) -> int:
     """CRC-32 (zlib) of a tensor's dtype and shape as text (e.g. "torch.float32[96, 64]"),
-    then of its bytes as stored (row-major, little-endian): a header that lies about the dtype
-    or shape of the same bytes fails it too."""
+    then of its bytes in memory, row-major (on x86, the little-endian bytes safetensors stores):
+    a header that lies about the dtype or shape of the same bytes fails it too."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     head = zlib.crc32(f"{tensor.dtype}{list(tensor.shape)}".encode())
     return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()), head)

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation
 from .. import ops
-from .files import (CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader, ShardWriter,
-                    parse_size, read_json, write_json_atomic)
+from .files import (CHECKSUM_KEY, CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader,
+                    ShardWriter, parse_size, read_json, write_json_atomic)
 
 QUANT_METHOD = "int4kit"
 FORMAT_VERSION = 1
@@ -167,7 +167,12 @@ def check_checksums_present(reader: CheckpointReader, layers: Dict[str, dict]) -
         if shard.endswith(".bin"):
             raise CheckpointError(f"{full}: int4kit checkpoints are safetensors; a pickle file is "
                                   f"not one")
-        writer = reader.shard_metadata[shard].get(WRITER_KEY)
+        metadata = reader.shard_metadata[shard]
+        writer = metadata.get(WRITER_KEY)
+        if writer is None and CHECKSUM_KEY not in metadata:
+            raise CheckpointError(f"{full}: has neither {WRITER_KEY!r} nor {CHECKSUM_KEY!r} in its "
+                                  f"metadata: written by an int4kit from before checksums "
+                                  f"(2026-12-06) or damaged; re-save it")
         if writer not in ("int4kit", "transformers"):
             raise CheckpointError(f"{full}: metadata {WRITER_KEY!r} is {writer!r}; every shard of "
                                   f"an int4kit checkpoint says 'int4kit' or 'transformers' there: "

@@ -75,22 +75,25 @@ def _tensors_of(item) -> List[Tuple[str, torch.Tensor]]:
 def check_batches(model: nn.Module, batches: List) -> None:
     """Refuses calibration data that cannot work before anything is computed or changed: empty
     tensors, NaN or inf, tensors on another device than the model's parameters."""
-    params = [p for p in model.parameters() if p.device.type != "meta"]
-    device = params[0].device if params else None
+    devices = {p.device for p in model.parameters()}
+    # a model on one device needs its inputs there; one spread over devices (a device_map)
+    # moves them itself
+    device = next(iter(devices)) if len(devices) == 1 and not hasattr(model, "hf_device_map") \
+        else None
     for i, item in enumerate(batches):
         tensors = _tensors_of(item)
         if not tensors:
             raise CalibrationError(f"calib_data batch {i} holds no tensor (expected a tensor, a "
                                    f"tuple of tensors or a mapping such as a tokenizer's output)")
         for name, tensor in tensors:
+            if tensor.device.type == "meta" or (device is not None and tensor.device != device):
+                raise CalibrationError(f"calib_data batch {i}: {name} is on {tensor.device}, the "
+                                       f"model's parameters on {device or 'several devices'}")
             if tensor.numel() == 0:
                 raise CalibrationError(f"calib_data batch {i}: {name} is empty "
                                        f"(shape {list(tensor.shape)})")
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise CalibrationError(f"calib_data batch {i}: {name} holds NaN or inf")
-            if device is not None and tensor.device != device:
-                raise CalibrationError(f"calib_data batch {i}: {name} is on {tensor.device}, the "
-                                       f"model's parameters on {device}")
 
 
 def call_model(model: nn.Module, item, index: int = 0):
@@ -103,8 +106,8 @@ def call_model(model: nn.Module, item, index: int = 0):
         if isinstance(item, tuple):
             return model(*item)
         return model(item)
-    except (_StopForward, CalibrationError):
-        raise
+    except (_StopForward, CalibrationError, MemoryError, torch.OutOfMemoryError):
+        raise  # out-of-memory stays itself: callers retry with less data
     except Exception as error:  # noqa: BLE001  (re-raised with the batch named)
         raise CalibrationError(f"calib_data batch {index}: the model raised "
                                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

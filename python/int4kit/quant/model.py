@@ -259,15 +259,22 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
 
 class _Undo:
     """What quantize_model may change, remembered so that an interruption at any point puts the
-    model back exactly: the target layers, every Linear's weight and bias (AWQ folds replace a
-    producer's), and what Hugging Face integration attaches."""
+    model back exactly: the target layers and the model's Int4Linear layers, every Linear's
+    weight and bias (AWQ folds replace a producer's), and what Hugging Face integration
+    attaches. (It holds the original layers until quantize_model returns: a data-free run's
+    peak is the dense model plus its int4 layers.)"""
 
     _MISSING = object()
 
     def __init__(self, model: nn.Module, targets: List[str]):
         self.model = model
+        # the targets, and Int4Linear layers an AWQ fold may replace (_scale_rows)
         self.layers = {name: model.get_submodule(name) for name in targets}
-        self.params = [(m, m._parameters.get("weight"), m._parameters.get("bias"))
+        self.layers.update({name: m for name, m in model.named_modules()
+                            if isinstance(m, Int4Linear)})
+        # only the entries a Linear has (weight_norm / spectral_norm move `weight` elsewhere)
+        self.params = [(m, {k: m._parameters[k] for k in ("weight", "bias")
+                            if k in m._parameters})
                        for m in model.modules() if isinstance(m, nn.Linear)]
         self.attrs = {name: getattr(model, name, self._MISSING)
                       for name in ("hf_quantizer", "quantization_method")}
@@ -278,8 +285,8 @@ class _Undo:
     def __call__(self) -> None:
         for name, module in self.layers.items():
             _replace(self.model, name, module)
-        for module, weight, bias in self.params:
-            module._parameters["weight"], module._parameters["bias"] = weight, bias
+        for module, params in self.params:
+            module._parameters.update(params)
         for name, value in self.attrs.items():
             if value is self._MISSING:
                 self.model.__dict__.pop(name, None)
