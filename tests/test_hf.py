@@ -106,7 +106,10 @@ def test_from_pretrained_never_builds_the_dense_weights(tmp_path, monkeypatch):
 
 
 def test_requested_dtype_leaves_the_quantized_tensors_alone(tmp_path):
-    model = tiny_llama()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, attention_bias=True, mlp_bias=True)).eval()
     int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
@@ -114,6 +117,7 @@ def test_requested_dtype_leaves_the_quantized_tensors_alone(tmp_path):
         for a, b in zip(model.get_submodule(name).canonical(), loaded.get_submodule(name).canonical()):
             assert b.dtype == a.dtype and torch.equal(a, b)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.layers[0].mlp.up_proj.bias.dtype == torch.bfloat16  # follows the request
     with torch.no_grad():
         out = loaded(IDS).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -196,6 +200,20 @@ def test_missing_or_bad_tensors_raise(tmp_path):
     tensors["model.layers.0.self_attn.k_proj.scales"][2, 1] = float("nan")
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"k_proj.scales' must be finite"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_verifies_the_quantized_tensors_checksums(tmp_path):
+    model = tiny_llama()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = safetensors.torch.load_file(path)
+    tensors["model.layers.1.mlp.down_proj.qweight"][3, 5] ^= 0x10  # one flipped bit
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="down_proj.qweight' does not match the CRC-32"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

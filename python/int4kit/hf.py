@@ -17,6 +17,7 @@ import copy
 import importlib.abc
 import importlib.util
 import json
+import os
 import sys
 import warnings
 from typing import Dict, Optional
@@ -25,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .formats.files import CHECKSUM_KEY, WRITER_KEY, CheckpointError, tensor_crc32
+from .formats.files import (CHECKSUM_KEY, WRITER_KEY, CheckpointError, CheckpointReader,
+                            tensor_crc32)
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
                              check_layer_tensors, quantization_config, validate_config)
 from .nn import _CANONICAL, Int4Linear
@@ -76,8 +78,25 @@ def meta_layer(settings: dict, dtype: torch.dtype) -> Int4Linear:
     return module
 
 
-def _finish_layer(name: str, module: Int4Linear, settings: dict, source: str) -> None:
-    """After transformers filled a meta layer's tensors: check them, then prepack."""
+def _recorded_checksums(folder: str) -> Dict[str, int]:
+    """The CRC-32s the shards of a local checkpoint folder recorded (headers only; {} for a
+    folder int4kit cannot read that way, e.g. a hub id)."""
+    if not os.path.isdir(folder):
+        return {}
+    try:
+        reader = CheckpointReader(folder)
+    except (CheckpointError, OSError):
+        return {}  # transformers read the folder; what it could read is checked tensor by tensor
+    checksums = {}
+    for shard_checksums in reader.shard_checksums.values():
+        checksums.update(shard_checksums)
+    return checksums
+
+
+def _finish_layer(name: str, saved: str, module: Int4Linear, settings: dict, source: str,
+                  checksums: Dict[str, int]) -> None:
+    """After transformers filled a meta layer's tensors: check them (and their recorded
+    checksums, under the layer's name in the file, `saved`), then prepack."""
     tensors = {"qweight": module.qweight, "scales": module.scales}
     if not module.symmetric:
         tensors["zeros"] = module.zeros
@@ -93,6 +112,11 @@ def _finish_layer(name: str, module: Int4Linear, settings: dict, source: str) ->
                               f"which the quantization config says layer {name!r} has")
     check_layer_tensors({k: v for k, v in tensors.items() if k != "bias"}, settings,
                         lambda short: f"{source}: tensor {name + '.' + short!r}")
+    for short, tensor in tensors.items():  # not the bias: it follows the requested dtype
+        key = f"{saved}.{short}" if saved else short
+        if short != "bias" and key in checksums and tensor_crc32(tensor) != checksums[key]:
+            raise CheckpointError(f"{source}: tensor {key!r} does not match the CRC-32 its file "
+                                  f"recorded when it was written: the file is corrupt")
     device = module.qweight.device
     module._store(module.qweight.detach(), module.scales.detach(),
                   None if module.symmetric else module.zeros.detach(), device)
@@ -186,7 +210,7 @@ def _register():
                                           f"to {tied[name + '.weight']!r}, which an Int4Linear "
                                           f"cannot share; save with tie_word_embeddings=False")
                 _replace(model, name, meta_layer(settings, old.weight.dtype))
-                self._names[name] = settings
+                self._names[name] = (saved, settings)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -200,8 +224,9 @@ def _register():
                 raise ValueError(f"int4kit: device_map put layers on {offloaded[0]} (offload); "
                                  f"Int4Linear layers must live on the CPU or a GPU, so pass a "
                                  f"device_map without offload (e.g. 'cpu' or 'cuda')")
-            for name, settings in self._names.items():
-                _finish_layer(name, model.get_submodule(name), settings, source)
+            checksums = _recorded_checksums(source)
+            for name, (saved, settings) in self._names.items():
+                _finish_layer(name, saved, model.get_submodule(name), settings, source, checksums)
             return model
 
         def get_state_dict_and_metadata(self, model):
