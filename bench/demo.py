@@ -19,7 +19,6 @@ encoder, 37 nn.Linear layers), offline.
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import subprocess
@@ -33,7 +32,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import int4kit  # noqa: E402

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 import int4kit
 from int4kit import CheckpointError
-from int4kit.nn import Int4Linear
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402

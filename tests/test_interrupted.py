@@ -44,7 +44,7 @@ class Interrupt:
         return wrapper
 
 
-QUANTIZE_BOUNDARIES = [(qmodel, "_replace"), (qmodel, "_data_free"), (qmodel, "_calibrated"),
+QUANTIZE_BOUNDARIES = [(qmodel, "replace_module"), (qmodel, "_data_free"), (qmodel, "_calibrated"),
                        (qmodel, "dense_stand_in"), (qmodel, "_fold_into_producer"),
                        (calibration, "collect"), (int4kit.hf, "attach")]
 
@@ -106,7 +106,7 @@ def test_undo_leaves_a_weight_norm_linear_working(monkeypatch):
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(32, 32)),
                           nn.Linear(32, 32))
     with monkeypatch.context() as m:
-        Interrupt(m, [(qmodel, "_replace")], at=1)
+        Interrupt(m, [(qmodel, "replace_module")], at=1)
         with pytest.raises(KeyboardInterrupt):
             quantize_model(model, QuantConfig(group_size=32))
     model(torch.randn(2, 32))  # its weight is still computed by the parametrization

@@ -141,9 +141,9 @@ def describe_checkpoint(path: str) -> str:
     weights = quantized_bytes = 0
     for name, settings in layers.items():
         weights += settings["in_features"] * settings["out_features"]
-        quantized_bytes += sum(_nbytes(reader, key) for key in layer_keys(name, settings)
+        quantized_bytes += sum(reader.nbytes(key) for key in layer_keys(name, settings)
                                if not key.endswith(".bias"))
-    total_tensor_bytes = sum(_nbytes(reader, key) for key in reader.keys())
+    total_tensor_bytes = sum(reader.nbytes(key) for key in reader.keys())
     count_by = {}
     for settings in layers.values():
         key = (settings["method"] or "unknown", settings["group_size"],
@@ -160,19 +160,6 @@ def describe_checkpoint(path: str) -> str:
         lines.append(f"  {count:4d} x method {method}, group size {group}, {sym}, "
                      f"{dtype} scales, {act}")
     return "\n".join(lines)
-
-
-_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4,
-             "F64": 8, "I64": 8}
-
-
-def _nbytes(reader, key) -> int:
-    """Bytes of a tensor in the file, from its header."""
-    shape, dtype = reader.shape_dtype(key)
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _ITEMSIZE.get(dtype, 4)
 
 
 def cmd_info(args) -> int:

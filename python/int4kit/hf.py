@@ -25,12 +25,11 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from . import ops
 from .formats.files import (CHECKSUM_KEY, WRITER_KEY, CheckpointError, CheckpointReader,
                             tensor_crc32)
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
                              check_layer_tensors, quantization_config, validate_config)
-from .nn import _CANONICAL, Int4Linear
+from .nn import _CANONICAL, Int4Linear, replace_module
 
 _registered = {}
 
@@ -48,11 +47,6 @@ def _resolve(model: nn.Module, name: str) -> Optional[str]:
     if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
         return name[len(prefix) + 1:]
     return None
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def meta_layer(settings: dict, dtype: torch.dtype) -> Int4Linear:
@@ -87,10 +81,7 @@ def _recorded_checksums(folder: str) -> Dict[str, int]:
         reader = CheckpointReader(folder)
     except (CheckpointError, OSError):
         return {}  # transformers read the folder; what it could read is checked tensor by tensor
-    checksums = {}
-    for shard_checksums in reader.shard_checksums.values():
-        checksums.update(shard_checksums)
-    return checksums
+    return reader.checksums
 
 
 def _finish_layer(name: str, saved: str, module: Int4Linear, settings: dict, source: str,
@@ -209,7 +200,7 @@ def _register():
                     raise CheckpointError(f"quantization_config: layer {name!r} has its weight tied "
                                           f"to {tied[name + '.weight']!r}, which an Int4Linear "
                                           f"cannot share; save with tie_word_embeddings=False")
-                _replace(model, name, meta_layer(settings, old.weight.dtype))
+                replace_module(model, name, meta_layer(settings, old.weight.dtype))
                 self._names[name] = (saved, settings)
             return model
 
@@ -247,7 +238,7 @@ def _register():
         def _dequantize(self, model, dtype=None):
             for name, module in list(model.named_modules()):
                 if isinstance(module, Int4Linear):
-                    _replace(model, name, module.to_linear(dtype))
+                    replace_module(model, name, module.to_linear(dtype))
             return model
 
     register_quantization_config(QUANT_METHOD)(Int4kitConfig)

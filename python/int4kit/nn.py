@@ -46,6 +46,26 @@ def check_group_size(group_size, in_features: int) -> None:
                          f"use -1 for one group per channel")
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` where `model`'s submodule `name` ("a.b.c") is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def dequantized_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                       group_size: int, in_features: int,
+                       input_scale: Optional[torch.Tensor] = None,
+                       input_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The float32 [out_features, in_features] weight a layer with these canonical tensors
+    computes with, in x's column order (input_perm undone, input_scale folded into the columns)."""
+    w = ops.dequantize(qweight, scales, zeros, group_size, in_features, torch.float32)
+    if input_scale is not None:
+        w = w * input_scale.float()[None, :]
+    if input_perm is not None:  # stored column k reads x column input_perm[k]
+        w = torch.empty_like(w).index_copy_(1, input_perm, w)
+    return w
+
+
 def is_permutation(perm: torch.Tensor) -> bool:
     """perm is a 1-D int64 tensor holding each of 0..len-1 exactly once."""
     if perm.dim() != 1 or perm.dtype != torch.int64:
@@ -178,14 +198,8 @@ class Int4Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 [out_features, in_features] weight this layer computes with, in x's
         column order (input_perm undone, input_scale folded into the columns)."""
-        qweight, scales, zeros = self.canonical()
-        w = ops.dequantize(qweight, scales, zeros, self.group_size, self.in_features,
-                           torch.float32)
-        if self.input_scale is not None:
-            w = w * self.input_scale.float()[None, :]
-        if self.input_perm is not None:  # stored column k reads x column input_perm[k]
-            w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
-        return w
+        return dequantized_weight(*self.canonical(), self.group_size, self.in_features,
+                                  self.input_scale, self.input_perm)
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """An nn.Linear computing what this layer computes: the dequantized weight in `dtype`

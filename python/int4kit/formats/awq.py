@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 import torch
 
 from .. import ops
+from .native import canonical_settings
 from .packing import unpack_int32
 
 # the GEMM kernels' interleaving: nibble position i of a word holds column ORDER[i] of its 8
@@ -77,8 +78,4 @@ def awq_to_canonical(tensors: Dict[str, torch.Tensor], group_size: int, version:
            "zeros": zeros.to(scales.dtype).contiguous()}
     if tensors.get("bias") is not None:
         out["bias"] = tensors["bias"]
-    settings = {"in_features": K, "out_features": N, "group_size": group_size,
-                "symmetric": False, "scale_dtype": str(scales.dtype).removeprefix("torch."),
-                "act_quant": None, "method": "awq", "bias": "bias" in out, "input_scale": False,
-                "input_perm": False}
-    return out, settings
+    return out, canonical_settings(out, K, group_size, "awq")

@@ -19,6 +19,7 @@ import torch
 
 from .. import ops
 from .files import CheckpointError
+from .native import canonical_settings
 from .packing import NotRepresentable, group_permutation, pack_int32, unpack_int32
 
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
@@ -129,11 +130,7 @@ def ct_to_canonical(tensors: Dict[str, torch.Tensor], weights: dict, where: str)
     out["qweight"] = ops.pack(codes.contiguous())
     if tensors.get("bias") is not None:
         out["bias"] = tensors["bias"]
-    settings = {"in_features": K, "out_features": N, "group_size": group_size,
-                "symmetric": symmetric, "scale_dtype": str(scale.dtype).removeprefix("torch."),
-                "act_quant": None, "method": "compressed-tensors", "bias": "bias" in out,
-                "input_scale": False, "input_perm": perm is not None}
-    return out, settings
+    return out, canonical_settings(out, K, group_size, "compressed-tensors")
 
 
 def canonical_to_ct(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import ops
+from ..nn import dequantized_weight
 from . import awq, compressed_tensors as ct, gptq
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
@@ -217,21 +218,12 @@ def _import(reader: CheckpointReader, fmt: SourceFormat, writer: ShardWriter,
 
 # ---- native -> foreign ----------------------------------------------------------------------------
 
-def _dense_original(tensors: Dict[str, torch.Tensor], settings: dict) -> torch.Tensor:
-    """The float32 weight the layer computes with, in the model's column order."""
-    w = ops.dequantize(tensors["qweight"], tensors["scales"], tensors.get("zeros"),
-                       settings["group_size"], settings["in_features"], torch.float32)
-    if "input_scale" in tensors:
-        w = w * tensors["input_scale"].float()[None, :]
-    if "input_perm" in tensors:
-        w = torch.empty_like(w).index_copy_(1, tensors["input_perm"], w)
-    return w
-
-
 def _requantize(tensors, settings, symmetric: bool, report: ConvertReport, where: str):
     """Lossy: the layer's weight quantized again with round-to-nearest, without input_perm or
     input_scale; returns canonical tensors and records the largest weight error."""
-    dense = _dense_original(tensors, settings)
+    dense = dequantized_weight(tensors["qweight"], tensors["scales"], tensors.get("zeros"),
+                               settings["group_size"], settings["in_features"],
+                               tensors.get("input_scale"), tensors.get("input_perm"))
     scale_dtype = tensors["scales"].dtype
     qweight, scales, zeros = ops.quantize(dense.to(scale_dtype), settings["group_size"], symmetric)
     out = {"qweight": qweight, "scales": scales}

@@ -6,6 +6,7 @@ the shard of every tensor. Every foreign format int4kit reads or writes shares t
 per-format code only maps tensor names and contents.
 """
 import json
+import math
 import os
 import re
 import uuid
@@ -106,6 +107,7 @@ _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL",
                        torch.float16: "F16", torch.bfloat16: "BF16", torch.int16: "I16",
                        torch.float32: "F32", torch.int32: "I32", torch.float64: "F64",
                        torch.int64: "I64"}
+_ITEMSIZE = {name: dtype.itemsize for dtype, name in _SAFETENSORS_DTYPES.items()}
 # (index file, single file) of each layout, in the order a folder is looked at
 LAYOUTS = ((INDEX_FILE, SINGLE_FILE), (PT_INDEX_FILE, PT_SINGLE_FILE))
 
@@ -144,7 +146,7 @@ class CheckpointReader:
                                       f"{INDEX_FILE} nor {SINGLE_FILE}")
         self._handles = {}
         self._file_of: Dict[str, str] = {}
-        self._checksums: Dict[str, int] = {}
+        self.checksums: Dict[str, int] = {}  # every shard's recorded CRC-32s, by tensor name
         self.shard_metadata: Dict[str, Dict[str, str]] = {}  # shard file name -> its metadata
         self.shard_checksums: Dict[str, Dict[str, int]] = {}
         self.metadata: Dict[str, str] = {}
@@ -159,7 +161,7 @@ class CheckpointReader:
             self.shard_metadata[name] = dict(metadata)
             self.shard_checksums[name] = self._read_checksums(full, metadata.pop(CHECKSUM_KEY,
                                                                                  None))
-            self._checksums.update(self.shard_checksums[name])
+            self.checksums.update(self.shard_checksums[name])
             self.metadata.update(metadata)
             for key in handle.keys():
                 if key in self._file_of:
@@ -240,7 +242,7 @@ class CheckpointReader:
         except Exception as error:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read "
                                   f"({error})") from None
-        expected = self._checksums.get(key)
+        expected = self.checksums.get(key)
         if expected is not None and tensor_crc32(tensor) != expected:
             raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} does not match the "
                                   f"CRC-32 its file recorded when it was written: the file is "
@@ -252,6 +254,11 @@ class CheckpointReader:
         if key not in self._file_of:
             raise CheckpointError(f"{self.directory}: tensor {key!r} is missing from the checkpoint")
         return self._handles[self._file_of[key]].shape_dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        """Bytes of a tensor's data, from its header (an unknown dtype counts 4 per element)."""
+        shape, dtype = self.shape_dtype(key)
+        return math.prod(shape) * _ITEMSIZE.get(dtype, 4)
 
 
 class _SafetensorsFile:

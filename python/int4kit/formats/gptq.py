@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import ops
+from .native import canonical_settings
 from .packing import NotRepresentable, group_permutation, pack_int32, unpack_int32
 
 VERSIONS = ("gptq", "gptq_v2")
@@ -74,11 +75,7 @@ def gptq_to_canonical(tensors: Dict[str, torch.Tensor], group_size: int, version
         out["bias"] = tensors["bias"]
     if perm is not None:
         out["input_perm"] = perm
-    settings = {"in_features": K, "out_features": N, "group_size": group_size,
-                "symmetric": symmetric, "scale_dtype": str(scales.dtype).removeprefix("torch."),
-                "act_quant": None, "method": "gptq", "bias": "bias" in out, "input_scale": False,
-                "input_perm": perm is not None}
-    return out, settings, overflowed
+    return out, canonical_settings(out, K, group_size, "gptq"), overflowed
 
 
 def canonical_to_gptq(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

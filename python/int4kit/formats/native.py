@@ -12,14 +12,13 @@ The config lives in `config.json["quantization_config"]` when the folder is a Hu
 """
 import contextlib
 import json
-import math
 import os
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation
+from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation, replace_module
 from .. import ops
 from .files import (CHECKSUM_KEY, CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader,
                     ShardWriter, parse_size, read_json, write_json_atomic)
@@ -49,6 +48,20 @@ def layer_settings(module: Int4Linear) -> dict:
             "input_scale_dtype": (None if module.input_scale is None
                                   else dtype_name(module.input_scale.dtype)),
             "input_perm": module.input_perm is not None}
+
+
+def canonical_settings(tensors: Dict[str, torch.Tensor], in_features: int, group_size: int,
+                       method: str) -> dict:
+    """A layer's entry in the config, read off its canonical tensors (short names: qweight,
+    scales, zeros when asymmetric, optional bias, input_scale, input_perm): for layers that come
+    from a file rather than from an Int4Linear."""
+    input_scale = tensors.get("input_scale")
+    return {"in_features": in_features, "out_features": tensors["qweight"].shape[0],
+            "group_size": group_size, "symmetric": "zeros" not in tensors,
+            "scale_dtype": dtype_name(tensors["scales"].dtype), "act_quant": None,
+            "method": method, "bias": "bias" in tensors, "input_scale": input_scale is not None,
+            "input_scale_dtype": None if input_scale is None else dtype_name(input_scale.dtype),
+            "input_perm": "input_perm" in tensors}
 
 
 def quantized_layers(model: nn.Module) -> Dict[str, Int4Linear]:
@@ -342,12 +355,6 @@ def _target_device(module: nn.Module, device) -> torch.device:
     return torch.device("cpu")
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     """Puts `value` in place of the parameter or buffer named `key` (keeping its kind)."""
     module_name, _, attr = key.rpartition(".")
@@ -467,7 +474,7 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
         loaded[id(current)] = value
         updates.append((key, value))
     for name, module in built.items():
-        _replace(model, name, module)
+        replace_module(model, name, module)
     for key, value in updates:
         _set_tensor(model, key, value)
     return model

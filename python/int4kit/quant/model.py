@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from .. import hf
-from ..nn import Int4Linear
+from ..formats.native import model_tensor_aliases
+from ..nn import Int4Linear, replace_module
 from . import calibration
 from .awq import awq, awq_scales, scaled_hessian
 from .config import QuantConfig
@@ -70,12 +71,6 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _data_free(linear: nn.Linear, config: QuantConfig) -> Int4Linear:
     if config.method == "rtn" and not config.clip_search:
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
@@ -133,7 +128,7 @@ def _fold_into_producer(model, name, s, report, final=None) -> bool:
             if final is not None and pname in final:
                 final[pname] = _scale_rows(final[pname], s)
             elif isinstance(prod, Int4Linear):
-                _replace(model, pname, _scale_rows(prod, s))
+                replace_module(model, pname, _scale_rows(prod, s))
         old_in, old_out = report.io_scales.get(pname, (None, None))
         out = s.detach().float().cpu()
         report.io_scales[pname] = (old_in, out if old_out is None else old_out * out)
@@ -239,7 +234,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                      for name in calibration.progress(targets, config.show_progress,
                                                       desc=config.method)}
             for name in targets:  # the model changes only once every layer is built
-                _replace(model, name, built[name])
+                replace_module(model, name, built[name])
             report.swapped.extend(targets)
         else:
             _quantize_sequential(model, targets, batches, config, report)
@@ -284,7 +279,7 @@ class _Undo:
 
     def __call__(self) -> None:
         for name, module in self.layers.items():
-            _replace(self.model, name, module)
+            replace_module(self.model, name, module)
         for module, params in self.params:
             module._parameters.update(params)
         for name, value in self.attrs.items():
@@ -303,15 +298,11 @@ class _Undo:
 def _tied_weights(model: nn.Module) -> Dict[str, str]:
     """Linear layers whose weight is also another module's parameter (tied embeddings):
     layer name -> the other parameter's name."""
-    owners: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
     tied = {}
-    for names in owners.values():
-        if len(names) > 1:
-            for name in names:
-                if name.endswith(".weight"):
-                    tied[name[: -len(".weight")]] = next(n for n in names if n != name)
+    for name, first in model_tensor_aliases(model).items():
+        for mine, other in ((name, first), (first, name)):
+            if mine.endswith(".weight"):
+                tied[mine[: -len(".weight")]] = other
     return tied
 
 
@@ -352,7 +343,7 @@ def _quantize_sequential(model, targets, batches, config, report):
                                           final)
             for name in stage:  # the rest of the model now sees this stage quantized
                 if name in final:
-                    _replace(model, name, dense_stand_in(final[name]))
+                    replace_module(model, name, dense_stand_in(final[name]))
         for name in unreached:
             if name in final:
                 continue
@@ -362,11 +353,11 @@ def _quantize_sequential(model, targets, batches, config, report):
             report.fallbacks.append((name, "calib_data never reached this layer (no tokens); "
                                            "quantized with RTN instead"))
         for name in targets:
-            _replace(model, name, final[name])
+            replace_module(model, name, final[name])
         report.swapped.extend(targets)
     except BaseException:
         for name in targets:  # leave the model as it was, not half swapped for stand-ins
-            _replace(model, name, layers[name])
+            replace_module(model, name, layers[name])
         raise
     finally:
         model.train(was_training)
