@@ -1,6 +1,7 @@
 """Interrupted work: a KeyboardInterrupt (or any exception) at every stage boundary of
-quantize_model, of a save and of a checkpoint conversion leaves the model exactly as it was (all
-layers swapped or none) and no checkpoint on disk that loads as a mix of two saves.
+quantize_model, of qat.prepare_qat and qat.convert, of a save and of a checkpoint conversion
+leaves the model exactly as it was (all layers swapped or none) and no checkpoint on disk that
+loads as a mix of two saves.
 
 Each test first runs the work once, counting the calls of the functions that mark its stage
 boundaries, then runs it again once per call, raising at that call."""
@@ -11,8 +12,9 @@ import torch
 import torch.nn as nn
 
 import int4kit
-from int4kit import CheckpointError, QuantConfig, quantize_model
+from int4kit import CheckpointError, QuantConfig, qat, quantize_model
 from int4kit.formats import files as ckfiles
+from int4kit.qat import prepare as qprepare
 from int4kit.quant import calibration
 from int4kit.quant import model as qmodel
 
@@ -80,6 +82,59 @@ def test_quantize_model_is_all_or_nothing(monkeypatch, method):
                 Interrupt(m, QUANTIZE_BOUNDARIES, at=at, after=after)
                 with pytest.raises(KeyboardInterrupt):
                     quantize_model(model, config, calib_data=calib)
+            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+
+
+QAT_BOUNDARIES = QUANTIZE_BOUNDARIES + [
+    (qprepare, "quantize_model"), (qprepare, "replace_module"),
+    (qat.FakeQuantLinear, "from_int4"), (qat.FakeQuantLinear, "from_linear")]
+CONVERT_BOUNDARIES = [(qat.FakeQuantLinear, "quantized"), (qprepare, "to_int4linear"),
+                      (qprepare, "replace_module"), (int4kit.hf, "attach")]
+
+
+def count_calls(monkeypatch, boundaries, work) -> int:
+    with monkeypatch.context() as m:
+        counter = Interrupt(m, boundaries)
+        work()
+    assert counter.calls > 5
+    return counter.calls
+
+
+@pytest.mark.parametrize("method, qparams", [("rtn", "dynamic"), ("rtn", "learned"),
+                                             ("gptq", "codes_frozen"), ("awq", "frozen")])
+def test_prepare_qat_is_all_or_nothing(monkeypatch, method, qparams):
+    config = qat.QATConfig(QuantConfig(group_size=32, symmetric=False, method=method), qparams)
+    calib = bert_batches(n=2) if method != "rtn" else None
+    calls = count_calls(monkeypatch, QAT_BOUNDARIES,
+                        lambda: qat.prepare_qat(tiny_bert(), config, calib))
+    for at in range(1, calls + 1):
+        for after in (False, True):
+            model = tiny_bert()
+            before = snapshot(model)
+            with monkeypatch.context() as m:
+                Interrupt(m, QAT_BOUNDARIES, at=at, after=after)
+                with pytest.raises(KeyboardInterrupt):
+                    qat.prepare_qat(model, config, calib)
+            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+
+
+def test_qat_convert_is_all_or_nothing(monkeypatch):
+    config = qat.QATConfig(QuantConfig(group_size=32, symmetric=False), "learned")
+
+    def prepared():
+        model = tiny_bert()
+        qat.prepare_qat(model, config)
+        return model
+    model = prepared()
+    calls = count_calls(monkeypatch, CONVERT_BOUNDARIES, lambda: qat.convert(model))
+    for at in range(1, calls + 1):
+        for after in (False, True):
+            model = prepared()
+            before = snapshot(model)
+            with monkeypatch.context() as m:
+                Interrupt(m, CONVERT_BOUNDARIES, at=at, after=after)
+                with pytest.raises(KeyboardInterrupt):
+                    qat.convert(model)
             assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
 
 

@@ -5,18 +5,19 @@
     report = int4kit.quantize_model(model, int4kit.QuantConfig(group_size=128))
     int4kit.save_quantized(model, "out")          # or model.save_pretrained("out") (transformers)
     int4kit.load_quantized(skeleton_model, "out")
+    int4kit.qat.prepare_qat(model, int4kit.qat.QATConfig(...)); train; int4kit.qat.convert(model)
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
-from . import hf, ops, reference
+from . import hf, ops, qat, reference
 from .formats import (CheckpointError, convert_checkpoint, load_quantized, save_quantized,
                       skeleton)
 from .nn import Int4Linear
 from .ops import cpu_isa
 from .quant import QuantConfig, QuantReport, quantize_model
 
-__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "reference", "cpu_isa",
-           "save_quantized", "load_quantized", "skeleton", "CheckpointError", "convert_checkpoint"]
+__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "qat", "reference",
+           "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError", "convert_checkpoint"]
 __version__ = "0.1.0"
 
 hf.install()  # transformers' from_pretrained knows quant_method "int4kit" from here on

@@ -67,7 +67,7 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -193,9 +193,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an int4kit.QuantConfig, got {type(config).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
+    _refuse_fake_quant(model)
     batches = None
     if config.needs_calibration:
         if calib_data is None:
@@ -209,25 +207,10 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         calibration.check_batches(model, batches)
     t0 = time.perf_counter()
     report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
-    targets = []
-    tied = _tied_weights(model)
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if _matches(name, skip):
-            report.skipped.append((name, "named in skip"))
-        elif filter_fn is not None and not filter_fn(name, module):
-            report.skipped.append((name, "filter_fn returned False"))
-        elif name in tied:
-            report.skipped.append((name, f"weight tied to {tied[name]} (an Int4Linear cannot "
-                                         f"share it)"))
-        elif config.group_size != -1 and config.group_size > module.in_features:
-            report.skipped.append((name, f"in_features {module.in_features} < group_size "
-                                         f"{config.group_size}"))
-        else:
-            targets.append(name)
+    targets, skipped = select_layers(model, config.group_size, skip, filter_fn)
+    report.skipped.extend(skipped)
 
-    undo = _Undo(model, targets)
+    undo = Undo(model, targets)
     try:
         if batches is None:
             built = {name: _data_free(model.get_submodule(name), config)
@@ -252,8 +235,45 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     return report
 
 
-class _Undo:
-    """What quantize_model may change, remembered so that an interruption at any point puts the
+def _refuse_fake_quant(model: nn.Module) -> None:
+    from ..qat import FakeQuantLinear  # qat builds on this module
+    prepared = [name for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if prepared:
+        raise ValueError(f"model holds {len(prepared)} FakeQuantLinear layers prepared for "
+                         f"quantization-aware training (first: {prepared[0]!r}); "
+                         f"int4kit.qat.convert(model) turns them into Int4Linear layers with the "
+                         f"codes they trained (quantize_model would quantize them again)")
+
+
+def select_layers(model: nn.Module, group_size: int, skip: Iterable[str] = (),
+                  filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
+                  ) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """The nn.Linear layers of `model` that can become Int4Linear layers with `group_size`, and
+    the others with the reason: (targets, [(name, reason), ...]). skip and filter_fn as in
+    quantize_model."""
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    targets, skipped = [], []
+    tied = _tied_weights(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if matches_any(name, skip):
+            skipped.append((name, "named in skip"))
+        elif filter_fn is not None and not filter_fn(name, module):
+            skipped.append((name, "filter_fn returned False"))
+        elif name in tied:
+            skipped.append((name, f"weight tied to {tied[name]} (an Int4Linear cannot share it)"))
+        elif group_size != -1 and group_size > module.in_features:
+            skipped.append((name, f"in_features {module.in_features} < group_size {group_size}"))
+        else:
+            targets.append(name)
+    return targets, skipped
+
+
+class Undo:
+    """What quantize_model (or prepare_qat) may change, remembered so that an interruption at any point puts the
     model back exactly: the target layers and the model's Int4Linear layers, every Linear's
     weight and bias (AWQ folds replace a producer's), and what Hugging Face integration
     attaches. (It holds the original layers until quantize_model returns: a data-free run's
@@ -282,6 +302,10 @@ class _Undo:
             replace_module(self.model, name, module)
         for module, params in self.params:
             module._parameters.update(params)
+        self.restore_attachments()
+
+    def restore_attachments(self) -> None:
+        """Puts back only what Hugging Face integration attaches (hf.attach)."""
         for name, value in self.attrs.items():
             if value is self._MISSING:
                 self.model.__dict__.pop(name, None)

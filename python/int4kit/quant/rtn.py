@@ -90,15 +90,18 @@ def fake_quant_grouped(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> to
     return (q - z[..., None]) * s[..., None]
 
 
+def unclamped_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """round(w / s) + z for grouped w [N, groups, G] and per-group s, z [N, groups], before the
+    clamp to 0..15; round(w / s + z) when some z is fractional (HQQ, refined GPTQ, LSQ+)."""
+    if torch.equal(z, torch.round(z)):
+        return torch.round(wg / s[..., None]) + z[..., None]  # the kernels' / reference's order
+    return torch.round(wg / s[..., None] + z[..., None])
+
+
 def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
     """Codes [N, K] (int64) of w for per-group s, z [N, groups]; z may be fractional (HQQ)."""
-    K = w.shape[1]
-    wg = grouped(w, G)
-    if torch.equal(z, torch.round(z)):
-        q = torch.round(wg / s[..., None]) + z[..., None]  # the kernels' / reference's order
-    else:
-        q = torch.round(wg / s[..., None] + z[..., None])
-    return ungrouped(q.clamp(0, MAX_CODE), K).long()
+    q = unclamped_codes(grouped(w, G), s, z)
+    return ungrouped(q.clamp(0, MAX_CODE), w.shape[1]).long()
 
 
 def dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
@@ -145,12 +148,14 @@ def _group_err(wg, s, z, cw):
 
 def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                   group_size: int, symmetric: bool, bias: Optional[torch.Tensor] = None,
-                  input_scale: Optional[torch.Tensor] = None) -> Int4Linear:
+                  input_scale: Optional[torch.Tensor] = None,
+                  scale_dtype: Optional[torch.dtype] = None) -> Int4Linear:
     """Packs (codes, s, z) into the canonical format and builds an Int4Linear on linear's device.
 
-    The scale and zero dtype is linear.weight's dtype; bias defaults to linear.bias."""
+    The scale and zero dtype is scale_dtype (default: linear.weight's dtype); bias defaults to
+    linear.bias."""
     weight = linear.weight
-    dtype = weight.dtype
+    dtype = scale_dtype or weight.dtype
     qweight = reference.pack(codes.to(torch.uint8).cpu())
     scales = s.to(dtype).cpu()
     zeros = None if symmetric else z.to(dtype).cpu()
