@@ -54,8 +54,8 @@ class CalibrationError(ValueError):
     """Calibration data that cannot be used (empty, or producing NaN/inf activations)."""
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has recorded what it needs."""
 
 
 def progress(iterable, enabled: bool, **kwargs):
@@ -106,7 +106,7 @@ def call_model(model: nn.Module, item, index: int = 0):
         if isinstance(item, tuple):
             return model(*item)
         return model(item)
-    except (_StopForward, CalibrationError, MemoryError, torch.OutOfMemoryError):
+    except (StopForward, CalibrationError, MemoryError, torch.OutOfMemoryError):
         raise  # out-of-memory stays itself: callers retry with less data
     except Exception as error:  # noqa: BLE001  (re-raised with the batch named)
         raise CalibrationError(f"calib_data batch {index}: the model raised "
@@ -256,7 +256,7 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                 stats[name].add(x)
             state["seen"].add(name)
             if stop_early and state["seen"] >= wanted:
-                raise _StopForward
+                raise StopForward
         return hook
 
     def add_unweighted(name, x):
@@ -278,7 +278,7 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
                     add_unweighted(name, x)
             state["seen"].add(("norm", id(norm)))
             if stop_early and state["seen"] >= wanted:
-                raise _StopForward
+                raise StopForward
         return hook
 
     def flush():  # rows whose norm was not reached in this batch
@@ -289,21 +289,21 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
         (m.register_forward_hook(make_hook(name)) for name, m in layers.items()),
         (norms[names[0]].register_forward_pre_hook(make_norm_hook(norms[names[0]]), with_kwargs=True)
          for names in users.values()))
-    with _hooks(registrations), torch.no_grad():
+    with hooks(registrations), torch.no_grad():
         for i, item in enumerate(progress(batches, show_progress, desc=desc, leave=False)):
             if all(s.full for s in stats.values()):
                 break
             state.update(mask=attention_mask_of(item), batch=i, seen=set())
             try:
                 call_model(model, item, i)
-            except _StopForward:
+            except StopForward:
                 pass
             flush()
     return stats
 
 
 @contextlib.contextmanager
-def _hooks(registrations: Iterable):
+def hooks(registrations: Iterable):
     """Holds the hooks that `registrations` registers as it is consumed; every hook registered is
     removed on leaving, whatever happens (also when a registration part-way fails)."""
     handles = []
@@ -318,7 +318,7 @@ def _hooks(registrations: Iterable):
 
 def _forward_with_hooks(model: nn.Module, batch, registrations: Iterable) -> None:
     """Runs one batch through `model` (no grad) with the hooks `registrations` registers."""
-    with _hooks(registrations), torch.no_grad():
+    with hooks(registrations), torch.no_grad():
         call_model(model, batch)
 
 

@@ -4,7 +4,8 @@ from typing import Optional
 
 from ..nn import check_act_quant
 
-METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "adaround")
+RECONSTRUCTIONS = ("layer", "block")
 DATA_FREE_METHODS = ("rtn", "hqq")  # the others need calib_data
 
 
@@ -40,7 +41,13 @@ class QuantConfig:
       about where it was (docs/ACCURACY.md).
     show_progress: tqdm bars over stages and batches, when tqdm is installed.
     act_quant: None (W4A16) or "int8" (W4A8: activations quantized per token at run time; the
-      weights are the same)."""
+      weights are the same).
+    method "adaround" (quant/adaround.py): round-to-nearest's grid (clip_search as for gptq), each
+      weight's rounding direction learned for adaround_iters Adam steps (learning rate
+      adaround_lr) against the reconstruction error (relative to plain rounding's) plus
+      adaround_reg times the mean rounding regulariser; reconstruction "layer" (each layer's output, through its Hessian: exact and
+      deterministic) or "block" (every layer of a transformer block at once against the block's
+      full-precision output, BRECQ; batches drawn with `seed`)."""
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"
@@ -53,6 +60,11 @@ class QuantConfig:
     norm_weighting: bool = True
     show_progress: bool = False
     act_quant: Optional[str] = None
+    adaround_iters: int = 1000
+    adaround_lr: float = 3e-2
+    adaround_reg: float = 10.0
+    reconstruction: str = "layer"
+    seed: int = 0
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (
@@ -76,6 +88,22 @@ class QuantConfig:
         if not _int_at_least(self.refine_rounds, 0):
             raise ValueError(f"QuantConfig.refine_rounds must be a non-negative int, got "
                              f"{self.refine_rounds!r}")
+        if not _int_at_least(self.adaround_iters, 0):
+            raise ValueError(f"QuantConfig.adaround_iters must be a non-negative int, got "
+                             f"{self.adaround_iters!r}")
+        for name, low in (("adaround_lr", "positive"), ("adaround_reg", "non-negative")):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+                    0 <= value < float("inf")) or (low == "positive" and value == 0):
+                raise ValueError(f"QuantConfig.{name} must be a {low} number, got {value!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"QuantConfig.reconstruction must be 'layer' or 'block', got "
+                             f"{self.reconstruction!r}")
+        if self.reconstruction == "block" and self.method != "adaround":
+            raise ValueError(f"QuantConfig.reconstruction='block' applies to method 'adaround', "
+                             f"not {self.method!r}")
+        if not _int_at_least(self.seed, 0):
+            raise ValueError(f"QuantConfig.seed must be a non-negative int, got {self.seed!r}")
         if self.calib_max_tokens is not None and not _int_at_least(self.calib_max_tokens, 1):
             raise ValueError(f"QuantConfig.calib_max_tokens must be None or a positive int, got "
                              f"{self.calib_max_tokens!r}")

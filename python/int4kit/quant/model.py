@@ -12,7 +12,9 @@ from .. import hf
 from ..formats.native import model_tensor_aliases
 from ..nn import Int4Linear, replace_module
 from . import calibration
+from .adaround import adaround
 from .awq import awq, awq_scales, scaled_hessian
+from .blocks import quantize_blocks
 from .config import QuantConfig
 from .gptq import gptq
 from .hqq import hqq
@@ -154,6 +156,13 @@ def _scale_rows(prod: Int4Linear, s: torch.Tensor) -> Int4Linear:
 def _calibrated(model, name, linear, stats, config, report, final=None) -> Int4Linear:
     w = linear.weight.detach().cpu()
     H = stats.hessian
+    if config.method == "adaround":
+        codes, s, z = adaround(w, H, config.group_size, config.symmetric, w.dtype,
+                               config.adaround_iters, config.adaround_reg, config.adaround_lr,
+                               clip_search=config.clip_search)
+        G = group_size_of(config.group_size, w.shape[1])
+        report.layer_errors[name] = _rel(layer_objective(w, dequant(codes, s, z, G), H), w, H)
+        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
     if config.method == "gptq":
         (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, w.dtype)
         report.layer_errors[name] = _rel(obj, w, H)
@@ -217,6 +226,16 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                      for name in calibration.progress(targets, config.show_progress,
                                                       desc=config.method)}
             for name in targets:  # the model changes only once every layer is built
+                replace_module(model, name, built[name])
+            report.swapped.extend(targets)
+        elif config.method == "adaround" and config.reconstruction == "block":
+            was_training = model.training
+            model.eval()
+            try:
+                built = quantize_blocks(model, targets, batches, config, report)
+            finally:
+                model.train(was_training)
+            for name in targets:
                 replace_module(model, name, built[name])
             report.swapped.extend(targets)
         else:
@@ -348,7 +367,7 @@ def _quantize_sequential(model, targets, batches, config, report):
                  else {})
         for stage in calibration.progress(stages, config.show_progress, desc=config.method):
             collect = functools.partial(calibration.collect, model, batches, hessian=True,
-                                        absmean=config.method != "gptq",
+                                        absmean=config.method in ("awq", "awq+gptq"),
                                         max_tokens=config.calib_max_tokens,
                                         show_progress=config.show_progress)
             stats = collect({n: layers[n] for n in stage},

@@ -1,0 +1,113 @@
+"""AdaRound (Nagel et al., 2020): learn, per weight, whether to round down or up.
+
+The grid (scale, zero point per group) is round-to-nearest's, with the clipping search when asked
+(weighted by the diagonal of the layer's Hessian, as GPTQ's). Each weight's code is
+    q = clamp(floor(w / s) + h(V) + z, 0, 15),  h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
+(the rectified sigmoid, zeta = 1.1, gamma = -0.1), V initialised so that h(V) = frac(w / s): the
+first soft weight is the dense weight. The loss is the reconstruction error plus
+reg * mean(1 - |2 h(V) - 1|^beta), the regulariser off during the first `warmup` of the
+iterations and beta annealed linearly from 20 to 2 after it, which drives every h(V) to 0 or 1;
+the final code takes h >= 0.5 (V >= 0) as "up". The paper weighs a regulariser summed over the
+weights against an unnormalised error (lambda = 0.01, 10-20k steps at learning rate 1e-3); here
+both are normalised (error relative to plain rounding's, regulariser a mean), so that one weight
+serves every layer, and fewer, larger steps are taken: on a correlated test layer, 1000 steps at
+3e-2 with reg = 10 left ~1% of the weights undecided and halved plain rounding's error, where
+reg = 0.01-0.1 left 60-80% undecided and rounded no better than nearest (docs/QAT.md).
+
+Layer-wise, the reconstruction error of W_hat is the layer objective tr((W - W_hat) H (W - W_hat)^T)
+with H the calibration inputs' mean x x^T (the streaming engine's statistic: exact for every token
+at the cost of one [N, K] x [K, K] product per step, and no activations held), divided by that of
+plain rounding so that `reg` means the same for every layer. Block-wise (BRECQ, Li et al., 2021;
+`QuantConfig(reconstruction="block")`) every layer of a transformer block learns its rounding at
+once against the block's full-precision output (quant.model).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .rtn import MAX_CODE, dequant, group_size_of, grouped, layer_objective, rtn, ungrouped
+
+ZETA, GAMMA = 1.1, -0.1
+BETA_START, BETA_END = 20.0, 2.0
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def beta_at(step: int, iters: int, warmup: float) -> Optional[float]:
+    """The regulariser's beta at `step` (None during the warm-up: no regulariser)."""
+    start = int(warmup * iters)
+    if step < start:
+        return None
+    progress = (step - start) / max(1, iters - start)
+    return BETA_START + (BETA_END - BETA_START) * progress
+
+
+class SoftRounding:
+    """One layer's learnable rounding on a fixed grid: codes floor(w / s) + h(V) + z."""
+
+    def __init__(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int):
+        self.K, self.G = w.shape[1], G
+        self.s, self.z = s.float().to(w.device), z.float().to(w.device)
+        t = grouped(w.float(), G) / self.s[..., None]
+        self.floor = torch.floor(t)
+        p = ((t - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v = torch.log(p / (1 - p)).requires_grad_()
+
+    def _weight(self, up: torch.Tensor) -> torch.Tensor:
+        q = (self.floor + up + self.z[..., None]).clamp(0, MAX_CODE)
+        return ungrouped((q - self.z[..., None]) * self.s[..., None], self.K)
+
+    def soft_weight(self) -> torch.Tensor:
+        """[N, K] float32 with the current soft rounding (differentiable in v)."""
+        return self._weight(rectified_sigmoid(self.v))
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """mean(1 - |2 h - 1|^beta) over the weights: 0 once every h is 0 or 1."""
+        return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).mean()
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        """The hard codes [N, K] (int64): up where h(V) >= 0.5."""
+        up = (self.v >= 0).float()
+        q = (self.floor + up + self.z[..., None]).clamp(0, MAX_CODE)
+        return ungrouped(q, self.K).long()
+
+
+def grid(w: torch.Tensor, H: Optional[torch.Tensor], group_size: int, symmetric: bool,
+         dtype: torch.dtype, clip_search: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    """Round-to-nearest (codes, s, z), the clipping search weighted by diag(H) when given."""
+    weight = None if H is None else torch.diagonal(H).float()
+    return rtn(w, group_size, symmetric, dtype, clip_search=clip_search, channel_weight=weight)
+
+
+def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
+             dtype: torch.dtype, iters: int = 1000, reg: float = 10.0, lr: float = 3e-2,
+             warmup: float = 0.2, clip_search: bool = True):
+    """Layer-wise AdaRound of w [N, K] against H = mean x x^T [K, K]. Returns (codes, s, z) as
+    rtn does, and never worse than plain rounding on the layer objective (it returns that then).
+    Deterministic: no sampling (the objective sums over every calibration token)."""
+    G = group_size_of(group_size, w.shape[1])
+    nearest, s, z = grid(w, H, group_size, symmetric, dtype, clip_search)
+    W, Hf = w.float(), H.float()
+    base = layer_objective(W, dequant(nearest, s, z, G), H)
+    if base <= 0 or iters == 0:
+        return nearest, s, z
+    soft = SoftRounding(W, s, z, G)
+    optimizer = torch.optim.Adam([soft.v], lr=lr)
+    for step in range(iters):
+        d = W - soft.soft_weight()
+        loss = ((d @ Hf) * d).sum() / base
+        beta = beta_at(step, iters, warmup)
+        if beta is not None:
+            loss = loss + reg * soft.regulariser(beta)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    codes = soft.codes()
+    if layer_objective(W, dequant(codes, s, z, G), H) > base:
+        return nearest, s, z
+    return codes, s, z
+

@@ -1,0 +1,223 @@
+"""Block-wise AdaRound (BRECQ): every layer of a transformer block learns its rounding at once,
+against the block's full-precision output.
+
+A block is an element of an nn.ModuleList that holds target layers (BERT's `encoder.layer.3`,
+Llama's `model.layers.3`). Blocks are done in model order, each with every earlier block already
+quantized (through dense stand-ins), so a block learns to absorb the error that reaches it:
+  1. one pass over the calibration batches records each block's full-precision output (the
+     target; kept on the CPU: batches x tokens x hidden floats per block);
+  2. per block: one pass records the block's inputs (positional and keyword arguments, cache
+     arguments dropped) as the partly quantized model produces them, and the streaming engine
+     collects its layers' Hessians for round-to-nearest's grid (clipping search as configured);
+  3. the block's layers are replaced by soft-rounded ones (adaround.SoftRounding) and Adam
+     minimises the block output's mean squared error (padding tokens left out), divided by that
+     of plain rounding, plus reg times the rounding regulariser, one calibration batch per step,
+     drawn with QuantConfig.seed; the hard codes are kept unless plain rounding reconstructs the
+     block better.
+Layers outside every block (a pooler, a classifier head) get layer-wise AdaRound afterwards.
+"""
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import replace_module
+from . import calibration
+from .adaround import SoftRounding, adaround, beta_at, grid
+from .rtn import group_size_of, to_int4linear
+
+CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def find_blocks(model: nn.Module, targets: List[str]) -> Tuple[List[Tuple[str, List[str]]],
+                                                                List[str]]:
+    """([(block name, its target layers)] in model order, targets in no block)."""
+    lists = {name for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    blocks: Dict[str, List[str]] = {}
+    loose = []
+    for name in targets:
+        parts = name.split(".")
+        block = next((".".join(parts[:i + 1]) for i in range(len(parts) - 2, 0, -1)
+                      if ".".join(parts[:i]) in lists), None)
+        if block is None:
+            loose.append(name)
+        else:
+            blocks.setdefault(block, []).append(name)
+    return list(blocks.items()), loose
+
+
+def _first_tensor(output) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
+        return output[0]
+    hidden = getattr(output, "last_hidden_state", None)
+    if torch.is_tensor(hidden):
+        return hidden
+    raise TypeError(f"a block returned {type(output).__name__}; block reconstruction needs a "
+                    f"tensor or a tuple starting with one")
+
+
+def _block_outputs(model, batches, blocks) -> Dict[str, List[torch.Tensor]]:
+    outputs = {name: [] for name, _ in blocks}
+
+    def make_hook(name):
+        def hook(module, args, output):
+            outputs[name].append(_first_tensor(output).detach().float().cpu())
+        return hook
+    with calibration.hooks(model.get_submodule(name).register_forward_hook(make_hook(name))
+                            for name, _ in blocks), torch.no_grad():
+        for i, item in enumerate(batches):
+            calibration.call_model(model, item, i)
+    return outputs
+
+
+def _is_cache(name: str, value) -> bool:
+    """A key/value cache argument: replaying the block with it would append to it every step."""
+    return name in CACHE_ARGUMENTS or type(value).__name__.endswith("Cache")
+
+
+def _detached(value):
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value
+
+
+def _block_inputs(model, batches, block: nn.Module) -> List[Tuple[tuple, dict]]:
+    inputs = []
+
+    def hook(module, args, kwargs):
+        kwargs = {k: (None if _is_cache(k, v) else _detached(v)) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        inputs.append((_detached(args), kwargs))
+        raise calibration.StopForward
+    with calibration.hooks([block.register_forward_pre_hook(hook, with_kwargs=True)]), \
+            torch.no_grad():
+        for i, item in enumerate(batches):
+            try:
+                calibration.call_model(model, item, i)
+            except calibration.StopForward:
+                pass
+    return inputs
+
+
+class _SoftLinear(nn.Module):
+    """A Linear computing with its SoftRounding's current soft weight."""
+
+    def __init__(self, soft: SoftRounding, bias):
+        super().__init__()
+        self.soft = soft
+        self.bias_value = None if bias is None else bias.detach().float()
+
+    def forward(self, x):
+        w = self.soft.soft_weight()
+        b = self.bias_value
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+def _masked_mse(out: torch.Tensor, target: torch.Tensor, mask) -> torch.Tensor:
+    d = (out.float() - target) ** 2
+    if mask is not None and d.dim() >= 3 and tuple(d.shape[:2]) == tuple(mask.shape):
+        keep = (mask != 0).float()[..., None]
+        return (d * keep).sum() / (keep.sum() * d.shape[-1]).clamp_min(1)
+    return d.mean()
+
+
+def _block_loss(block, inputs, targets, masks, index) -> torch.Tensor:
+    args, kwargs = inputs[index]
+    return _masked_mse(_first_tensor(block(*args, **kwargs)), targets[index], masks[index])
+
+
+def quantize_blocks(model: nn.Module, targets: List[str], batches: List, config,
+                    report) -> Dict[str, nn.Module]:
+    """Block-wise AdaRound of `targets` (module docstring). Returns name -> Int4Linear; the model
+    holds dense stand-ins of them when it returns (the caller swaps the Int4Linear layers in)."""
+    blocks, loose = find_blocks(model, targets)
+    fp_outputs = _block_outputs(model, batches, blocks)
+    masks = [calibration.attention_mask_of(item) for item in batches]
+    generator = torch.Generator().manual_seed(config.seed)
+    final: Dict[str, nn.Module] = {}
+    for block_name, names in calibration.progress(blocks, config.show_progress, desc="blocks"):
+        block = model.get_submodule(block_name)
+        inputs = _block_inputs(model, batches, block)
+        stats = calibration.collect(model, batches, {n: model.get_submodule(n) for n in names},
+                                    absmean=False, max_tokens=config.calib_max_tokens)
+        layers = {n: model.get_submodule(n) for n in names}
+        grids = {n: grid(layers[n].weight.detach().float().cpu(), stats[n].hessian,
+                         config.group_size, config.symmetric, layers[n].weight.dtype,
+                         config.clip_search) for n in names}
+        G = {n: group_size_of(config.group_size, layers[n].in_features) for n in names}
+        soft = {n: SoftRounding(layers[n].weight.detach().float(), grids[n][1], grids[n][2], G[n])
+                for n in names}
+        targets_ = fp_outputs[block_name]
+
+        def total_loss():
+            with torch.no_grad():
+                return sum(float(_block_loss(block, inputs, targets_, masks, i))
+                           for i in range(len(inputs))) / len(inputs)
+        nearest = {n: to_int4linear(layers[n], *grids[n], config.group_size, config.symmetric)
+                   for n in names}
+        for n in names:
+            replace_module(model, n, nearest[n].to_linear())
+        base = total_loss()
+        for n in names:
+            replace_module(model, n, _SoftLinear(soft[n], layers[n].bias))
+        if base > 0 and config.adaround_iters > 0:
+            _optimise(block, inputs, targets_, masks, soft, base, config, generator, block_name)
+        learned = {n: to_int4linear(layers[n], soft[n].codes(), grids[n][1], grids[n][2],
+                                    config.group_size, config.symmetric) for n in names}
+        for n in names:
+            replace_module(model, n, learned[n].to_linear())
+        if base > 0 and total_loss() > base:
+            report.notes.append((block_name, "plain rounding reconstructed the block better than "
+                                             "the learned rounding; kept plain rounding"))
+            learned = nearest
+            for n in names:
+                replace_module(model, n, nearest[n].to_linear())
+        final.update(learned)
+    if loose:
+        stats = calibration.collect(model, batches, {n: model.get_submodule(n) for n in loose},
+                                    absmean=False, max_tokens=config.calib_max_tokens)
+        for n in loose:
+            layer = model.get_submodule(n)
+            if stats[n].count == 0:
+                codes, s, z = grid(layer.weight.detach().float().cpu(), None, config.group_size,
+                                   config.symmetric, layer.weight.dtype, config.clip_search)
+                report.fallbacks.append((n, "calib_data never reached this layer (no tokens); "
+                                            "quantized with RTN instead"))
+            else:
+                codes, s, z = adaround(layer.weight.detach().cpu(), stats[n].hessian,
+                                       config.group_size, config.symmetric, layer.weight.dtype,
+                                       config.adaround_iters, config.adaround_reg,
+                                       config.adaround_lr, clip_search=config.clip_search)
+            final[n] = to_int4linear(layer, codes, s, z, config.group_size, config.symmetric)
+            replace_module(model, n, final[n].to_linear())
+    return final
+
+
+def _optimise(block, inputs, targets, masks, soft, base, config, generator, block_name):
+    params = [s.v for s in soft.values()]
+    optimizer = torch.optim.Adam(params, lr=config.adaround_lr)
+    total = sum(p.numel() for p in params)
+    iters = config.adaround_iters
+    with torch.enable_grad():
+        for step in range(iters):
+            index = int(torch.randint(len(inputs), (1,), generator=generator))
+            loss = _block_loss(block, inputs, targets, masks, index) / base
+            beta = beta_at(step, iters, 0.2)
+            if beta is not None:
+                loss = loss + config.adaround_reg * sum(
+                    s.regulariser(beta) * (s.v.numel() / total) for s in soft.values())
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise calibration.CalibrationError(
+                    f"AdaRound: block {block_name!r}'s reconstruction loss is {value} at step "
+                    f"{step} (NaN or inf activations)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
