@@ -28,17 +28,18 @@ BEGIN, END = "<!-- eval_accuracy: begin -->", "<!-- eval_accuracy: end -->"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--methods", default=None, help="comma-separated labels of int4kit.eval.METHODS")
+    parser.add_argument("--methods", default=None, help="comma-separated labels of "
+                        "int4kit.eval.METHODS (default: all) or SLOW_METHODS (adaround...)")
     parser.add_argument("--settings", default=None, help="comma-separated labels of SETTINGS")
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "ACCURACY.md"))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = ev.METHODS if not args.methods else [
-        m for m in ev.METHODS if m[0] in args.methods.split(",")]
-    settings = ev.SETTINGS if not args.settings else [
-        s for s in ev.SETTINGS if s[0] in args.settings.split(",")]
+    try:
+        methods, settings = ev.pick(args.methods, "methods"), ev.pick(args.settings, "settings")
+    except ValueError as error:
+        parser.error(str(error))
     t0 = time.perf_counter()
     rows = ev.run(methods, settings)
     table = ev.markdown_table(rows)

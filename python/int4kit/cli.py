@@ -172,16 +172,10 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
     _offline()
     from . import eval as ev
-    methods = ev.METHODS if not args.methods else [m for m in ev.METHODS
-                                                   if m[0] in args.methods.split(",")]
-    settings = ev.SETTINGS if not args.settings else [s for s in ev.SETTINGS
-                                                      if s[0] in args.settings.split(",")]
-    if not methods:
-        raise UserError(f"--methods {args.methods!r} names none of "
-                        f"{', '.join(m[0] for m in ev.METHODS)}")
-    if not settings:
-        raise UserError(f"--settings {args.settings!r} names none of "
-                        f"{', '.join(s[0] for s in ev.SETTINGS)}")
+    try:
+        methods, settings = ev.pick(args.methods, "methods"), ev.pick(args.settings, "settings")
+    except ValueError as error:
+        raise UserError(str(error)) from None
     rows = ev.run(methods, settings)
     print()
     print(ev.markdown_table(rows))

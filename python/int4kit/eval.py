@@ -39,6 +39,23 @@ METHODS = (("rtn", dict(method="rtn")),
            ("awq+gptq", dict(method="awq+gptq", clip_search=True, act_order=True)),
            ("awq+gptq refined", dict(method="awq+gptq", clip_search=True, act_order=True,
                                      refine_rounds=10)))
+# learned rounding: minutes per run on 2 cores, so only when asked for (--methods)
+SLOW_METHODS = (("adaround", dict(method="adaround", clip_search=True)),
+                ("adaround block", dict(method="adaround", clip_search=True,
+                                        reconstruction="block")))
+
+
+def pick(names: Optional[str], what: str):
+    """The METHODS (+ SLOW_METHODS) or SETTINGS entries named in a comma-separated list (None:
+    every METHODS or SETTINGS entry). Raises ValueError when it names none."""
+    every, default = ((METHODS + SLOW_METHODS, METHODS) if what == "methods"
+                      else (SETTINGS, SETTINGS))
+    if not names:
+        return list(default)
+    picked = [entry for entry in every if entry[0] in names.split(",")]
+    if not picked:
+        raise ValueError(f"--{what} {names!r} names none of {', '.join(e[0] for e in every)}")
+    return picked
 
 
 def load_minilm():

@@ -653,3 +653,75 @@ EVAL_OUT_OF_DOMAIN = [
     'The rug looks great but it keeps sliding around on the wooden floor.',
     'Is the soup at that place vegetarian? Asking for my sister.',
 ]
+
+
+# Standard-library modules never imported for their docstrings: they act on import (print,
+# open a browser, start a GUI) or need what a server may lack.
+NOISY_MODULES = frozenset({"this", "antigravity", "idlelib", "tkinter", "turtle", "turtledemo",
+                           "__hello__", "__phello__", "lib2to3", "ensurepip", "xxsubtype"})
+
+
+def _stdlib_modules():
+    """The standard library's importable modules (and their submodules), quietly imported."""
+    import importlib
+    import pkgutil
+    import sys
+    import warnings
+
+    names = sorted(n for n in sys.stdlib_module_names
+                   if not n.startswith("_") and n not in NOISY_MODULES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in names:
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (absent from this build, or needs a platform)
+                continue
+            yield module
+            for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+                if info.name.startswith("_") or info.name in ("__main__", "tests", "test"):
+                    continue
+                try:
+                    yield importlib.import_module(f"{name}.{info.name}")
+                except Exception:  # noqa: BLE001
+                    continue
+
+
+def offline_sentences(seed: int = 0, exclude=()) -> list:
+    """Unlabeled English sentences that ship with Python itself: the pydoc topics
+    (`pydoc_data.topics`) and the docstrings of the standard library's modules and their public
+    classes, functions and methods. Kept: sentences of 5 to 40 words that start with a capital
+    letter, end with a full stop (or ! ?) and are mostly letters (no code, no doctest lines);
+    deduplicated, minus `exclude` and the calibration and evaluation sets, shuffled with `seed`.
+    About 10k sentences on Python 3.11 (the count depends on the Python build)."""
+    import inspect
+    import random
+    import re
+    from pydoc_data.topics import topics
+
+    texts = list(topics.values())
+    for module in _stdlib_modules():
+        texts.append(inspect.getdoc(module) or "")
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            texts.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                texts += [inspect.getdoc(m) or "" for a, m in vars(obj).items()
+                          if not a.startswith("_") and callable(m)]
+    excluded = set(exclude) | set(CALIBRATION) | set(EVAL_IN_DOMAIN) | set(EVAL_OUT_OF_DOMAIN)
+    found = set()
+    for text in texts:
+        for paragraph in re.split(r"\n\s*\n", text):
+            if ">>>" in paragraph or "::" in paragraph:
+                continue
+            flat = " ".join(paragraph.split())
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat):
+                words = sentence.split()
+                plain = sum(c.isalpha() or c in " ,;'()-" for c in sentence)
+                if (5 <= len(words) <= 40 and sentence[0].isupper() and sentence[-1] in ".!?"
+                        and plain >= 0.9 * len(sentence) and sentence not in excluded):
+                    found.add(sentence)
+    sentences = sorted(found)
+    random.Random(seed).shuffle(sentences)
+    return sentences

@@ -88,11 +88,11 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None, calib_data
     if fake_quant_layers(model):
         raise ValueError("model already holds FakeQuantLinear layers: prepare_qat was run on it")
     base = config.base
-    if config.qparams != "dynamic" and base.needs_calibration and calib_data is None:
+    targets, skipped = select_layers(model, base.group_size, skip, filter_fn)
+    if targets and config.qparams != "dynamic" and base.needs_calibration and calib_data is None:
         raise ValueError(f"QATConfig.base.method {base.method!r} needs calib_data (an iterable of "
                          f"model inputs) to compute the starting codes; pass calib_data=..., or "
                          f"use base method 'rtn' or 'hqq'")
-    targets, skipped = select_layers(model, base.group_size, skip, filter_fn)
     lifted = [] if config.qparams == "dynamic" else _int4_layers(model, skip, filter_fn)
     if not targets and not lifted:
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "it has no nn.Linear"
