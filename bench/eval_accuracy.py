@@ -9,7 +9,6 @@ table and writes it to docs/ACCURACY.md (between the markers there, or a new fil
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -20,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from int4kit import eval as ev  # noqa: E402
+from bench_linear import cpu_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- eval_accuracy: begin -->", "<!-- eval_accuracy: end -->"
@@ -44,7 +44,7 @@ def main() -> int:
     rows = ev.run(methods, settings)
     table = ev.markdown_table(rows)
     total = time.perf_counter() - t0
-    footer = (f"\n\n{len(rows)} runs in {total:.0f} s on {platform.processor() or platform.machine()}, "
+    footer = (f"\n\n{len(rows)} runs in {total:.0f} s on {cpu_model()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads.")
     print()
     print(table + footer)

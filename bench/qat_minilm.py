@@ -11,7 +11,7 @@ converts, evaluates on the accuracy harness's sets and saves a normal int4 check
     python bench/qat_minilm.py --recipe full             # weights + LSQ + every other parameter
     python bench/qat_minilm.py --recipe w4a8             # full, with int8 activations (W4A8)
 
-Writes OUT/train_log.csv, OUT/train.png (loss and validation cosine per step), OUT/result.json
+Writes (OUT: build/qat/RECIPE by default) OUT/train_log.csv, OUT/train.png (loss and validation cosine per step), OUT/result.json
 and the checkpoint (OUT/checkpoint, `save_pretrained`). Recipes and figures: docs/QAT.md.
 """
 import argparse
@@ -19,7 +19,6 @@ import copy
 import csv
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -34,6 +33,7 @@ from int4kit import QuantConfig, qat, quantize_model  # noqa: E402
 from int4kit import eval as ev  # noqa: E402
 from int4kit import eval_data  # noqa: E402
 from int4kit.quant.calibration import progress  # noqa: E402
+from bench_linear import cpu_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASES = {"gptq-refined": dict(method="gptq", clip_search=True, act_order=True, refine_rounds=10),
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--sentences", type=int, default=None, help="training sentences (default all)")
     p.add_argument("--val-size", type=int, default=256)
-    p.add_argument("--calibration-share", type=float, default=0.0,
+    p.add_argument("--calibration-share", type=float, default=0.25,
                    help="share of the training sentences drawn from the calibration set")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--weight-lr", type=float, default=None,
@@ -70,7 +70,7 @@ def parse_args(argv=None):
                    help="weight of the hidden-state MSE term (all 6 layers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=os.path.join(ROOT, "build", "qat"))
+    p.add_argument("--out", default=None, help="default: build/qat/RECIPE")
     p.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
     return p.parse_args(argv)
 
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     weight_lr = args.weight_lr if args.weight_lr is not None else weight_lr
     qparam_lr = args.qparam_lr if args.qparam_lr is not None else qparam_lr
     other_lr = args.other_lr if args.other_lr is not None else other_lr
+    args.out = args.out or os.path.join(ROOT, "build", "qat", args.recipe)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
                   loss=dict(cosine=args.cosine, hidden=args.hidden),
                   train_seconds=round(train_seconds), total_seconds=round(
                       time.perf_counter() - t_start),
-                  cpu=platform.processor() or platform.machine(),
+                  cpu=cpu_model(),
                   threads=torch.get_num_threads(), post_training=ptq_metrics, qat=metrics)
     with open(os.path.join(args.out, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
               f"{m['in-domain nn agree']:>7.3f}{m['out-of-domain mean cos']:>13.4f}"
               f"{m['out-of-domain min cos']:>12.4f}{m['out-of-domain nn agree']:>7.3f}")
     print(f"{steps} steps of {args.batch_size} in {train_seconds:.0f} s; total "
-          f"{result['total_seconds']} s; written to {args.out}")
+          f"{result['total_seconds']} s on {result['cpu']}, {result['threads']} threads; "
+          f"written to {args.out}")
     return 0
 
 

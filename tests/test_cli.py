@@ -113,3 +113,9 @@ def test_bad_calibration_file(tmp_path):
 def test_argparse_mistakes_exit_2():
     result = run("convert", "a", "b", "--to", "awq", expect=2)
     assert "invalid choice" in result.stderr
+
+
+def test_quantize_offers_every_method():
+    from int4kit import cli
+    from int4kit.quant.config import METHODS
+    assert cli.QUANT_METHODS == METHODS

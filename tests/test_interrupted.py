@@ -66,23 +66,31 @@ def assert_untouched(model, before, where):
     assert not hasattr(model, "hf_quantizer") and not hasattr(model, "quantization_method"), where
 
 
+def check_every_interruption(monkeypatch, boundaries, make_model, work):
+    """Runs work(model) once to count the boundary calls, then, on a fresh model each time,
+    interrupts it before and after each call: the model must come out untouched."""
+    model = make_model()
+    with monkeypatch.context() as m:
+        counter = Interrupt(m, boundaries)
+        work(model)
+    assert counter.calls > 5
+    for at in range(1, counter.calls + 1):
+        for after in (False, True):  # before the boundary's work, and once it is done
+            model = make_model()
+            before = snapshot(model)
+            with monkeypatch.context() as m:
+                Interrupt(m, boundaries, at=at, after=after)
+                with pytest.raises(KeyboardInterrupt):
+                    work(model)
+            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+
+
 @pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "awq", "awq+gptq"])
 def test_quantize_model_is_all_or_nothing(monkeypatch, method):
     config = QuantConfig(group_size=32, symmetric=False, method=method)
     calib = bert_batches(n=2) if config.needs_calibration else None
-    with monkeypatch.context() as m:
-        counter = Interrupt(m, QUANTIZE_BOUNDARIES)
-        quantize_model(tiny_bert(), config, calib_data=calib)
-    assert counter.calls > 5
-    for at in range(1, counter.calls + 1):
-        for after in (False, True):  # before the boundary's work, and once it is done
-            model = tiny_bert()
-            before = snapshot(model)
-            with monkeypatch.context() as m:
-                Interrupt(m, QUANTIZE_BOUNDARIES, at=at, after=after)
-                with pytest.raises(KeyboardInterrupt):
-                    quantize_model(model, config, calib_data=calib)
-            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+    check_every_interruption(monkeypatch, QUANTIZE_BOUNDARIES, tiny_bert,
+                             lambda model: quantize_model(model, config, calib_data=calib))
 
 
 QAT_BOUNDARIES = QUANTIZE_BOUNDARIES + [
@@ -92,30 +100,13 @@ CONVERT_BOUNDARIES = [(qat.FakeQuantLinear, "quantized"), (qprepare, "to_int4lin
                       (qprepare, "replace_module"), (int4kit.hf, "attach")]
 
 
-def count_calls(monkeypatch, boundaries, work) -> int:
-    with monkeypatch.context() as m:
-        counter = Interrupt(m, boundaries)
-        work()
-    assert counter.calls > 5
-    return counter.calls
-
-
 @pytest.mark.parametrize("method, qparams", [("rtn", "dynamic"), ("rtn", "learned"),
                                              ("gptq", "codes_frozen"), ("awq", "frozen")])
 def test_prepare_qat_is_all_or_nothing(monkeypatch, method, qparams):
     config = qat.QATConfig(QuantConfig(group_size=32, symmetric=False, method=method), qparams)
     calib = bert_batches(n=2) if method != "rtn" else None
-    calls = count_calls(monkeypatch, QAT_BOUNDARIES,
-                        lambda: qat.prepare_qat(tiny_bert(), config, calib))
-    for at in range(1, calls + 1):
-        for after in (False, True):
-            model = tiny_bert()
-            before = snapshot(model)
-            with monkeypatch.context() as m:
-                Interrupt(m, QAT_BOUNDARIES, at=at, after=after)
-                with pytest.raises(KeyboardInterrupt):
-                    qat.prepare_qat(model, config, calib)
-            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+    check_every_interruption(monkeypatch, QAT_BOUNDARIES, tiny_bert,
+                             lambda model: qat.prepare_qat(model, config, calib))
 
 
 def test_qat_convert_is_all_or_nothing(monkeypatch):
@@ -125,17 +116,7 @@ def test_qat_convert_is_all_or_nothing(monkeypatch):
         model = tiny_bert()
         qat.prepare_qat(model, config)
         return model
-    model = prepared()
-    calls = count_calls(monkeypatch, CONVERT_BOUNDARIES, lambda: qat.convert(model))
-    for at in range(1, calls + 1):
-        for after in (False, True):
-            model = prepared()
-            before = snapshot(model)
-            with monkeypatch.context() as m:
-                Interrupt(m, CONVERT_BOUNDARIES, at=at, after=after)
-                with pytest.raises(KeyboardInterrupt):
-                    qat.convert(model)
-            assert_untouched(model, before, f"call {at}{' (after)' if after else ''}")
+    check_every_interruption(monkeypatch, CONVERT_BOUNDARIES, prepared, qat.convert)
 
 
 def test_undo_puts_back_an_int4_producer_an_awq_fold_replaced(monkeypatch):

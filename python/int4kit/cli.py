@@ -84,7 +84,7 @@ def cmd_quantize(args) -> int:
     quant_config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric,
                                method=args.method, act_order=args.act_order,
                                clip_search=args.clip_search, refine_rounds=args.refine_rounds,
-                               show_progress=True)
+                               reconstruction=args.reconstruction, show_progress=True)
     model = _model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
     calib = None
     tokenizer = None
@@ -197,6 +197,10 @@ def cmd_bench(args, rest: List[str]) -> int:
 
 # ---- entry point ---------------------------------------------------------------------------------
 
+# quant.config.METHODS, spelled out: importing it would import torch before --help prints
+QUANT_METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "adaround")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="int4kit", description="INT4 weight quantization: "
                                      "quantize, convert, inspect, evaluate, benchmark")
@@ -205,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a Hugging Face model folder and save it")
     q.add_argument("model_dir", metavar="MODEL_DIR")
     q.add_argument("out_dir", metavar="OUT_DIR")
-    q.add_argument("--method", default="gptq", choices=("rtn", "hqq", "gptq", "awq", "awq+gptq"))
+    q.add_argument("--method", default="gptq", choices=QUANT_METHODS)
+    q.add_argument("--reconstruction", default="layer", choices=("layer", "block"),
+                   help="adaround: learn each layer's rounding alone, or a block's at once")
     q.add_argument("--group-size", type=int, default=128, help="-1: per output channel")
     q.add_argument("--symmetric", action="store_true", help="zero point fixed at 8")
     q.add_argument("--act-order", action="store_true", help="GPTQ visits columns by Hessian size")
