@@ -693,7 +693,9 @@ def offline_sentences(seed: int = 0, exclude=()) -> list:
     classes, functions and methods. Kept: sentences of 5 to 40 words that start with a capital
     letter, end with a full stop (or ! ?) and are mostly letters (no code, no doctest lines);
     deduplicated, minus `exclude` and the calibration and evaluation sets, shuffled with `seed`.
-    About 10k sentences on Python 3.11 (the count depends on the Python build)."""
+    About 10.2k sentences on Python 3.11 (the count depends on the Python build, and by a few on
+    what the process imported before: a module that patches the standard library adds or hides
+    docstrings)."""
     import inspect
     import random
     import re
