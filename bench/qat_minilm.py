@@ -11,8 +11,9 @@ converts, evaluates on the accuracy harness's sets and saves a normal int4 check
     python bench/qat_minilm.py --recipe full             # weights + LSQ + every other parameter
     python bench/qat_minilm.py --recipe w4a8             # full, with int8 activations (W4A8)
 
-Writes (OUT: build/qat/RECIPE by default) OUT/train_log.csv, OUT/train.png (loss and validation cosine per step), OUT/result.json
-and the checkpoint (OUT/checkpoint, `save_pretrained`). Recipes and figures: docs/QAT.md.
+Writes (OUT: build/qat/RECIPE by default) OUT/train_log.csv, OUT/train.png (loss and
+validation cosine per step), OUT/result.json and the checkpoint (OUT/checkpoint,
+`save_pretrained`). Recipes and figures: docs/QAT.md.
 """
 import argparse
 import copy
@@ -80,13 +81,6 @@ def pooled_cosine(student, teacher_embeddings, batches) -> float:
     return float(torch.cat(cos).mean())
 
 
-def evaluate(fp_model, model, report, tokenizer) -> dict:
-    sets = {"in-domain": eval_data.EVAL_IN_DOMAIN, "out-of-domain": eval_data.EVAL_OUT_OF_DOMAIN}
-    batches = {name: ev.batches(tokenizer, s, batch_size=len(s))[0] for name, s in sets.items()}
-    fp_emb = {name: ev.embed(fp_model, b) for name, b in batches.items()}
-    return ev.evaluate(fp_model, model, report, batches, fp_emb, "out-of-domain")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -119,7 +113,8 @@ def main(argv=None) -> int:
     ptq_report = quantize_model(ptq, base, ev.batches(tokenizer, eval_data.CALIBRATION))
     print(f"post-training {args.base} (g128 asymmetric): {time.perf_counter() - t0:.0f} s",
           flush=True)
-    ptq_metrics = evaluate(teacher, ptq, ptq_report, tokenizer)
+    score = ev.scorer(tokenizer, teacher)
+    ptq_metrics = score(ptq, ptq_report)
 
     student = copy.deepcopy(ptq)
     report = qat.prepare_qat(student, qat.QATConfig(base, mode, act_fake_quant=act))
@@ -168,7 +163,7 @@ def main(argv=None) -> int:
     train_seconds = time.perf_counter() - t_train
 
     qat.convert(student)
-    metrics = evaluate(teacher, student, ptq_report, tokenizer)
+    metrics = score(student, ptq_report)
     if not args.no_save:
         student.save_pretrained(os.path.join(args.out, "checkpoint"))
         tokenizer.save_pretrained(os.path.join(args.out, "checkpoint"))

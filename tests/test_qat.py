@@ -465,3 +465,11 @@ def test_offline_training_text_is_plain_unseen_prose():
     for sentence in text[:500]:
         assert 5 <= len(sentence.split()) <= 40 and ">>>" not in sentence
         assert sentence[0].isupper() and sentence[-1] in ".!?"
+
+
+def test_skip_given_as_a_generator_applies_to_int4_layers_too():
+    model = mlp()
+    quantize_model(model, QuantConfig(group_size=32))
+    report = qat.prepare_qat(model, qat.QATConfig(QuantConfig(group_size=32), "frozen"),
+                             skip=(name for name in ["2"]))
+    assert report.swapped == ["0"] and isinstance(model[2], Int4Linear)

@@ -17,7 +17,8 @@ from .ops import cpu_isa
 from .quant import QuantConfig, QuantReport, quantize_model
 
 __all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "qat", "reference",
-           "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError", "convert_checkpoint"]
+           "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError",
+           "convert_checkpoint"]
 __version__ = "0.1.0"
 
 hf.install()  # transformers' from_pretrained knows quant_method "int4kit" from here on

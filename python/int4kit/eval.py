@@ -18,7 +18,7 @@ Metrics per run, each against the fp32 model:
 import copy
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ METHODS = (("rtn", dict(method="rtn")),
            ("awq+gptq", dict(method="awq+gptq", clip_search=True, act_order=True)),
            ("awq+gptq refined", dict(method="awq+gptq", clip_search=True, act_order=True,
                                      refine_rounds=10)))
+EVAL_SETS = {"in-domain": eval_data.EVAL_IN_DOMAIN, "out-of-domain": eval_data.EVAL_OUT_OF_DOMAIN}
 # learned rounding: minutes per run on 2 cores, so only when asked for (--methods)
 SLOW_METHODS = (("adaround", dict(method="adaround", clip_search=True)),
                 ("adaround block", dict(method="adaround", clip_search=True,
@@ -142,18 +143,28 @@ def evaluate(fp_model, q_model, report, eval_batches: Dict[str, dict],
     return out
 
 
+def scorer(tokenizer, fp_model: nn.Module,
+           eval_sets: Optional[Dict[str, Sequence[str]]] = None) -> Callable:
+    """score(q_model, report) -> the metrics of `evaluate` against fp_model on eval_sets (default:
+    in-domain and out-of-domain; layer errors on the last set). The batches and fp32 embeddings
+    are computed once, here."""
+    eval_sets = eval_sets or EVAL_SETS
+    eval_batches = {name: batches(tokenizer, s, batch_size=len(s))[0]
+                    for name, s in eval_sets.items()}
+    fp_emb = {name: embed(fp_model, b) for name, b in eval_batches.items()}
+    error_set = list(eval_sets)[-1]
+    return lambda q_model, report: evaluate(fp_model, q_model, report, eval_batches, fp_emb,
+                                            error_set)
+
+
 def run(methods=METHODS, settings=SETTINGS, calibration: Sequence[str] = eval_data.CALIBRATION,
         eval_sets: Optional[Dict[str, Sequence[str]]] = None, verbose: bool = True,
         model_and_tokenizer: Optional[Tuple] = None) -> List[dict]:
     """Quantizes MiniLM with every method x setting; returns one dict of metrics per run."""
-    if eval_sets is None:
-        eval_sets = {"in-domain": eval_data.EVAL_IN_DOMAIN,
-                     "out-of-domain": eval_data.EVAL_OUT_OF_DOMAIN}
     tokenizer, model = model_and_tokenizer or load_minilm()
     calib = batches(tokenizer, calibration)
-    eval_batches = {name: batches(tokenizer, s, batch_size=len(s))[0] for name, s in eval_sets.items()}
-    fp_emb = {name: embed(model, b) for name, b in eval_batches.items()}
-    error_set = list(eval_sets)[-1]
+    score = scorer(tokenizer, model, eval_sets)
+    set_names = list(eval_sets or EVAL_SETS)
     rows = []
     for setting, group_size, symmetric in settings:
         for label, kwargs in methods:
@@ -165,10 +176,10 @@ def run(methods=METHODS, settings=SETTINGS, calibration: Sequence[str] = eval_da
             seconds = time.perf_counter() - t0
             row = dict(setting=setting, method=label, seconds=seconds,
                        fallbacks=len(report.fallbacks), notes=len(report.notes))
-            row.update(evaluate(model, q_model, report, eval_batches, fp_emb, error_set))
+            row.update(score(q_model, report))
             rows.append(row)
             if verbose:
-                print(format_row(row, list(eval_sets)), flush=True)
+                print(format_row(row, set_names), flush=True)
             del q_model
     return rows
 

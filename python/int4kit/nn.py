@@ -66,6 +66,17 @@ def dequantized_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optio
     return w
 
 
+def transform_input(x: torch.Tensor, input_perm: Optional[torch.Tensor],
+                    input_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """x as the stored weight's columns read it: gathered by input_perm, then scaled by
+    input_scale (either may be None)."""
+    if input_perm is not None:
+        x = x.index_select(-1, input_perm)
+    if input_scale is not None:
+        x = x * input_scale.to(x.dtype)
+    return x
+
+
 def is_permutation(perm: torch.Tensor) -> bool:
     """perm is a 1-D int64 tensor holding each of 0..len-1 exactly once."""
     if perm.dim() != 1 or perm.dtype != torch.int64:
@@ -289,12 +300,8 @@ class Int4Linear(nn.Module):
         # each attribute of a module is a dictionary walk (Module.__getattr__): in a decode step
         # of ~100 small calls they add up, so each is read once
         N, K, G = self.out_features, self.in_features, self.group_size
-        packed, bias, act_quant, input_scale = self.packed, self.bias, self.act_quant, self.input_scale
-        input_perm = self.input_perm
-        if input_perm is not None:
-            x = x.index_select(-1, input_perm)
-        if input_scale is not None:
-            x = x * input_scale.to(x.dtype)
+        packed, bias, act_quant = self.packed, self.bias, self.act_quant
+        x = transform_input(x, self.input_perm, self.input_scale)
         if act_quant is not None:
             device = (packed if packed is not None else self.qweight).device
             if device.type != "cpu":

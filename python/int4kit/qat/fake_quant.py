@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import reference
-from ..nn import Int4Linear
+from ..nn import Int4Linear, transform_input
 from ..quant.rtn import (MAX_CODE, SYMMETRIC_ZERO, codes_for, dequant, group_size_of, grouped,
                          rtn, unclamped_codes, ungrouped)
 
@@ -237,42 +237,38 @@ class FakeQuantLinear(nn.Linear):
                            f"row {n}, group {g} is {float(s[n, g]):.3g}, not positive (the "
                            f"quantizer learning rate is too high for this layer)")
 
+    def _step(self) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(latent weight in float32, or None in codes_frozen mode; s; z) for this step, checked."""
+        s, z = self._qparams()
+        w = None if self.qparams == "codes_frozen" else self.weight.float()
+        self._check(w, s, z)
+        return w, s, z
+
     def fake_quantized_weight(self) -> torch.Tensor:
         """The float32 [out_features, in_features] weight this step computes with (stored column
         order: input_perm and input_scale not applied), differentiable as the module docstring
         says."""
         with _no_autocast(self.weight.device):
-            s, z = self._qparams()
-            if self.qparams == "codes_frozen":
-                self._check(None, s, z)
+            w, s, z = self._step()
+            if w is None:
                 return dequant(self.codes.float(), s, z, self.G)
-            w = self.weight.float()
-            self._check(w, s, z)
             return _FakeQuantize.apply(w, s, z, self.G)
 
     @torch.no_grad()
     def quantized(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes int64 [N, K], s, z float32 [N, groups]): exactly what the forward uses now."""
-        s, z = self._qparams()
-        if self.qparams == "codes_frozen":
-            self._check(None, s, z)
-            return self.codes.long(), s, z
-        w = self.weight.float()
-        self._check(w, s, z)
-        return codes_for(w, s, z, self.G), s, z
+        w, s, z = self._step()
+        return (self.codes.long() if w is None else codes_for(w, s, z, self.G)), s, z
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        if self.input_scale is not None:
-            x = x * self.input_scale.to(x.dtype)
-        if not self.fake_quant_enabled:
-            return F.linear(x, self.weight.to(x.dtype),
-                            None if self.bias is None else self.bias.to(x.dtype))
-        if self.act_fake_quant == "int8":
-            x = fake_quant_activations_int8(x)
-        w = self.fake_quantized_weight()
+        x = transform_input(x, self.input_perm, self.input_scale)
+        if self.fake_quant_enabled:
+            if self.act_fake_quant == "int8":
+                x = fake_quant_activations_int8(x)
+            w = self.fake_quantized_weight()
+        else:
+            w = self.weight
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -88,6 +88,7 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None, calib_data
     if fake_quant_layers(model):
         raise ValueError("model already holds FakeQuantLinear layers: prepare_qat was run on it")
     base = config.base
+    skip = skip if isinstance(skip, str) else tuple(skip)  # read twice below
     targets, skipped = select_layers(model, base.group_size, skip, filter_fn)
     if targets and config.qparams != "dynamic" and base.needs_calibration and calib_data is None:
         raise ValueError(f"QATConfig.base.method {base.method!r} needs calib_data (an iterable of "
@@ -130,7 +131,6 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None, calib_data
 
 def _int4_layers(model, skip, filter_fn) -> List[str]:
     """Int4Linear layers prepare_qat starts from as they are (a loaded checkpoint's)."""
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
     return [name for name, m in model.named_modules()
             if isinstance(m, Int4Linear) and not matches_any(name, skip)
             and (filter_fn is None or filter_fn(name, m))]

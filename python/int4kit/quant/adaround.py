@@ -19,7 +19,7 @@ with H the calibration inputs' mean x x^T (the streaming engine's statistic: exa
 at the cost of one [N, K] x [K, K] product per step, and no activations held), divided by that of
 plain rounding so that `reg` means the same for every layer. Block-wise (BRECQ, Li et al., 2021;
 `QuantConfig(reconstruction="block")`) every layer of a transformer block learns its rounding at
-once against the block's full-precision output (quant.model).
+once against the block's full-precision output (quant/blocks.py).
 """
 from typing import Optional, Tuple
 
@@ -29,6 +29,7 @@ from .rtn import MAX_CODE, dequant, group_size_of, grouped, layer_objective, rtn
 
 ZETA, GAMMA = 1.1, -0.1
 BETA_START, BETA_END = 20.0, 2.0
+WARMUP = 0.2  # share of the steps before the regulariser starts
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -55,13 +56,14 @@ class SoftRounding:
         p = ((t - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.v = torch.log(p / (1 - p)).requires_grad_()
 
-    def _weight(self, up: torch.Tensor) -> torch.Tensor:
-        q = (self.floor + up + self.z[..., None]).clamp(0, MAX_CODE)
-        return ungrouped((q - self.z[..., None]) * self.s[..., None], self.K)
+    def _codes(self, up: torch.Tensor) -> torch.Tensor:
+        """Grouped codes [N, groups, G] for a rounding direction `up` in [0, 1] per weight."""
+        return (self.floor + up + self.z[..., None]).clamp(0, MAX_CODE)
 
     def soft_weight(self) -> torch.Tensor:
         """[N, K] float32 with the current soft rounding (differentiable in v)."""
-        return self._weight(rectified_sigmoid(self.v))
+        q = self._codes(rectified_sigmoid(self.v))
+        return ungrouped((q - self.z[..., None]) * self.s[..., None], self.K)
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """mean(1 - |2 h - 1|^beta) over the weights: 0 once every h is 0 or 1."""
@@ -70,9 +72,7 @@ class SoftRounding:
     @torch.no_grad()
     def codes(self) -> torch.Tensor:
         """The hard codes [N, K] (int64): up where h(V) >= 0.5."""
-        up = (self.v >= 0).float()
-        q = (self.floor + up + self.z[..., None]).clamp(0, MAX_CODE)
-        return ungrouped(q, self.K).long()
+        return ungrouped(self._codes((self.v >= 0).float()), self.K).long()
 
 
 def grid(w: torch.Tensor, H: Optional[torch.Tensor], group_size: int, symmetric: bool,
@@ -85,7 +85,7 @@ def grid(w: torch.Tensor, H: Optional[torch.Tensor], group_size: int, symmetric:
 
 def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
              dtype: torch.dtype, iters: int = 1000, reg: float = 10.0, lr: float = 3e-2,
-             warmup: float = 0.2, clip_search: bool = True):
+             warmup: float = WARMUP, clip_search: bool = True):
     """Layer-wise AdaRound of w [N, K] against H = mean x x^T [K, K]. Returns (codes, s, z) as
     rtn does, and never worse than plain rounding on the layer objective (it returns that then).
     Deterministic: no sampling (the objective sums over every calibration token)."""

@@ -14,7 +14,7 @@ quantized (through dense stand-ins), so a block learns to absorb the error that 
      of plain rounding, plus reg times the rounding regulariser, one calibration batch per step,
      drawn with QuantConfig.seed; the hard codes are kept unless plain rounding reconstructs the
      block better.
-Layers outside every block (a pooler, a classifier head) get layer-wise AdaRound afterwards.
+Layers outside every block (a pooler, a classifier head) get layer-wise AdaRound (quant.model).
 """
 import math
 from typing import Dict, List, Tuple
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..nn import replace_module
 from . import calibration
-from .adaround import SoftRounding, adaround, beta_at, grid
+from .adaround import WARMUP, SoftRounding, beta_at, grid
 from .rtn import group_size_of, to_int4linear
 
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -133,11 +133,26 @@ def _block_loss(block, inputs, targets, masks, index) -> torch.Tensor:
     return _masked_mse(_first_tensor(block(*args, **kwargs)), targets[index], masks[index])
 
 
-def quantize_blocks(model: nn.Module, targets: List[str], batches: List, config,
+def quantize_blocks(model: nn.Module, blocks: List[Tuple[str, List[str]]], batches: List, config,
                     report) -> Dict[str, nn.Module]:
-    """Block-wise AdaRound of `targets` (module docstring). Returns name -> Int4Linear; the model
-    holds dense stand-ins of them when it returns (the caller swaps the Int4Linear layers in)."""
-    blocks, loose = find_blocks(model, targets)
+    """Block-wise AdaRound of the layers of `blocks` (find_blocks; module docstring), in eval
+    mode. Returns name -> Int4Linear; the model holds dense stand-ins of them when it returns
+    (the caller swaps the Int4Linear layers in)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _quantize_blocks(model, blocks, batches, config, report)
+    finally:
+        model.train(was_training)
+
+
+def _stand_in(model: nn.Module, layers: Dict[str, nn.Module]) -> None:
+    """Puts dense stand-ins of these Int4Linear layers into the model (quant.model's reason)."""
+    for name, layer in layers.items():
+        replace_module(model, name, layer.to_linear())
+
+
+def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Module]:
     fp_outputs = _block_outputs(model, batches, blocks)
     masks = [calibration.attention_mask_of(item) for item in batches]
     generator = torch.Generator().manual_seed(config.seed)
@@ -145,58 +160,38 @@ def quantize_blocks(model: nn.Module, targets: List[str], batches: List, config,
     for block_name, names in calibration.progress(blocks, config.show_progress, desc="blocks"):
         block = model.get_submodule(block_name)
         inputs = _block_inputs(model, batches, block)
-        stats = calibration.collect(model, batches, {n: model.get_submodule(n) for n in names},
-                                    absmean=False, max_tokens=config.calib_max_tokens)
         layers = {n: model.get_submodule(n) for n in names}
+        stats = calibration.collect(model, batches, layers, absmean=False,
+                                    max_tokens=config.calib_max_tokens)
         grids = {n: grid(layers[n].weight.detach().float().cpu(), stats[n].hessian,
                          config.group_size, config.symmetric, layers[n].weight.dtype,
                          config.clip_search) for n in names}
-        G = {n: group_size_of(config.group_size, layers[n].in_features) for n in names}
-        soft = {n: SoftRounding(layers[n].weight.detach().float(), grids[n][1], grids[n][2], G[n])
+        soft = {n: SoftRounding(layers[n].weight.detach().float(), grids[n][1], grids[n][2],
+                                group_size_of(config.group_size, layers[n].in_features))
                 for n in names}
-        targets_ = fp_outputs[block_name]
+        targets = fp_outputs[block_name]
 
         def total_loss():
             with torch.no_grad():
-                return sum(float(_block_loss(block, inputs, targets_, masks, i))
+                return sum(float(_block_loss(block, inputs, targets, masks, i))
                            for i in range(len(inputs))) / len(inputs)
         nearest = {n: to_int4linear(layers[n], *grids[n], config.group_size, config.symmetric)
                    for n in names}
-        for n in names:
-            replace_module(model, n, nearest[n].to_linear())
+        _stand_in(model, nearest)
         base = total_loss()
         for n in names:
             replace_module(model, n, _SoftLinear(soft[n], layers[n].bias))
         if base > 0 and config.adaround_iters > 0:
-            _optimise(block, inputs, targets_, masks, soft, base, config, generator, block_name)
+            _optimise(block, inputs, targets, masks, soft, base, config, generator, block_name)
         learned = {n: to_int4linear(layers[n], soft[n].codes(), grids[n][1], grids[n][2],
                                     config.group_size, config.symmetric) for n in names}
-        for n in names:
-            replace_module(model, n, learned[n].to_linear())
+        _stand_in(model, learned)
         if base > 0 and total_loss() > base:
             report.notes.append((block_name, "plain rounding reconstructed the block better than "
                                              "the learned rounding; kept plain rounding"))
             learned = nearest
-            for n in names:
-                replace_module(model, n, nearest[n].to_linear())
+            _stand_in(model, nearest)
         final.update(learned)
-    if loose:
-        stats = calibration.collect(model, batches, {n: model.get_submodule(n) for n in loose},
-                                    absmean=False, max_tokens=config.calib_max_tokens)
-        for n in loose:
-            layer = model.get_submodule(n)
-            if stats[n].count == 0:
-                codes, s, z = grid(layer.weight.detach().float().cpu(), None, config.group_size,
-                                   config.symmetric, layer.weight.dtype, config.clip_search)
-                report.fallbacks.append((n, "calib_data never reached this layer (no tokens); "
-                                            "quantized with RTN instead"))
-            else:
-                codes, s, z = adaround(layer.weight.detach().cpu(), stats[n].hessian,
-                                       config.group_size, config.symmetric, layer.weight.dtype,
-                                       config.adaround_iters, config.adaround_reg,
-                                       config.adaround_lr, clip_search=config.clip_search)
-            final[n] = to_int4linear(layer, codes, s, z, config.group_size, config.symmetric)
-            replace_module(model, n, final[n].to_linear())
     return final
 
 
@@ -209,7 +204,7 @@ def _optimise(block, inputs, targets, masks, soft, base, config, generator, bloc
         for step in range(iters):
             index = int(torch.randint(len(inputs), (1,), generator=generator))
             loss = _block_loss(block, inputs, targets, masks, index) / base
-            beta = beta_at(step, iters, 0.2)
+            beta = beta_at(step, iters, WARMUP)
             if beta is not None:
                 loss = loss + config.adaround_reg * sum(
                     s.regulariser(beta) * (s.v.numel() / total) for s in soft.values())

@@ -45,9 +45,10 @@ class QuantConfig:
     method "adaround" (quant/adaround.py): round-to-nearest's grid (clip_search as for gptq), each
       weight's rounding direction learned for adaround_iters Adam steps (learning rate
       adaround_lr) against the reconstruction error (relative to plain rounding's) plus
-      adaround_reg times the mean rounding regulariser; reconstruction "layer" (each layer's output, through its Hessian: exact and
-      deterministic) or "block" (every layer of a transformer block at once against the block's
-      full-precision output, BRECQ; batches drawn with `seed`)."""
+      adaround_reg times the mean rounding regulariser; reconstruction "layer" (each layer's
+      output, through its Hessian: exact and deterministic) or "block" (every layer of a
+      transformer block at once against the block's full-precision output, BRECQ; batches drawn
+      with `seed`)."""
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"

@@ -14,7 +14,7 @@ from ..nn import Int4Linear, replace_module
 from . import calibration
 from .adaround import adaround
 from .awq import awq, awq_scales, scaled_hessian
-from .blocks import quantize_blocks
+from .blocks import find_blocks, quantize_blocks
 from .config import QuantConfig
 from .gptq import gptq
 from .hqq import hqq
@@ -69,7 +69,10 @@ class QuantReport:
         return "\n".join(lines)
 
 
-def matches_any(name: str, patterns: Iterable[str]) -> bool:
+def matches_any(name: str, patterns) -> bool:
+    """name equals or fnmatches one of `patterns` (a string or an iterable of strings)."""
+    if isinstance(patterns, str):
+        patterns = (patterns,)
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -229,15 +232,13 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
                 replace_module(model, name, built[name])
             report.swapped.extend(targets)
         elif config.method == "adaround" and config.reconstruction == "block":
-            was_training = model.training
-            model.eval()
-            try:
-                built = quantize_blocks(model, targets, batches, config, report)
-            finally:
-                model.train(was_training)
-            for name in targets:
-                replace_module(model, name, built[name])
-            report.swapped.extend(targets)
+            blocks, loose = find_blocks(model, targets)
+            built = quantize_blocks(model, blocks, batches, config, report)
+            if loose:  # layer-wise, with every block quantized (as dense stand-ins)
+                _quantize_sequential(model, loose, batches, config, report)
+            for name, layer in built.items():
+                replace_module(model, name, layer)
+            report.swapped.extend(built)
         else:
             _quantize_sequential(model, targets, batches, config, report)
         for name in report.swapped:  # W4A8 changes how the layers run, not what they store
@@ -270,9 +271,7 @@ def select_layers(model: nn.Module, group_size: int, skip: Iterable[str] = (),
     """The nn.Linear layers of `model` that can become Int4Linear layers with `group_size`, and
     the others with the reason: (targets, [(name, reason), ...]). skip and filter_fn as in
     quantize_model."""
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
+    skip = skip if isinstance(skip, str) else tuple(skip)  # consumed once per layer below
     targets, skipped = [], []
     tied = _tied_weights(model)
     for name, module in model.named_modules():
@@ -292,11 +291,11 @@ def select_layers(model: nn.Module, group_size: int, skip: Iterable[str] = (),
 
 
 class Undo:
-    """What quantize_model (or prepare_qat) may change, remembered so that an interruption at any point puts the
-    model back exactly: the target layers and the model's Int4Linear layers, every Linear's
-    weight and bias (AWQ folds replace a producer's), and what Hugging Face integration
-    attaches. (It holds the original layers until quantize_model returns: a data-free run's
-    peak is the dense model plus its int4 layers.)"""
+    """What quantize_model (or prepare_qat, convert) may change, remembered so that an
+    interruption at any point puts the model back exactly: the target layers and the model's
+    Int4Linear layers, every Linear's weight and bias (AWQ folds replace a producer's), and what
+    Hugging Face integration attaches. (It holds the original layers until quantize_model
+    returns: a data-free run's peak is the dense model plus its int4 layers.)"""
 
     _MISSING = object()
 
