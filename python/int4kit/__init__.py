@@ -6,6 +6,7 @@
     int4kit.save_quantized(model, "out")          # or model.save_pretrained("out") (transformers)
     int4kit.load_quantized(skeleton_model, "out")
     int4kit.qat.prepare_qat(model, int4kit.qat.QATConfig(...)); train; int4kit.qat.convert(model)
+    parallelize_module(model, mesh, int4kit.parallel.llama_plan(model))   # tensor parallel
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
@@ -18,7 +19,17 @@ from .quant import QuantConfig, QuantReport, quantize_model
 
 __all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "qat", "reference",
            "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError",
-           "convert_checkpoint"]
+           "convert_checkpoint", "parallel"]
 __version__ = "0.1.0"
+
+
+
+def __getattr__(name):
+    # int4kit.parallel imports torch.distributed's tensor-parallel stack (~0.5 s): only when used
+    if name == "parallel":
+        import importlib
+        return importlib.import_module(".parallel", __name__)
+    raise AttributeError(f"module 'int4kit' has no attribute {name!r}")
+
 
 hf.install()  # transformers' from_pretrained knows quant_method "int4kit" from here on

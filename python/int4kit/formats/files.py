@@ -98,6 +98,9 @@ class _PickledFile:
     def get_tensor(self, key):
         return self._tensors[key].contiguous()
 
+    def get_slice(self, key, dim, start, stop):
+        return self._tensors[key].narrow(dim, start, stop - start).contiguous()
+
     def shape_dtype(self, key):
         t = self._tensors[key]
         return list(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))
@@ -249,6 +252,43 @@ class CheckpointReader:
                                   f"corrupt")
         return tensor
 
+    def get_slice(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) of dimension `dim` (0 or 1) of a tensor, reading only those
+        bytes from a safetensors file. The file's CRC-32 covers the whole tensor, so a slice is
+        not checked against it (see `verify`)."""
+        shape, _ = self.shape_dtype(key)
+        if dim >= len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} of shape {shape} has no "
+                                  f"slice [{start}:{stop}] in dimension {dim}")
+        try:
+            return self._handles[self._file_of[key]].get_slice(key, dim, start, stop)
+        except Exception as error:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} cannot be read "
+                                  f"({error})") from None
+
+    def verify(self, key: str, chunk_bytes: int = 64 << 20) -> None:
+        """Checks a tensor against its recorded CRC-32 reading it in slices of about chunk_bytes
+        (never the whole tensor at once); a tensor without a recorded checksum passes."""
+        expected = self.checksums.get(key)
+        if expected is None:
+            return
+        shape, dtype = self.shape_dtype(key)
+        if not shape:
+            self.get(key)
+            return
+        torch_dtype = next(t for t, name in _SAFETENSORS_DTYPES.items() if name == dtype)
+        crc = zlib.crc32(f"{torch_dtype}{shape}".encode())
+        row_bytes = max(1, math.prod(shape[1:]) * _ITEMSIZE[dtype])
+        step = max(1, chunk_bytes // row_bytes)
+        for start in range(0, shape[0], step):
+            rows = self.get_slice(key, 0, start, min(start + step, shape[0]))
+            crc = zlib.crc32(memoryview(rows.contiguous().reshape(-1).view(torch.uint8).numpy()),
+                             crc)
+        if crc != expected:
+            raise CheckpointError(f"{self.file_of(key)}: tensor {key!r} does not match the "
+                                  f"CRC-32 its file recorded when it was written: the file is "
+                                  f"corrupt")
+
     def shape_dtype(self, key: str) -> Tuple[List[int], str]:
         """Shape and safetensors dtype name (e.g. "U8", "BF16") without reading the data."""
         if key not in self._file_of:
@@ -275,6 +315,10 @@ class _SafetensorsFile:
 
     def get_tensor(self, key):
         return self._handle.get_tensor(key)
+
+    def get_slice(self, key, dim, start, stop):
+        piece = self._handle.get_slice(key)
+        return (piece[start:stop] if dim == 0 else piece[:, start:stop]).contiguous()
 
     def shape_dtype(self, key):
         piece = self._handle.get_slice(key)

@@ -13,7 +13,7 @@ The config lives in `config.json["quantization_config"]` when the folder is a Hu
 import contextlib
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,11 @@ def quantization_config(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("model has no Int4Linear layer: quantize it first "
                          "(int4kit.quantize_model) or save it with torch/safetensors directly")
+    sharded = [name for name, module in layers.items() if getattr(module, "tp_shard", None)]
+    if sharded:
+        raise ValueError(f"layer {sharded[0]!r} is one rank's tensor-parallel shard, not the whole "
+                         f"layer; save the model before parallelizing it (a native checkpoint "
+                         f"loads at any world size with int4kit.parallel.load_sharded)")
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": 4,
             "layers": {name: layer_settings(module) for name, module in layers.items()}}
 
@@ -380,6 +385,22 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
     strict: checkpoint tensors the model has no place for are an error (else ignored). A model
       tensor the checkpoint lacks is always an error.
     """
+    return load_with(model, directory, device, strict, read_and_build)
+
+
+def read_and_build(reader: CheckpointReader, name: str, settings: dict, device) -> Int4Linear:
+    """A quantized layer read whole from the checkpoint and built for `device`."""
+    return build_layer(settings, read_layer(reader, name, settings), device)
+
+
+LayerBuilder = Callable[[CheckpointReader, str, dict, torch.device], nn.Module]
+
+
+def load_with(model: nn.Module, directory, device, strict: bool,
+              build: LayerBuilder) -> nn.Module:
+    """load_quantized with the quantized layers made by build(reader, name, settings, device)
+    (called in the config's order, the same on every rank: a tensor-parallel loader reads only
+    its shard there). Every check runs before the model changes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     reader = CheckpointReader(directory)
@@ -441,9 +462,8 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
     # quantized layers: check every tensor before changing the model
     built = {}
     for name, settings in layers.items():
-        tensors = read_layer(reader, name, settings)
-        built[name] = build_layer(settings, tensors, _target_device(model.get_submodule(name),
-                                                                    device))
+        built[name] = build(reader, name, settings,
+                            _target_device(model.get_submodule(name), device))
     # the other tensors, one at a time; a tensor tied to another in the model stays tied
     loaded: Dict[int, torch.Tensor] = {}
     updates = []
