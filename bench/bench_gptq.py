@@ -9,8 +9,17 @@ dense and well conditioned like a real layer's input statistics.
     python bench/bench_gptq.py                     # 4096 x 4096, 64k tokens, group 128 asymmetric
     python bench/bench_gptq.py --features 2048 --tokens 16384 --group-size 32
     python bench/bench_gptq.py --refine-rounds 2            # plus two grid refits, one more pass
+    python bench/bench_gptq.py --memory 4096 14336 --rows 4096   # peak memory of the solve per K
+
+--memory runs gptq() once per K in a fresh process on a synthetic positive definite Hessian
+(float32, as the caller would hold it) and reports the peak resident memory the call adds above
+its inputs (Linux: /proc/self/clear_refs resets the peak), next to docs/SCALE.md's formula.
 """
 import argparse
+import os
+import re
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,6 +38,57 @@ def layer_objective(w, codes, s, z, G, H):
     return torch.einsum("nk,kj,nj->", d, H.double(), d).item()
 
 
+def _rss_mib(field: str) -> float:
+    status = open("/proc/self/status").read()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def predicted_peak_mib(K: int, N: int, group_size: int) -> float:
+    """docs/SCALE.md's formula for what gptq() adds above a float32 w and H, the largest of its
+    three phases: the solve (the K x K buffer in the solve dtype, plus the float32 copy of a
+    float64 result), the pass (the float32 factor, the float32 working copy of W^T and the uint8
+    codes) and the return (uint8 codes and the int64 ones returned); 16 MiB of row slices."""
+    from int4kit.quant.gptq import solve_dtype
+    b = solve_dtype(K).itemsize
+    solve = K * K * b + (K * K * 4 if b == 8 else 0)
+    run = K * K * 4 + N * K * (4 + 1)
+    end = N * K * (1 + 8)
+    return (max(solve, run, end) + (16 << 20)) / 2**20
+
+
+def measure_memory(K: int, N: int, group_size: int) -> None:
+    """One line of the memory table, printed by a fresh process."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g) * 0.02
+    A = torch.randn(K, 64, generator=g)
+    H = A @ A.T / 64
+    H.diagonal().add_(0.1)
+    del A
+    open("/proc/self/clear_refs", "w").write("5")
+    base = _rss_mib("VmRSS")
+    t0 = time.perf_counter()
+    gptq(w, H, group_size, False)
+    seconds = time.perf_counter() - t0
+    peak = _rss_mib("VmHWM") - base
+    from int4kit.quant.gptq import solve_dtype
+    print(f"| {K} | {N} | {str(solve_dtype(K)).removeprefix('torch.')} | "
+          f"{K * K * 4 / 2**20:.0f} | {peak:.0f} | {predicted_peak_mib(K, N, group_size):.0f} | "
+          f"{seconds:.0f} s |", flush=True)
+
+
+def memory_table(sizes, N, group_size) -> int:
+    print(f"GPTQ solve, group {group_size} asymmetric, {torch.get_num_threads()} threads; "
+          f"peak resident memory added by gptq() above w (float32) and H (float32)")
+    print("| K | N | solve dtype | H fp32 (MiB) | peak added (MiB) | formula (MiB) | time |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
+    for K in sizes:
+        code = (f"import sys; sys.argv = ['bench_gptq']; import bench_gptq; "
+                f"bench_gptq.measure_memory({K}, {N or K}, {group_size})")
+        subprocess.run([sys.executable, "-c", code], check=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--features", type=int, default=4096, help="in_features = out_features")
@@ -38,7 +98,13 @@ def main(argv=None):
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--refine-rounds", type=int, default=0,
                    help="QuantConfig.refine_rounds: grid refits alternated with GPTQ passes")
+    p.add_argument("--memory", type=int, nargs="+", metavar="K",
+                   help="measure the peak memory of the solve at these in_features instead")
+    p.add_argument("--rows", type=int, default=None,
+                   help="out_features for --memory (default: K)")
     args = p.parse_args(argv)
+    if args.memory:
+        return memory_table(args.memory, args.rows, args.group_size)
     K = N = args.features
     G = K if args.group_size == -1 else args.group_size
     g = torch.Generator().manual_seed(0)

@@ -42,28 +42,52 @@ def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
     return s[:, 0], z[:, 0]
 
 
-def damping(H: torch.Tensor, damp: float) -> float:
-    """What GPTQ adds to the Hessian's diagonal: damp * mean(diag H) (damp itself for a zero H)."""
-    return damp * (float(torch.diag(H).mean()) or 1.0)
+def damping(diagonal: torch.Tensor, damp: float) -> float:
+    """What GPTQ adds to the Hessian's diagonal: damp * its mean (in float64; damp itself for a
+    zero Hessian)."""
+    return damp * (float(diagonal.double().mean()) or 1.0)
 
 
-def damped_inverse_cholesky(H: torch.Tensor, damp: float):
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = that inverse), in
-    float64; raises the damping tenfold (up to 3 times) if the factorisation fails. Returns
-    (U, damping used).
+# The solve works in float64 while its K x K buffer stays within this many bytes (K <= 4096),
+# in float32 above: at K = 28672 (Llama-3 70B's down_proj) one float64 buffer alone is 6.6 GB.
+FLOAT64_SOLVE_BYTES = 128 << 20
 
-    With J the order-reversing permutation and J Hd J = L L^T, Hd = (J L J)(J L J)^T where J L J is
-    upper triangular, so U = (J L J)^-1 = J L^-1 J: one Cholesky and one triangular solve instead
-    of Cholesky, inverse and a second Cholesky."""
-    H = H.double()
+
+def solve_dtype(K: int) -> torch.dtype:
+    """The dtype of the Hessian solve for K inputs (FLOAT64_SOLVE_BYTES)."""
+    return torch.float64 if K * K * 8 <= FLOAT64_SOLVE_BYTES else torch.float32
+
+
+def damped_inverse_cholesky(H: torch.Tensor, damp: float, perm: Optional[torch.Tensor] = None,
+                            dtype: Optional[torch.dtype] = None):
+    """Upper Cholesky factor U of (Hp + damp * mean(diag Hp) * I)^-1 (U^T U = that inverse), with
+    Hp = H[perm][:, perm] (H itself without perm) and dead inputs (H_dd = 0) given H_dd = 1;
+    raises the damping tenfold (up to 3 times) if a factorisation fails. Returns (U in `dtype`,
+    default solve_dtype(K), damping used). H is not modified.
+
+    Memory: one K x K buffer beyond H. The permuted copy is built in slices of rows; the three
+    LAPACK steps (Cholesky, inverse from the factor, Cholesky of the inverse) run in place on the
+    buffer's column-major view (row-major input would make torch copy it for LAPACK). The last
+    factorisation is the lower factor of the column-major view, which read row-major is U."""
     K = H.shape[0]
+    dtype = dtype or solve_dtype(K)
+    work = torch.empty(K, K, dtype=dtype)
+    cm = work.mT  # column-major view: LAPACK works on it in place
+    info = torch.empty((), dtype=torch.int32)
+    step = max(1, (16 << 20) // (K * H.element_size()))
     for attempt in range(4):
-        Hd = H.flip(0, 1)
-        Hd.diagonal().add_(damping(H, damp))
-        L, info = torch.linalg.cholesky_ex(Hd)
+        for r0 in range(0, K, step):
+            rows = slice(r0, min(r0 + step, K))
+            work[rows] = H[rows] if perm is None else H[perm[rows]][:, perm]
+        diagonal = work.diagonal()
+        diagonal.masked_fill_(diagonal == 0, 1.0)
+        diagonal.add_(damping(diagonal, damp))
+        torch.linalg.cholesky_ex(cm, out=(cm, info))
         if int(info) == 0:
-            eye = torch.eye(K, dtype=L.dtype)
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), damp
+            torch.cholesky_inverse(cm, out=cm)
+            torch.linalg.cholesky_ex(cm, out=(cm, info))
+            if int(info) == 0:
+                return work.triu_(), damp
         damp = damp * 10 if damp > 0 else 1e-6
     raise RuntimeError(f"GPTQ: the Hessian of this layer ({K} inputs) is not positive definite "
                        f"even with damping {damp:g}; its calibration data may be degenerate")
@@ -88,22 +112,23 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
             raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features {K}")
         G = group_size_of(group_size, K)
         W = w.to(compute_dtype)
-        H = H.double().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
-        perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-        Hinv, damp = damped_inverse_cholesky(H if perm is None else H[perm][:, perm], damp)
-        Hinv = Hinv.to(compute_dtype)
-        cw = torch.diag(H).to(compute_dtype) if clip_search else None
+        diag = torch.diag(H).double()
+        diag[diag == 0] = 1.0  # dead inputs, as damped_inverse_cholesky treats them
+        perm = torch.argsort(diag, descending=True) if act_order else None
+        Hinv, damp = damped_inverse_cholesky(H, damp, perm)
+        Hinv = Hinv.to(compute_dtype)  # no copy when the solve ran in compute_dtype
+        cw = diag.to(compute_dtype) if clip_search else None
 
         def run_pass(grid):
             return _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid)
 
         Q, S, Z = run_pass(None)
         if refine_rounds > 0:
-            Hd = H.clone()
-            Hd.diagonal().add_(damping(H, damp))  # the damping the Cholesky factor used
-            layer = LayerTerms(W, Hd.to(compute_dtype), G, symmetric)
+            Hd = H.to(compute_dtype, copy=True)
+            # the diagonal the Cholesky factor used: dead inputs at 1, plus the damping
+            Hd.diagonal().copy_(diag + damping(diag, damp))
+            layer = LayerTerms(W, Hd, G, symmetric)
+            del Hd
             best, best_obj = (Q, S, Z), None
             for r in range(refine_rounds):
                 S, Z, obj_before, obj = refit_grid(layer, Q, S, Z, dtype)
@@ -116,6 +141,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                 if r + 1 < refine_rounds:
                     Q, S, Z = run_pass((S, Z))
             Q, S, Z = best
+        Hinv = None  # frees the largest buffer before the int64 codes are made
         return Q.long(), S, Z
 
 
@@ -123,7 +149,8 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     """One GPTQ pass over W [N, K] (compute dtype) with Hinv the Cholesky factor of the damped
     inverse Hessian in visiting order (columns permuted by `perm` when act-order). grid = (S, Z)
     fixes every group's parameters (their zero points may be fractional); None computes them as
-    the pass goes (or up front, "static", for act-order and per channel). Returns codes (float), S, Z."""
+    the pass goes (or up front, "static", for act-order and per channel). Returns codes (uint8),
+    S, Z."""
     N, K = W.shape
     groups = -(-K // G)
     compute_dtype = W.dtype
@@ -158,7 +185,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     # group boundaries (sub divides G), or are the block.
     sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
     WT = W.T.clone(memory_format=torch.contiguous_format)  # never a view of the caller's w
-    QT = torch.empty(K, N, dtype=compute_dtype)
+    QT = torch.empty(K, N, dtype=torch.uint8)  # codes are 0..15: a quarter of float32's memory
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = WT[i1:i2].clone()
@@ -199,7 +226,7 @@ class LayerTerms:
         K = W.shape[1]
         self.G, self.symmetric = G, symmetric
         self.centre = SYMMETRIC_ZERO if symmetric else CODE_CENTRE
-        self.Hp = F.pad(H, (0, -K % G, 0, -K % G))
+        self.Hp = F.pad(H, (0, -K % G, 0, -K % G)) if K % G else H
         self.groups = ng = self.Hp.shape[0] // G
         self.WH = F.pad(W.to(H.dtype), (0, -K % G)) @ self.Hp
         self.wHw = (W.to(H.dtype) * self.WH[:, :K]).double().sum(1)
