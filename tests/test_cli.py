@@ -59,6 +59,8 @@ def test_quantize_writes_a_model_from_pretrained_loads(quantized):
 def test_info(quantized):
     out = run("info", quantized).stdout
     assert "int4kit checkpoint" in out and "format version 1, 37 quantized layers" in out
+    # MiniLM: 12 heads, K 384 or 1536 in groups of 128; attention.output.dense splits K = 384
+    assert "TP 1: yes (Marlin)" in out and "TP 2: no - " in out and "TP 8: no - " in out
     assert "bits per quantized weight: 4.500" in out  # 4 bits + fp32 scale and zero per 128
     assert "37 x method gptq, group size 128, asym, float32 scales, W4A16" in out
 

@@ -122,6 +122,7 @@ def cmd_convert(args) -> int:
 
 def describe_checkpoint(path: str) -> str:
     """What `int4kit info` prints: format, layers, methods, bits per weight, size, version."""
+    from .formats import vllm
     from .formats.convert import detect_format
     from .formats.files import CheckpointReader
     from .formats.native import layer_keys, read_quantization_config
@@ -134,6 +135,9 @@ def describe_checkpoint(path: str) -> str:
              f"{size / 2**20:.2f} MiB"]
     if fmt.name != "int4kit":
         lines.append(f"  quantization config: {json.dumps(fmt.config, sort_keys=True)}")
+        if fmt.name != "awq":
+            lines += _vllm_lines(vllm.foreign_layer_shapes(reader, fmt), reader,
+                                 "vLLM tensor parallel")
         lines.append("  convert it with: int4kit convert SRC DST")
         return "\n".join(lines)
     config = read_quantization_config(reader)
@@ -159,7 +163,16 @@ def describe_checkpoint(path: str) -> str:
     for (method, group, sym, dtype, act), count in sorted(count_by.items(), key=str):
         lines.append(f"  {count:4d} x method {method}, group size {group}, {sym}, "
                      f"{dtype} scales, {act}")
+    lines += _vllm_lines(vllm.native_layer_shapes(reader), reader,
+                         "vLLM tensor parallel, once exported to GPTQ or compressed-tensors")
     return "\n".join(lines)
+
+
+def _vllm_lines(shapes, reader, title: str) -> List[str]:
+    """The TP sizes vLLM can serve these layers at (formats/vllm.py), as `info` lines."""
+    from .formats import vllm
+    support = vllm.tp_support(shapes, vllm.hf_config_of(reader.directory))
+    return [f"  {title}:"] + [f"    {line}" for line in vllm.summary(support).splitlines()]
 
 
 def cmd_info(args) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..nn import dequantized_weight
-from . import awq, compressed_tensors as ct, gptq
+from . import awq, compressed_tensors as ct, gptq, vllm
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
                     parse_size, read_json, write_json_atomic)
@@ -37,6 +37,8 @@ class ConvertReport:
     files: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # per-layer facts worth knowing
     max_weight_error: float = 0.0  # largest |w - w_converted| over re-quantized layers (lossy)
+    # exports: the TP sizes vLLM can serve the result at (formats/vllm.py summary lines)
+    vllm_tp: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"int4kit: converted {self.layers} quantized layers from {self.source} to "
@@ -44,6 +46,9 @@ class ConvertReport:
         lines += [f"  note: {note}" for note in self.notes]
         if self.max_weight_error:
             lines.append(f"  lossy: largest weight error {self.max_weight_error:.3g}")
+        if self.vllm_tp:
+            lines.append("  vLLM tensor parallel:")
+            lines += [f"    {line}" for line in self.vllm_tp]
         return "\n".join(lines)
 
 
@@ -311,6 +316,10 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
     for alias, original in native.get("aliases", {}).items():
         writer.add(alias, reader.get(original))  # other tools expect every name present
     report.layers = len(layers)
+    shapes = {name: vllm.LayerShape(s["out_features"], s["in_features"], s["group_size"])
+              for name, s in written.items()}
+    report.vllm_tp = vllm.summary(vllm.tp_support(
+        shapes, vllm.hf_config_of(reader.directory))).splitlines()
     return _target_config(to, written)
 
 
