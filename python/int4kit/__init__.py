@@ -7,6 +7,7 @@
     int4kit.load_quantized(skeleton_model, "out")
     int4kit.qat.prepare_qat(model, int4kit.qat.QATConfig(...)); train; int4kit.qat.convert(model)
     parallelize_module(model, mesh, int4kit.parallel.llama_plan(model))   # tensor parallel
+    int4kit.quantize_checkpoint(src_dir, dst_dir, config, calib_data)     # larger than memory
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
@@ -19,16 +20,17 @@ from .quant import QuantConfig, QuantReport, quantize_model
 
 __all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "qat", "reference",
            "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError",
-           "convert_checkpoint", "parallel"]
+           "convert_checkpoint", "parallel", "quantize_checkpoint"]
 __version__ = "0.1.0"
 
 
 
 def __getattr__(name):
     # int4kit.parallel imports torch.distributed's tensor-parallel stack (~0.5 s): only when used
-    if name == "parallel":
+    if name in ("parallel", "quantize_checkpoint"):
         import importlib
-        return importlib.import_module(".parallel", __name__)
+        parallel = importlib.import_module(".parallel", __name__)
+        return parallel if name == "parallel" else parallel.quantize_checkpoint
     raise AttributeError(f"module 'int4kit' has no attribute {name!r}")
 
 

@@ -56,22 +56,11 @@ def read_calibration_text(path: Optional[str]) -> List[str]:
     return samples
 
 
-def _model_class(config):
-    """The transformers class the checkpoint was saved from (its config's architectures), so a
-    causal LM keeps its head; AutoModel otherwise."""
-    import transformers
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
 def cmd_quantize(args) -> int:
     _offline()
     import torch
     import transformers
-    from . import QuantConfig, quantize_model
+    from . import QuantConfig, hf, quantize_model
     from .eval import batches
 
     if not os.path.isdir(args.model_dir):
@@ -85,7 +74,7 @@ def cmd_quantize(args) -> int:
                                method=args.method, act_order=args.act_order,
                                clip_search=args.clip_search, refine_rounds=args.refine_rounds,
                                reconstruction=args.reconstruction, show_progress=True)
-    model = _model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
+    model = hf.model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
     calib = None
     tokenizer = None
     if quant_config.needs_calibration or args.calib:

@@ -247,6 +247,17 @@ def _register():
     return _registered
 
 
+def model_class(config):
+    """The transformers class a checkpoint was saved from (its config's architectures), so a
+    causal LM keeps its head; AutoModel otherwise."""
+    import transformers
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
 def is_transformers_model(model) -> bool:
     transformers = sys.modules.get("transformers")
     if transformers is None:

@@ -364,12 +364,14 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
             config = _export(reader, to, lossy, writer, report)
             set_config_json(dst, None)
             report.files = writer.finish()
-    _write_side_files(src, dst, config, to, report)
+    report.files += write_side_files(src, dst, config, to)
     return report
 
 
-def _write_side_files(src: str, dst: str, config: dict, to: str, report: ConvertReport) -> None:
-    """config.json with the new quantization_config, the files beside the weights copied."""
+def write_side_files(src: str, dst: str, config: dict, to: str) -> List[str]:
+    """config.json with the new quantization_config, the files beside the weights copied;
+    returns the names of the config files written."""
+    written = []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if (not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES)
@@ -384,7 +386,8 @@ def _write_side_files(src: str, dst: str, config: dict, to: str, report: Convert
         hf_config = read_json(src_config) if os.path.isfile(src_config) else {}
         hf_config["quantization_config"] = config
         write_json_atomic(os.path.join(dst, CONFIG_FILE), hf_config)
-        report.files.append(CONFIG_FILE)
+        written.append(CONFIG_FILE)
     if to in ("gptq", "gptq_v2"):  # AutoGPTQ-era tools read it from its own file
         write_json_atomic(os.path.join(dst, "quantize_config.json"), config)
-        report.files.append("quantize_config.json")
+        written.append("quantize_config.json")
+    return written

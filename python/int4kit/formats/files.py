@@ -410,6 +410,36 @@ class ShardWriter:
         for key, tensor in tensors:
             self.add(key, tensor)
 
+    def flush(self) -> None:
+        """Writes what was added so far as a shard now: a boundary the caller chooses (one block
+        of a model at a time keeps memory at one block)."""
+        self._flush()
+
+    def state(self) -> dict:
+        """What `resume` needs to go on with this checkpoint in another process (JSON-ready):
+        the temporary shards written so far and their tensor names. Call after `flush`."""
+        if self._pending:
+            raise RuntimeError("ShardWriter.state() with tensors not yet written: flush first")
+        return {"tag": self._tag, "total_bytes": self.total_bytes,
+                "written": [[os.path.basename(tmp), keys] for tmp, keys in self._written]}
+
+    @classmethod
+    def resume(cls, directory: str, max_bytes: int, state: dict,
+               metadata: Optional[Dict[str, str]] = None) -> "ShardWriter":
+        """A writer that goes on from `state` (an earlier writer's, whose process stopped):
+        its temporary shards must still be there, readable."""
+        writer = cls(directory, max_bytes, metadata)
+        writer._tag, writer.total_bytes = state["tag"], state["total_bytes"]
+        for name, keys in state["written"]:
+            tmp = os.path.join(directory, name)
+            handle = CheckpointReader._open(tmp) if os.path.isfile(tmp) else None
+            if handle is None or set(handle.keys()) != set(keys):
+                raise CheckpointError(f"{tmp}: a temporary shard of the interrupted run is "
+                                      f"missing or does not hold what it should")
+            writer._written.append((tmp, list(keys)))
+            writer._keys.update(keys)
+        return writer
+
     def _flush(self) -> None:
         if not self._pending:
             return
