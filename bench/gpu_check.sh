@@ -7,8 +7,9 @@
 #
 # Budget: under 8 minutes on 16 cores even when every stage hits its timeout (build <= 150 s,
 # CUDA tests <= 110 s, benchmark <= 140 s, tile sweep <= 60 s); each stage has its own timeout.
-# $OUT gets 8 files (the device tool returns at most 8): env, build, ptxas, cuda_tests, bench,
-# tile_sweep logs, bench_cuda.json and bench_cuda.md.
+# $OUT gets at most 8 files (the device tool returns at most 8): env (with ptxas' register and
+# spill lines), build, cuda_tests, bench, tile_sweep logs, bench_cuda.json, bench_cuda.md and,
+# on a device with several GPUs, tp (tensor parallelism over NCCL, bench/tp_check.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -39,7 +40,7 @@ stage() {  # stage NAME TIMEOUT_S COMMAND...: runs COMMAND with its output in $O
 # build in place (no pip: the image has no network); the .so lands in python/int4kit
 if stage build 150 "$PY" setup.py build_clib build_ext --inplace; then
   export PYTHONPATH=$PWD/python
-  grep -h "registers\|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
+  { echo "== ptxas"; grep -h "registers\|spill" "$OUT/build.log"; } >> "$OUT/env.log" || true
   # no -x: a first run on a device should show every failure at once; pytest-xdist (in the
   # device image) spreads the CPU-side references and torch.compile runs over the cores
   xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
@@ -51,6 +52,11 @@ if stage build 150 "$PY" setup.py build_clib build_ext --inplace; then
   # the fused kernel under each tile shape, to check the choice by M (docs/CUDA.md)
   stage tile_sweep 60 "$PY" bench/bench_linear_cuda.py --tile-sweep
   tail -n 16 "$OUT/tile_sweep.log"
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+  if [ "$gpus" -ge 2 ]; then  # int4kit.parallel on NCCL (docs/SCALE.md)
+    stage tp 90 "$PY" -m torch.distributed.run --nproc_per_node=2 bench/tp_check.py
+    tail -n 5 "$OUT/tp.log"
+  fi
 fi
 
 echo

@@ -111,6 +111,7 @@ _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.bool: "BOOL",
                        torch.float32: "F32", torch.int32: "I32", torch.float64: "F64",
                        torch.int64: "I64"}
 _ITEMSIZE = {name: dtype.itemsize for dtype, name in _SAFETENSORS_DTYPES.items()}
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 # (index file, single file) of each layout, in the order a folder is looked at
 LAYOUTS = ((INDEX_FILE, SINGLE_FILE), (PT_INDEX_FILE, PT_SINGLE_FILE))
 
@@ -214,9 +215,9 @@ class CheckpointReader:
         try:
             handle = _safetensors().safe_open(full, framework="pt", device="cpu")
             handle.keys(), handle.metadata()
+            return _SafetensorsFile(handle, full)
         except Exception as error:  # SafetensorError, OSError: truncated or not safetensors
             raise CheckpointError(f"{full}: not a readable safetensors file ({error})") from None
-        return _SafetensorsFile(handle)
 
     def keys(self) -> List[str]:
         return list(self._file_of)
@@ -276,8 +277,7 @@ class CheckpointReader:
         if not shape:
             self.get(key)
             return
-        torch_dtype = next(t for t, name in _SAFETENSORS_DTYPES.items() if name == dtype)
-        crc = zlib.crc32(f"{torch_dtype}{shape}".encode())
+        crc = zlib.crc32(f"{_TORCH_DTYPES[dtype]}{shape}".encode())
         row_bytes = max(1, math.prod(shape[1:]) * _ITEMSIZE[dtype])
         step = max(1, chunk_bytes // row_bytes)
         for start in range(0, shape[0], step):
@@ -302,10 +302,25 @@ class CheckpointReader:
 
 
 class _SafetensorsFile:
-    """A safe_open handle with shape_dtype, the face CheckpointReader uses."""
+    """A safetensors file behind the face CheckpointReader uses. safe_open checks the header when
+    the file is opened; the data is then read with pread at the header's offsets, not through
+    safe_open's memory map, whose touched pages would stay resident (counted in the process's
+    memory) for as long as the file is open: reading a 100 GB checkpoint tensor by tensor would
+    look like holding it."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, path: str):
         self._handle = handle
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        self._data_start = 8 + length
+        self._entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     def keys(self):
         return list(self._handle.keys())
@@ -313,16 +328,52 @@ class _SafetensorsFile:
     def metadata(self):
         return self._handle.metadata()
 
+    def _read(self, offset: int, nbytes: int) -> bytearray:
+        buffer = bytearray(nbytes)
+        view, done = memoryview(buffer), 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], self._data_start + offset + done)
+            if got <= 0:
+                raise OSError(f"unexpected end of file reading {nbytes} bytes at {offset}")
+            done += got
+        return buffer
+
+    def _tensor(self, buffer: bytearray, dtype: torch.dtype, shape) -> torch.Tensor:
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
     def get_tensor(self, key):
-        return self._handle.get_tensor(key)
+        entry = self._entries[key]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:  # a dtype int4kit does not map: safetensors reads it
+            return self._handle.get_tensor(key)
+        begin, end = entry["data_offsets"]
+        return self._tensor(self._read(begin, end - begin), dtype, entry["shape"])
 
     def get_slice(self, key, dim, start, stop):
-        piece = self._handle.get_slice(key)
-        return (piece[start:stop] if dim == 0 else piece[:, start:stop]).contiguous()
+        entry = self._entries[key]
+        dtype = _TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            piece = self._handle.get_slice(key)
+            return (piece[start:stop] if dim == 0 else piece[:, start:stop]).contiguous()
+        shape = list(entry["shape"])
+        begin = entry["data_offsets"][0]
+        item = dtype.itemsize
+        inner = math.prod(shape[dim + 1:]) * item  # bytes of one position of `dim`
+        if dim == 0:
+            shape[0] = stop - start
+            return self._tensor(self._read(begin + start * inner, (stop - start) * inner),
+                                dtype, shape)
+        row = shape[1] * inner  # dim == 1: one read per row
+        pieces = [self._read(begin + r * row + start * inner, (stop - start) * inner)
+                  for r in range(shape[0])]
+        shape[1] = stop - start
+        return self._tensor(bytearray(b"".join(pieces)), dtype, shape)
 
     def shape_dtype(self, key):
-        piece = self._handle.get_slice(key)
-        return list(piece.get_shape()), piece.get_dtype()
+        entry = self._entries[key]
+        return list(entry["shape"]), entry["dtype"]
 
 
 def read_json(path: str):

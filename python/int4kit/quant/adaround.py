@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .rtn import MAX_CODE, dequant, group_size_of, grouped, layer_objective, rtn, ungrouped
+from .rtn import MAX_CODE, codes_objective, group_size_of, grouped, rtn, ungrouped
 
 ZETA, GAMMA = 1.1, -0.1
 BETA_START, BETA_END = 20.0, 2.0
@@ -92,7 +92,7 @@ def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
     G = group_size_of(group_size, w.shape[1])
     nearest, s, z = grid(w, H, group_size, symmetric, dtype, clip_search)
     W, Hf = w.float(), H.float()
-    base = layer_objective(W, dequant(nearest, s, z, G), H)
+    base = codes_objective(W, nearest, s, z, G, H)
     if base <= 0 or iters == 0:
         return nearest, s, z
     soft = SoftRounding(W, s, z, G)
@@ -107,7 +107,7 @@ def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         loss.backward()
         optimizer.step()
     codes = soft.codes()
-    if layer_objective(W, dequant(codes, s, z, G), H) > base:
+    if codes_objective(W, codes, s, z, G, H) > base:
         return nearest, s, z
     return codes, s, z
 

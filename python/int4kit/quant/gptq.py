@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .calibration import matrix_dtype
 from .rtn import threads_for, MAX_CODE, SYMMETRIC_ZERO, group_size_of, rtn, store_scale
 
 CODE_CENTRE = MAX_CODE / 2
@@ -48,14 +49,10 @@ def damping(diagonal: torch.Tensor, damp: float) -> float:
     return damp * (float(diagonal.double().mean()) or 1.0)
 
 
-# The solve works in float64 while its K x K buffer stays within this many bytes (K <= 4096),
-# in float32 above: at K = 28672 (Llama-3 70B's down_proj) one float64 buffer alone is 6.6 GB.
-FLOAT64_SOLVE_BYTES = 128 << 20
-
-
 def solve_dtype(K: int) -> torch.dtype:
-    """The dtype of the Hessian solve for K inputs (FLOAT64_SOLVE_BYTES)."""
-    return torch.float64 if K * K * 8 <= FLOAT64_SOLVE_BYTES else torch.float32
+    """The dtype of the Hessian solve for K inputs: float64 while its K x K buffer takes at most
+    128 MiB (K <= 4096), float32 above (at K = 28672 one float64 buffer alone is 6.6 GB)."""
+    return matrix_dtype(K)
 
 
 def damped_inverse_cholesky(H: torch.Tensor, damp: float, perm: Optional[torch.Tensor] = None,
@@ -111,7 +108,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         if H.shape != (K, K):
             raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features {K}")
         G = group_size_of(group_size, K)
-        W = w.to(compute_dtype)
+        W = w  # in its own dtype: the pass copies it (transposed) into compute_dtype
         diag = torch.diag(H).double()
         diag[diag == 0] = 1.0  # dead inputs, as damped_inverse_cholesky treats them
         perm = torch.argsort(diag, descending=True) if act_order else None
@@ -120,7 +117,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         cw = diag.to(compute_dtype) if clip_search else None
 
         def run_pass(grid):
-            return _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid)
+            return _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw,
+                              grid, compute_dtype)
 
         Q, S, Z = run_pass(None)
         if refine_rounds > 0:
@@ -145,15 +143,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         return Q.long(), S, Z
 
 
-def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid):
-    """One GPTQ pass over W [N, K] (compute dtype) with Hinv the Cholesky factor of the damped
+def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid,
+               compute_dtype=torch.float32):
+    """One GPTQ pass over W [N, K] (any float dtype; it works in compute_dtype) with Hinv the Cholesky factor of the damped
     inverse Hessian in visiting order (columns permuted by `perm` when act-order). grid = (S, Z)
     fixes every group's parameters (their zero points may be fractional); None computes them as
     the pass goes (or up front, "static", for act-order and per channel). Returns codes (uint8),
     S, Z."""
     N, K = W.shape
     groups = -(-K // G)
-    compute_dtype = W.dtype
     if grid is not None:
         S, Z = grid
     else:
@@ -184,7 +182,8 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     # column must see every update made so far, so in the non-static case sub-blocks start on
     # group boundaries (sub divides G), or are the block.
     sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
-    WT = W.T.clone(memory_format=torch.contiguous_format)  # never a view of the caller's w
+    WT = torch.empty(K, N, dtype=compute_dtype)  # never a view of the caller's w
+    WT.copy_(W.T)
     QT = torch.empty(K, N, dtype=torch.uint8)  # codes are 0..15: a quarter of float32's memory
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)

@@ -18,7 +18,7 @@ from .blocks import find_blocks, quantize_blocks
 from .config import QuantConfig
 from .gptq import gptq
 from .hqq import hqq
-from .rtn import dequant, group_size_of, layer_objective, rtn, to_int4linear
+from .rtn import codes_objective, dequant, group_size_of, layer_objective, rtn, to_int4linear
 
 # (consumer suffix, producer suffix): the producer's output feeds only the consumer, through a map
 # that is linear per channel (attention's weighted sum of values), so AWQ's 1/s can be folded into
@@ -95,12 +95,18 @@ def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
 def _gptq_guarded(name, w, H, config, report, dtype):
     """GPTQ, unless plain rounding (with the same clip setting) does better on the layer objective."""
     G = group_size_of(config.group_size, w.shape[1])
-    cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
-                block_size=config.block_size, act_order=config.act_order,
-                clip_search=config.clip_search, refine_rounds=config.refine_rounds)
-    obj = layer_objective(w, dequant(*cand, G), H)
-    alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search)
-    obj_alt = layer_objective(w, dequant(*alt, G), H)
+    codes, s, z = gptq(w, H, config.group_size, config.symmetric, dtype=dtype,
+                       damp=config.damp, block_size=config.block_size,
+                       act_order=config.act_order, clip_search=config.clip_search,
+                       refine_rounds=config.refine_rounds)
+    cand = (codes.to(torch.uint8), s, z)  # 0..15: an eighth of the int64 codes' memory
+    del codes
+    obj = codes_objective(w, *cand, G, H)
+    codes, s, z = rtn(w, config.group_size, config.symmetric, dtype,
+                      clip_search=config.clip_search)
+    alt = (codes.to(torch.uint8), s, z)
+    del codes
+    obj_alt = codes_objective(w, *alt, G, H)
     if obj_alt < obj:
         report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
                                    f"({obj_alt:.4g} < {obj:.4g}); kept RTN"))
@@ -158,13 +164,13 @@ def _scale_rows(prod: Int4Linear, s: torch.Tensor) -> Int4Linear:
 
 def _calibrated(model, name, linear, stats, config, report, final=None) -> Int4Linear:
     w = linear.weight.detach().cpu()
-    H = stats.hessian
+    H = stats.take_hessian()
     if config.method == "adaround":
         codes, s, z = adaround(w, H, config.group_size, config.symmetric, w.dtype,
                                config.adaround_iters, config.adaround_reg, config.adaround_lr,
                                clip_search=config.clip_search)
         G = group_size_of(config.group_size, w.shape[1])
-        report.layer_errors[name] = _rel(layer_objective(w, dequant(codes, s, z, G), H), w, H)
+        report.layer_errors[name] = _rel(codes_objective(w, codes, s, z, G, H), w, H)
         return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
     if config.method == "gptq":
         (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, w.dtype)

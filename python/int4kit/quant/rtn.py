@@ -90,18 +90,32 @@ def fake_quant_grouped(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> to
     return (q - z[..., None]) * s[..., None]
 
 
-def unclamped_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def unclamped_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                    fractional: Optional[bool] = None) -> torch.Tensor:
     """round(w / s) + z for grouped w [N, groups, G] and per-group s, z [N, groups], before the
-    clamp to 0..15; round(w / s + z) when some z is fractional (HQQ, refined GPTQ, LSQ+)."""
-    if torch.equal(z, torch.round(z)):
+    clamp to 0..15; round(w / s + z) when some z is fractional (HQQ, refined GPTQ, LSQ+), which
+    `fractional` says for a slice of a larger z (None: read it off z)."""
+    if fractional is None:
+        fractional = not torch.equal(z, torch.round(z))
+    if not fractional:
         return torch.round(wg / s[..., None]) + z[..., None]  # the kernels' / reference's order
     return torch.round(wg / s[..., None] + z[..., None])
 
 
+CODE_ROWS = 256  # rows per slice in codes_for: float temporaries of [256, K], not [N, K]
+
+
 def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
-    """Codes [N, K] (int64) of w for per-group s, z [N, groups]; z may be fractional (HQQ)."""
-    q = unclamped_codes(grouped(w, G), s, z)
-    return ungrouped(q.clamp(0, MAX_CODE), w.shape[1]).long()
+    """Codes [N, K] (int64) of w for per-group s, z [N, groups]; z may be fractional (HQQ).
+    Computed in slices of rows (the same values), so the float temporaries stay small."""
+    N, K = w.shape
+    fractional = not torch.equal(z, torch.round(z))
+    codes = torch.empty(N, K, dtype=torch.int64)
+    for r0 in range(0, N, CODE_ROWS):
+        rows = slice(r0, r0 + CODE_ROWS)
+        q = unclamped_codes(grouped(w[rows].float(), G), s[rows], z[rows], fractional)
+        codes[rows] = ungrouped(q.clamp_(0, MAX_CODE), K)
+    return codes
 
 
 def dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
@@ -168,8 +182,27 @@ def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: to
     return module
 
 
+OBJECTIVE_ROWS = 256  # rows of W per slice in the objectives: [256, K] products, not [N, K]
+
+
 def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """tr((W - W_hat) H (W - W_hat)^T) in float64: the summed squared output error over the
-    calibration tokens when H = X^T X."""
-    d = (w.double() - w_hat.double())
-    return float(((d @ H.double()) * d).sum())
+    """tr((W - W_hat) H (W - W_hat)^T): the summed squared output error over the calibration
+    tokens when H = X^T X. In H's dtype (float64 up to K = 4096, calibration.matrix_dtype),
+    summed in float64, in slices of rows so that memory stays at a few [256, K] products."""
+    total = 0.0
+    for r0 in range(0, w.shape[0], OBJECTIVE_ROWS):
+        rows = slice(r0, r0 + OBJECTIVE_ROWS)
+        d = w[rows].to(H.dtype) - w_hat[rows].to(H.dtype)
+        total += float(((d @ H) * d).double().sum())
+    return total
+
+
+def codes_objective(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                    G: int, H: torch.Tensor) -> float:
+    """layer_objective(w, dequant(codes, s, z, G), H), dequantizing one slice of rows at a time
+    (the same sums: the slices are layer_objective's)."""
+    total = 0.0
+    for r0 in range(0, w.shape[0], OBJECTIVE_ROWS):
+        rows = slice(r0, r0 + OBJECTIVE_ROWS)
+        total += layer_objective(w[rows], dequant(codes[rows], s[rows], z[rows], G), H)
+    return total
