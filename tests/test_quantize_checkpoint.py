@@ -127,6 +127,9 @@ def test_refuses_what_it_cannot_do_before_writing(tmp_path):
         int4kit.quantize_checkpoint(src, tmp_path / "a", config, calibration())
     with pytest.raises(ValueError, match="needs calib_data"):
         int4kit.quantize_checkpoint(src, tmp_path / "b", config)
+    with pytest.raises(ValueError, match="reconstruction='layer'"):
+        int4kit.quantize_checkpoint(src, tmp_path / "b", int4kit.QuantConfig(
+            method="adaround", reconstruction="block"), calibration(), skip=["lm_head"])
     # a block whose weights are missing from the files (and the index)
     reader = CheckpointReader(src)
     victim = "model.layers.1.mlp.down_proj.weight"

@@ -16,7 +16,7 @@ from ..nn import dequantized_weight
 from . import awq, compressed_tensors as ct, gptq, vllm
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
-                    parse_size, read_json, write_json_atomic)
+                    check_src_dst, parse_size, read_json, write_json_atomic)
 from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, check_checksums_present,
                      check_layer_tensors,
                      layer_keys, read_quantization_config, read_layer, set_config_json)
@@ -339,12 +339,7 @@ def convert_checkpoint(src: Union[str, os.PathLike], dst: Union[str, os.PathLike
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {', '.join(TARGETS)}, got {to!r}")
-    src, dst = os.fspath(src), os.fspath(dst)
-    if not os.path.isdir(src):
-        raise CheckpointError(f"{src!r} is not a checkpoint folder")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError("dst must be another folder than src (the source is read while the "
-                         "result is written)")
+    src, dst = check_src_dst(src, dst)
     max_bytes = parse_size(max_shard_size)
     reader = CheckpointReader(src)
     fmt = detect_format(src, reader)

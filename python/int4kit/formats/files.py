@@ -376,6 +376,18 @@ class _SafetensorsFile:
         return list(entry["shape"]), entry["dtype"]
 
 
+def check_src_dst(src, dst, src_name: str = "src", dst_name: str = "dst") -> Tuple[str, str]:
+    """(src, dst) as strings, for work that reads the folder src while writing dst: src must be a
+    folder and dst another one."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.isdir(src):
+        raise CheckpointError(f"{src_name} {src!r} is not a checkpoint folder")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst_name} must be another folder than {src_name} (the source is read "
+                         f"while the result is written)")
+    return src, dst
+
+
 def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:

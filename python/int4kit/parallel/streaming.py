@@ -38,15 +38,16 @@ import torch.nn as nn
 
 from .. import hf
 from ..formats.convert import write_side_files
-from ..formats.files import (CheckpointError, CheckpointReader, ShardWriter, parse_size,
-                             read_json, write_json_atomic)
+from ..formats.files import (CheckpointError, CheckpointReader, ShardWriter, check_src_dst,
+                             parse_size, read_json, write_json_atomic)
 from ..formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, _set_tensor,
                               layer_settings, model_tensor_aliases, skeleton)
 from ..nn import Int4Linear, replace_module
 from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
 from ..quant.blocks import _block_inputs, _first_tensor
-from ..quant.model import _data_free, dense_stand_in, select_layers
+from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches,
+                           select_layers)
 
 PARTIAL_DIR = ".int4kit-partial"
 JOURNAL = "journal.json"
@@ -70,29 +71,19 @@ def quantize_checkpoint(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os
     config = config if config is not None else QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an int4kit.QuantConfig, got {type(config).__name__}")
-    src, dst = os.fspath(src_dir), os.fspath(dst_dir)
-    if not os.path.isdir(src):
-        raise CheckpointError(f"src_dir {src!r} is not a model folder")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        raise ValueError("dst_dir must be another folder than src_dir (the source is read while "
-                         "the result is written)")
+    src, dst = check_src_dst(src_dir, dst_dir, "src_dir", "dst_dir")
     max_bytes = parse_size(max_shard_size)
     reader = CheckpointReader(src)
     model = _skeleton_of(src)
     targets, skipped = select_layers(model, config.group_size, skip, filter_fn)
     aliases = model_tensor_aliases(model)
     _check_source(model, reader, aliases)
-    batches = None
-    if config.needs_calibration:
-        if calib_data is None:
-            raise ValueError(f"QuantConfig.method {config.method!r} needs calib_data (an iterable "
-                             f"of model inputs); pass calib_data=..., or use a data-free method "
-                             f"('rtn', 'hqq')")
-        batches = list(calib_data)
-        if not batches:
-            raise ValueError(f"calib_data is empty: at least one batch is needed for method "
-                             f"{config.method!r}")
+    batches = calibration_batches(config, calib_data)
     start = time.perf_counter()
+    if config.method == "adaround" and config.reconstruction == "block":
+        raise ValueError("QuantConfig(reconstruction='block') reconstructs each block against the "
+                         "full-precision model's block outputs, which quantize_checkpoint does "
+                         "not compute; use reconstruction='layer' (or quantize_model)")
     report = QuantReport(method=config.method)
     report.skipped.extend(skipped)
     os.makedirs(dst, exist_ok=True)
@@ -394,10 +385,11 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
 
 def _next_inputs(step: _BlockStep, items, built: Dict[str, Int4Linear],
                  block_name: str) -> List[torch.Tensor]:
-    """The block's outputs on every batch, computed through dense stand-ins of its int4 layers
-    (what quantize_model's later stages run through)."""
+    """The block's outputs on every batch, computed through stand-ins of its int4 layers (what
+    quantize_model's later stages run through; for AWQ, from the stored, folded layers: its
+    later stages see the folded dense stand-in, equal up to one rounding of the fold)."""
     for name, layer in built.items():
-        replace_module(step.block, name[len(block_name) + 1:], dense_stand_in(layer))
+        replace_module(step.block, name[len(block_name) + 1:], DequantizingStandIn(layer))
     try:
         with torch.no_grad():
             return [_first_tensor(step.block(item["hidden_states"], *item["recorded"][0][1:],

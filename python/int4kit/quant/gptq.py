@@ -93,8 +93,10 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, perm: Optional[torch.T
 def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
          dtype: Optional[torch.dtype] = None, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, clip_search: bool = False,
-         compute_dtype: torch.dtype = torch.float32, refine_rounds: int = 0):
-    """w [N, K], H [K, K] (X^T X, any positive scale). Returns (codes int64 [N, K], s, z) with s, z
+         compute_dtype: torch.dtype = torch.float32, refine_rounds: int = 0,
+         codes_dtype: torch.dtype = torch.int64):
+    """w [N, K], H [K, K] (X^T X, any positive scale). Returns (codes [N, K] in codes_dtype (uint8
+    takes an eighth of int64's memory), s, z) with s, z
     [N, groups] in compute_dtype, following the canonical rules (s rounded to `dtype`).
 
     refine_rounds = R > 0 alternates the two halves of the layer objective's minimisation: R times
@@ -139,8 +141,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                 if r + 1 < refine_rounds:
                     Q, S, Z = run_pass((S, Z))
             Q, S, Z = best
-        Hinv = None  # frees the largest buffer before the int64 codes are made
-        return Q.long(), S, Z
+        Hinv = None  # frees the largest buffer before the returned codes are made
+        return Q.to(codes_dtype, memory_format=torch.contiguous_format), S, Z
 
 
 def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid,

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import hf
 from ..formats.native import model_tensor_aliases
@@ -95,17 +96,14 @@ def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
 def _gptq_guarded(name, w, H, config, report, dtype):
     """GPTQ, unless plain rounding (with the same clip setting) does better on the layer objective."""
     G = group_size_of(config.group_size, w.shape[1])
-    codes, s, z = gptq(w, H, config.group_size, config.symmetric, dtype=dtype,
-                       damp=config.damp, block_size=config.block_size,
-                       act_order=config.act_order, clip_search=config.clip_search,
-                       refine_rounds=config.refine_rounds)
-    cand = (codes.to(torch.uint8), s, z)  # 0..15: an eighth of the int64 codes' memory
-    del codes
+    # codes 0..15 as uint8: an eighth of int64's memory (two [N, K] sets are alive here)
+    cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
+                block_size=config.block_size, act_order=config.act_order,
+                clip_search=config.clip_search, refine_rounds=config.refine_rounds,
+                codes_dtype=torch.uint8)
     obj = codes_objective(w, *cand, G, H)
-    codes, s, z = rtn(w, config.group_size, config.symmetric, dtype,
-                      clip_search=config.clip_search)
-    alt = (codes.to(torch.uint8), s, z)
-    del codes
+    alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search,
+              codes_dtype=torch.uint8)
     obj_alt = codes_objective(w, *alt, G, H)
     if obj_alt < obj:
         report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
@@ -212,16 +210,8 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an int4kit.QuantConfig, got {type(config).__name__}")
     _refuse_fake_quant(model)
-    batches = None
-    if config.needs_calibration:
-        if calib_data is None:
-            raise ValueError(f"QuantConfig.method {config.method!r} needs calib_data (an iterable "
-                             f"of model inputs); pass calib_data=..., or use a data-free method "
-                             f"('rtn', 'hqq')")
-        batches = list(calib_data)
-        if not batches:
-            raise ValueError("calib_data is empty: at least one batch is needed for method "
-                             f"{config.method!r}")
+    batches = calibration_batches(config, calib_data)
+    if batches is not None:
         calibration.check_batches(model, batches)
     t0 = time.perf_counter()
     report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
@@ -259,6 +249,22 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     report.bytes_after = state_dict_bytes(model)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def calibration_batches(config: QuantConfig, calib_data) -> Optional[List]:
+    """calib_data as a list when config's method needs it (None for data-free methods); raises
+    when it is missing or empty."""
+    if not config.needs_calibration:
+        return None
+    if calib_data is None:
+        raise ValueError(f"QuantConfig.method {config.method!r} needs calib_data (an iterable "
+                         f"of model inputs); pass calib_data=..., or use a data-free method "
+                         f"('rtn', 'hqq')")
+    batches = list(calib_data)
+    if not batches:
+        raise ValueError(f"calib_data is empty: at least one batch is needed for method "
+                         f"{config.method!r}")
+    return batches
 
 
 def _refuse_fake_quant(model: nn.Module) -> None:
@@ -361,6 +367,28 @@ def dense_stand_in(module: Int4Linear) -> nn.Linear:
     return module.to_linear()
 
 
+class DequantizingStandIn(nn.Module):
+    """What `dense_stand_in` computes, bit for bit (F.linear with the dequantized weight in the
+    scale dtype), with the weight dequantized at each call instead of held: a model being
+    quantized then holds no dense copy of its quantized layers. Not an nn.Linear, so an AWQ fold
+    cannot take it as a producer: AWQ methods keep dense stand-ins."""
+
+    def __init__(self, module: Int4Linear):
+        super().__init__()
+        object.__setattr__(self, "quantized", module)  # not a submodule: the model sees a leaf
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.quantized
+        return F.linear(x, layer.dequantized_weight().to(layer.scale_dtype), layer.bias)
+
+
+def stand_in(module: Int4Linear, method: str) -> nn.Module:
+    """The stand-in calibration runs through once `module` is quantized: a dense copy where an
+    AWQ fold may scale it, else one that dequantizes as it goes (the same outputs)."""
+    return dense_stand_in(module) if method in ("awq", "awq+gptq") else DequantizingStandIn(module)
+
+
 def _quantize_sequential(model, targets, batches, config, report):
     layers = {name: model.get_submodule(name) for name in targets}
     final: Dict[str, Int4Linear] = {}
@@ -391,7 +419,7 @@ def _quantize_sequential(model, targets, batches, config, report):
                                           final)
             for name in stage:  # the rest of the model now sees this stage quantized
                 if name in final:
-                    replace_module(model, name, dense_stand_in(final[name]))
+                    replace_module(model, name, stand_in(final[name], config.method))
         for name in unreached:
             if name in final:
                 continue

@@ -105,12 +105,13 @@ def unclamped_codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
 CODE_ROWS = 256  # rows per slice in codes_for: float temporaries of [256, K], not [N, K]
 
 
-def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> torch.Tensor:
-    """Codes [N, K] (int64) of w for per-group s, z [N, groups]; z may be fractional (HQQ).
+def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int,
+              codes_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Codes [N, K] (codes_dtype) of w for per-group s, z [N, groups]; z may be fractional (HQQ).
     Computed in slices of rows (the same values), so the float temporaries stay small."""
     N, K = w.shape
     fractional = not torch.equal(z, torch.round(z))
-    codes = torch.empty(N, K, dtype=torch.int64)
+    codes = torch.empty(N, K, dtype=codes_dtype)
     for r0 in range(0, N, CODE_ROWS):
         rows = slice(r0, r0 + CODE_ROWS)
         q = unclamped_codes(grouped(w[rows].float(), G), s[rows], z[rows], fractional)
@@ -125,8 +126,10 @@ def dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> to
 
 
 def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch.dtype] = None,
-        clip_search: bool = False, channel_weight: Optional[torch.Tensor] = None):
-    """Round-to-nearest of w [N, K] (computed in float32). Returns (codes, s, z) in float32.
+        clip_search: bool = False, channel_weight: Optional[torch.Tensor] = None,
+        codes_dtype: torch.dtype = torch.int64):
+    """Round-to-nearest of w [N, K] (computed in float32). Returns (codes in codes_dtype, s, z),
+    s and z in float32.
 
     clip_search: per group, shrink the range by each factor of CLIP_GRID and keep the one with the
     smallest squared error, weighted per input channel by `channel_weight` [K] when given (AWQ passes
@@ -150,7 +153,7 @@ def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch
             best = torch.where(better, err, best)
             s = torch.where(better, s_r, s)
             z = torch.where(better, z_r, z)
-    return codes_for(w, s, z, G), s, z
+    return codes_for(w, s, z, G, codes_dtype), s, z
 
 
 def _group_err(wg, s, z, cw):
