@@ -338,7 +338,6 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
     hidden = [args[0] for args, _ in recorded] if run.done == 0 else run.saved_inputs()
     layers = dict(run.layers)
     first_norm = None
-    wanted = set(targets)
     for index in _progress(range(len(blocks)), config, f"{config.method} blocks"):
         if index < run.done:
             continue
@@ -357,14 +356,10 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
         step = _BlockStep(block, next_norm)
         items = [{"hidden_states": h, "recorded": r, **({} if m is None else {"attention_mask": m})}
                  for h, r, m in zip(hidden, recorded, masks)]
-        own = {f"block.{name[len(block_name) + 1:]}" for name in targets
-               if name.startswith(block_name + ".")}
-        if own:
-            block_report = quantize_model(step, config, items,
-                                          filter_fn=lambda name, module: name in own)
-            _merge(report, block_report, block_name)
-        built = {f"{block_name}.{n}": m for n, m in block.named_modules()
-                 if isinstance(m, Int4Linear) and f"{block_name}.{n}" in wanted}
+        own = [f"block.{name[len(block_name) + 1:]}" for name in targets
+               if name.startswith(block_name + ".")]
+        built = {f"{block_name}.{name[len('block.'):]}": layer for name, layer in
+                 _quantize_block(step, own, items, config, report, block_name).items()}
         hidden = _next_inputs(step, items, built, block_name)
         for name, layer in built.items():
             layers[name] = layer_settings(layer)
@@ -381,6 +376,36 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
         if key in reader:
             run.writer.add(key, reader.get(key))
     return layers
+
+
+def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig,
+                    report: QuantReport, block_name: str) -> Dict[str, Int4Linear]:
+    """quantize_model on one block's layers `own` (names in `step`); returns them quantized.
+
+    AWQ methods in one call (a fold scales a layer of an earlier stage, which the call must
+    still hold). The others one stage at a time, in the order quantize_model would take them:
+    after each call the stage's Int4Linear layers give way to DequantizingStandIn (what
+    quantize_model's own later stages run through), so each stage's dense weights are freed
+    as soon as it is done, not when the block is."""
+    if not own:
+        return {}
+    if config.method in ("awq", "awq+gptq"):
+        stages = [own]
+    else:
+        stages, unreached = calibration.plan_stages(
+            step, items[0], {name: step.get_submodule(name) for name in own})
+        stages += [unreached] if unreached else []
+    built: Dict[str, Int4Linear] = {}
+    for stage in stages:
+        members = set(stage)
+        _merge(report, quantize_model(step, config, items,
+                                      filter_fn=lambda name, module: name in members),
+               block_name)
+        for name in stage:
+            built[name] = step.get_submodule(name)
+            replace_module(step, name, DequantizingStandIn(built[name]))
+        _return_freed_memory()
+    return built
 
 
 def _next_inputs(step: _BlockStep, items, built: Dict[str, Int4Linear],

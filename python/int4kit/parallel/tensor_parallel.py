@@ -39,7 +39,7 @@ class TensorParallelError(ValueError):
 def _placement(value, argument: str) -> str:
     if isinstance(value, Replicate):
         return "replicate"
-    if isinstance(value, ShardPlacement) and value.dim in (-1,):
+    if isinstance(value, ShardPlacement) and value.dim == -1:
         return "shard"
     raise TensorParallelError(f"{argument} must be Shard(-1) or Replicate(), got {value!r}")
 
@@ -67,7 +67,7 @@ class _Int4Style(ParallelStyle):
         from ..formats.native import layer_settings
         settings = layer_settings(module)
         qweight, scales, zeros = module.canonical()
-        tensors = {"qweight": qweight, "scales": scales}
+        tensors = {"qweight": qweight.cpu(), "scales": scales.cpu()}  # sliced on the CPU
         for name, tensor in (("zeros", zeros), ("bias", module.bias),
                              ("input_scale", module.input_scale),
                              ("input_perm", module.input_perm)):
