@@ -18,9 +18,10 @@ adaround) go block by block (the elements of the model's ModuleList of transform
      device.
 Both give the codes `quantize_model` gives on the whole model with the same options.
 
-Memory: the tensors outside the blocks, one block (its weights, their int4 form and dense
-stand-ins), the calibration statistics of one stage, the GPTQ solve (bench/bench_gptq.py) and the
-block inputs (batches x tokens x hidden). Interrupted, the run resumes from the last finished
+Memory (docs/SCALE.md): one block (its weights not yet quantized, its int4 layers), the
+calibration statistics of one stage, the GPTQ solve (bench/bench_gptq.py) and the block inputs
+(batches x tokens x hidden); with glibc, MALLOC_MMAP_THRESHOLD_=65536 in the environment lowers
+the peak further (freed buffers go straight back). Interrupted, the run resumes from the last finished
 block (or source shard): dst_dir/.int4kit-partial holds a journal and the next block's inputs,
 and the finished blocks' shards are kept under temporary names, which never load as a
 checkpoint. Nothing in dst_dir loads as a complete checkpoint before the run ends.
