@@ -11,18 +11,18 @@ adaround) go block by block (the elements of the model's ModuleList of transform
   1. the tensors outside the blocks are loaded and one pass records the first block's inputs
      (the calibration batches stop there);
   2. for each block: its weights are read from the source, `quantize_model` quantizes it on
-     those inputs (with the first norm the model calls after the block appended, so norm
-     weighting sees what it sees in the whole model), the block then computes the next block's
-     inputs through dense stand-ins of its int4 layers (as quantize_model's later stages see
-     earlier ones), its tensors are written as one output shard, and it goes back to the meta
-     device.
+     those inputs stage by stage (with the first norm the model calls after the block
+     appended, so norm weighting sees what it sees in the whole model; `_quantize_block`), the
+     block then computes the next block's inputs through stand-ins of its int4 layers (as
+     quantize_model's later stages see earlier ones), its tensors are written as one output
+     shard, and it goes back to the meta device.
 Both give the codes `quantize_model` gives on the whole model with the same options.
 
 Memory (docs/SCALE.md): one block (its weights not yet quantized, its int4 layers), the
 calibration statistics of one stage, the GPTQ solve (bench/bench_gptq.py) and the block inputs
-(batches x tokens x hidden); with glibc, MALLOC_MMAP_THRESHOLD_=65536 in the environment lowers
-the peak further (freed buffers go straight back). Interrupted, the run resumes from the last finished
-block (or source shard): dst_dir/.int4kit-partial holds a journal and the next block's inputs,
+(batches x tokens x hidden); with glibc, MALLOC_MMAP_THRESHOLD_=65536 in the environment
+lowers the peak further (freed buffers go straight back). Interrupted, the run resumes from the
+last finished block (or source shard): dst_dir/.int4kit-partial holds a journal and the next block's inputs,
 and the finished blocks' shards are kept under temporary names, which never load as a
 checkpoint. Nothing in dst_dir loads as a complete checkpoint before the run ends.
 """
