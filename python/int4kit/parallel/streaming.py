@@ -22,9 +22,9 @@ Memory (docs/SCALE.md): one block (its weights not yet quantized, its int4 layer
 calibration statistics of one stage, the GPTQ solve (bench/bench_gptq.py) and the block inputs
 (batches x tokens x hidden); with glibc, MALLOC_MMAP_THRESHOLD_=65536 in the environment
 lowers the peak further (freed buffers go straight back). Interrupted, the run resumes from the
-last finished block (or source shard): dst_dir/.int4kit-partial holds a journal and the next block's inputs,
-and the finished blocks' shards are kept under temporary names, which never load as a
-checkpoint. Nothing in dst_dir loads as a complete checkpoint before the run ends.
+last finished block (or source shard): dst_dir/.int4kit-partial holds a journal and the next
+block's inputs, and the finished blocks' shards are kept under temporary names, which never load
+as a checkpoint. Nothing in dst_dir loads as a complete checkpoint before the run ends.
 """
 import ctypes
 import hashlib
