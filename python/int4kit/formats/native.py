@@ -372,6 +372,14 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
+def check_nothing_missing(reader: CheckpointReader, missing: List[str]) -> None:
+    """Raises naming the model tensors (`missing`) the checkpoint lacks, if there are any."""
+    if missing:
+        raise CheckpointError(f"{reader.directory}: the checkpoint lacks {len(missing)} tensor(s) "
+                              f"the model has: {', '.join(missing[:5])}"
+                              + (" ..." if len(missing) > 5 else ""))
+
+
 def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=None,
                    strict: bool = True) -> nn.Module:
     """Loads a native int4kit checkpoint into `model` in place and returns it.
@@ -438,12 +446,8 @@ def load_with(model: nn.Module, directory, device, strict: bool,
                               if stray[0].rpartition('.')[0] in layers else
                               f"{reader.file_of(stray[0])}: tensor {stray[0]!r} lies inside a "
                               f"quantized layer")
-    missing = [key for key in own if key not in reader and key not in aliases
-               and model_aliases.get(key) not in reader]
-    if missing:
-        raise CheckpointError(f"{reader.directory}: the checkpoint lacks {len(missing)} tensor(s) "
-                              f"the model has: {', '.join(missing[:5])}"
-                              + (" ..." if len(missing) > 5 else ""))
+    check_nothing_missing(reader, [key for key in own if key not in reader
+                                   and key not in aliases and model_aliases.get(key) not in reader])
     unexpected = [key for key in reader.keys() if key not in own and key not in layer_key_set]
     if unexpected and strict:
         raise CheckpointError(f"{reader.file_of(unexpected[0])}: {len(unexpected)} tensor(s) the "

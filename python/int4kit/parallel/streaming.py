@@ -42,7 +42,8 @@ from ..formats.convert import write_side_files
 from ..formats.files import (CheckpointError, CheckpointReader, ShardWriter, check_src_dst,
                              parse_size, read_json, write_json_atomic)
 from ..formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, _set_tensor,
-                              layer_settings, model_tensor_aliases, skeleton)
+                              check_nothing_missing, layer_settings, model_tensor_aliases,
+                              skeleton)
 from ..nn import Int4Linear, replace_module
 from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
@@ -124,23 +125,14 @@ def _skeleton_of(src: str) -> nn.Module:
 def _check_source(model: nn.Module, reader: CheckpointReader, aliases: Dict[str, str]) -> None:
     """Every tensor of the model is in the source (or tied to one that is), before anything is
     written."""
-    missing = [key for key in model.state_dict(keep_vars=True)
-               if key not in reader and aliases.get(key) not in reader]
-    if missing:
-        raise CheckpointError(f"{reader.directory}: the checkpoint lacks {len(missing)} tensor(s) "
-                              f"the model has: {', '.join(missing[:5])}"
-                              + (" ..." if len(missing) > 5 else ""))
+    check_nothing_missing(reader, [key for key in model.state_dict(keep_vars=True)
+                                   if key not in reader and aliases.get(key) not in reader])
 
 
 def _load(model: nn.Module, reader: CheckpointReader, keys: Iterable[str],
           aliases: Dict[str, str]) -> None:
     for key in keys:
         _set_tensor(model, key, reader.get(key if key in reader else aliases[key]))
-
-
-def _is_parameter(model: nn.Module, key: str) -> bool:
-    module, _, name = key.rpartition(".")
-    return name in (model.get_submodule(module) if module else model)._parameters
 
 
 def _fingerprint(src: str, reader: CheckpointReader, config: QuantConfig, targets: List[str],
@@ -332,9 +324,9 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
     _load(model, reader, outside, aliases)
     calibration.check_batches(model, batches)
     recorded = _block_inputs(model, batches, blocks[0])
+    state = model.state_dict(keep_vars=True)
     for key in outside:  # needed for that pass only: the output copies them from the source
-        _set_tensor(model, key, model.get_parameter(key).to("meta") if _is_parameter(model, key)
-                    else model.get_buffer(key).to("meta"))
+        _set_tensor(model, key, state[key].detach().to("meta"))
     masks = [calibration.attention_mask_of(item) for item in batches]
     hidden = [args[0] for args, _ in recorded] if run.done == 0 else run.saved_inputs()
     layers = dict(run.layers)

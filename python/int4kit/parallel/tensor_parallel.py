@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.distributed.tensor import Replicate, Shard as ShardPlacement
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from ..formats.native import layer_settings
 from ..nn import Int4Linear
 from .sharding import Shard, local_settings, rowwise_unit, shard_of, shard_tensors, tensor_reader
 
@@ -64,7 +65,6 @@ class _Int4Style(ParallelStyle):
         if device_mesh.ndim != 1:
             raise TensorParallelError(f"device_mesh must be 1-D (slice the tensor-parallel "
                                       f"dimension out of it), got {device_mesh.ndim}-D")
-        from ..formats.native import layer_settings
         settings = layer_settings(module)
         qweight, scales, zeros = module.canonical()
         tensors = {"qweight": qweight.cpu(), "scales": scales.cpu()}  # sliced on the CPU
