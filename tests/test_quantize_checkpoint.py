@@ -36,10 +36,14 @@ def calibration():
     return batches
 
 
-def in_memory(src, config, batches, skip):
+def in_memory(src, config, batches, skip, streamed_report=None):
+    """quantize_model on the loaded model; with streamed_report, also checks that
+    quantize_checkpoint's report counts the same bytes per layer."""
     model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-    int4kit.quantize_model(model, config, batches if config.needs_calibration else None,
-                           skip=skip)
+    report = int4kit.quantize_model(model, config, batches if config.needs_calibration else None,
+                                    skip=skip)
+    if streamed_report is not None:
+        assert streamed_report.layer_sizes == report.layer_sizes
     return model
 
 
@@ -63,7 +67,7 @@ def test_data_free_streams_the_same_codes(tmp_path, method):
     config = int4kit.QuantConfig(method=method, group_size=32, symmetric=False)
     report = int4kit.quantize_checkpoint(src, tmp_path / "dst", config, max_shard_size="50KB")
     assert len(report.swapped) == 3 * 7 + 1  # every Linear, lm_head included
-    assert_same_checkpoint(in_memory(src, config, None, ()), tmp_path / "dst")
+    assert_same_checkpoint(in_memory(src, config, None, (), report), tmp_path / "dst")
     assert not os.path.exists(tmp_path / "dst" / streaming.PARTIAL_DIR)
 
 
@@ -76,7 +80,8 @@ def test_block_by_block_gives_quantize_model_codes(tmp_path, method, extra):
     report = int4kit.quantize_checkpoint(src, tmp_path / "dst", config, batches,
                                          skip=["lm_head"])
     assert len(report.swapped) == 3 * 7 and report.skipped == [("lm_head", "named in skip")]
-    assert_same_checkpoint(in_memory(src, config, batches, ["lm_head"]), tmp_path / "dst")
+    assert_same_checkpoint(in_memory(src, config, batches, ["lm_head"], report),
+                           tmp_path / "dst")
 
 
 def test_tied_embeddings_and_the_last_norm(tmp_path):
@@ -85,8 +90,8 @@ def test_tied_embeddings_and_the_last_norm(tmp_path):
     src = tiny_llama_folder(tmp_path / "src", layers=2, tie=True)
     config = int4kit.QuantConfig(method="gptq", group_size=32)
     batches = calibration()
-    int4kit.quantize_checkpoint(src, tmp_path / "dst", config, batches)
-    assert_same_checkpoint(in_memory(src, config, batches, ()), tmp_path / "dst")
+    report = int4kit.quantize_checkpoint(src, tmp_path / "dst", config, batches)
+    assert_same_checkpoint(in_memory(src, config, batches, (), report), tmp_path / "dst")
 
 
 class Interrupt(Exception):

@@ -8,6 +8,9 @@
     int4kit.qat.prepare_qat(model, int4kit.qat.QATConfig(...)); train; int4kit.qat.convert(model)
     parallelize_module(model, mesh, int4kit.parallel.llama_plan(model))   # tensor parallel
     int4kit.quantize_checkpoint(src_dir, dst_dir, config, calib_data)     # larger than memory
+    table = int4kit.measure_sensitivity(model, candidates, calib_data)    # mixed precision
+    int4kit.quantize_model(model, config, calib_data,
+                           layer_configs=int4kit.plan_mixed_precision(table, bits_per_weight=4.5))
 
 The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 """
@@ -16,9 +19,12 @@ from .formats import (CheckpointError, convert_checkpoint, load_quantized, save_
                       skeleton)
 from .nn import Int4Linear
 from .ops import cpu_isa
-from .quant import QuantConfig, QuantReport, quantize_model
+from .quant import (MixedPrecisionPlan, QuantConfig, QuantReport, SensitivityTable,
+                    measure_sensitivity, plan_mixed_precision, quantize_model)
 
-__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "ops", "qat", "reference",
+__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "measure_sensitivity",
+           "plan_mixed_precision", "SensitivityTable", "MixedPrecisionPlan", "ops", "qat",
+           "reference",
            "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError",
            "convert_checkpoint", "parallel", "quantize_checkpoint"]
 __version__ = "0.1.0"

@@ -39,8 +39,8 @@ import torch.nn as nn
 
 from .. import hf
 from ..formats.convert import write_side_files
-from ..formats.files import (CheckpointError, CheckpointReader, ShardWriter, check_src_dst,
-                             parse_size, read_json, write_json_atomic)
+from ..formats.files import (_TORCH_DTYPES, CheckpointError, CheckpointReader, ShardWriter,
+                             check_src_dst, parse_size, read_json, write_json_atomic)
 from ..formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, _set_tensor,
                               check_nothing_missing, layer_settings, model_tensor_aliases,
                               skeleton)
@@ -103,6 +103,7 @@ def quantize_checkpoint(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os
     report.swapped = [name for name in targets if name in layers]
     report.bytes_before = sum(reader.nbytes(key) for key in reader.keys())
     report.bytes_after = run.writer.total_bytes
+    report.layer_sizes = _layer_sizes(model, reader, layers)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -127,6 +128,27 @@ def _check_source(model: nn.Module, reader: CheckpointReader, aliases: Dict[str,
     written."""
     check_nothing_missing(reader, [key for key in model.state_dict(keep_vars=True)
                                    if key not in reader and aliases.get(key) not in reader])
+
+
+def _layer_sizes(model: nn.Module, reader: CheckpointReader, layers: Dict[str, dict]
+                 ) -> Dict[str, Tuple[int, int]]:
+    """QuantReport.layer_sizes without reading the output back (opening it would map it): a
+    quantized layer's bytes from its settings, a dense one's from the source's headers (a tied
+    layer has no tensor of its own there and is left out)."""
+    sizes = {}
+    for name, module in model.named_modules():
+        own_tensors = name in layers or f"{name}.weight" in reader
+        if not isinstance(module, (nn.Linear, Int4Linear)) or not own_tensors:
+            continue
+        bias = f"{name}.bias"
+        if name in layers:
+            dtype = _TORCH_DTYPES[reader.shape_dtype(bias)[1]] if bias in reader else None
+            size = sum(t.numel() * t.element_size()
+                       for t in hf.meta_layer(layers[name], dtype).state_dict().values())
+        else:
+            size = sum(reader.nbytes(key) for key in (f"{name}.weight", bias) if key in reader)
+        sizes[name] = (size, module.in_features * module.out_features)
+    return sizes
 
 
 def _load(model: nn.Module, reader: CheckpointReader, keys: Iterable[str],
@@ -388,6 +410,7 @@ def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig
         stages, unreached = calibration.plan_stages(
             step, items[0], {name: step.get_submodule(name) for name in own})
         stages += [unreached] if unreached else []
+    dtype = items[0]["hidden_states"].dtype  # what the block computes in
     built: Dict[str, Int4Linear] = {}
     for stage in stages:
         members = set(stage)
@@ -396,7 +419,7 @@ def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig
                block_name)
         for name in stage:
             built[name] = step.get_submodule(name)
-            replace_module(step, name, DequantizingStandIn(built[name]))
+            replace_module(step, name, DequantizingStandIn(built[name], dtype))
         _return_freed_memory()
     return built
 
@@ -406,8 +429,9 @@ def _next_inputs(step: _BlockStep, items, built: Dict[str, Int4Linear],
     """The block's outputs on every batch, computed through stand-ins of its int4 layers (what
     quantize_model's later stages run through; for AWQ, from the stored, folded layers: its
     later stages see the folded dense stand-in, equal up to one rounding of the fold)."""
+    dtype = items[0]["hidden_states"].dtype
     for name, layer in built.items():
-        replace_module(step.block, name[len(block_name) + 1:], DequantizingStandIn(layer))
+        replace_module(step.block, name[len(block_name) + 1:], DequantizingStandIn(layer, dtype))
     try:
         with torch.no_grad():
             return [_first_tensor(step.block(item["hidden_states"], *item["recorded"][0][1:],

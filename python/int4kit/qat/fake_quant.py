@@ -153,12 +153,14 @@ class FakeQuantLinear(nn.Linear):
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, symmetric: bool,
-                    act_fake_quant: Optional[str] = None,
-                    clip_search: bool = False) -> "FakeQuantLinear":
-        """Dynamic mode: the latent weight is linear's weight (copied)."""
+                    act_fake_quant: Optional[str] = None, clip_search: bool = False,
+                    scale_dtype: Optional[torch.dtype] = None) -> "FakeQuantLinear":
+        """Dynamic mode: the latent weight is linear's weight (copied); scales are rounded to
+        scale_dtype (default: the weight's dtype)."""
         w = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     group_size, symmetric, "dynamic", w.dtype, act_fake_quant, clip_search,
+                     group_size, symmetric, "dynamic", scale_dtype or w.dtype, act_fake_quant,
+                     clip_search,
                      device=w.device, dtype=w.dtype)
         with torch.no_grad():
             module.weight.copy_(w)

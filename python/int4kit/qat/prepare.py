@@ -8,7 +8,7 @@ from .. import hf
 from ..nn import Int4Linear, replace_module
 from ..quant.config import QuantConfig
 from ..quant.model import QuantReport, Undo, matches_any, quantize_model, select_layers
-from ..quant.rtn import to_int4linear
+from ..quant.rtn import PER_TENSOR, to_int4linear
 from .fake_quant import ACT_FAKE_QUANTS, QPARAM_MODES, FakeQuantLinear, QATError
 
 
@@ -47,6 +47,11 @@ class QATConfig:
                              f"every step, so base.method must be 'rtn', got "
                              f"{self.base.method!r}; to start from {self.base.method!r} use "
                              f"'frozen', 'learned' or 'codes_frozen'")
+        if self.base.group_size == PER_TENSOR and self.qparams in ("dynamic", "learned",
+                                                                   "codes_frozen"):
+            raise ValueError(f"QATConfig.qparams={self.qparams!r} sets each row's scale and zero "
+                             f"point apart, which base.group_size='tensor' keeps equal; use "
+                             f"qparams='frozen'")
 
 
 @dataclass
@@ -104,7 +109,7 @@ def prepare_qat(model: nn.Module, config: Optional[QATConfig] = None, calib_data
         if config.qparams == "dynamic":
             built = {name: FakeQuantLinear.from_linear(
                 model.get_submodule(name), base.group_size, base.symmetric,
-                config.act_fake_quant, base.clip_search) for name in targets}
+                config.act_fake_quant, base.clip_search, base.scale_dtype) for name in targets}
         else:
             if targets:
                 wanted = set(targets)

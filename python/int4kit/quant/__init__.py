@@ -1,5 +1,8 @@
-"""Quantizers and whole-model quantization."""
+"""Quantizers, whole-model quantization and mixed precision."""
 from .config import QuantConfig
+from .mixed import (MixedPrecisionPlan, SensitivityTable, measure_sensitivity,
+                    plan_mixed_precision)
 from .model import QuantReport, quantize_model
 
-__all__ = ["QuantConfig", "QuantReport", "quantize_model"]
+__all__ = ["QuantConfig", "QuantReport", "quantize_model", "measure_sensitivity",
+           "plan_mixed_precision", "SensitivityTable", "MixedPrecisionPlan"]

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .rtn import (CLIP_GRID, codes_for, dequant, fake_quant_grouped, group_size_of, grouped,
-                  minmax_params, range_of, rtn, threads_for)
+from .rtn import (CLIP_GRID, PER_TENSOR, codes_for, dequant, fake_quant_grouped, group_size_of,
+                  grouped, minmax_params, range_of, rtn, tensor_wide, threads_for)
 
 ALPHA_GRID = tuple(i / 20 for i in range(21))  # 0.0, 0.05, ..., 1.0
 
@@ -47,11 +47,16 @@ def clip_search_hessian(w: torch.Tensor, H: torch.Tensor, group_size: int, symme
         Hp = torch.nn.functional.pad(H.float(), (0, groups * G - K, 0, groups * G - K))
         Hb = torch.stack([Hp[g * G:(g + 1) * G, g * G:(g + 1) * G] for g in range(groups)])  # [g,G,G]
         lo, hi = range_of(wg)
+        per_tensor = group_size == PER_TENSOR
+        if per_tensor:
+            lo, hi = tensor_wide(lo, hi)
         best = s_best = z_best = None
         for ratio in grid:
             s, z = minmax_params(lo * ratio, hi * ratio, symmetric, dtype)
             e = fake_quant_grouped(wg, s, z) - wg                     # [N, g, G]
             err = torch.einsum("ngi,gij,ngj->ng", e, Hb, e)
+            if per_tensor:  # one factor for the whole matrix
+                err = err.sum().expand_as(err)
             if best is None:
                 best, s_best, z_best = err, s, z
             else:

@@ -146,10 +146,12 @@ def quantize_blocks(model: nn.Module, blocks: List[Tuple[str, List[str]]], batch
         model.train(was_training)
 
 
-def _stand_in(model: nn.Module, layers: Dict[str, nn.Module]) -> None:
-    """Puts dense stand-ins of these Int4Linear layers into the model (quant.model's reason)."""
+def _stand_in(model: nn.Module, layers: Dict[str, nn.Module],
+              dense: Dict[str, nn.Module]) -> None:
+    """Puts dense stand-ins of these Int4Linear layers into the model (quant.model's reason),
+    each in the dtype of the dense layer it quantizes."""
     for name, layer in layers.items():
-        replace_module(model, name, layer.to_linear())
+        replace_module(model, name, layer.to_linear(dense[name].weight.dtype))
 
 
 def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Module]:
@@ -164,7 +166,8 @@ def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Mod
         stats = calibration.collect(model, batches, layers, absmean=False,
                                     max_tokens=config.calib_max_tokens)
         grids = {n: grid(layers[n].weight.detach().float().cpu(), stats[n].hessian,
-                         config.group_size, config.symmetric, layers[n].weight.dtype,
+                         config.group_size, config.symmetric,
+                         config.scale_dtype_for(layers[n].weight),
                          config.clip_search) for n in names}
         soft = {n: SoftRounding(layers[n].weight.detach().float(), grids[n][1], grids[n][2],
                                 group_size_of(config.group_size, layers[n].in_features))
@@ -175,22 +178,25 @@ def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Mod
             with torch.no_grad():
                 return sum(float(_block_loss(block, inputs, targets, masks, i))
                            for i in range(len(inputs))) / len(inputs)
-        nearest = {n: to_int4linear(layers[n], *grids[n], config.group_size, config.symmetric)
+        nearest = {n: to_int4linear(layers[n], *grids[n], config.group_size, config.symmetric,
+                                    scale_dtype=config.scale_dtype_for(layers[n].weight))
                    for n in names}
-        _stand_in(model, nearest)
+        _stand_in(model, nearest, layers)
         base = total_loss()
         for n in names:
             replace_module(model, n, _SoftLinear(soft[n], layers[n].bias))
         if base > 0 and config.adaround_iters > 0:
             _optimise(block, inputs, targets, masks, soft, base, config, generator, block_name)
         learned = {n: to_int4linear(layers[n], soft[n].codes(), grids[n][1], grids[n][2],
-                                    config.group_size, config.symmetric) for n in names}
-        _stand_in(model, learned)
+                                    config.group_size, config.symmetric,
+                                    scale_dtype=config.scale_dtype_for(layers[n].weight))
+                    for n in names}
+        _stand_in(model, learned, layers)
         if base > 0 and total_loss() > base:
             report.notes.append((block_name, "plain rounding reconstructed the block better than "
                                              "the learned rounding; kept plain rounding"))
             learned = nearest
-            _stand_in(model, nearest)
+            _stand_in(model, nearest, layers)
         final.update(learned)
     return final
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import matrix_dtype
-from .rtn import threads_for, MAX_CODE, SYMMETRIC_ZERO, group_size_of, rtn, store_scale
+from .rtn import threads_for, MAX_CODE, PER_TENSOR, SYMMETRIC_ZERO, group_size_of, rtn, store_scale
 
 CODE_CENTRE = MAX_CODE / 2
 GRAM_ROWS = 256  # rows per slice in GridSystem (a [256, K] float32 product: 4 MiB at K = 4096)
@@ -122,7 +122,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
             return _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw,
                               grid, compute_dtype)
 
-        Q, S, Z = run_pass(None)
+        if group_size == PER_TENSOR:  # one grid, fixed before the pass, from the whole matrix
+            if refine_rounds:
+                raise ValueError("GPTQ: refine_rounds refits each row's scale and zero point, "
+                                 "which per-tensor quantization keeps equal; use 0")
+            _, S, Z = rtn(W, PER_TENSOR, symmetric, dtype, clip_search=clip_search,
+                          channel_weight=cw, codes_dtype=torch.uint8)
+            Q, S, Z = run_pass((S.to(compute_dtype), Z.to(compute_dtype)))
+        else:
+            Q, S, Z = run_pass(None)
         if refine_rounds > 0:
             Hd = H.to(compute_dtype, copy=True)
             # the diagonal the Cholesky factor used: dead inputs at 1, plus the damping

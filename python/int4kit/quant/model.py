@@ -19,7 +19,8 @@ from .blocks import find_blocks, quantize_blocks
 from .config import QuantConfig
 from .gptq import gptq
 from .hqq import hqq
-from .rtn import codes_objective, dequant, group_size_of, layer_objective, rtn, to_int4linear
+from .rtn import (PER_TENSOR, codes_objective, dequant, group_size_of, layer_objective, rtn,
+                  to_int4linear, wider_than)
 
 # (consumer suffix, producer suffix): the producer's output feeds only the consumer, through a map
 # that is linear per channel (attention's weighted sum of values), so AWQ's 1/s can be folded into
@@ -53,21 +54,60 @@ class QuantReport:
     io_scales: Dict[str, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = \
         field(default_factory=dict)
     seconds: float = 0.0
+    # every linear layer of the model after the run, quantized or kept dense (not one whose weight
+    # is tied to another tensor, which is stored there): name -> (stored bytes, weights), the
+    # bytes counting codes, scales, zero points, bias and input_scale / input_perm
+    layer_sizes: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    # with a mixed-precision plan as layer_configs: the plan's predicted bits per weight and
+    # error next to the measured ones (measured_error on calib_data; None without it)
+    plan_check: Optional[Dict[str, object]] = None
 
     @property
     def compression(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
 
+    @property
+    def bits_per_weight(self) -> Dict[str, float]:
+        """Stored bits per weight of each linear layer (layer_sizes)."""
+        return {name: 8 * size / weights for name, (size, weights) in self.layer_sizes.items()}
+
+    @property
+    def total_bits_per_weight(self) -> float:
+        """Stored bits per weight over every linear layer (layer_sizes) together."""
+        weights = sum(w for _, w in self.layer_sizes.values())
+        return 8 * sum(b for b, _ in self.layer_sizes.values()) / weights if weights else float("nan")
+
     def __str__(self) -> str:
         lines = [f"int4kit: swapped {len(self.swapped)} Linear layers, skipped {len(self.skipped)}",
                  f"  model size {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} "
                  f"MiB ({self.compression:.2f}x smaller)"]
+        if self.layer_sizes:
+            lines.append(f"  linear layers: {self.total_bits_per_weight:.3f} bits per weight "
+                         f"(codes, scales, zero points, bias)")
         if self.method != "rtn" or self.fallbacks:
             lines.append(f"  method {self.method}, {self.seconds:.1f} s")
+        if self.plan_check is not None:
+            check = self.plan_check
+            measured = check["measured_error"]
+            lines.append(f"  plan: {check['predicted_bits_per_weight']:.3f} bits per weight "
+                         f"predicted, {check['measured_bits_per_weight']:.3f} measured; error "
+                         f"{check['predicted_error']:.3e} predicted (sum of the layers'), "
+                         + ("not measured (no calib_data or another metric)" if measured is None
+                            else f"{measured:.3e} measured") + f" ({check['metric']})")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped]
         lines += [f"  fallback {name}: {reason}" for name, reason in self.fallbacks]
         lines += [f"  note {name}: {note}" for name, note in self.notes]
         return "\n".join(lines)
+
+
+def linear_layer_sizes(model: nn.Module) -> Dict[str, Tuple[int, int]]:
+    """QuantReport.layer_sizes of `model`: name -> (bytes its state dict stores, weights) for
+    each nn.Linear and Int4Linear whose weight is its own (tied ones are left out)."""
+    tied = _tied_weights(model)
+    return {name: (sum(t.numel() * t.element_size() for t in m.state_dict().values()),
+                   m.in_features * m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Int4Linear)) and name not in tied}
 
 
 def matches_any(name: str, patterns) -> bool:
@@ -78,14 +118,18 @@ def matches_any(name: str, patterns) -> bool:
 
 
 def _data_free(linear: nn.Linear, config: QuantConfig) -> Int4Linear:
-    if config.method == "rtn" and not config.clip_search:
+    dtype = config.scale_dtype_for(linear.weight)
+    if (config.method == "rtn" and not config.clip_search and dtype == linear.weight.dtype
+            and config.group_size != PER_TENSOR):
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
     w = linear.weight.detach().cpu()
     if config.method == "hqq":
-        codes, s, z = hqq(w, config.group_size, config.symmetric)
+        codes, s, z = hqq(w, config.group_size, config.symmetric, dtype)
     else:
-        codes, s, z = rtn(w, config.group_size, config.symmetric, clip_search=config.clip_search)
-    return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+        codes, s, z = rtn(w, config.group_size, config.symmetric, dtype,
+                          clip_search=config.clip_search)
+    return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric,
+                         scale_dtype=dtype)
 
 
 def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
@@ -112,15 +156,20 @@ def _gptq_guarded(name, w, H, config, report, dtype):
     return cand, obj
 
 
-def _fold_into_producer(model, name, s, report, final=None) -> bool:
+def _fold_into_producer(model, name, s, report, final=None,
+                        configs: Optional[Dict[str, QuantConfig]] = None) -> bool:
     """Divides the producer's output rows by s (AWQ fold). Returns False if no producer fits.
 
     final: name -> Int4Linear already built but not yet in the model (the model holds a dense
-    stand-in meanwhile); both are updated."""
+    stand-in meanwhile); both are updated. configs: the run's layer configs; a producer
+    quantized per tensor is not a fit (its rows must keep one scale)."""
     for consumer, producer in FOLD_RULES:
         if not name.endswith(consumer):
             continue
         pname = name[: len(name) - len(consumer)] + producer
+        if configs is not None and pname in configs and \
+                configs[pname].group_size == PER_TENSOR:
+            continue
         try:
             prod = model.get_submodule(pname)
         except AttributeError:
@@ -160,48 +209,62 @@ def _scale_rows(prod: Int4Linear, s: torch.Tensor) -> Int4Linear:
     return new
 
 
-def _calibrated(model, name, linear, stats, config, report, final=None) -> Int4Linear:
+def _calibrated(model, name, linear, stats, config, report, final=None,
+                configs: Optional[Dict[str, QuantConfig]] = None, fold: bool = True
+                ) -> Int4Linear:
+    """`linear` quantized with `config` from its calibration statistics (whose Hessian it takes).
+    AWQ's input scaling is folded into the producer layer where one fits (`fold`), else kept as
+    the layer's input_scale."""
     w = linear.weight.detach().cpu()
     H = stats.take_hessian()
+    dtype = config.scale_dtype_for(w)
+    build = functools.partial(to_int4linear, linear, group_size=config.group_size,
+                              symmetric=config.symmetric, scale_dtype=dtype)
     if config.method == "adaround":
-        codes, s, z = adaround(w, H, config.group_size, config.symmetric, w.dtype,
+        codes, s, z = adaround(w, H, config.group_size, config.symmetric, dtype,
                                config.adaround_iters, config.adaround_reg, config.adaround_lr,
                                clip_search=config.clip_search)
         G = group_size_of(config.group_size, w.shape[1])
         report.layer_errors[name] = _rel(codes_objective(w, codes, s, z, G, H), w, H)
-        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+        return build(codes=codes, s=s, z=z)
     if config.method == "gptq":
-        (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, w.dtype)
+        (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, dtype)
         report.layer_errors[name] = _rel(obj, w, H)
-        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
+        return build(codes=codes, s=s, z=z)
     # AWQ, and AWQ's scaling followed by GPTQ
     G = group_size_of(config.group_size, w.shape[1])
     if config.method == "awq":
-        codes, s, z, a = awq(w, H, stats.absmean, config.group_size, config.symmetric, w.dtype)
+        codes, s, z, a = awq(w, H, stats.absmean, config.group_size, config.symmetric, dtype)
     else:
-        a, _, _ = awq_scales(w, H, stats.absmean, config.group_size, config.symmetric, w.dtype)
+        a, _, _ = awq_scales(w, H, stats.absmean, config.group_size, config.symmetric, dtype)
         (codes, s, z), _ = _gptq_guarded(name, w.float() * a[None, :], scaled_hessian(H, a),
-                                         config, report, w.dtype)
+                                         config, report, dtype)
     w_hat = dequant(codes, s, z, G) / a[None, :]
     report.layer_errors[name] = _rel(layer_objective(w, w_hat, H), w, H)
-    if _fold_into_producer(model, name, a, report, final):
-        return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric)
-    return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric,
-                         input_scale=1.0 / a)
+    if fold and _fold_into_producer(model, name, a, report, final, configs):
+        return build(codes=codes, s=s, z=z)
+    return build(codes=codes, s=s, z=z, input_scale=1.0 / a)
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None,
                    skip: Iterable[str] = (),
-                   filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> QuantReport:
+                   filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
+                   layer_configs=None) -> QuantReport:
     """Replaces every eligible nn.Linear in `model` by an Int4Linear, in place.
 
     skip: layer names (or fnmatch patterns such as "classifier*") to leave in full precision.
     filter_fn(name, module) -> bool: only layers for which it returns True are quantized.
+    layer_configs: per-layer settings, {pattern: QuantConfig or None} (or a list of such pairs):
+      each layer takes the config of the first pattern (a name or an fnmatch pattern) it
+      matches, None keeping it dense, and `config` when none matches (a mixed-precision plan,
+      int4kit.plan_mixed_precision, is one). A pattern matching no linear layer is an error.
+      Calibration settings (calib_max_tokens, show_progress) are `config`'s.
     calib_data: an iterable of batches for the calibration-based methods (gptq, awq, awq+gptq);
       each is passed as model(**item) if a mapping (an `attention_mask` in it keeps padding tokens
       out of the statistics), model(*item) if a tuple, else model(item). rtn and hqq need none.
     Returns a QuantReport: layers swapped and skipped (with the reason), fallbacks (layers the
-    calibration never reached, quantized with RTN instead, with the reason), bytes before and after.
+    calibration never reached, quantized with RTN instead, with the reason), bytes before and
+    after, bits per weight.
     """
     if isinstance(model, nn.Linear):
         raise TypeError("model is itself an nn.Linear, which quantize_model cannot replace in place; "
@@ -210,20 +273,28 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be an int4kit.QuantConfig, got {type(config).__name__}")
     _refuse_fake_quant(model)
-    batches = calibration_batches(config, calib_data)
+    configs, skipped = layer_plan(model, config, layer_configs, skip, filter_fn)
+    from .mixed import plan_check  # mixed builds on this module
+    if calib_data is not None:
+        calib_data = list(calib_data)  # read twice with a plan: its check, and calibration
+    check = plan_check(model, layer_configs, calib_data)
+    targets = list(configs)
+    calibrated = [name for name in targets if configs[name].needs_calibration]
+    batches = calibration_batches(configs[calibrated[0]] if calibrated else config, calib_data)
     if batches is not None:
         calibration.check_batches(model, batches)
     t0 = time.perf_counter()
-    report = QuantReport(bytes_before=state_dict_bytes(model), method=config.method)
-    targets, skipped = select_layers(model, config.group_size, skip, filter_fn)
+    methods = {cfg.method for cfg in configs.values()} or {config.method}
+    report = QuantReport(bytes_before=state_dict_bytes(model),
+                         method=methods.pop() if len(methods) == 1 else "mixed")
     report.skipped.extend(skipped)
 
     undo = Undo(model, targets)
     try:
         if batches is None:
-            built = {name: _data_free(model.get_submodule(name), config)
+            built = {name: _data_free(model.get_submodule(name), configs[name])
                      for name in calibration.progress(targets, config.show_progress,
-                                                      desc=config.method)}
+                                                      desc=report.method)}
             for name in targets:  # the model changes only once every layer is built
                 replace_module(model, name, built[name])
             report.swapped.extend(targets)
@@ -231,24 +302,82 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
             blocks, loose = find_blocks(model, targets)
             built = quantize_blocks(model, blocks, batches, config, report)
             if loose:  # layer-wise, with every block quantized (as dense stand-ins)
-                _quantize_sequential(model, loose, batches, config, report)
+                _quantize_sequential(model, {n: configs[n] for n in loose}, batches, config,
+                                     report)
             for name, layer in built.items():
                 replace_module(model, name, layer)
             report.swapped.extend(built)
         else:
-            _quantize_sequential(model, targets, batches, config, report)
+            _quantize_sequential(model, configs, batches, config, report)
         for name in report.swapped:  # W4A8 changes how the layers run, not what they store
             module = model.get_submodule(name)
-            module.act_quant = config.act_quant
-            module.method = config.method
+            module.act_quant = configs[name].act_quant
+            module.method = configs[name].method
         if report.swapped and hf.is_transformers_model(model):
             hf.attach(model)  # model.save_pretrained now writes int4kit's format
     except BaseException:  # an error or a KeyboardInterrupt anywhere: the model as it was
         undo()
         raise
     report.bytes_after = state_dict_bytes(model)
+    report.layer_sizes = linear_layer_sizes(model)
     report.seconds = time.perf_counter() - t0
+    if check is not None:
+        check(report)
     return report
+
+
+def layer_plan(model: nn.Module, config: QuantConfig, layer_configs=None, skip: Iterable[str] = (),
+               filter_fn: Optional[Callable[[str, nn.Module], bool]] = None
+               ) -> Tuple[Dict[str, QuantConfig], List[Tuple[str, str]]]:
+    """Each layer quantize_model will quantize with its config (in the model's order), and the
+    layers it leaves dense with the reason: skip, filter_fn, tied weights, a layer_configs
+    pattern mapping to None, in_features below the group size."""
+    rules = _layer_rules(layer_configs, config)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    unmatched = [pattern for pattern, _ in rules if not any(matches_any(n, pattern)
+                                                             for n in linears)]
+    if unmatched:
+        raise ValueError(f"layer_configs: pattern(s) {unmatched} match no linear layer of the model "
+                         f"(its first ones: {linears[:4]})")
+    candidates, skipped = select_layers(model, -1, skip, filter_fn)
+    configs: Dict[str, QuantConfig] = {}
+    for name in candidates:
+        rule = next(((pattern, cfg) for pattern, cfg in rules if matches_any(name, pattern)),
+                    None)
+        cfg = config if rule is None else rule[1]
+        in_features = model.get_submodule(name).in_features
+        if cfg is None:
+            skipped.append((name, f"layer_configs keeps it dense (pattern {rule[0]!r})"))
+        elif wider_than(cfg.group_size, in_features):
+            skipped.append((name, f"in_features {in_features} < group_size {cfg.group_size}"))
+        else:
+            configs[name] = cfg
+    return configs, skipped
+
+
+def _layer_rules(layer_configs, config: QuantConfig) -> List[Tuple[str, Optional[QuantConfig]]]:
+    """layer_configs as a checked list of (pattern, QuantConfig or None)."""
+    if layer_configs is None:
+        return []
+    pairs = layer_configs.items() if isinstance(layer_configs, dict) else layer_configs
+    try:
+        rules = [(pattern, cfg) for pattern, cfg in pairs]
+    except (TypeError, ValueError):
+        raise TypeError("layer_configs must be a dict {pattern: QuantConfig or None} or a list of "
+                        "(pattern, QuantConfig or None) pairs") from None
+    for pattern, cfg in rules:
+        if not isinstance(pattern, str) or not pattern:
+            raise TypeError(f"layer_configs: each pattern must be a non-empty str (a layer name or "
+                            f"an fnmatch pattern), got {pattern!r}")
+        if cfg is not None and not isinstance(cfg, QuantConfig):
+            raise TypeError(f"layer_configs[{pattern!r}] must be an int4kit.QuantConfig or None "
+                            f"(dense), got {type(cfg).__name__}")
+        if cfg is not None and (cfg.reconstruction == "block"
+                                or config.reconstruction == "block"):
+            raise ValueError("layer_configs cannot be combined with QuantConfig(reconstruction="
+                             "'block'): block reconstruction learns a block's layers together "
+                             "with one config")
+    return rules
 
 
 def calibration_batches(config: QuantConfig, calib_data) -> Optional[List]:
@@ -295,7 +424,7 @@ def select_layers(model: nn.Module, group_size: int, skip: Iterable[str] = (),
             skipped.append((name, "filter_fn returned False"))
         elif name in tied:
             skipped.append((name, f"weight tied to {tied[name]} (an Int4Linear cannot share it)"))
-        elif group_size != -1 and group_size > module.in_features:
+        elif wider_than(group_size, module.in_features):
             skipped.append((name, f"in_features {module.in_features} < group_size {group_size}"))
         else:
             targets.append(name)
@@ -360,72 +489,92 @@ def _tied_weights(model: nn.Module) -> Dict[str, str]:
     return tied
 
 
-def dense_stand_in(module: Int4Linear) -> nn.Linear:
-    """An nn.Linear computing what `module` computes (its dequantized weight in the scale dtype):
-    calibration runs through it, which is faster than the int4 kernels on small batches and
-    independent of them."""
-    return module.to_linear()
+def dense_stand_in(module: Int4Linear, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear computing what `module` computes, in the dtype of the dense layer it replaced
+    (its dequantized weight and bias in `dtype`): calibration runs through it, which is faster
+    than the int4 kernels on small batches and independent of them."""
+    return module.to_linear(dtype)
 
 
 class DequantizingStandIn(nn.Module):
-    """What `dense_stand_in` computes, bit for bit (F.linear with the dequantized weight in the
-    scale dtype), with the weight dequantized at each call instead of held: a model being
-    quantized then holds no dense copy of its quantized layers. Not an nn.Linear, so an AWQ fold
-    cannot take it as a producer: AWQ methods keep dense stand-ins."""
+    """What `dense_stand_in(module, dtype)` computes, bit for bit, with the weight dequantized at
+    each call instead of held: a model being quantized then holds no dense copy of its quantized
+    layers. Not an nn.Linear, so an AWQ fold cannot take it as a producer: AWQ methods keep
+    dense stand-ins."""
 
-    def __init__(self, module: Int4Linear):
+    def __init__(self, module: Int4Linear, dtype: torch.dtype):
         super().__init__()
         object.__setattr__(self, "quantized", module)  # not a submodule: the model sees a leaf
         self.in_features, self.out_features = module.in_features, module.out_features
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.quantized
-        return F.linear(x, layer.dequantized_weight().to(layer.scale_dtype), layer.bias)
+        bias = None if layer.bias is None else layer.bias.to(self.dtype)
+        return F.linear(x, layer.dequantized_weight().to(self.dtype), bias)
 
 
-def stand_in(module: Int4Linear, method: str) -> nn.Module:
-    """The stand-in calibration runs through once `module` is quantized: a dense copy where an
-    AWQ fold may scale it, else one that dequantizes as it goes (the same outputs)."""
-    return dense_stand_in(module) if method in ("awq", "awq+gptq") else DequantizingStandIn(module)
+def stand_in(module: Int4Linear, method: str, dtype: torch.dtype) -> nn.Module:
+    """The stand-in calibration runs through once `module` is quantized, computing in `dtype`
+    (the replaced dense layer's): a dense copy where an AWQ fold may scale it, else one that
+    dequantizes as it goes (the same outputs)."""
+    if method in ("awq", "awq+gptq"):
+        return dense_stand_in(module, dtype)
+    return DequantizingStandIn(module, dtype)
 
 
-def _quantize_sequential(model, targets, batches, config, report):
+def _quantize_sequential(model, configs: Dict[str, QuantConfig], batches, config: QuantConfig,
+                         report: QuantReport) -> None:
+    """Quantizes the layers of `configs` (name -> its config) stage by stage, each stage
+    calibrated on the model with the earlier stages quantized (as stand-ins); data-free layers
+    among them are quantized at their stage without statistics. `config` holds the
+    calibration settings (calib_max_tokens, show_progress)."""
+    targets = list(configs)
     layers = {name: model.get_submodule(name) for name in targets}
     final: Dict[str, Int4Linear] = {}
     was_training = model.training
     model.eval()
     try:
         stages, unreached = calibration.plan_stages(model, batches[0], layers)
-        norms = (calibration.plan_norms(model, batches[0], layers) if config.norm_weighting
-                 else {})
-        for stage in calibration.progress(stages, config.show_progress, desc=config.method):
-            collect = functools.partial(calibration.collect, model, batches, hessian=True,
-                                        absmean=config.method in ("awq", "awq+gptq"),
-                                        max_tokens=config.calib_max_tokens,
-                                        show_progress=config.show_progress)
-            stats = collect({n: layers[n] for n in stage},
-                            norms={n: norms[n] for n in stage if n in norms})
-            mixed = [n for n in stage if stats[n].norm_weighted is False]
+        weighted = {n: layers[n] for n in targets if configs[n].norm_weighting}
+        norms = calibration.plan_norms(model, batches[0], weighted) if weighted else {}
+        for stage in calibration.progress(stages, config.show_progress, desc=report.method):
+            calibrated = [n for n in stage if configs[n].needs_calibration]
+            collect = functools.partial(
+                calibration.collect, model, batches, hessian=True,
+                absmean=any(configs[n].method in ("awq", "awq+gptq") for n in calibrated),
+                max_tokens=config.calib_max_tokens, show_progress=config.show_progress)
+            stats = collect({n: layers[n] for n in calibrated},
+                            norms={n: norms[n] for n in calibrated if n in norms}
+                            ) if calibrated else {}
+            mixed = [n for n in calibrated if stats[n].norm_weighted is False]
             if mixed:  # weighting is all or nothing per layer: these again, unweighted
                 stats.update(collect({n: layers[n] for n in mixed}))
                 report.notes.extend(
                     (n, "norm weighting off: its rows did not line up with the input of the norm "
                         "after it in every batch") for n in mixed)
             for name in stage:
-                if stats[name].count == 0:
+                if name not in stats:
+                    final[name] = _data_free(layers[name], configs[name])
+                elif stats[name].count == 0:
                     unreached.append(name)
-                    continue
-                final[name] = _calibrated(model, name, layers[name], stats[name], config, report,
-                                          final)
+                else:
+                    final[name] = _calibrated(model, name, layers[name], stats[name],
+                                              configs[name], report, final, configs)
             for name in stage:  # the rest of the model now sees this stage quantized
                 if name in final:
-                    replace_module(model, name, stand_in(final[name], config.method))
+                    replace_module(model, name, stand_in(final[name], configs[name].method,
+                                                         layers[name].weight.dtype))
         for name in unreached:
             if name in final:
                 continue
+            cfg = configs[name]
+            if not cfg.needs_calibration:
+                final[name] = _data_free(layers[name], cfg)
+                continue
             final[name] = _data_free(layers[name], QuantConfig(
-                group_size=config.group_size, symmetric=config.symmetric,
-                clip_search=config.clip_search))
+                group_size=cfg.group_size, symmetric=cfg.symmetric,
+                clip_search=cfg.clip_search, scale_dtype=cfg.scale_dtype))
             report.fallbacks.append((name, "calib_data never reached this layer (no tokens); "
                                            "quantized with RTN instead"))
         for name in targets:

@@ -44,8 +44,30 @@ def threads_for(elements: int):
             torch.set_num_threads(before)
 
 
-def group_size_of(group_size: int, K: int) -> int:
-    return K if group_size == -1 else group_size
+# QuantConfig(group_size=PER_TENSOR): one scale and zero point for the whole matrix, stored in the
+# per-channel format (group size -1) with every row's scale and zero point equal
+PER_TENSOR = "tensor"
+
+
+def group_size_of(group_size, K: int) -> int:
+    """Columns per group: K per channel (-1) and per tensor."""
+    return K if group_size in (-1, PER_TENSOR) else group_size
+
+
+def stored_group_size(group_size) -> int:
+    """The group size the format stores: per tensor is per channel with equal rows."""
+    return -1 if group_size == PER_TENSOR else group_size
+
+
+def wider_than(group_size, in_features: int) -> bool:
+    """A group of group_size columns does not fit in_features (per channel and per tensor
+    always fit)."""
+    return group_size_of(group_size, in_features) > in_features
+
+
+def tensor_wide(lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ranges [N, groups] widened to the whole tensor's range, in every entry."""
+    return lo.amin().expand_as(lo), hi.amax().expand_as(hi)
 
 
 def grouped(w: torch.Tensor, G: int) -> torch.Tensor:
@@ -135,20 +157,25 @@ def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch
     smallest squared error, weighted per input channel by `channel_weight` [K] when given (AWQ passes
     the diagonal of X^T X, i.e. the mean squared activation; data-free RTN passes nothing).
     Without clip_search the result is bit-identical to int4kit.reference.quantize.
+    group_size PER_TENSOR: one range (and one clipping factor) for the whole matrix; s and z
+    come back [N, 1] with equal rows.
     """
     dtype = dtype or w.dtype
     w = w.float()
     K = w.shape[1]
     G = group_size_of(group_size, K)
+    per_tensor = group_size == PER_TENSOR
     wg = grouped(w, G)
     lo, hi = range_of(wg)
+    if per_tensor:
+        lo, hi = tensor_wide(lo, hi)
     s, z = minmax_params(lo, hi, symmetric, dtype)
     if clip_search:
         cw = None if channel_weight is None else grouped(channel_weight.float()[None], G)
-        best = _group_err(wg, s, z, cw)
+        best = _group_err(wg, s, z, cw, per_tensor)
         for ratio in CLIP_GRID[1:]:
             s_r, z_r = minmax_params(lo * ratio, hi * ratio, symmetric, dtype)
-            err = _group_err(wg, s_r, z_r, cw)
+            err = _group_err(wg, s_r, z_r, cw, per_tensor)
             better = err < best
             best = torch.where(better, err, best)
             s = torch.where(better, s_r, s)
@@ -156,11 +183,14 @@ def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch
     return codes_for(w, s, z, G, codes_dtype), s, z
 
 
-def _group_err(wg, s, z, cw):
+def _group_err(wg, s, z, cw, per_tensor=False):
+    """Squared error of each group [N, groups] (weighted per input channel by cw), or with
+    per_tensor of the whole matrix, in every entry."""
     d = (fake_quant_grouped(wg, s, z) - wg) ** 2
     if cw is not None:
         d = d * cw
-    return d.sum(-1)
+    err = d.sum(-1)
+    return err.sum().expand_as(err) if per_tensor else err
 
 
 def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
@@ -169,8 +199,8 @@ def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: to
                   scale_dtype: Optional[torch.dtype] = None) -> Int4Linear:
     """Packs (codes, s, z) into the canonical format and builds an Int4Linear on linear's device.
 
-    The scale and zero dtype is scale_dtype (default: linear.weight's dtype); bias defaults to
-    linear.bias."""
+    The scale and zero dtype is scale_dtype (default: linear.weight's dtype); input_scale is kept
+    in the weight's dtype; bias defaults to linear.bias."""
     weight = linear.weight
     dtype = scale_dtype or weight.dtype
     qweight = reference.pack(codes.to(torch.uint8).cpu())
@@ -178,10 +208,11 @@ def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: to
     zeros = None if symmetric else z.to(dtype).cpu()
     if bias is None and linear.bias is not None:
         bias = linear.bias.detach()
-    module = Int4Linear.from_quantized(qweight, scales, zeros, group_size, linear.in_features,
+    module = Int4Linear.from_quantized(qweight, scales, zeros, stored_group_size(group_size),
+                                       linear.in_features,
                                        bias=bias, device=weight.device)
     if input_scale is not None:
-        module.input_scale = input_scale.detach().to(device=weight.device, dtype=dtype)
+        module.input_scale = input_scale.detach().to(device=weight.device, dtype=weight.dtype)
     return module
 
 
