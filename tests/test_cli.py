@@ -71,11 +71,13 @@ def test_convert_there_and_back(quantized, tmp_path, target):
     assert f"converted 37 quantized layers from int4kit to {target}" in out
     assert ("gptq_v2 checkpoint" if target == "gptq_v2" else "compressed-tensors checkpoint") in \
         run("info", tmp_path / "out").stdout
+    assert "calibration statistics (input_sq_mean, for int4kit.shift_report) stay behind" in out
     run("convert", tmp_path / "out", tmp_path / "back")
     original = int4kit.formats.CheckpointReader(quantized)
     back = int4kit.formats.CheckpointReader(tmp_path / "back")
-    assert set(back.keys()) == set(original.keys())
-    for key in original.keys():
+    kept = {key for key in original.keys() if not key.endswith(".input_sq_mean")}
+    assert set(back.keys()) == kept and len(kept) < len(original.keys())
+    for key in kept:
         assert torch.equal(original.get(key), back.get(key)), key
 
 
@@ -121,3 +123,62 @@ def test_quantize_offers_every_method():
     from int4kit import cli
     from int4kit.quant.config import METHODS
     assert cli.QUANT_METHODS == METHODS
+
+
+def test_quantize_mixed_precision_within_a_budget(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(__import__("pydoc_data.topics", fromlist=["topics"]).topics
+                               ["for"].split("\n")[:16]))
+    out = tmp_path / "mixed"
+    result = run("quantize", minilm.get_model_path(), out, "--method", "rtn", "--group-size",
+                 "128", "--scale-dtype", "bfloat16", "--bits-per-weight", "4.8",
+                 "--calib", calib)
+    assert "mixed-precision plan for 37 layers" in result.stdout
+    bits = float(result.stdout.split("linear layers: ")[1].split(" bits")[0])
+    assert 4.5 < bits <= 4.8
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {s["group_size"] for s in layers.values()} <= {128, 64, 32}
+    assert len({s["group_size"] for s in layers.values()}) > 1
+    assert {s["scale_dtype"] for s in layers.values()} == {"bfloat16"}
+    model = transformers.AutoModel.from_pretrained(out)
+    assert sum(isinstance(m, int4kit.Int4Linear) for m in model.modules()) == len(layers)
+    low = run("quantize", minilm.get_model_path(), tmp_path / "low", "--method", "rtn",
+              "--bits-per-weight", "2", "--calib", calib, expect=2)
+    assert "--bits-per-weight" in low.stderr and "below the smallest" in low.stderr
+    assert "Traceback" not in low.stderr
+
+
+def test_quantize_per_tensor(tmp_path):
+    out = tmp_path / "tensor"
+    run("quantize", minilm.get_model_path(), out, "--method", "rtn", "--group-size", "tensor")
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {s["group_size"] for s in layers.values()} == {-1}
+    bad = run("quantize", minilm.get_model_path(), tmp_path / "bad", "--group-size", "chan",
+              expect=2)
+    assert "expected an int or 'tensor'" in bad.stderr
+
+
+def test_quantize_stream_block_by_block(tmp_path):
+    """--stream: quantize_checkpoint from the files, in a process started with glibc's mmap
+    threshold (the command restarts itself with it), the result loadable as usual."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=30522, max_position_embeddings=128)
+    torch.manual_seed(0)
+    src = tmp_path / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    transformers.AutoTokenizer.from_pretrained(minilm.get_model_path()).save_pretrained(src)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(__import__("pydoc_data.topics", fromlist=["topics"]).topics
+                               ["while"].split("\n")[:8]))
+    out = tmp_path / "out"
+    result = run("quantize", src, out, "--stream", "--method", "gptq", "--group-size", "32",
+                 "--skip", "lm_head", "--calib", calib)
+    assert "streamed block by block (glibc MALLOC_MMAP_THRESHOLD_=65536)" in result.stdout
+    assert "swapped 14 Linear layers" in result.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, int4kit.Int4Linear) for m in model.modules()) == 14
+    assert (out / "tokenizer.json").exists() or (out / "vocab.txt").exists()
+    lm_head = run("quantize", src, tmp_path / "bad", "--stream", "--method", "gptq",
+                  "--group-size", "32", "--calib", calib, expect=2)
+    assert "skip" in lm_head.stderr and "Traceback" not in lm_head.stderr

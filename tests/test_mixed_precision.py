@@ -339,7 +339,8 @@ def test_damage_is_the_output_error_with_only_that_layer_quantized(config):
         alone = copy.deepcopy(model)
         quantize_model(alone, config, batches, filter_fn=lambda n, m: n == name)
         layer = alone.get_submodule(name)
-        size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        size = sum(t.numel() * t.element_size() for key, t in layer.state_dict().items()
+                   if key != "input_sq_mean")  # statistics, not needed to run the layer
         replace_module(alone, name, layer.to_linear(torch.float32))
         row = table.layers[name]
         assert row["bytes"][0] == size

@@ -19,11 +19,13 @@ from .formats import (CheckpointError, convert_checkpoint, load_quantized, save_
                       skeleton)
 from .nn import Int4Linear
 from .ops import cpu_isa
-from .quant import (MixedPrecisionPlan, QuantConfig, QuantReport, SensitivityTable,
-                    measure_sensitivity, plan_mixed_precision, quantize_model)
+from .quant import (MixedPrecisionPlan, QuantConfig, QuantReport, RecalibrationReport,
+                    SensitivityTable, ShiftReport, measure_sensitivity, plan_mixed_precision,
+                    quantize_model, recalibrate, shift_report)
 
 __all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "measure_sensitivity",
-           "plan_mixed_precision", "SensitivityTable", "MixedPrecisionPlan", "ops", "qat",
+           "plan_mixed_precision", "SensitivityTable", "MixedPrecisionPlan", "shift_report",
+           "ShiftReport", "recalibrate", "RecalibrationReport", "ops", "qat",
            "reference",
            "cpu_isa", "save_quantized", "load_quantized", "skeleton", "CheckpointError",
            "convert_checkpoint", "parallel", "quantize_checkpoint"]

@@ -1,7 +1,7 @@
 """The `int4kit` command.
 
     int4kit quantize MODEL_DIR OUT_DIR --method gptq --group-size 128 [--symmetric] [--act-order]
-                     [--calib FILE]
+                     [--calib FILE] [--scale-dtype bfloat16] [--bits-per-weight 4.5] [--stream]
     int4kit convert SRC DST [--to int4kit|gptq|gptq_v2|compressed-tensors] [--lossy]
     int4kit info CHECKPOINT
     int4kit eval [--methods rtn,gptq] [--settings "g128 asym"]
@@ -61,7 +61,6 @@ def cmd_quantize(args) -> int:
     import torch
     import transformers
     from . import QuantConfig, hf, quantize_model
-    from .eval import batches
 
     if not os.path.isdir(args.model_dir):
         raise UserError(f"MODEL_DIR {args.model_dir!r} is not a folder")
@@ -70,34 +69,99 @@ def cmd_quantize(args) -> int:
     except (OSError, ValueError) as error:
         raise UserError(f"MODEL_DIR {args.model_dir!r} is not a Hugging Face model folder "
                         f"({str(error).splitlines()[0]})") from None
+    if args.stream:
+        if args.bits_per_weight is not None:
+            raise UserError("--bits-per-weight measures the loaded model; it does not combine "
+                            "with --stream")
     quant_config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric,
                                method=args.method, act_order=args.act_order,
                                clip_search=args.clip_search, refine_rounds=args.refine_rounds,
                                reconstruction=args.reconstruction, show_progress=True,
                                scale_dtype=None if args.scale_dtype is None
                                else getattr(torch, args.scale_dtype))
+    if args.stream:
+        return _quantize_streaming(args, quant_config)
     model = hf.model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
     calib = None
     tokenizer = None
-    if quant_config.needs_calibration or args.calib:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        samples = read_calibration_text(args.calib)
-        calib = batches(tokenizer, samples, batch_size=args.batch_size,
-                        max_length=args.max_length)
+    if quant_config.needs_calibration or args.calib or args.bits_per_weight is not None:
+        tokenizer, calib = _calibration_batches(args)
+    plan = None
+    if args.bits_per_weight is not None:
+        plan = _mixed_precision_plan(model, quant_config, calib, args)
     report = quantize_model(model, quant_config,
-                            calib_data=calib if quant_config.needs_calibration else None,
-                            skip=args.skip)
+                            calib_data=calib if quant_config.needs_calibration or plan else None,
+                            skip=args.skip, layer_configs=plan)
     model.save_pretrained(args.out_dir, max_shard_size=args.max_shard_size)
+    _copy_tokenizer(tokenizer, args)
+    print(report)
+    print(f"saved {args.out_dir}")
+    return 0
+
+
+def _calibration_batches(args):
+    """(tokenizer, token batches of the --calib text)."""
+    import transformers
+    from .eval import batches
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    samples = read_calibration_text(args.calib)
+    return tokenizer, batches(tokenizer, samples, batch_size=args.batch_size,
+                              max_length=args.max_length)
+
+
+def _quantize_streaming(args, quant_config) -> int:
+    """--stream: quantize_checkpoint, block by block from the files (docs/SCALE.md)."""
+    from . import quantize_checkpoint
+    tokenizer, calib = (_calibration_batches(args) if quant_config.needs_calibration
+                        else (None, None))
+    report = quantize_checkpoint(args.model_dir, args.out_dir, quant_config, calib,
+                                 skip=args.skip, max_shard_size=args.max_shard_size)
+    _copy_tokenizer(tokenizer, args)
+    print(report)
+    allocator = os.environ.get(STREAM_ALLOCATOR[0])
+    print(f"streamed block by block (glibc {STREAM_ALLOCATOR[0]}={allocator})" if allocator
+          else "streamed block by block")
+    print(f"saved {args.out_dir}")
+    return 0
+
+
+def _copy_tokenizer(tokenizer, args) -> None:
+    import transformers
     try:
         (tokenizer or transformers.AutoTokenizer.from_pretrained(args.model_dir)).save_pretrained(
             args.out_dir)
     except (OSError, ValueError):
         pass  # a model folder without a tokenizer: nothing to copy
-    print(report)
-    print(f"saved {args.out_dir}")
-    return 0
+
+
+# --stream runs with this glibc setting from the process's start: every allocation of 64 KiB or
+# more gets its own mapping, so what a block frees goes back to the system (without it the peak
+# is ~160 MiB higher on a 2048-wide Llama, and it cannot be set once the heap holds freed
+# chunks: docs/SCALE.md)
+STREAM_ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "65536")
+
+
+# group sizes --bits-per-weight chooses among (with --group-size's, and dense)
+MIXED_GROUP_SIZES = (128, 64, 32)
+
+
+def _mixed_precision_plan(model, quant_config, calib, args):
+    """--bits-per-weight: the sensitivity of every layer to the configured method at
+    --group-size and MIXED_GROUP_SIZES (and dense), then the plan within the budget."""
+    import dataclasses
+    from . import measure_sensitivity, plan_mixed_precision
+    sizes = dict.fromkeys([args.group_size, *MIXED_GROUP_SIZES])
+    candidates = [dataclasses.replace(quant_config, group_size=g, show_progress=False)
+                  for g in sizes]
+    table = measure_sensitivity(model, candidates, calib, skip=args.skip)
+    try:
+        plan = plan_mixed_precision(table, bits_per_weight=args.bits_per_weight)
+    except ValueError as error:
+        raise UserError(f"--bits-per-weight: {error}") from None
+    print(plan)
+    return plan
 
 
 # ---- convert, info -------------------------------------------------------------------------------
@@ -137,7 +201,7 @@ def describe_checkpoint(path: str) -> str:
     for name, settings in layers.items():
         weights += settings["in_features"] * settings["out_features"]
         quantized_bytes += sum(reader.nbytes(key) for key in layer_keys(name, settings)
-                               if not key.endswith(".bias"))
+                               if not key.endswith((".bias", ".input_sq_mean")))
     total_tensor_bytes = sum(reader.nbytes(key) for key in reader.keys())
     count_by = {}
     for settings in layers.values():
@@ -232,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ visits columns by Hessian size")
     q.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping of each group")
     q.add_argument("--refine-rounds", type=int, default=0, help="GPTQ scale/zero refits")
+    q.add_argument("--stream", action="store_true",
+                   help="quantize block by block from the files without loading the model "
+                        "(models larger than memory; resumes after an interruption; "
+                        "calibrated methods need --skip lm_head: docs/SCALE.md)")
+    q.add_argument("--bits-per-weight", type=float, metavar="BITS",
+                   help="mixed precision: measure each layer's sensitivity to the method at "
+                        "--group-size, 128, 64 and 32 (and dense), and keep the model within "
+                        "BITS bits per weight over its linear layers (docs/MIXED_PRECISION.md)")
     q.add_argument("--scale-dtype", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the stored scales and zero points (default: the model's, "
                         "float32; 16-bit ones save 0.25 bits per weight at group size 128)")
@@ -266,11 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _restart_with_stream_allocator() -> None:
+    """Runs this command again in a process that starts with STREAM_ALLOCATOR in its
+    environment (once: a user's own setting is kept)."""
+    name, value = STREAM_ALLOCATOR
+    if name in os.environ or not sys.platform.startswith("linux"):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "int4kit.cli", *sys.argv[1:]],
+              dict(os.environ, **{name: value}))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if argv is None and args.command == "quantize" and args.stream:
+        _restart_with_stream_allocator()
     from .formats.files import CheckpointError
     try:
         if args.command == "bench":

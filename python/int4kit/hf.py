@@ -29,7 +29,7 @@ from .formats.files import (CHECKSUM_KEY, WRITER_KEY, CheckpointError, Checkpoin
                             tensor_crc32)
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
                              check_layer_tensors, quantization_config, validate_config)
-from .nn import _CANONICAL, Int4Linear, replace_module
+from .nn import _CANONICAL, INPUT_STATS, Int4Linear, replace_module
 
 _registered = {}
 
@@ -63,6 +63,8 @@ def meta_layer(settings: dict, dtype: torch.dtype) -> Int4Linear:
         module.input_scale = torch.empty(K, dtype=dtype, device="meta")
     if settings["input_perm"]:
         module.input_perm = torch.empty(K, dtype=torch.int64, device="meta")
+    if settings.get(INPUT_STATS):
+        setattr(module, INPUT_STATS, torch.empty(K, dtype=torch.float32, device="meta"))
     module.method = settings["method"]
     module.requires_grad_(False)
     # transformers loads checkpoint tensors into persistent buffers only, and refills the
@@ -91,7 +93,7 @@ def _finish_layer(name: str, saved: str, module: Int4Linear, settings: dict, sou
     tensors = {"qweight": module.qweight, "scales": module.scales}
     if not module.symmetric:
         tensors["zeros"] = module.zeros
-    for extra in ("input_scale", "input_perm"):
+    for extra in ("input_scale", "input_perm", INPUT_STATS):
         if getattr(module, extra) is not None:
             tensors[extra] = getattr(module, extra)
     if module.bias is not None:
@@ -112,7 +114,7 @@ def _finish_layer(name: str, saved: str, module: Int4Linear, settings: dict, sou
     module._store(module.qweight.detach(), module.scales.detach(),
                   None if module.symmetric else module.zeros.detach(), device)
     module._non_persistent_buffers_set.update(_CANONICAL)
-    for extra in ("input_scale", "input_perm"):
+    for extra in ("input_scale", "input_perm", INPUT_STATS):
         value = getattr(module, extra)
         if value is not None:
             setattr(module, extra, value.detach().to(device))

@@ -23,6 +23,10 @@ _SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # optional inputs transforms, saved only when present: column k of the stored weight multiplies
 # x[..., input_perm[k]] * input_scale[k] (both in the stored column order)
 _INPUT_BUFFERS = ("input_perm", "input_scale")
+# optional [in_features] float32 statistic, saved only when present: the calibration data's mean
+# x^2 per input channel, in x's column order (int4kit.shift_report); not used by forward
+INPUT_STATS = "input_sq_mean"
+_OPTIONAL_BUFFERS = _INPUT_BUFFERS + (INPUT_STATS,)
 ACT_QUANTS = (None, "int8")
 
 
@@ -126,6 +130,8 @@ class Int4Linear(nn.Module):
         # optional int64 permutation of x's columns, gathered before input_scale: a GPTQ act-order
         # checkpoint whose g_idx is not monotone is stored with K permuted into whole groups
         self.register_buffer("input_perm", None)
+        # the calibration's input statistics (INPUT_STATS), when a calibrated method made it
+        self.register_buffer(INPUT_STATS, None)
         # the method that made the weights ("rtn", "gptq", ...; None: unknown): checkpoint metadata
         self.method = None
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -259,7 +265,7 @@ class Int4Linear(nn.Module):
         missing = [keys[name] for name in wanted if name not in present]
         missing_keys.extend(missing)
         rest = {k: v for k, v in state_dict.items() if k not in keys.values()}
-        for name in _INPUT_BUFFERS:  # optional: make room for them; the loader below copies them in
+        for name in _OPTIONAL_BUFFERS:  # optional: make room for them; the loader copies them in
             key = prefix + name
             if key not in rest or getattr(self, name) is not None:
                 continue

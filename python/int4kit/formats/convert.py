@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import ops
-from ..nn import dequantized_weight
+from ..nn import INPUT_STATS, dequantized_weight
 from . import awq, compressed_tensors as ct, gptq, vllm
 from .packing import NotRepresentable
 from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, CheckpointReader, ShardWriter,
@@ -315,6 +315,10 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
             writer.add(f"{name}.{short}" if name else short, tensor)
     for alias, original in native.get("aliases", {}).items():
         writer.add(alias, reader.get(original))  # other tools expect every name present
+    with_stats = sum(bool(s.get(INPUT_STATS)) for s in layers.values())
+    if with_stats:
+        report.notes.append(f"{with_stats} layers' calibration statistics ({INPUT_STATS}, for "
+                            f"int4kit.shift_report) stay behind: {to} has no place for them")
     report.layers = len(layers)
     shapes = {name: vllm.LayerShape(s["out_features"], s["in_features"], s["group_size"])
               for name, s in written.items()}

@@ -18,7 +18,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..nn import ACT_QUANTS, Int4Linear, check_group_size, is_permutation, replace_module
+from ..nn import (ACT_QUANTS, INPUT_STATS, Int4Linear, check_group_size, is_permutation,
+                  replace_module)
 from .. import ops
 from .files import (CHECKSUM_KEY, CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader,
                     ShardWriter, parse_size, read_json, write_json_atomic)
@@ -39,15 +40,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def layer_settings(module: Int4Linear) -> dict:
-    """One layer's entry in the config: what is needed to rebuild it without the model."""
-    return {"in_features": module.in_features, "out_features": module.out_features,
-            "group_size": module.group_size, "symmetric": module.symmetric,
-            "scale_dtype": dtype_name(module.scale_dtype), "act_quant": module.act_quant,
-            "method": module.method, "bias": module.bias is not None,
-            "input_scale": module.input_scale is not None,
-            "input_scale_dtype": (None if module.input_scale is None
-                                  else dtype_name(module.input_scale.dtype)),
-            "input_perm": module.input_perm is not None}
+    """One layer's entry in the config: what is needed to rebuild it without the model. The
+    optional field INPUT_STATS is written only when true (older files never have it)."""
+    settings = {"in_features": module.in_features, "out_features": module.out_features,
+                "group_size": module.group_size, "symmetric": module.symmetric,
+                "scale_dtype": dtype_name(module.scale_dtype), "act_quant": module.act_quant,
+                "method": module.method, "bias": module.bias is not None,
+                "input_scale": module.input_scale is not None,
+                "input_scale_dtype": (None if module.input_scale is None
+                                      else dtype_name(module.input_scale.dtype)),
+                "input_perm": module.input_perm is not None}
+    if getattr(module, INPUT_STATS) is not None:
+        settings[INPUT_STATS] = True
+    return settings
 
 
 def canonical_settings(tensors: Dict[str, torch.Tensor], in_features: int, group_size: int,
@@ -129,6 +134,9 @@ def validate_config(config, source: str) -> dict:
         if settings["scale_dtype"] not in SCALE_DTYPES:
             raise _bad(source, f"{where} scale_dtype must be one of {list(SCALE_DTYPES)}, got "
                                f"{settings['scale_dtype']!r}")
+        if not isinstance(settings.get(INPUT_STATS, False), bool):  # optional field
+            raise _bad(source, f"{where} {INPUT_STATS} must be true or false, got "
+                               f"{settings[INPUT_STATS]!r}")
         if settings.get("input_scale_dtype") not in (None, *SCALE_DTYPES):
             raise _bad(source, f"{where} input_scale_dtype must be null or one of "
                                f"{list(SCALE_DTYPES)}, got {settings['input_scale_dtype']!r}")
@@ -295,6 +303,7 @@ def layer_keys(name: str, settings: dict) -> List[str]:
     """The tensor names a quantized layer has in the checkpoint."""
     parts = ["qweight", "scales"] + ([] if settings["symmetric"] else ["zeros"])
     parts += [p for p in ("bias", "input_scale", "input_perm") if settings[p]]
+    parts += [INPUT_STATS] if settings.get(INPUT_STATS) else []
     return [f"{name}.{p}" if name else p for p in parts]
 
 
@@ -310,7 +319,7 @@ def check_layer_tensors(tensors: Dict[str, torch.Tensor], settings: dict, where)
               "bias": ((N,), _FLOAT_DTYPES),
               "input_scale": ((K,), (SCALE_DTYPES[settings["input_scale_dtype"]],)
                               if settings.get("input_scale_dtype") else _FLOAT_DTYPES),
-              "input_perm": ((K,), (torch.int64,))}
+              "input_perm": ((K,), (torch.int64,)), INPUT_STATS: ((K,), (torch.float32,))}
     for short, tensor in tensors.items():
         shape, dtypes = expect[short]
         if tuple(tensor.shape) != shape or tensor.dtype not in dtypes:
@@ -321,6 +330,9 @@ def check_layer_tensors(tensors: Dict[str, torch.Tensor], settings: dict, where)
             bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
             raise CheckpointError(f"{where(short)} must be finite, has "
                                   f"{tensor[tuple(bad)].item()} at {bad}")
+        if short == INPUT_STATS and not bool((torch.isfinite(tensor) & (tensor >= 0)).all()):
+            raise CheckpointError(f"{where(short)} must be finite and non-negative (mean "
+                                  f"squares)")
         if short == "input_perm" and not is_permutation(tensor):
             raise CheckpointError(f"{where(short)} must be a permutation of 0..{K - 1} "
                                   f"(each index once)")
@@ -342,7 +354,7 @@ def build_layer(settings: dict, tensors: Dict[str, torch.Tensor], device) -> Int
         tensors["qweight"], tensors["scales"], tensors.get("zeros"), settings["group_size"],
         settings["in_features"], bias=tensors.get("bias"), device=device,
         act_quant=settings["act_quant"])
-    for name in ("input_scale", "input_perm"):
+    for name in ("input_scale", "input_perm", INPUT_STATS):
         if name in tensors:
             setattr(module, name, tensors[name].to(device))
     module.method = settings["method"]

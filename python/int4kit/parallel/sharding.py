@@ -22,6 +22,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..nn import INPUT_STATS
+
 STYLES = ("colwise", "rowwise")
 # Padding codes: with zero point 8 and scale 1, code 8 dequantizes to exactly 0 (symmetric
 # layers have the implicit zero point 8).
@@ -127,6 +129,7 @@ def shard_tensors(read: Reader, settings: dict, shard: Shard) -> Dict[str, torch
 def local_settings(settings: dict, shard: Shard) -> dict:
     """The settings of the local layer a shard builds (the checkpoint entry's fields)."""
     local = dict(settings)
+    local.pop(INPUT_STATS, None)  # the calibration statistics stay with the whole layer
     if shard.style == "colwise":
         local["out_features"] = shard.size
     else:

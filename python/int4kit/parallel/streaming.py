@@ -49,7 +49,7 @@ from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
 from ..quant.blocks import _block_inputs, _first_tensor
 from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches,
-                           select_layers)
+                           select_layers, stored_bytes)
 
 PARTIAL_DIR = ".int4kit-partial"
 JOURNAL = "journal.json"
@@ -143,8 +143,7 @@ def _layer_sizes(model: nn.Module, reader: CheckpointReader, layers: Dict[str, d
         bias = f"{name}.bias"
         if name in layers:
             dtype = _TORCH_DTYPES[reader.shape_dtype(bias)[1]] if bias in reader else None
-            size = sum(t.numel() * t.element_size()
-                       for t in hf.meta_layer(layers[name], dtype).state_dict().values())
+            size = stored_bytes(hf.meta_layer(layers[name], dtype))
         else:
             size = sum(reader.nbytes(key) for key in (f"{name}.weight", bias) if key in reader)
         sizes[name] = (size, module.in_features * module.out_features)

@@ -29,7 +29,7 @@ from torch.distributed.tensor import Replicate, Shard as ShardPlacement
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from ..formats.native import layer_settings
-from ..nn import Int4Linear
+from ..nn import INPUT_STATS, Int4Linear
 from .sharding import Shard, local_settings, rowwise_unit, shard_of, shard_tensors, tensor_reader
 
 
@@ -152,7 +152,7 @@ def become_local(module: Int4Linear, settings: dict, tensors: Dict[str, torch.Te
     module._store(tensors["qweight"], tensors["scales"], tensors.get("zeros"), device)
     bias = tensors.get("bias")
     module.bias = None if bias is None else nn.Parameter(bias.to(device), requires_grad=False)
-    for name in ("input_scale", "input_perm"):
+    for name in ("input_scale", "input_perm", INPUT_STATS):
         value = tensors.get(name)
         setattr(module, name, None if value is None else value.to(device))
 

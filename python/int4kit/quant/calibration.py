@@ -145,6 +145,8 @@ class LayerStats:
         self.H = (torch.zeros(in_features, in_features, dtype=matrix_dtype(in_features))
                   if hessian else None)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64) if absmean else None
+        # unweighted sum of x^2 per input channel: what shift_report compares new data with
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
         self.max_tokens = max_tokens
         # None: no norm weighting asked; True: every batch weighted; False: some batch could not be
@@ -174,6 +176,7 @@ class LayerStats:
                 self.H += (xw.T @ xw).to(self.H.dtype)
         if self.abs_sum is not None:
             self.abs_sum += x.abs().sum(0).double()
+        self.sq_sum += x.square().sum(0).double()
         self.count += x.shape[0]
 
     @property
@@ -190,6 +193,11 @@ class LayerStats:
     @property
     def absmean(self) -> torch.Tensor:
         return self.abs_sum / max(self.count, 1)
+
+    @property
+    def sq_mean(self) -> torch.Tensor:
+        """Mean x^2 per input channel (float32), unweighted."""
+        return (self.sq_sum / max(self.count, 1)).float()
 
 
 def _rows(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -229,16 +229,33 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
 
 class LayerTerms:
     """The parts of `GridSystem` that depend on the weight W [N, K] and H [K, K] only (K padded to
-    whole groups with zero columns of W and zero rows and columns of H)."""
+    whole groups with zero columns of W and zero rows and columns of H).
+
+    The objective only needs W through W H and the rows' w^T H w: `from_products` takes them
+    directly, for a target that is not a weight but outputs (recalibrate: the objective
+    sum_t ||W_hat x_t - y_t||^2 has W H = Y^T X and w^T H w = sum_t y_t^2 per row)."""
 
     def __init__(self, W, H, G, symmetric):
         K = W.shape[1]
+        Hp = F.pad(H, (0, -K % G, 0, -K % G)) if K % G else H
+        WH = F.pad(W.to(H.dtype), (0, -K % G)) @ Hp
+        self._set(WH, (W.to(H.dtype) * WH[:, :K]).double().sum(1), Hp, G, symmetric)
+
+    @classmethod
+    def from_products(cls, WH, wHw, H, G, symmetric) -> "LayerTerms":
+        """The terms of a target given as W H [N, K] and w^T H w [N] (K padded as in __init__)."""
+        K = WH.shape[1]
+        terms = cls.__new__(cls)
+        pad = -K % G
+        terms._set(F.pad(WH.to(H.dtype), (0, pad)), wHw.double(),
+                   F.pad(H, (0, pad, 0, pad)) if pad else H, G, symmetric)
+        return terms
+
+    def _set(self, WH, wHw, Hp, G, symmetric):
         self.G, self.symmetric = G, symmetric
         self.centre = SYMMETRIC_ZERO if symmetric else CODE_CENTRE
-        self.Hp = F.pad(H, (0, -K % G, 0, -K % G)) if K % G else H
-        self.groups = ng = self.Hp.shape[0] // G
-        self.WH = F.pad(W.to(H.dtype), (0, -K % G)) @ self.Hp
-        self.wHw = (W.to(H.dtype) * self.WH[:, :K]).double().sum(1)
+        self.Hp, self.WH, self.wHw = Hp, WH, wHw
+        self.groups = ng = Hp.shape[0] // G
         if not symmetric:
             self.WH_sums = self.WH.view(-1, ng, G).sum(-1)  # 1_g^T H w per row
             self.H_sums = self.Hp.view(ng, G, ng, G).sum((1, 3))  # 1_g^T H 1_h

@@ -27,7 +27,7 @@ from ..nn import replace_module
 from . import calibration
 from .config import QuantConfig
 from .model import (QuantReport, _calibrated, _data_free, _refuse_fake_quant, dense_stand_in,
-                    select_layers)
+                    select_layers, stored_bytes)
 from .rtn import wider_than
 
 OUTPUT_ERROR = "output relative squared error"
@@ -190,11 +190,14 @@ class OutputError:
 def shared_input_groups(model: nn.Module, batch, layers: Dict[str, nn.Module]) -> List[List[str]]:
     """Groups (of two or more) of `layers` that read the very same input tensor on `batch`."""
     keys: Dict[str, tuple] = {}
+    held: List[torch.Tensor] = []  # kept alive for the pass: a freed input's address is reused
 
     def hook(name):
         def record(module, args):
             x = args[0]
-            keys.setdefault(name, (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype))
+            if name not in keys:
+                held.append(x)
+                keys[name] = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
         return record
     with calibration.hooks(m.register_forward_pre_hook(hook(n)) for n, m in layers.items()), \
             torch.no_grad():
@@ -311,8 +314,7 @@ def _measure_layer(model, name, linear, candidates, stats, metric, base) -> dict
            "in_features": linear.in_features, "bytes": [], "damage": []}
     for config in candidates:
         if config is None:
-            row["bytes"].append(sum(t.numel() * t.element_size()
-                                    for t in linear.state_dict().values()))
+            row["bytes"].append(stored_bytes(linear))
             row["damage"].append(0.0)
             continue
         if wider_than(config.group_size, linear.in_features) or (
@@ -322,13 +324,13 @@ def _measure_layer(model, name, linear, candidates, stats, metric, base) -> dict
             continue
         if config.needs_calibration:
             own = calibration.LayerStats(linear.in_features, hessian=False, absmean=False)
-            own.H, own.abs_sum, own.count = (stats[name].H.clone(), stats[name].abs_sum,
-                                             stats[name].count)
+            own.H, own.abs_sum, own.sq_sum, own.count = (
+                stats[name].H.clone(), stats[name].abs_sum, stats[name].sq_sum, stats[name].count)
             layer = _calibrated(model, name, linear, own, config, QuantReport(), fold=False)
         else:
             layer = _data_free(linear, config)
         layer.act_quant = config.act_quant
-        row["bytes"].append(sum(t.numel() * t.element_size() for t in layer.state_dict().values()))
+        row["bytes"].append(stored_bytes(layer))
         # W4A8 runs as it will (its activations are rounded); W4A16 through a dense stand-in
         replace_module(model, name, layer if config.act_quant else
                        dense_stand_in(layer, linear.weight.dtype))

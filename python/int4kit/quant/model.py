@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import hf
 from ..formats.native import model_tensor_aliases
-from ..nn import Int4Linear, replace_module
+from ..nn import INPUT_STATS, Int4Linear, replace_module
 from . import calibration
 from .adaround import adaround
 from .awq import awq, awq_scales, scaled_hessian
@@ -100,12 +100,18 @@ class QuantReport:
         return "\n".join(lines)
 
 
+def stored_bytes(layer: nn.Module) -> int:
+    """Bytes a linear layer's state dict stores to run: weights (or codes, scales and zero
+    points), bias, input_scale / input_perm; not the calibration statistics (INPUT_STATS)."""
+    return sum(t.numel() * t.element_size() for key, t in layer.state_dict().items()
+               if key != INPUT_STATS)
+
+
 def linear_layer_sizes(model: nn.Module) -> Dict[str, Tuple[int, int]]:
-    """QuantReport.layer_sizes of `model`: name -> (bytes its state dict stores, weights) for
-    each nn.Linear and Int4Linear whose weight is its own (tied ones are left out)."""
+    """QuantReport.layer_sizes of `model`: name -> (stored_bytes, weights) for each nn.Linear
+    and Int4Linear whose weight is its own (tied ones are left out)."""
     tied = _tied_weights(model)
-    return {name: (sum(t.numel() * t.element_size() for t in m.state_dict().values()),
-                   m.in_features * m.out_features)
+    return {name: (stored_bytes(m), m.in_features * m.out_features)
             for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, Int4Linear)) and name not in tied}
 
@@ -206,15 +212,29 @@ def _scale_rows(prod: Int4Linear, s: torch.Tensor) -> Int4Linear:
             bias=None if prod.bias is None else (prod.bias.float() / sd).to(prod.bias.dtype),
             device=prod._device())
         new.input_scale = prod.input_scale
+        setattr(new, INPUT_STATS, getattr(prod, INPUT_STATS))  # its input is unchanged
     return new
 
 
 def _calibrated(model, name, linear, stats, config, report, final=None,
                 configs: Optional[Dict[str, QuantConfig]] = None, fold: bool = True
                 ) -> Int4Linear:
-    """`linear` quantized with `config` from its calibration statistics (whose Hessian it takes).
-    AWQ's input scaling is folded into the producer layer where one fits (`fold`), else kept as
-    the layer's input_scale."""
+    """`linear` quantized with `config` from its calibration statistics (whose Hessian it takes),
+    carrying their per-channel mean squares (INPUT_STATS, for shift_report). AWQ's input
+    scaling is folded into the producer layer where one fits (`fold`), else kept as the layer's
+    input_scale."""
+    layer, folded = _quantized_from_stats(model, name, linear, stats, config, report, final,
+                                          configs, fold)
+    sq_mean = stats.sq_mean
+    if folded is not None:  # the producer's rows were divided by s: the layer now sees x / s
+        sq_mean = sq_mean / folded.float().square()
+    setattr(layer, INPUT_STATS, sq_mean.to(layer._device()))
+    return layer
+
+
+def _quantized_from_stats(model, name, linear, stats, config, report, final, configs, fold
+                          ) -> Tuple[Int4Linear, Optional[torch.Tensor]]:
+    """_calibrated's layer, and AWQ's input scale s when it was folded into a producer."""
     w = linear.weight.detach().cpu()
     H = stats.take_hessian()
     dtype = config.scale_dtype_for(w)
@@ -226,11 +246,11 @@ def _calibrated(model, name, linear, stats, config, report, final=None,
                                clip_search=config.clip_search)
         G = group_size_of(config.group_size, w.shape[1])
         report.layer_errors[name] = _rel(codes_objective(w, codes, s, z, G, H), w, H)
-        return build(codes=codes, s=s, z=z)
+        return build(codes=codes, s=s, z=z), None
     if config.method == "gptq":
         (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, dtype)
         report.layer_errors[name] = _rel(obj, w, H)
-        return build(codes=codes, s=s, z=z)
+        return build(codes=codes, s=s, z=z), None
     # AWQ, and AWQ's scaling followed by GPTQ
     G = group_size_of(config.group_size, w.shape[1])
     if config.method == "awq":
@@ -242,8 +262,8 @@ def _calibrated(model, name, linear, stats, config, report, final=None,
     w_hat = dequant(codes, s, z, G) / a[None, :]
     report.layer_errors[name] = _rel(layer_objective(w, w_hat, H), w, H)
     if fold and _fold_into_producer(model, name, a, report, final, configs):
-        return build(codes=codes, s=s, z=z)
-    return build(codes=codes, s=s, z=z, input_scale=1.0 / a)
+        return build(codes=codes, s=s, z=z), a
+    return build(codes=codes, s=s, z=z, input_scale=1.0 / a), None
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None,
