@@ -130,7 +130,8 @@ def _relative_error(model, teacher, batches):
     return num / den
 
 
-def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data():
+@pytest.mark.parametrize("fit", ["weights", "outputs"])
+def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data(fit):
     import copy
     teacher = tiny_bert()
     model = copy.deepcopy(teacher)
@@ -139,7 +140,7 @@ def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data():
               if isinstance(m, int4kit.Int4Linear)}
     new = bert_batches(seed=11, T=20)
     error_before = _relative_error(model, teacher, new)
-    report = int4kit.recalibrate(model, new, teacher, calib_data=bert_batches())
+    report = int4kit.recalibrate(model, new, teacher, calib_data=bert_batches(), fit=fit)
     assert report.rows == 960 and 0 < report.rows_refit <= 960
     assert all(after <= b for b, after in report.objectives.values())
     for name, (qweight, scales, zeros) in before.items():
@@ -149,9 +150,11 @@ def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data():
     assert _relative_error(model, teacher, new) < 0.9 * error_before
 
 
-def test_recalibrate_qparams_is_the_least_squares_scale():
+@pytest.mark.parametrize("fit", ["weights", "outputs"])
+def test_recalibrate_qparams_is_the_least_squares_scale(fit):
     """Symmetric per channel: one scale per row, s = sum_t a_t y_t / sum_t a_t^2 with
-    a_t = (q - 8) . x_t, the teacher's output y_t and x_t the quantized model's input."""
+    a_t = (q - 8) . x_t, y_t the teacher's output (= W x_t: one layer, no bias, so both fits
+    agree) and x_t the quantized model's input."""
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(48, 16, bias=False))
     model = nn.Sequential(nn.Linear(48, 16, bias=False))
@@ -159,7 +162,7 @@ def test_recalibrate_qparams_is_the_least_squares_scale():
     quantize_model(model, QuantConfig(group_size=-1, symmetric=True, method="gptq"),
                    [torch.randn(32, 48)])
     x = torch.randn(64, 48) * torch.linspace(0.2, 3, 48)
-    int4kit.recalibrate(model, [x], teacher)
+    int4kit.recalibrate(model, [x], teacher, fit=fit)
     layer = model[0]
     q = int4kit.reference.unpack(layer.canonical()[0], 48).double() - 8
     a = x.double() @ q.T  # [tokens, rows]
@@ -189,6 +192,8 @@ def test_bad_recalibration_input():
     quantize_model(model, GPTQ, bert_batches())
     with pytest.raises(ValueError, match="mode must be 'qparams' or 'full'"):
         int4kit.recalibrate(model, bert_batches(), teacher, mode="scales")
+    with pytest.raises(ValueError, match="fit must be 'weights' or 'outputs'"):
+        int4kit.recalibrate(model, bert_batches(), teacher, fit="logits")
     with pytest.raises(TypeError, match="teacher must be the full-precision model"):
         int4kit.recalibrate(model, bert_batches(), None)
     with pytest.raises(ValueError, match="data is empty"):

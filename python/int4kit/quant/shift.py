@@ -171,6 +171,7 @@ RECALIBRATION_MODES = ("qparams", "full")
 @dataclass
 class RecalibrationReport:
     mode: str
+    fit: str = "weights"
     # qparams: name -> (objective before, after) summed over the rows, on the recalibration data
     objectives: Dict[str, tuple] = field(default_factory=dict)
     rows_refit: int = 0  # qparams: rows whose new scales and zero points fit better (kept)
@@ -182,22 +183,28 @@ class RecalibrationReport:
             return f"recalibrated (full):\n{self.quant_report}"
         before = sum(b for b, _ in self.objectives.values())
         after = sum(a for _, a in self.objectives.values())
-        return (f"recalibrated (qparams) {len(self.objectives)} layers: {self.rows_refit} of "
-                f"{self.rows} rows refit; summed output error {before:.4g} -> {after:.4g}")
+        return (f"recalibrated (qparams, fit {self.fit}) {len(self.objectives)} layers: "
+                f"{self.rows_refit} of {self.rows} rows refit; summed objective {before:.4g} -> "
+                f"{after:.4g}")
+
+
+RECALIBRATION_FITS = ("weights", "outputs")
 
 
 def recalibrate(model: nn.Module, data, teacher: nn.Module, mode: str = "qparams",
-                calib_data=None, config=None) -> RecalibrationReport:
+                calib_data=None, config=None, fit: str = "weights") -> RecalibrationReport:
     """Adapts a quantized model to new data, in place.
 
     mode "qparams": every Int4Linear keeps its codes; each row's scales and zero points are
-      refit by least squares so that the layer's outputs on the data (plus calib_data, if
-      given) match the teacher's outputs of the same layer: sum_t ||W_hat x_t - (y_t - b)||^2
-      with x_t the quantized model's own input to the layer (so earlier layers' errors are
-      corrected for) and y_t the teacher layer's output. Closed form per row (the GridSystem of
-      GPTQ's refinement); a row keeps its old parameters unless the new ones fit better. Needs
-      the teacher's layer outputs, not its weights: any model with the same layer names (the
-      full-precision model, or a larger one). Memory: K x K + N x K per layer, all at once.
+      refit by least squares on the data (plus calib_data, if given), x_t being the quantized
+      model's own input to the layer. Closed form per row (the GridSystem of GPTQ's
+      refinement); a row keeps its old parameters unless the new ones fit better. Memory:
+      K x K (+ N x K with fit="outputs") per layer, all at once. What is fit:
+        fit "weights": the teacher layer's weight W, sum_t ||(W - W_hat) x_t||^2 (the layer
+          objective on the new inputs);
+        fit "outputs": the teacher layer's outputs y_t, sum_t ||W_hat x_t - (y_t - b)||^2:
+          needs no teacher weights (any model with the same layer names) and also corrects
+          the earlier layers' errors, which on MiniLM generalised worse (docs/ACCURACY.md).
     mode "full": re-quantizes every Int4Linear from the teacher's weights (the full-precision
       model, deep-copied), calibrated on data followed by calib_data, each layer with its
       method, group size, symmetry, scale dtype and act_quant, the other options from `config`
@@ -206,6 +213,8 @@ def recalibrate(model: nn.Module, data, teacher: nn.Module, mode: str = "qparams
     from .config import QuantConfig
     if mode not in RECALIBRATION_MODES:
         raise ValueError(f"mode must be 'qparams' or 'full', got {mode!r}")
+    if fit not in RECALIBRATION_FITS:
+        raise ValueError(f"fit must be 'weights' or 'outputs', got {fit!r}")
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be the full-precision model (an nn.Module with the same "
                         f"layer names), got {type(teacher).__name__}")
@@ -233,7 +242,7 @@ def recalibrate(model: nn.Module, data, teacher: nn.Module, mode: str = "qparams
     if mode == "full":
         return _recalibrate_full(model, teacher, layers, batches, config or QuantConfig(
             method="gptq"))
-    return _recalibrate_qparams(model, teacher, layers, targets, batches)
+    return _recalibrate_qparams(model, teacher, layers, targets, batches, fit)
 
 
 def _recalibrate_full(model, teacher, layers, batches, config) -> RecalibrationReport:
@@ -251,41 +260,57 @@ def _recalibrate_full(model, teacher, layers, batches, config) -> RecalibrationR
     # the layers, and any producer an AWQ fold rescaled along with them
     for name in set(report.swapped) | set(report.io_scales):
         replace_module(model, name, fresh.get_submodule(name))
-    return RecalibrationReport("full", quant_report=report)
+    return RecalibrationReport("full", fit="", quant_report=report)
 
 
-def _recalibrate_qparams(model, teacher, layers, targets, batches) -> RecalibrationReport:
+def _stored_order_weight(target: nn.Module, layer: Int4Linear) -> torch.Tensor:
+    """The teacher layer's weight in `layer`'s stored column order and scale (stored column k
+    multiplies x[input_perm[k]] * input_scale[k]), float64."""
+    W = (target.dequantized_weight() if isinstance(target, Int4Linear)
+         else target.weight.detach()).double().cpu()
+    if layer.input_perm is not None:
+        W = W[:, layer.input_perm.cpu()]
+    if layer.input_scale is not None:
+        W = W / layer.input_scale.double().cpu()
+    return W
+
+
+def _recalibrate_qparams(model, teacher, layers, targets, batches, fit) -> RecalibrationReport:
     from .. import reference
     from ..nn import replace_module, transform_input
     from .gptq import LayerTerms, refit_grid
+    wide = fit == "outputs"  # the N x K cross products only when fitting outputs
     sums = {name: {"H": torch.zeros(l.in_features, l.in_features, dtype=torch.float64),
-                   "C": torch.zeros(l.out_features, l.in_features, dtype=torch.float64),
-                   "yy": torch.zeros(l.out_features, dtype=torch.float64),
+                   "C": torch.zeros(l.out_features if wide else 0, l.in_features,
+                                    dtype=torch.float64),
+                   "yy": torch.zeros(l.out_features if wide else 0, dtype=torch.float64),
                    "sq": torch.zeros(l.in_features, dtype=torch.float64), "count": 0}
             for name, l in layers.items()}
     for index, item in enumerate(batches):
         mask = calibration.attention_mask_of(item)
         inputs = _layer_inputs(model, item, index, layers, mask)
-        outputs = _layer_outputs(teacher, item, index, targets, mask)
+        outputs = _layer_outputs(teacher, item, index, targets, mask) if fit == "outputs" else {}
         for name, layer in layers.items():
-            if name not in inputs or name not in outputs:
+            if name not in inputs:
                 continue
             x = inputs[name]
             xs = transform_input(x.to(layer._device()), layer.input_perm,
                                  layer.input_scale).double().cpu()
+            s = sums[name]
+            s["H"] += xs.T @ xs
+            s["sq"] += x.double().square().sum(0).cpu()
+            s["count"] += x.shape[0]
+            if fit == "weights":
+                continue
+            if name not in outputs or outputs[name].shape[0] != xs.shape[0]:
+                raise ValueError(f"layer {name!r}: the teacher's layer did not see the tokens "
+                                 f"the model's did")
             y = outputs[name].double()
             if layer.bias is not None:
                 y = y - layer.bias.detach().double().cpu()
-            if xs.shape[0] != y.shape[0]:
-                raise ValueError(f"layer {name!r}: the model and the teacher saw different "
-                                 f"numbers of tokens ({xs.shape[0]} and {y.shape[0]})")
-            s = sums[name]
-            s["H"] += xs.T @ xs
             s["C"] += y.T @ xs
             s["yy"] += y.square().sum(0)
-            s["sq"] += x.double().square().sum(0).cpu()
-            s["count"] += x.shape[0]
-    report = RecalibrationReport("qparams")
+    report = RecalibrationReport("qparams", fit)
     for name, layer in layers.items():
         s = sums[name]
         if s["count"] == 0:
@@ -295,7 +320,9 @@ def _recalibrate_qparams(model, teacher, layers, targets, batches) -> Recalibrat
         Q = reference.unpack(qweight.cpu(), K)
         S = scales.float().cpu()
         Z = torch.full_like(S, 8.0) if zeros is None else zeros.float().cpu()
-        terms = LayerTerms.from_products(s["C"], s["yy"], s["H"], G, layer.symmetric)
+        terms = (LayerTerms(_stored_order_weight(targets[name], layer), s["H"], G,
+                            layer.symmetric) if fit == "weights" else
+                 LayerTerms.from_products(s["C"], s["yy"], s["H"], G, layer.symmetric))
         S_new, Z_new, before, after = refit_grid(terms, Q, S, Z, layer.scale_dtype)
         better = after < before
         S_new = torch.where(better[:, None], S_new, S)
