@@ -36,12 +36,12 @@ def calibration():
     return batches
 
 
-def in_memory(src, config, batches, skip, streamed_report=None):
+def in_memory(src, config, batches, skip, streamed_report=None, layer_configs=None):
     """quantize_model on the loaded model; with streamed_report, also checks that
     quantize_checkpoint's report counts the same bytes per layer."""
     model = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-    report = int4kit.quantize_model(model, config, batches if config.needs_calibration else None,
-                                    skip=skip)
+    report = int4kit.quantize_model(model, config, batches, skip=skip,
+                                    layer_configs=layer_configs)
     if streamed_report is not None:
         assert streamed_report.layer_sizes == report.layer_sizes
     return model
@@ -82,6 +82,27 @@ def test_block_by_block_gives_quantize_model_codes(tmp_path, method, extra):
     assert len(report.swapped) == 3 * 7 and report.skipped == [("lm_head", "named in skip")]
     assert_same_checkpoint(in_memory(src, config, batches, ["lm_head"], report),
                            tmp_path / "dst")
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_layer_configs_give_quantize_model_codes(tmp_path, calibrated):
+    """Per-layer configs (a mixed-precision plan): finer groups for down_proj, v_proj dense,
+    and with a calibrated base an lm_head outside the blocks kept to a data-free method."""
+    src = tiny_llama_folder(tmp_path / "src")
+    Q = int4kit.QuantConfig
+    config = Q(method="gptq" if calibrated else "rtn", group_size=32, symmetric=False)
+    layer_configs = {"*.mlp.down_proj": Q(method=config.method, group_size=16, symmetric=False),
+                     "*.self_attn.v_proj": None,
+                     "lm_head": Q(method="hqq", group_size=32, symmetric=False)}
+    batches = calibration() if calibrated else None
+    report = int4kit.quantize_checkpoint(src, tmp_path / "dst", config, batches,
+                                         layer_configs=layer_configs)
+    assert len(report.swapped) == 3 * 6 + 1
+    model = in_memory(src, config, batches, (), report, layer_configs)
+    assert model.model.layers[0].mlp.down_proj.group_size == 16
+    assert isinstance(model.model.layers[0].self_attn.v_proj, torch.nn.Linear)
+    assert model.lm_head.method == "hqq"
+    assert_same_checkpoint(model, tmp_path / "dst")
 
 
 def test_tied_embeddings_and_the_last_norm(tmp_path):

@@ -48,8 +48,8 @@ from ..nn import Int4Linear, replace_module
 from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
 from ..quant.blocks import _block_inputs, _first_tensor
-from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches,
-                           select_layers, stored_bytes)
+from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches, layer_plan,
+                           stored_bytes)
 
 PARTIAL_DIR = ".int4kit-partial"
 JOURNAL = "journal.json"
@@ -60,12 +60,14 @@ def quantize_checkpoint(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os
                         config: Optional[QuantConfig] = None, calib_data=None,
                         skip: Iterable[str] = (),
                         filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-                        max_shard_size: Union[int, str] = "1GB") -> QuantReport:
+                        max_shard_size: Union[int, str] = "1GB",
+                        layer_configs=None) -> QuantReport:
     """Quantizes the Hugging Face model folder `src_dir` into an int4kit checkpoint in
     `dst_dir` without loading the whole model (module docstring); returns the QuantReport.
 
-    config, calib_data, skip, filter_fn: as in quantize_model (calibration batches are model
-      inputs; their attention_mask keeps padding out of the statistics).
+    config, calib_data, skip, filter_fn, layer_configs: as in quantize_model (calibration
+      batches are model inputs; their attention_mask keeps padding out of the statistics; a
+      mixed-precision plan applies as it does there).
     max_shard_size: output shards are at most this big (a block's tensors always start a new
       one); memory holds up to one shard of tensors outside the blocks.
     A run interrupted part-way resumes when called again with the same arguments.
@@ -77,23 +79,26 @@ def quantize_checkpoint(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os
     max_bytes = parse_size(max_shard_size)
     reader = CheckpointReader(src)
     model = _skeleton_of(src)
-    targets, skipped = select_layers(model, config.group_size, skip, filter_fn)
+    configs, skipped = layer_plan(model, config, layer_configs, skip, filter_fn)
+    targets = list(configs)
     aliases = model_tensor_aliases(model)
     _check_source(model, reader, aliases)
-    batches = calibration_batches(config, calib_data)
+    calibrated = [name for name in targets if configs[name].needs_calibration]
+    batches = calibration_batches(configs[calibrated[0]] if calibrated else config, calib_data)
     start = time.perf_counter()
     if config.method == "adaround" and config.reconstruction == "block":
         raise ValueError("QuantConfig(reconstruction='block') reconstructs each block against the "
                          "full-precision model's block outputs, which quantize_checkpoint does "
                          "not compute; use reconstruction='layer' (or quantize_model)")
-    report = QuantReport(method=config.method)
+    methods = {cfg.method for cfg in configs.values()} or {config.method}
+    report = QuantReport(method=methods.pop() if len(methods) == 1 else "mixed")
     report.skipped.extend(skipped)
     os.makedirs(dst, exist_ok=True)
-    run = _Run(dst, max_bytes, _fingerprint(src, reader, config, targets, batches))
+    run = _Run(dst, max_bytes, _fingerprint(src, reader, config, configs, batches))
     if batches is None:
-        layers = _stream_data_free(model, reader, targets, config, run, report)
+        layers = _stream_data_free(model, reader, configs, run, report)
     else:
-        layers = _block_by_block(model, reader, targets, batches, config, run, report)
+        layers = _block_by_block(model, reader, configs, batches, config, run, report)
     quant_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": 4,
                     "layers": layers,
                     "aliases": {k: v for k, v in aliases.items() if k not in reader}}
@@ -156,16 +161,16 @@ def _load(model: nn.Module, reader: CheckpointReader, keys: Iterable[str],
         _set_tensor(model, key, reader.get(key if key in reader else aliases[key]))
 
 
-def _fingerprint(src: str, reader: CheckpointReader, config: QuantConfig, targets: List[str],
-                 batches) -> str:
+def _fingerprint(src: str, reader: CheckpointReader, config: QuantConfig,
+                 configs: Dict[str, QuantConfig], batches) -> str:
     """What a resumed run must share with the interrupted one: source files (names, sizes,
-    modification times), options, targets and the calibration data's bytes."""
+    modification times), options, each target's config and the calibration data's bytes."""
     digest = hashlib.sha256()
     for path in reader.files():
         stat = os.stat(path)
         digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     digest.update(repr(config).encode())
-    digest.update("|".join(targets).encode())
+    digest.update("|".join(f"{name}={cfg!r}" for name, cfg in configs.items()).encode())
     for item in batches or ():
         for name, tensor in calibration._tensors_of(item):
             digest.update(name.encode())
@@ -238,11 +243,12 @@ def _progress(iterable, config: QuantConfig, desc: str):
 
 # ---- data-free: shard by shard -------------------------------------------------------------------
 
-def _stream_data_free(model, reader, targets, config, run, report) -> Dict[str, dict]:
-    linear_of = {f"{name}.{part}": name for name in targets for part in ("weight", "bias")}
+def _stream_data_free(model, reader, configs, run, report) -> Dict[str, dict]:
+    linear_of = {f"{name}.{part}": name for name in configs for part in ("weight", "bias")}
     layers = dict(run.layers)
     shards = list(reader.keys_by_file().items())
-    for index, (_, keys) in enumerate(_progress(shards, config, f"{config.method} shards")):
+    show = next(iter(configs.values()), QuantConfig())
+    for index, (_, keys) in enumerate(_progress(shards, show, f"{report.method} shards")):
         if index < run.done:
             continue
         for key in keys:
@@ -250,15 +256,21 @@ def _stream_data_free(model, reader, targets, config, run, report) -> Dict[str, 
             if name is None:
                 run.writer.add(key, reader.get(key))
             elif name not in layers:  # its weight and bias, wherever they are
-                linear = model.get_submodule(name)
-                _load(model, reader, [f"{name}.{p}" for p, t in linear._parameters.items()
-                                      if t is not None], {})
-                built = _data_free(model.get_submodule(name), config)
-                _write_layer(run.writer, name, built, config)
-                layers[name] = layer_settings(built)
-                model.get_submodule(name).to("meta")
+                layers[name] = _quantize_loose(model, reader, name, configs[name], run.writer)
         run.record(index + 1, layers)
     return layers
+
+
+def _quantize_loose(model, reader, name: str, config: QuantConfig, writer: ShardWriter) -> dict:
+    """One layer quantized with a data-free method from its tensors in the source, written, and
+    dropped; returns its settings."""
+    linear = model.get_submodule(name)
+    _load(model, reader, [f"{name}.{p}" for p, t in linear._parameters.items() if t is not None],
+          {})
+    built = _data_free(model.get_submodule(name), config)
+    _write_layer(writer, name, built, config)
+    model.get_submodule(name).to("meta")
+    return layer_settings(built)
 
 
 def _write_layer(writer: ShardWriter, name: str, layer: Int4Linear, config: QuantConfig) -> None:
@@ -337,7 +349,10 @@ def _first_norm_called(block: nn.Module, recorded) -> Optional[str]:
     return called[0] if called else None
 
 
-def _block_by_block(model, reader, targets, batches, config, run, report) -> Dict[str, dict]:
+def _block_by_block(model, reader, configs, batches, config, run, report) -> Dict[str, dict]:
+    # data-free layers outside the blocks (an lm_head kept to rtn) need no calibration pass
+    in_blocks = _in_blocks(model, configs)
+    targets = [name for name in configs if name in in_blocks or configs[name].needs_calibration]
     list_name, blocks = _block_list(model, targets)
     aliases = model_tensor_aliases(model)
     prefix = list_name + "."
@@ -352,7 +367,7 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
     hidden = [args[0] for args, _ in recorded] if run.done == 0 else run.saved_inputs()
     layers = dict(run.layers)
     first_norm = None
-    for index in _progress(range(len(blocks)), config, f"{config.method} blocks"):
+    for index in _progress(range(len(blocks)), config, f"{report.method} blocks"):
         if index < run.done:
             continue
         block_name = f"{list_name}.{index}"
@@ -370,10 +385,10 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
         step = _BlockStep(block, next_norm)
         items = [{"hidden_states": h, "recorded": r, **({} if m is None else {"attention_mask": m})}
                  for h, r, m in zip(hidden, recorded, masks)]
-        own = [f"block.{name[len(block_name) + 1:]}" for name in targets
-               if name.startswith(block_name + ".")]
+        own_configs = {f"block.{name[len(block_name) + 1:]}": configs[name] for name in targets
+                       if name.startswith(block_name + ".")}
         built = {f"{block_name}.{name[len('block.'):]}": layer for name, layer in
-                 _quantize_block(step, own, items, config, report, block_name).items()}
+                 _quantize_block(step, own_configs, items, config, report, block_name).items()}
         hidden = _next_inputs(step, items, built, block_name)
         for name, layer in built.items():
             layers[name] = layer_settings(layer)
@@ -386,15 +401,26 @@ def _block_by_block(model, reader, targets, batches, config, run, report) -> Dic
                 run.writer.add(key, tensor)
         block.to("meta")
         run.record(index + 1, layers, hidden)
+    loose = [name for name in configs if name not in targets]
+    loose_keys = {f"{name}.{part}" for name in loose for part in ("weight", "bias")}
     for key in outside:
-        if key in reader:
+        if key in reader and key not in loose_keys:
             run.writer.add(key, reader.get(key))
+    for name in loose:
+        layers[name] = _quantize_loose(model, reader, name, configs[name], run.writer)
     return layers
 
 
-def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig,
+def _in_blocks(model: nn.Module, names) -> set:
+    """Those of `names` that lie inside an nn.ModuleList."""
+    lists = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.ModuleList))
+    return {name for name in names if name.startswith(lists)}
+
+
+def _quantize_block(step: _BlockStep, own: Dict[str, QuantConfig], items, config: QuantConfig,
                     report: QuantReport, block_name: str) -> Dict[str, Int4Linear]:
-    """quantize_model on one block's layers `own` (names in `step`); returns them quantized.
+    """quantize_model on one block's layers `own` (names in `step` -> their configs; `config`
+    holds the calibration settings); returns them quantized.
 
     AWQ methods in one call (a fold scales a layer of an earlier stage, which the call must
     still hold). The others one stage at a time, in the order quantize_model would take them:
@@ -403,8 +429,8 @@ def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig
     as soon as it is done, not when the block is."""
     if not own:
         return {}
-    if config.method in ("awq", "awq+gptq"):
-        stages = [own]
+    if any(cfg.method in ("awq", "awq+gptq") for cfg in own.values()):
+        stages = [list(own)]
     else:
         stages, unreached = calibration.plan_stages(
             step, items[0], {name: step.get_submodule(name) for name in own})
@@ -414,7 +440,8 @@ def _quantize_block(step: _BlockStep, own: List[str], items, config: QuantConfig
     for stage in stages:
         members = set(stage)
         _merge(report, quantize_model(step, config, items,
-                                      filter_fn=lambda name, module: name in members),
+                                      filter_fn=lambda name, module: name in members,
+                                      layer_configs={name: own[name] for name in stage}),
                block_name)
         for name in stage:
             built[name] = step.get_submodule(name)
