@@ -34,6 +34,7 @@ forward pass stops (by an exception raised from the hook) as soon as every layer
 seen the batch, so a stage costs only the model up to that point.
 """
 import contextlib
+import copy
 import functools
 import itertools
 from collections.abc import Mapping
@@ -183,6 +184,13 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """Mean x x^T over the tokens seen (matrix_dtype: float64 up to K = 4096)."""
         return self.H / max(self.count, 1)
+
+    def clone(self) -> "LayerStats":
+        """A copy with its own running Hessian (the other sums are shared, read-only): one
+        consumer can take_hessian from it while these statistics serve the next."""
+        other = copy.copy(self)
+        other.H = None if self.H is None else self.H.clone()
+        return other
 
     def take_hessian(self) -> torch.Tensor:
         """`hessian`, made in place from the running sum, which these statistics then no longer

@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 
+from ..formats.native import SCALE_DTYPES, dtype_name
 from ..nn import check_act_quant
 from .rtn import PER_TENSOR
 
@@ -134,7 +135,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         """The fields as JSON values (scale_dtype by name): from_dict's input."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["scale_dtype"] = None if self.scale_dtype is None else str(self.scale_dtype)[6:]
+        values["scale_dtype"] = None if self.scale_dtype is None else dtype_name(self.scale_dtype)
         return values
 
     @classmethod
@@ -148,10 +149,10 @@ class QuantConfig:
         values = dict(values)
         name = values.get("scale_dtype")
         if name is not None:
-            if name not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"QuantConfig.scale_dtype must be float32, bfloat16 or float16, "
+            if name not in SCALE_DTYPES:
+                raise ValueError(f"QuantConfig.scale_dtype must be one of {list(SCALE_DTYPES)}, "
                                  f"got {name!r}")
-            values["scale_dtype"] = getattr(torch, name)
+            values["scale_dtype"] = SCALE_DTYPES[name]
         return cls(**values)
 
     def scale_dtype_for(self, weight: torch.Tensor) -> torch.dtype:

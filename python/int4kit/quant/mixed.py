@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 import torch.nn as nn
 
+from ..formats.native import dtype_name
 from ..nn import replace_module
 from . import calibration
 from .config import QuantConfig
@@ -42,7 +43,7 @@ def candidate_label(config: Optional[QuantConfig]) -> str:
     group = {-1: "channel", "tensor": "tensor"}.get(config.group_size, f"g{config.group_size}")
     parts = [config.method, group, "sym" if config.symmetric else "asym"]
     if config.scale_dtype is not None:
-        parts.append(f"{str(config.scale_dtype)[6:]} scales")
+        parts.append(f"{dtype_name(config.scale_dtype)} scales")
     if config.act_quant is not None:
         parts.append(f"act {config.act_quant}")
     return " ".join(parts)
@@ -323,10 +324,8 @@ def _measure_layer(model, name, linear, candidates, stats, metric, base) -> dict
             row["damage"].append(None)
             continue
         if config.needs_calibration:
-            own = calibration.LayerStats(linear.in_features, hessian=False, absmean=False)
-            own.H, own.abs_sum, own.sq_sum, own.count = (
-                stats[name].H.clone(), stats[name].abs_sum, stats[name].sq_sum, stats[name].count)
-            layer = _calibrated(model, name, linear, own, config, QuantReport(), fold=False)
+            layer = _calibrated(model, name, linear, stats[name].clone(), config, QuantReport(),
+                                fold=False)
         else:
             layer = _data_free(linear, config)
         layer.act_quant = config.act_quant
