@@ -311,6 +311,7 @@ def _recalibrate_qparams(model, teacher, layers, targets, batches, fit) -> Recal
             s["C"] += y.T @ xs
             s["yy"] += y.square().sum(0)
     report = RecalibrationReport("qparams", fit)
+    built: Dict[str, Int4Linear] = {}
     for name, layer in layers.items():
         s = sums[name]
         if s["count"] == 0:
@@ -335,11 +336,13 @@ def _recalibrate_qparams(model, teacher, layers, targets, batches, fit) -> Recal
         new.input_scale, new.input_perm, new.method = (layer.input_scale, layer.input_perm,
                                                        layer.method)
         setattr(new, INPUT_STATS, (s["sq"] / s["count"]).float().to(layer._device()))
-        replace_module(model, name, new)
+        built[name] = new
         report.objectives[name] = (float(before.sum()), float(torch.where(better, after,
                                                                            before).sum()))
         report.rows_refit += int(better.sum())
         report.rows += layer.out_features
+    for name, new in built.items():  # the model changes only once every layer is refit
+        replace_module(model, name, new)
     return report
 
 
