@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                         "on the calibration data (an eval_fn)")
     p.add_argument("--skip-uniform", action="store_true",
                    help="only the plans (budgets from --budgets)")
+    p.add_argument("--groups", nargs="+", type=int, default=list(GROUPS),
+                   help="the candidates' group sizes (with dense)")
     p.add_argument("--table-dir", help="write each sensitivity table here as JSON")
     args = p.parse_args(argv)
 
@@ -96,10 +98,10 @@ def main(argv=None) -> int:
 
     for base in args.bases:
         configs = {g: QuantConfig(group_size=g, symmetric=False, scale_dtype=torch.bfloat16,
-                                  **BASES[base]) for g in GROUPS}
+                                  **BASES[base]) for g in args.groups}
         uniform = ({} if args.skip_uniform else
                    {g: run(base, f"uniform g{g}", configs[g]).total_bits_per_weight
-                    for g in GROUPS})
+                    for g in args.groups})
         t0 = time.perf_counter()
         table = int4kit.measure_sensitivity(model, list(configs.values()), calib,
                                             eval_fn=eval_fn, show_progress=False)
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
             plan = int4kit.plan_mixed_precision(table, bits_per_weight=bits)
             plan_s = time.perf_counter() - t0
             report = run(base, f"mixed <= {bits:.3f} (sensitivity {measure_s:.0f} s, plan "
-                               f"{plan_s:.2f} s)", configs[128], plan)
+                               f"{plan_s:.2f} s)", configs[max(configs)], plan)
             check = report.plan_check
             measured = ("not measured" if check["measured_error"] is None
                         else f"measured {check['measured_error']:.3e}")

