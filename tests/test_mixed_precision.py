@@ -313,7 +313,7 @@ G32_GPTQ = QuantConfig(group_size=32, symmetric=False, method="gptq")
 G16_GPTQ = QuantConfig(group_size=16, symmetric=False, method="gptq")
 
 
-def _relative_output_error(model, reference_model, batches):
+def relative_output_error(model, reference_model, batches):
     """sum ||y - y_ref||^2 / sum ||y_ref||^2 over the tokens the attention masks keep."""
     num = den = 0.0
     with torch.no_grad():
@@ -344,7 +344,7 @@ def test_damage_is_the_output_error_with_only_that_layer_quantized(config):
         replace_module(alone, name, layer.to_linear(torch.float32))
         row = table.layers[name]
         assert row["bytes"][0] == size
-        assert row["damage"][0] == pytest.approx(_relative_output_error(alone, model, batches),
+        assert row["damage"][0] == pytest.approx(relative_output_error(alone, model, batches),
                                                  rel=1e-9)
         assert row["damage"][1] == 0.0 and row["bytes"][1] == sum(
             t.numel() * 4 for t in model.get_submodule(name).state_dict().values())
@@ -470,7 +470,7 @@ def test_quantize_model_applies_a_plan_and_reports_predicted_against_measured():
     assert check["measured_bits_per_weight"] == pytest.approx(plan.predicted_bits_per_weight,
                                                               rel=1e-12)
     assert report.total_bits_per_weight <= 6.5
-    assert check["measured_error"] == pytest.approx(_relative_output_error(model, reference,
+    assert check["measured_error"] == pytest.approx(relative_output_error(model, reference,
                                                                            batches), rel=1e-3)
     assert "predicted" in str(report) and "measured" in str(report)
     for name, config in plan.items():

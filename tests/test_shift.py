@@ -8,6 +8,7 @@ import int4kit
 from int4kit import QuantConfig, quantize_model, shift_report
 from int4kit.quant.calibration import CalibrationError
 
+from test_mixed_precision import relative_output_error
 from test_quant_model import bert_batches, tiny_bert
 
 GPTQ = QuantConfig(group_size=32, symmetric=False, method="gptq")
@@ -118,18 +119,6 @@ def test_tensor_parallel_shards_leave_the_statistics_behind():
 
 # ---- recalibrate ------------------------------------------------------------------------------------
 
-def _relative_error(model, teacher, batches):
-    num = den = 0.0
-    with torch.no_grad():
-        for b in batches:
-            keep = b["attention_mask"] != 0
-            y = model(**b).last_hidden_state[keep].double()
-            ref = teacher(**b).last_hidden_state[keep].double()
-            num += float((y - ref).pow(2).sum())
-            den += float(ref.pow(2).sum())
-    return num / den
-
-
 @pytest.mark.parametrize("fit", ["weights", "outputs"])
 def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data(fit):
     import copy
@@ -139,7 +128,7 @@ def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data(fit):
     before = {n: m.canonical() for n, m in model.named_modules()
               if isinstance(m, int4kit.Int4Linear)}
     new = bert_batches(seed=11, T=20)
-    error_before = _relative_error(model, teacher, new)
+    error_before = relative_output_error(model, teacher, new)
     report = int4kit.recalibrate(model, new, teacher, calib_data=bert_batches(), fit=fit)
     assert report.rows == 960 and 0 < report.rows_refit <= 960
     assert all(after <= b for b, after in report.objectives.values())
@@ -147,7 +136,7 @@ def test_recalibrate_qparams_keeps_codes_and_fits_the_new_data(fit):
         layer = model.get_submodule(name)
         assert torch.equal(layer.canonical()[0], qweight)  # the codes stay
         assert layer.method == "gptq" and layer.input_sq_mean is not None
-    assert _relative_error(model, teacher, new) < 0.9 * error_before
+    assert relative_output_error(model, teacher, new) < 0.9 * error_before
 
 
 @pytest.mark.parametrize("fit", ["weights", "outputs"])
