@@ -182,3 +182,14 @@ def test_quantize_stream_block_by_block(tmp_path):
     lm_head = run("quantize", src, tmp_path / "bad", "--stream", "--method", "gptq",
                   "--group-size", "32", "--calib", calib, expect=2)
     assert "skip" in lm_head.stderr and "Traceback" not in lm_head.stderr
+
+
+def test_shift_scores_text_against_the_calibration(quantized, tmp_path):
+    from int4kit.eval_data import RECALIBRATION_OUT_OF_DOMAIN
+    chat = tmp_path / "chat.txt"
+    chat.write_text("\n".join(RECALIBRATION_OUT_OF_DOMAIN[:16]))
+    out = run("shift", quantized, "--data", chat).stdout
+    assert "shift from the calibration data over 37 layers" in out
+    assert "| encoder.layer.*.output.dense |" in out and "most affected:" in out
+    missing = run("shift", quantized, "--data", tmp_path / "none.txt", expect=2)
+    assert "--data" in missing.stderr and "no such file" in missing.stderr

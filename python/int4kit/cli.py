@@ -4,6 +4,7 @@
                      [--calib FILE] [--scale-dtype bfloat16] [--bits-per-weight 4.5] [--stream]
     int4kit convert SRC DST [--to int4kit|gptq|gptq_v2|compressed-tensors] [--lossy]
     int4kit info CHECKPOINT
+    int4kit shift CHECKPOINT --data FILE
     int4kit eval [--methods rtn,gptq] [--settings "g128 asym"]
     int4kit bench [--quick] [--plot FILE] [bench/bench_linear.py options]
 
@@ -32,27 +33,28 @@ def _offline():
 
 # ---- quantize ----------------------------------------------------------------------------------
 
-def read_calibration_text(path: Optional[str]) -> List[str]:
+def read_calibration_text(path: Optional[str], option: str = "--calib") -> List[str]:
     """Calibration samples: one per non-empty line of a text file, or a JSON list of strings
-    (.json); int4kit's built-in English sentences when no file is given."""
+    (.json); int4kit's built-in English sentences when no file is given. Errors name
+    `option`."""
     if path is None:
         from .eval_data import CALIBRATION
         return list(CALIBRATION)
     if not os.path.isfile(path):
-        raise UserError(f"--calib {path!r}: no such file")
+        raise UserError(f"{option} {path!r}: no such file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".json"):
         try:
             samples = json.loads(text)
         except json.JSONDecodeError as error:
-            raise UserError(f"--calib {path!r}: not valid JSON ({error})") from None
+            raise UserError(f"{option} {path!r}: not valid JSON ({error})") from None
         if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
-            raise UserError(f"--calib {path!r}: expected a JSON list of strings")
+            raise UserError(f"{option} {path!r}: expected a JSON list of strings")
     else:
         samples = [line.strip() for line in text.splitlines() if line.strip()]
     if not samples:
-        raise UserError(f"--calib {path!r}: holds no text")
+        raise UserError(f"{option} {path!r}: holds no text")
     return samples
 
 
@@ -235,6 +237,25 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_shift(args) -> int:
+    """How far --data is from the calibration data of a quantized checkpoint (shift_report)."""
+    _offline()
+    import transformers
+    from . import hf, shift_report
+    from .eval import batches
+    if not os.path.isdir(args.checkpoint):
+        raise UserError(f"CHECKPOINT {args.checkpoint!r} is not a folder")
+    config = transformers.AutoConfig.from_pretrained(args.checkpoint)
+    model = hf.model_class(config).from_pretrained(args.checkpoint).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    samples = read_calibration_text(args.data, "--data")
+    print(shift_report(model, batches(tokenizer, samples, batch_size=args.batch_size,
+                                      max_length=args.max_length)))
+    return 0
+
+
 # ---- eval, bench ---------------------------------------------------------------------------------
 
 def cmd_eval(args) -> int:
@@ -327,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint")
     i.add_argument("checkpoint", metavar="CHECKPOINT")
 
+    sh = sub.add_parser("shift", help="how far text is from a quantized model's calibration "
+                                      "data, per layer (docs/ACCURACY.md)")
+    sh.add_argument("checkpoint", metavar="CHECKPOINT")
+    sh.add_argument("--data", required=True, metavar="FILE",
+                    help="text: one sample per line, or a JSON list of strings")
+    sh.add_argument("--batch-size", type=int, default=32)
+    sh.add_argument("--max-length", type=int, default=128)
+
     e = sub.add_parser("eval", help="the accuracy harness on all-MiniLM-L6-v2")
     e.add_argument("--methods", help="comma-separated method labels (default: all)")
     e.add_argument("--settings", help="comma-separated setting labels (default: all)")
@@ -361,7 +390,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "bench":
             return cmd_bench(args, rest)
         return {"quantize": cmd_quantize, "convert": cmd_convert, "info": cmd_info,
-                "eval": cmd_eval}[args.command](args)
+                "shift": cmd_shift, "eval": cmd_eval}[args.command](args)
     except (UserError, CheckpointError, ValueError, TypeError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"int4kit {args.command}: error: {message}", file=sys.stderr)
