@@ -71,10 +71,9 @@ def cmd_quantize(args) -> int:
     except (OSError, ValueError) as error:
         raise UserError(f"MODEL_DIR {args.model_dir!r} is not a Hugging Face model folder "
                         f"({str(error).splitlines()[0]})") from None
-    if args.stream:
-        if args.bits_per_weight is not None:
-            raise UserError("--bits-per-weight measures the loaded model; it does not combine "
-                            "with --stream")
+    if args.stream and args.bits_per_weight is not None:
+        raise UserError("--bits-per-weight measures the loaded model; it does not combine with "
+                        "--stream")
     quant_config = QuantConfig(group_size=args.group_size, symmetric=args.symmetric,
                                method=args.method, act_order=args.act_order,
                                clip_search=args.clip_search, refine_rounds=args.refine_rounds,
@@ -87,7 +86,7 @@ def cmd_quantize(args) -> int:
     calib = None
     tokenizer = None
     if quant_config.needs_calibration or args.calib or args.bits_per_weight is not None:
-        tokenizer, calib = _calibration_batches(args)
+        tokenizer, calib = _text_batches(args.model_dir, args.calib, "--calib", args)
     plan = None
     if args.bits_per_weight is not None:
         plan = _mixed_precision_plan(model, quant_config, calib, args)
@@ -101,14 +100,15 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _calibration_batches(args):
-    """(tokenizer, token batches of the --calib text)."""
+def _text_batches(folder: str, path: Optional[str], option: str, args):
+    """(the tokenizer of `folder`, token batches of the text file at `path`, read as
+    read_calibration_text reads it; --batch-size, --max-length)."""
     import transformers
     from .eval import batches
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    samples = read_calibration_text(args.calib)
+    samples = read_calibration_text(path, option)
     return tokenizer, batches(tokenizer, samples, batch_size=args.batch_size,
                               max_length=args.max_length)
 
@@ -116,8 +116,8 @@ def _calibration_batches(args):
 def _quantize_streaming(args, quant_config) -> int:
     """--stream: quantize_checkpoint, block by block from the files (docs/SCALE.md)."""
     from . import quantize_checkpoint
-    tokenizer, calib = (_calibration_batches(args) if quant_config.needs_calibration
-                        else (None, None))
+    tokenizer, calib = (_text_batches(args.model_dir, args.calib, "--calib", args)
+                        if quant_config.needs_calibration else (None, None))
     report = quantize_checkpoint(args.model_dir, args.out_dir, quant_config, calib,
                                  skip=args.skip, max_shard_size=args.max_shard_size)
     _copy_tokenizer(tokenizer, args)
@@ -242,17 +242,12 @@ def cmd_shift(args) -> int:
     _offline()
     import transformers
     from . import hf, shift_report
-    from .eval import batches
     if not os.path.isdir(args.checkpoint):
         raise UserError(f"CHECKPOINT {args.checkpoint!r} is not a folder")
     config = transformers.AutoConfig.from_pretrained(args.checkpoint)
     model = hf.model_class(config).from_pretrained(args.checkpoint).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.checkpoint)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    samples = read_calibration_text(args.data, "--data")
-    print(shift_report(model, batches(tokenizer, samples, batch_size=args.batch_size,
-                                      max_length=args.max_length)))
+    _, data = _text_batches(args.checkpoint, args.data, "--data", args)
+    print(shift_report(model, data))
     return 0
 
 

@@ -48,8 +48,8 @@ from ..nn import Int4Linear, replace_module
 from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
 from ..quant.blocks import _block_inputs, _first_tensor
-from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches, layer_plan,
-                           stored_bytes)
+from ..quant.model import (DequantizingStandIn, _data_free, calibration_batches_for, layer_plan,
+                           run_method, stored_bytes)
 
 PARTIAL_DIR = ".int4kit-partial"
 JOURNAL = "journal.json"
@@ -83,20 +83,18 @@ def quantize_checkpoint(src_dir: Union[str, os.PathLike], dst_dir: Union[str, os
     targets = list(configs)
     aliases = model_tensor_aliases(model)
     _check_source(model, reader, aliases)
-    calibrated = [name for name in targets if configs[name].needs_calibration]
-    batches = calibration_batches(configs[calibrated[0]] if calibrated else config, calib_data)
+    batches = calibration_batches_for(configs, config, calib_data)
     start = time.perf_counter()
     if config.method == "adaround" and config.reconstruction == "block":
         raise ValueError("QuantConfig(reconstruction='block') reconstructs each block against the "
                          "full-precision model's block outputs, which quantize_checkpoint does "
                          "not compute; use reconstruction='layer' (or quantize_model)")
-    methods = {cfg.method for cfg in configs.values()} or {config.method}
-    report = QuantReport(method=methods.pop() if len(methods) == 1 else "mixed")
+    report = QuantReport(method=run_method(configs, config))
     report.skipped.extend(skipped)
     os.makedirs(dst, exist_ok=True)
     run = _Run(dst, max_bytes, _fingerprint(src, reader, config, configs, batches))
     if batches is None:
-        layers = _stream_data_free(model, reader, configs, run, report)
+        layers = _stream_data_free(model, reader, configs, config, run, report)
     else:
         layers = _block_by_block(model, reader, configs, batches, config, run, report)
     quant_config = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": 4,
@@ -243,12 +241,11 @@ def _progress(iterable, config: QuantConfig, desc: str):
 
 # ---- data-free: shard by shard -------------------------------------------------------------------
 
-def _stream_data_free(model, reader, configs, run, report) -> Dict[str, dict]:
+def _stream_data_free(model, reader, configs, config, run, report) -> Dict[str, dict]:
     linear_of = {f"{name}.{part}": name for name in configs for part in ("weight", "bias")}
     layers = dict(run.layers)
     shards = list(reader.keys_by_file().items())
-    show = next(iter(configs.values()), QuantConfig())
-    for index, (_, keys) in enumerate(_progress(shards, show, f"{report.method} shards")):
+    for index, (_, keys) in enumerate(_progress(shards, config, f"{report.method} shards")):
         if index < run.done:
             continue
         for key in keys:

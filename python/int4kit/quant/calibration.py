@@ -335,6 +335,19 @@ def collect(model: nn.Module, batches: List, layers: Dict[str, nn.Module], hessi
     return stats
 
 
+def collect_weighted(model: nn.Module, batches: List, layers: Dict[str, nn.Module],
+                     norms: Dict[str, nn.Module], **kwargs
+                     ) -> Tuple[Dict[str, LayerStats], List[str]]:
+    """`collect` with norm weighting for the layers in `norms`; weighting is all or nothing per
+    layer, so a layer whose rows did not line up with its norm's input in every batch is
+    collected again, unweighted. Returns (stats, the layers collected again)."""
+    stats = collect(model, batches, layers, norms=norms, **kwargs)
+    again = [n for n in layers if stats[n].norm_weighted is False]
+    if again:
+        stats.update(collect(model, batches, {n: layers[n] for n in again}, **kwargs))
+    return stats, again
+
+
 @contextlib.contextmanager
 def hooks(registrations: Iterable):
     """Holds the hooks that `registrations` registers as it is consumed; every hook registered is

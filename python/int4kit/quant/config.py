@@ -120,7 +120,7 @@ class QuantConfig:
                              f"not {self.method!r}")
         if not _int_at_least(self.seed, 0):
             raise ValueError(f"QuantConfig.seed must be a non-negative int, got {self.seed!r}")
-        if self.scale_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES.values():
             raise ValueError(f"QuantConfig.scale_dtype must be None (the weight's dtype), "
                              f"torch.float32, torch.bfloat16 or torch.float16, got "
                              f"{self.scale_dtype!r}")

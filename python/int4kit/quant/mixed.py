@@ -299,14 +299,10 @@ def _statistics(model, batches, layers, candidates) -> Dict[str, calibration.Lay
         return {}
     norms = (calibration.plan_norms(model, batches[0], layers) if calibrated[0].norm_weighting
              else {})
-    stats = calibration.collect(model, batches, layers, hessian=True,
-                                absmean=any(c.method in ("awq", "awq+gptq") for c in calibrated),
-                                max_tokens=calibrated[0].calib_max_tokens, norms=norms)
-    unweighted = {n: layers[n] for n, s in stats.items() if s.norm_weighted is False}
-    if unweighted:
-        stats.update(calibration.collect(model, batches, unweighted, hessian=True,
-                                         absmean=any(c.method in ("awq", "awq+gptq")
-                                                     for c in calibrated)))
+    stats, _ = calibration.collect_weighted(
+        model, batches, layers, norms, hessian=True,
+        absmean=any(c.method in ("awq", "awq+gptq") for c in calibrated),
+        max_tokens=calibrated[0].calib_max_tokens)
     return stats
 
 

@@ -299,14 +299,11 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         calib_data = list(calib_data)  # read twice with a plan: its check, and calibration
     check = plan_check(model, layer_configs, calib_data)
     targets = list(configs)
-    calibrated = [name for name in targets if configs[name].needs_calibration]
-    batches = calibration_batches(configs[calibrated[0]] if calibrated else config, calib_data)
+    batches = calibration_batches_for(configs, config, calib_data)
     if batches is not None:
         calibration.check_batches(model, batches)
     t0 = time.perf_counter()
-    methods = {cfg.method for cfg in configs.values()} or {config.method}
-    report = QuantReport(bytes_before=state_dict_bytes(model),
-                         method=methods.pop() if len(methods) == 1 else "mixed")
+    report = QuantReport(bytes_before=state_dict_bytes(model), method=run_method(configs, config))
     report.skipped.extend(skipped)
 
     undo = Undo(model, targets)
@@ -414,6 +411,20 @@ def calibration_batches(config: QuantConfig, calib_data) -> Optional[List]:
         raise ValueError(f"calib_data is empty: at least one batch is needed for method "
                          f"{config.method!r}")
     return batches
+
+
+def calibration_batches_for(configs: Dict[str, QuantConfig], config: QuantConfig,
+                            calib_data) -> Optional[List]:
+    """calibration_batches for a run with per-layer configs: needed when any layer's method
+    needs calibration (checked against the first such config)."""
+    calibrated = [cfg for cfg in configs.values() if cfg.needs_calibration]
+    return calibration_batches(calibrated[0] if calibrated else config, calib_data)
+
+
+def run_method(configs: Dict[str, QuantConfig], config: QuantConfig) -> str:
+    """The method a report names: the layers' one method, or "mixed"."""
+    methods = {cfg.method for cfg in configs.values()} or {config.method}
+    return methods.pop() if len(methods) == 1 else "mixed"
 
 
 def _refuse_fake_quant(model: nn.Module) -> None:
@@ -560,19 +571,15 @@ def _quantize_sequential(model, configs: Dict[str, QuantConfig], batches, config
         norms = calibration.plan_norms(model, batches[0], weighted) if weighted else {}
         for stage in calibration.progress(stages, config.show_progress, desc=report.method):
             calibrated = [n for n in stage if configs[n].needs_calibration]
-            collect = functools.partial(
-                calibration.collect, model, batches, hessian=True,
+            stats, unweighted = calibration.collect_weighted(
+                model, batches, {n: layers[n] for n in calibrated},
+                {n: norms[n] for n in calibrated if n in norms}, hessian=True,
                 absmean=any(configs[n].method in ("awq", "awq+gptq") for n in calibrated),
-                max_tokens=config.calib_max_tokens, show_progress=config.show_progress)
-            stats = collect({n: layers[n] for n in calibrated},
-                            norms={n: norms[n] for n in calibrated if n in norms}
-                            ) if calibrated else {}
-            mixed = [n for n in calibrated if stats[n].norm_weighted is False]
-            if mixed:  # weighting is all or nothing per layer: these again, unweighted
-                stats.update(collect({n: layers[n] for n in mixed}))
-                report.notes.extend(
-                    (n, "norm weighting off: its rows did not line up with the input of the norm "
-                        "after it in every batch") for n in mixed)
+                max_tokens=config.calib_max_tokens, show_progress=config.show_progress
+            ) if calibrated else ({}, [])
+            report.notes.extend(
+                (n, "norm weighting off: its rows did not line up with the input of the norm "
+                    "after it in every batch") for n in unweighted)
             for name in stage:
                 if name not in stats:
                     final[name] = _data_free(layers[name], configs[name])

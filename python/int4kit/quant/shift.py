@@ -288,8 +288,9 @@ def _recalibrate_qparams(model, teacher, layers, targets, batches, fit) -> Recal
             for name, l in layers.items()}
     for index, item in enumerate(batches):
         mask = calibration.attention_mask_of(item)
-        inputs = _layer_inputs(model, item, index, layers, mask)
-        outputs = _layer_outputs(teacher, item, index, targets, mask) if fit == "outputs" else {}
+        inputs = _capture(model, item, index, layers, mask, outputs=False)
+        outputs = (_capture(teacher, item, index, targets, mask, outputs=True)
+                   if fit == "outputs" else {})
         for name, layer in layers.items():
             if name not in inputs:
                 continue
@@ -366,11 +367,3 @@ def _capture(model, item, index, modules, mask, outputs: bool) -> Dict[str, torc
     finally:
         model.train(was_training)
     return seen
-
-
-def _layer_inputs(model, item, index, layers, mask):
-    return _capture(model, item, index, layers, mask, outputs=False)
-
-
-def _layer_outputs(teacher, item, index, targets, mask):
-    return _capture(teacher, item, index, targets, mask, outputs=True)
