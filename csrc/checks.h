@@ -58,21 +58,23 @@ inline int64_t effective_group_size(int64_t group_size, int64_t K) {
 // The prepacked layout (format.h's PackedShape or cuda_layout::Shape) of a `packed` buffer for
 // [N, K] at group_size: of the three scale dtypes, the one whose layout has the buffer's size (each
 // layout's footer makes the sizes differ). `layout` names it in the error ("CPU", "CUDA"),
-// `made_on` says where int4kit.prepack must have made it.
-template <typename Shape>
+// `made_on` says where int4kit.prepack must have made it. `extra` are the Shape's further fields
+// (the CPU layout's bits).
+template <typename Shape, typename... Extra>
 Shape layout_of_size(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size,
-                     const char* layout, const char* made_on) {
+                     const char* layout, const char* made_on, Extra... extra) {
   const int64_t G = effective_group_size(group_size, K);
   for (const DType t : {DType::F32, DType::BF16, DType::F16}) {
-    const Shape shape{N, K, G, t};
+    const Shape shape{N, K, G, t, extra...};
     if (shape.total_bytes() == packed.numel()) return shape;
   }
   TORCH_CHECK(false, "int4kit: packed has ", packed.numel(), " bytes, which is no ", layout,
               " prepacked layout of N = ", N, ", K = ", K, ", group_size = ", group_size,
-              " (expected ", Shape{N, K, G, DType::F32}.total_bytes(), " with float32 scales or ",
-              Shape{N, K, G, DType::BF16}.total_bytes(), " / ",
-              Shape{N, K, G, DType::F16}.total_bytes(), " with bfloat16 / float16); was it made by "
-              "int4kit.prepack ", made_on, " with the same N, K and group_size?");
+              " (expected ", Shape{N, K, G, DType::F32, extra...}.total_bytes(), " with float32 scales or ",
+              Shape{N, K, G, DType::BF16, extra...}.total_bytes(), " / ",
+              Shape{N, K, G, DType::F16, extra...}.total_bytes(), " with bfloat16 / float16); was "
+              "it made by int4kit.prepack", sizeof...(Extra) ? "_int8 " : " ", made_on,
+              " with the same N, K and group_size?");
   return {};
 }
 
@@ -83,14 +85,20 @@ inline void check_unprepack_scale_dtype(DType held, at::ScalarType scale_dtype) 
               " but packed holds ", to_scalar_type(held), " scales");
 }
 
-// Checks the canonical trio against [N, K] / G and returns N.
+// Checks the canonical trio against [N, K] / G and returns N; int8's qweight has K columns.
 inline int64_t check_canonical(const at::Tensor& qweight, const at::Tensor& scales,
-                               const c10::optional<at::Tensor>& zeros, int64_t K, int64_t G) {
+                               const c10::optional<at::Tensor>& zeros, int64_t K, int64_t G,
+                               int bits = 4) {
   check_dtype(qweight, at::kByte, "qweight");
   check_dim(qweight, 2, "qweight");
   const int64_t N = qweight.size(0);
-  TORCH_CHECK(qweight.size(1) == packed_row_bytes(K), "int4kit: qweight must have ceil(K/2) = ",
-              packed_row_bytes(K), " columns for K = ", K, ", got shape ", qweight.sizes());
+  if (bits == 8) {
+    TORCH_CHECK(qweight.size(1) == K, "int4kit: int8 qweight must have K = ", K,
+                " columns, got shape ", qweight.sizes());
+  } else {
+    TORCH_CHECK(qweight.size(1) == packed_row_bytes(K), "int4kit: qweight must have ceil(K/2) = ",
+                packed_row_bytes(K), " columns for K = ", K, ", got shape ", qweight.sizes());
+  }
   check_compute_dtype(scales, "scales");
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == num_groups(K, G),
               "int4kit: scales must have shape [", N, ", ", num_groups(K, G), "] (N, ceil(K/G)), got ",

@@ -32,6 +32,12 @@ TORCH_LIBRARY(int4kit, m) {
   m.def("linear(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
   // The same with x quantized per row to int8 on the fly (W4A8): integer dot products.
   m.def("linear_w4a8(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
+  // Int8 weights: canonical qweight uint8 [N, K] (one code per byte, symmetric zero point 128),
+  // the same scales and zeros; the device's prepacked layout, and the fused linear on it.
+  m.def("prepack_int8(Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor");
+  m.def("unprepack_int8(Tensor packed, int N, int K, int group_size, ScalarType scale_dtype) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_int8(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
 }
 
 namespace {
@@ -63,6 +69,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size,
                                 scale_dtype_named(scale_dtype)}.total_bytes();
   }, "Bytes of the CPU prepacked layout; scale_dtype is float32, bfloat16 or float16.");
+  m.def("cpu_prepacked_bytes_int8", [](int64_t N, int64_t K, int64_t group_size,
+                                       const std::string& scale_dtype) {
+    return int4kit::PackedShape{N, K, group_size == -1 ? K : group_size,
+                                scale_dtype_named(scale_dtype), 8}.total_bytes();
+  }, "Bytes of the CPU prepacked int8 layout; scale_dtype is float32, bfloat16 or float16.");
   m.def("cuda_prepacked_bytes", [](int64_t N, int64_t K, int64_t group_size,
                                    const std::string& scale_dtype) {
     return int4kit::cuda_layout::Shape{N, K, group_size == -1 ? K : group_size,

@@ -54,7 +54,19 @@ def _opcheck_cases():
         ("linear_w4a8", "linear_w4a8", (torch.randn(3, K), packed, N, K, G, None)),
         ("linear_w4a8-bf16-bias-3d", "linear_w4a8",
          (torch.randn(2, 3, K, dtype=torch.bfloat16), packed, N, K, G, torch.randn(N))),
-    ]
+        ]
+    for symmetric in (True, False):
+        tag = "sym" if symmetric else "asym"
+        qweight, scales, zeros = R.quantize(random_weight(N, K, torch.bfloat16), G, symmetric, bits=8)
+        zeros = None if symmetric else zeros
+        packed = ops.prepack_int8(qweight, scales, zeros, G)
+        cases += [
+            (f"prepack_int8-{tag}", "prepack_int8", (qweight, scales, zeros, G)),
+            (f"unprepack_int8-{tag}", "unprepack_int8", (packed, N, K, G, torch.bfloat16)),
+            (f"linear_int8-{tag}", "linear_int8", (torch.randn(3, K), packed, N, K, G, None)),
+            (f"linear_int8-bf16-bias-3d-{tag}", "linear_int8",
+             (torch.randn(2, 9, K, dtype=torch.bfloat16), packed, N, K, G, torch.randn(N))),
+        ]
     return cases
 
 

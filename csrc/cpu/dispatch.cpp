@@ -121,5 +121,47 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
   }
 }
 
+// ---- int8 weights: the same per-ISA switch ---------------------------------------------------------
+ActivationSizes activation_sizes_int8(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
+  switch (isa) {
+    case Isa::Avx2: return avx2::activation_sizes_int8(s, M, dtype);
+    case Isa::Avx512: return avx512::activation_sizes_int8(s, M, dtype);
+    case Isa::Amx: return amx::activation_sizes_int8(s, M, dtype);
+    default: return ref::activation_sizes_int8(s, M, dtype);
+  }
+}
+
+void prepare_activations_int8(Isa isa, const void* x, DType dtype, int64_t ldx,
+                              const PackedShape& s, const Activations& a, int64_t m_begin,
+                              int64_t m_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Avx512: avx512::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    case Isa::Amx: amx::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
+    default: ref::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
+  }
+}
+
+void linear_int8(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
+                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                 int64_t block_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Avx512: avx512::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    case Isa::Amx: amx::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+    default: ref::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
+  }
+}
+
+void dequantize_transposed_int8(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
+                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
+  switch (isa) {
+    case Isa::Avx2: avx2::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    case Isa::Avx512: avx512::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    case Isa::Amx: amx::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+    default: ref::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
+  }
+}
+
 }  // namespace cpu
 }  // namespace int4kit

@@ -127,5 +127,37 @@ void unprepack(const uint8_t* packed, const PackedShape& s, uint8_t* qweight, fl
   }
 }
 
+// The int8 record's codes: byte 16 i + l is lane l's code of column i (format.h).
+void prepack_int8(const uint8_t* codes, const float* scales, const float* zeros,
+                  const PackedShape& s, uint8_t* packed) {
+  std::memset(packed, 0, size_t(s.total_bytes()));  // padding rows and columns: code 0, scale 0
+  const int64_t groups = s.groups();
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t b = n / kBlockN, l = n % kBlockN;
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* rec = group_record(packed, s, b, g);
+      void* params = record_params(rec, s);
+      store_from_float(params, s.scale_dtype, scale_index(l), scales[n * groups + g]);
+      store_from_float(params, s.scale_dtype, zero_index(l),
+                       zeros ? zeros[n * groups + g] : float(kSymmetricZero8));
+      for (int64_t i = 0; i < s.group_len(g); ++i) rec[i * kBlockN + l] = codes[n * s.K + g * s.G + i];
+    }
+  }
+}
+
+void unprepack_int8(const uint8_t* packed, const PackedShape& s, uint8_t* codes, float* scales,
+                    float* zeros) {
+  const int64_t groups = s.groups();
+  for (int64_t n = 0; n < s.N; ++n) {
+    const int64_t b = n / kBlockN, l = n % kBlockN;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* rec = group_record(packed, s, b, g);
+      scales[n * groups + g] = record_scale(rec, s, l);
+      zeros[n * groups + g] = record_zero(rec, s, l);
+      for (int64_t i = 0; i < s.group_len(g); ++i) codes[n * s.K + g * s.G + i] = rec[i * kBlockN + l];
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace int4kit

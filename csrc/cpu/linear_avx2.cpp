@@ -90,6 +90,10 @@ struct Simd {
     const __m128i order = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_shuffle_epi8(_mm_packs_epi16(words, words), order));
   }
+  // 8 int8 codes (linear_simd.h's int8 records) widened to fp32
+  static V bytes_to_float(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static VI load_words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   template <int kShift>
   static V codes_to_float(VI words) {

@@ -10,6 +10,12 @@ namespace ref {
 
 namespace {
 
+// Lane l's code of column i of a group record, int4 or int8 (format.h).
+inline uint32_t record_code(const uint8_t* rec, const PackedShape& s, int64_t l, int64_t i) {
+  if (s.bits == 8) return rec[i * kBlockN + l];
+  return word_code(record_codes(rec)[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
+}
+
 // y[m, n] = sum over groups of group_term(m, g, codes of row n in group g, scale, zero) (+ bias),
 // for the rows of row blocks [block_begin, block_end): the loop both reference linears share.
 // code(i) gives row n's code of column i of the group.
@@ -24,10 +30,7 @@ void reference_linear(int64_t M, const uint8_t* packed, const PackedShape& s, co
         float out = 0.f;
         for (int64_t g = 0; g < s.groups(); ++g) {
           const uint8_t* rec = group_record(packed, s, b, g);
-          const uint32_t* words = record_codes(rec);
-          auto code = [&](int64_t i) {
-            return word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord);
-          };
+          auto code = [&](int64_t i) { return record_code(rec, s, l, i); };
           out += group_term(m, g, code, record_scale(rec, s, l), record_zero(rec, s, l));
         }
         store_from_float(y, dtype, m * ldy + n, bias ? out + bias[n] : out);
@@ -95,15 +98,32 @@ void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt
   for (int64_t b = block_begin; b < block_end; ++b)
     for (int64_t g = 0; g < s.groups(); ++g) {
       const uint8_t* rec = group_record(packed, s, b, g);
-      const uint32_t* words = record_codes(rec);
       for (int64_t l = 0; l < kBlockN && b * kBlockN + l < s.N; ++l) {
         const float scale = record_scale(rec, s, l), zero = record_zero(rec, s, l);
         for (int64_t i = 0; i < s.group_len(g); ++i) {
-          const float q = float(word_code(words[(i / kCodesPerWord) * kBlockN + l], i % kCodesPerWord));
+          const float q = float(record_code(rec, s, l, i));
           store_from_float(wt, dtype, (g * s.G + i) * ldw + b * kBlockN + l, (q - zero) * scale);
         }
       }
     }
+}
+
+// The int8 records run the float GEMV's arithmetic above (record_code reads their bytes).
+ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype) {
+  return activation_sizes(s, M, dtype);
+}
+void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                              const Activations& a, int64_t m_begin, int64_t m_end) {
+  prepare_activations(x, dtype, ldx, s, a, m_begin, m_end);
+}
+void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,
+                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                 int64_t block_end) {
+  linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+}
+void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,
+                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
+  dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end);
 }
 
 }  // namespace ref

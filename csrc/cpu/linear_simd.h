@@ -93,6 +93,37 @@ inline void for_each_column(const uint32_t* words, Fn&& fn) {
   for_each_column_impl(words, fn, std::make_integer_sequence<int, kCodesPerWord>{});
 }
 
+// The same for the 8 columns of chunk w of an int8 record (format.h: 16 bytes per column), each
+// column's bytes widened to fp32 lanes.
+template <typename Fn, int... I>
+inline void for_each_byte_column_impl(const uint8_t* chunk, Fn&& fn, std::integer_sequence<int, I...>) {
+  (
+      [&] {
+        typename Simd::V q[kVecs];
+        for (int64_t h = 0; h < kVecs; ++h) q[h] = Simd::bytes_to_float(chunk + I * kBlockN + h * Simd::kLanes);
+        fn(I, q);
+      }(),
+      ...);
+}
+
+// Calls fn(w, i, column_as_fp32[kVecs]) for every column w * kCodesPerWord + i (i = 0..7, a
+// compile-time constant) of a group record's codes, int4 (kBits = 4) or int8, prefetching the
+// weight stream kPrefetchBytes ahead (one prefetch per 64 bytes).
+template <int kBits, typename Fn>
+inline void for_each_record_column(const uint8_t* rec, const Geometry& geo, Fn&& fn) {
+  constexpr int64_t kChunkBytes = kBlockN * kCodesPerWord * kBits / 8;  // 8 columns: 64 or 128
+  for (int64_t w = 0; w < geo.words; ++w) {
+    const uint8_t* chunk = rec + w * kChunkBytes;
+    for (int64_t line = 0; line < kChunkBytes; line += 64)
+      prefetch_ahead(reinterpret_cast<const uint32_t*>(chunk + line));
+    auto column = [&](int i, const typename Simd::V* q) { fn(w, i, q); };
+    if constexpr (kBits == 4)
+      for_each_column(reinterpret_cast<const uint32_t*>(chunk), column);
+    else
+      for_each_byte_column_impl(chunk, column, std::make_integer_sequence<int, kCodesPerWord>{});
+  }
+}
+
 inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals, const float* bias,
                         int64_t n0, int64_t N) {
   store_row16_as<Simd>(y, dtype, offset, vals, bias, n0, N);
@@ -104,30 +135,26 @@ inline void store_row16(void* y, DType dtype, int64_t offset, const float* vals,
 // and fp16 x with more rows than the ISA's kInt24MaxRows, and rows with an Inf or a NaN. Each
 // accumulator is split kSplit ways (by column) so consecutive FMAs do not wait on each other's
 // latency when R is small (8 chains cover the FMA latency at two FMAs per cycle).
-template <int R>
+template <int R, int kBits = 4>
 void gemv_rows(const Activations& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
   constexpr int kSplit = std::max<int>(1, std::min<int>(4, 8 / (R * kVecs)));
   alignas(64) float out[R][kBlockN] = {};
   const uint8_t* rec = packed + b * geo.block_bytes;
   for (int64_t g = 0; g < geo.groups; ++g, rec += geo.record_bytes) {
-    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
     const float* xg[R];
     for (int r = 0; r < R; ++r) xg[r] = a.x + (m0 + r) * geo.Kp + g * geo.Gp;
     typename Simd::V acc[R][kSplit][kVecs];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < kSplit; ++c)
         for (int64_t h = 0; h < kVecs; ++h) acc[r][c][h] = Simd::zero();
-    for (int64_t w = 0; w < geo.words; ++w) {
-      prefetch_ahead(codes + w * kBlockN);
-      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
-        for (int r = 0; r < R; ++r) {
-          const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
-          for (int64_t h = 0; h < kVecs; ++h)
-            acc[r][i % kSplit][h] = Simd::fmadd(xb, q[h], acc[r][i % kSplit][h]);
-        }
-      });
-    }
+    for_each_record_column<kBits>(rec, geo, [&](int64_t w, int i, const typename Simd::V* q) {
+      for (int r = 0; r < R; ++r) {
+        const typename Simd::V xb = Simd::broadcast(xg[r] + w * kCodesPerWord + i);
+        for (int64_t h = 0; h < kVecs; ++h)
+          acc[r][i % kSplit][h] = Simd::fmadd(xb, q[h], acc[r][i % kSplit][h]);
+      }
+    });
     typename Simd::V scale[kVecs], zero[kVecs];
     for (int64_t h = 0; h < kVecs; ++h) {
       scale[h] = geo.scales(rec, h * Simd::kLanes);
@@ -162,24 +189,22 @@ void for_row_chunks(int64_t M, Fn&& fn) {
 
 // ---- GEMM ---------------------------------------------------------------------------------------
 // Dequantizes groups [g0, g1) of row block b into tile[k][16] fp32 (k over padded columns).
+template <int kBits>
 void dequantize_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_t g0, int64_t g1,
                      float* tile) {
   const uint8_t* rec = packed + b * geo.block_bytes + g0 * geo.record_bytes;
   for (int64_t g = g0; g < g1; ++g, rec += geo.record_bytes) {
-    const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec);
     typename Simd::V s[kVecs], zs[kVecs];
     for (int64_t h = 0; h < kVecs; ++h) {  // (q - z) * s = q * s - z * s: one FMA per code
       s[h] = geo.scales(rec, h * Simd::kLanes);
       zs[h] = Simd::mul(geo.zeros(rec, h * Simd::kLanes), s[h]);
     }
     float* dst = tile + (g - g0) * geo.Gp * kBlockN;
-    for (int64_t w = 0; w < geo.words; ++w) {
-      for_each_column(codes + w * kBlockN, [&](int i, const typename Simd::V* q) {
-        float* row = dst + (w * kCodesPerWord + i) * kBlockN;
-        for (int64_t h = 0; h < kVecs; ++h)
-          Simd::store(row + h * Simd::kLanes, Simd::fmsub(q[h], s[h], zs[h]));
-      });
-    }
+    for_each_record_column<kBits>(rec, geo, [&](int64_t w, int i, const typename Simd::V* q) {
+      float* row = dst + (w * kCodesPerWord + i) * kBlockN;
+      for (int64_t h = 0; h < kVecs; ++h)
+        Simd::store(row + h * Simd::kLanes, Simd::fmsub(q[h], s[h], zs[h]));
+    });
   }
 }
 
@@ -227,6 +252,7 @@ inline AlignedBuffer aligned_floats(int64_t count) {
   return AlignedBuffer(static_cast<float*>(std::aligned_alloc(64, size_t(round_up(count * 4, 64)))));
 }
 
+template <int kBits>
 void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
           void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end, int64_t N) {
   const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
@@ -238,7 +264,7 @@ void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
       std::fill(acc.get(), acc.get() + rows * kBlockN, 0.f);
       for (int64_t g0 = 0; g0 < geo.groups; g0 += tile_groups) {
         const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
-        dequantize_tile(packed, geo, b, g0, g1, tile.get());
+        dequantize_tile<kBits>(packed, geo, b, g0, g1, tile.get());
         const int64_t kc = (g1 - g0) * geo.Gp;
         for (int64_t r = 0; r < rows; r += kPanel) {
           const float* panel = a.x + (m0 + r) * geo.Kp;  // panel (m0 + r) / kPanel
@@ -455,6 +481,7 @@ void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
 // dequantize_tile's rows, one per real column k, are rows of W^T. The row blocks are the inner loop,
 // so consecutive stores fill consecutive 16-column pieces of the same rows of W^T (block by block,
 // each tile row went to a different page: ~2 ns a weight in TLB misses).
+template <int kBits = 4>
 void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
                                 DType dtype, int64_t block_begin, int64_t block_end) {
   const Geometry geo(s);
@@ -463,7 +490,7 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
   for (int64_t g0 = 0; g0 < geo.groups; g0 += tile_groups) {
     const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
     for (int64_t b = block_begin; b < block_end; ++b) {
-      dequantize_tile(packed, geo, b, g0, g1, tile.get());
+      dequantize_tile<kBits>(packed, geo, b, g0, g1, tile.get());
       for (int64_t g = g0; g < g1; ++g)
         for (int64_t i = 0; i < s.group_len(g); ++i)
           store_row16(wt, dtype, (g * s.G + i) * ldw + b * kBlockN,
@@ -495,39 +522,44 @@ ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dty
   return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0, planes > 0 ? M * Kp : 0, planes};
 }
 
+// Row m of x as fp32 in a.x (padded like the weights) and its group sums in a.xsum: a row of the
+// float GEMV, or a panel row of the GEMM.
+void prepare_float_row(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                       const Geometry& geo, const Activations& a, int64_t m) {
+  const bool panels = use_gemm(a.M);
+  // GEMV reads rows; GEMM reads panels of kPanel rows, column-major inside the panel
+  float* row = panels ? a.x + (m / kPanel) * geo.Kp * kPanel + m % kPanel : a.x + m * geo.Kp;
+  const int64_t stride = panels ? kPanel : 1;
+  for (int64_t g = 0; g < geo.groups; ++g) {
+    const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
+    float* dst = row + g * geo.Gp * stride;
+    typename Simd::V sum = Simd::zero();
+    int64_t i = 0;
+    for (; i + Simd::kLanes <= len; i += Simd::kLanes) {
+      const typename Simd::V v = Simd::load_x(x, dtype, src + i);
+      sum = Simd::add(sum, v);
+      if (stride == 1) {
+        Simd::storeu(dst + i, v);
+      } else {
+        alignas(64) float lanes[Simd::kLanes];
+        Simd::store(lanes, v);
+        for (int j = 0; j < Simd::kLanes; ++j) dst[(i + j) * stride] = lanes[j];
+      }
+    }
+    float tail = 0.f;
+    for (; i < geo.Gp; ++i) {
+      const float v = i < len ? load_as_float(x, dtype, src + i) : 0.f;
+      dst[i * stride] = v;
+      tail += v;
+    }
+    a.xsum[m * geo.groups + g] = Simd::hsum(sum) + tail;
+  }
+}
+
 void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                               const Activations& a, int64_t m_begin, int64_t m_end) {
   const Geometry geo(s);
-  const bool panels = use_gemm(a.M);
-  auto float_row = [&](int64_t m) {
-    // GEMV reads rows; GEMM reads panels of kPanel rows, column-major inside the panel
-    float* row = panels ? a.x + (m / kPanel) * geo.Kp * kPanel + m % kPanel : a.x + m * geo.Kp;
-    const int64_t stride = panels ? kPanel : 1;
-    for (int64_t g = 0; g < geo.groups; ++g) {
-      const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
-      float* dst = row + g * geo.Gp * stride;
-      typename Simd::V sum = Simd::zero();
-      int64_t i = 0;
-      for (; i + Simd::kLanes <= len; i += Simd::kLanes) {
-        const typename Simd::V v = Simd::load_x(x, dtype, src + i);
-        sum = Simd::add(sum, v);
-        if (stride == 1) {
-          Simd::storeu(dst + i, v);
-        } else {
-          alignas(64) float lanes[Simd::kLanes];
-          Simd::store(lanes, v);
-          for (int j = 0; j < Simd::kLanes; ++j) dst[(i + j) * stride] = lanes[j];
-        }
-      }
-      float tail = 0.f;
-      for (; i < geo.Gp; ++i) {
-        const float v = i < len ? load_as_float(x, dtype, src + i) : 0.f;
-        dst[i * stride] = v;
-        tail += v;
-      }
-      a.xsum[m * geo.groups + g] = Simd::hsum(sum) + tail;
-    }
-  };
+  auto float_row = [&](int64_t m) { prepare_float_row(x, dtype, ldx, s, geo, a, m); };
   // xint rows need no float copy; only those with an Inf or a NaN run on it (Activations::xint).
   // (The copy took ~8 us of every K = 11008, M = 1 call, on one thread, before the GEMV starts.)
   if (const int planes = xint_planes(a.M, dtype); planes > 0) {
@@ -546,10 +578,38 @@ void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape&
             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   const Geometry geo(s);
   if (use_gemm(a.M)) {
-    gemm(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
+    gemm<4>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
     return;
   }
   for (int64_t b = block_begin; b < block_end; ++b) gemv(a, packed, geo, bias, y, dtype, ldy, b, s.N);
+}
+
+// ---- int8 weights --------------------------------------------------------------------------------
+// The float GEMV and the tile GEMM on int8 records: no fixed-point x (the byte codes would
+// overflow vpmaddubsw's int16 pair sums), and the weight stream is twice int4's, so at M = 1
+// the float GEMV's widening of each code stays under the memory time.
+ActivationSizes activation_sizes_int8_impl(const PackedShape& s, int64_t M, DType) {
+  return {(use_gemm(M) ? round_up(M, kPanel) : M) * s.padded_k(), M * s.groups(), 0, 0, 0};
+}
+
+void prepare_activations_int8_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
+                                   const Activations& a, int64_t m_begin, int64_t m_end) {
+  const Geometry geo(s);
+  for (int64_t m = m_begin; m < m_end; ++m) prepare_float_row(x, dtype, ldx, s, geo, a, m);
+}
+
+void linear_int8_impl(const Activations& a, const uint8_t* packed, const PackedShape& s,
+                      const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                      int64_t block_end) {
+  const Geometry geo(s);
+  if (use_gemm(a.M)) {
+    gemm<8>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
+    return;
+  }
+  for (int64_t b = block_begin; b < block_end; ++b)
+    for_row_chunks(a.M, [&](auto rows, int64_t m) {
+      gemv_rows<decltype(rows)::value, 8>(a, m, packed, geo, bias, y, dtype, ldy, b, s.N);
+    });
 }
 
 // The ISA's entry points (kernels_internal.h), defined by the including file after its anonymous
@@ -577,5 +637,22 @@ void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape&
   }                                                                                                 \
   void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,     \
                              DType dtype, int64_t block_begin, int64_t block_end) {                 \
-    dequantize_transposed_impl(packed, s, wt, ldw, dtype, block_begin, block_end);                  \
+    dequantize_transposed_impl<4>(packed, s, wt, ldw, dtype, block_begin, block_end);               \
+  }                                                                                                 \
+  ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype) {             \
+    return activation_sizes_int8_impl(s, M, dtype);                                                 \
+  }                                                                                                 \
+  void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,      \
+                                const Activations& a, int64_t m_begin, int64_t m_end) {             \
+    prepare_activations_int8_impl(x, dtype, ldx, s, a, m_begin, m_end);                             \
+  }                                                                                                 \
+  void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,               \
+                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,       \
+                   int64_t block_end) {                                                             \
+    linear_int8_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                    \
+  }                                                                                                 \
+  void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,            \
+                                  int64_t ldw, DType dtype, int64_t block_begin,                    \
+                                  int64_t block_end) {                                              \
+    dequantize_transposed_impl<8>(packed, s, wt, ldw, dtype, block_begin, block_end);               \
   }

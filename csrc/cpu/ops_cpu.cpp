@@ -144,13 +144,50 @@ at::Tensor prepack_cpu(const at::Tensor& qweight, const at::Tensor& scales,
   return packed;
 }
 
-// The layout of a CPU prepacked buffer: its scale dtype follows from its size (the footer in
-// format.h).
-PackedShape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size) {
+// The layout of a CPU prepacked buffer of int4 (bits 4) or int8 codes: its scale dtype follows
+// from its size (the footer in format.h).
+PackedShape packed_shape(const at::Tensor& packed, int64_t N, int64_t K, int64_t group_size,
+                         int bits = 4) {
   check_dtype(packed, at::kByte, "packed");
   check_dim(packed, 1, "packed");
   TORCH_CHECK(N >= 0, "int4kit: N must be >= 0, got ", N);
+  if (bits == 8) return layout_of_size<PackedShape>(packed, N, K, group_size, "CPU int8", "on the CPU", 8);
   return layout_of_size<PackedShape>(packed, N, K, group_size, "CPU", "on the CPU");
+}
+
+// ---- int8 weights: canonical qweight uint8 [N, K] (format.h) --------------------------------------
+at::Tensor prepack_int8_cpu(const at::Tensor& qweight, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& zeros, int64_t group_size) {
+  check_dim(qweight, 2, "qweight");
+  const int64_t K = qweight.size(1);
+  const int64_t G = effective_group_size(group_size, K);
+  const int64_t N = check_canonical(qweight, scales, zeros, K, G, /*bits=*/8);
+  const PackedShape shape{N, K, G, to_kernel_dtype(scales.scalar_type()), 8};
+  const at::Tensor q = qweight.contiguous();
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const c10::optional<at::Tensor> z =
+      zeros ? c10::optional<at::Tensor>(zeros->to(at::kFloat).contiguous()) : c10::nullopt;
+  at::Tensor packed = at::empty({shape.total_bytes()}, q.options());
+  prepack_int8(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z ? z->data_ptr<float>() : nullptr,
+               shape, packed.data_ptr<uint8_t>());
+  return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_int8_cpu(const at::Tensor& packed,
+                                                                  int64_t N, int64_t K,
+                                                                  int64_t group_size,
+                                                                  at::ScalarType scale_dtype) {
+  const PackedShape shape = packed_shape(packed, N, K, group_size, 8);
+  TORCH_CHECK(is_compute_dtype(scale_dtype), "int4kit: scale_dtype must be float32, bfloat16 or "
+              "float16, got ", scale_dtype);
+  check_unprepack_scale_dtype(shape.scale_dtype, scale_dtype);
+  const at::Tensor p = packed.contiguous();
+  at::Tensor codes = at::empty({N, K}, p.options());
+  at::Tensor scales = at::empty({N, shape.groups()}, p.options().dtype(at::kFloat));
+  at::Tensor zeros = at::empty_like(scales);
+  unprepack_int8(p.data_ptr<uint8_t>(), shape, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                 zeros.data_ptr<float>());
+  return {codes, scales.to(scale_dtype), zeros.to(scale_dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unprepack_cpu(const at::Tensor& packed, int64_t N,
@@ -202,16 +239,29 @@ int64_t row_block_grain(const PackedShape& shape, int64_t M) {
 }
 int64_t row_grain(const PackedShape& shape) { return std::max<int64_t>(1, 16384 / shape.padded_k()); }
 
-// W4A16 and W4A8 share everything but their activation buffers and kernels.
+// W4A16, W8A16 and W4A8 share everything but their weights' bits, activation buffers and kernels.
 struct W4A16 {
+  static constexpr int kBits = 4;
   using Acts = Activations;
   static Acts workspace(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
     return activation_workspace(activation_sizes(isa, s, M, dtype), M);
   }
   static constexpr auto prepare = &prepare_activations;
   static constexpr auto compute = &linear;
+  static constexpr auto dequantize = &dequantize_transposed;
+};
+struct W8A16 {
+  static constexpr int kBits = 8;
+  using Acts = Activations;
+  static Acts workspace(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
+    return activation_workspace(activation_sizes_int8(isa, s, M, dtype), M);
+  }
+  static constexpr auto prepare = &prepare_activations_int8;
+  static constexpr auto compute = &linear_int8;
+  static constexpr auto dequantize = &dequantize_transposed_int8;
 };
 struct W4A8 {
+  static constexpr int kBits = 4;
   using Acts = ActivationsA8;
   static Acts workspace(Isa, const PackedShape& s, int64_t M, DType) {
     return activation_a8_workspace(activation_a8_sizes(s, M), M);
@@ -238,7 +288,8 @@ bool use_library_gemm(Isa isa, int64_t M, DType dtype, const ThreadBudget& threa
   return M >= kLibraryGemmMinRows && dtype != DType::F16 && isa != Isa::Scalar && threads.alone();
 }
 
-// y = x2 . W^T (+ bias) by torch's own GEMM on the dequantized weight (use_library_gemm).
+// y = x2 . W^T (+ bias) by torch's own GEMM on the weight dequantized by Kind (use_library_gemm).
+template <typename Kind>
 at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const PackedShape& shape,
                         Isa isa, DType dtype, const at::Tensor& bias_f, const ThreadBudget& threads) {
   // rows an odd number of cache lines apart (see dequantize_transposed): a 4096-wide fp32 W^T
@@ -252,7 +303,7 @@ at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const P
                                 {shape.K, shape.N}, {ldw, 1}, x2.options());
   threads.run(shape.row_blocks(), row_block_grain(shape, 1),  // one pass over the weights, as a GEMV
               [&](int64_t b, int64_t e) {
-                dequantize_transposed(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
+                Kind::dequantize(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
               });
   return bias_f.defined() ? at::addmm(bias_f.to(x2.scalar_type()), x2, wt) : at::mm(x2, wt);
 }
@@ -263,7 +314,7 @@ template <typename Kind>
 at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, int64_t K,
                       int64_t group_size, const c10::optional<at::Tensor>& bias) {
   check_compute_dtype(x, "x");
-  const PackedShape shape = packed_shape(packed, N, K, group_size);
+  const PackedShape shape = packed_shape(packed, N, K, group_size, Kind::kBits);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "int4kit: x must have K = ", K,
               " features in its last dimension, got shape ", x.sizes());
   check_device(x, packed, "x");
@@ -284,9 +335,9 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   const Isa isa = selected_isa();
   const DType dtype = to_kernel_dtype(x.scalar_type());
   const ThreadBudget threads;
-  if constexpr (std::is_same_v<Kind, W4A16>) {
+  if constexpr (!std::is_same_v<Kind, W4A8>) {
     if (use_library_gemm(isa, M, dtype, threads))
-      return library_gemm(x2, packed.contiguous(), shape, isa, dtype, bias_f, threads).view(out_sizes);
+      return library_gemm<Kind>(x2, packed.contiguous(), shape, isa, dtype, bias_f, threads).view(out_sizes);
   }
   at::Tensor y = at::empty(out_sizes, x.options());
   const typename Kind::Acts acts = Kind::workspace(isa, shape, M, dtype);
@@ -316,6 +367,9 @@ TORCH_LIBRARY_IMPL(int4kit, CPU, m) {
   m.impl("unprepack", &unprepack_cpu);
   m.impl("linear", &run_linear<W4A16>);
   m.impl("linear_w4a8", &run_linear<W4A8>);
+  m.impl("prepack_int8", &prepack_int8_cpu);
+  m.impl("unprepack_int8", &unprepack_int8_cpu);
+  m.impl("linear_int8", &run_linear<W8A16>);
 }
 
 }  // namespace cpu

@@ -44,6 +44,10 @@ struct Simd {
   static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
   static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  // 16 int8 codes (linear_simd.h's int8 records) widened to fp32
+  static V bytes_to_float(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   template <int kShift>
   static V codes_to_float(VI words) {
     return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(words, kShift), _mm512_set1_epi32(0xF)));

@@ -33,9 +33,12 @@ def cuda_built() -> bool:
 
 
 def prepacked_bytes(N: int, K: int, group_size: int, scale_dtype: torch.dtype,
-                    device: torch.device) -> int:
-    """Size of the prepacked layout `prepack` makes for `device` (CPU or CUDA)."""
+                    device: torch.device, bits: int = 4) -> int:
+    """Size of the prepacked layout `prepack` (bits 8: `prepack_int8`, CPU only) makes for
+    `device` (CPU or CUDA)."""
     name = str(scale_dtype).removeprefix("torch.")
+    if bits == 8:
+        return _C.cpu_prepacked_bytes_int8(N, K, group_size, name)
     if torch.device(device).type == "cuda":
         return _C.cuda_prepacked_bytes(N, K, group_size, name)
     return _C.cpu_prepacked_bytes(N, K, group_size, name)
@@ -94,6 +97,43 @@ def linear_w4a8(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_siz
     return _ops.linear_w4a8(x, packed, N, K, group_size, bias)
 
 
+# ---- int8 weights (Int8Linear): canonical qweight uint8 [N, K], one code per byte ---------------
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w = (q - z) * s (z = 128 when zeros is None) in float32, then dtype; plain torch ops, so it
+    runs on any device (Int8Linear's forward off the CPU: this, then the dense matmul)."""
+    N, K = qweight.shape
+    G = effective_group_size(group_size, K)
+    groups = -(-K // G)
+    if tuple(scales.shape) != (N, groups) or (zeros is not None and zeros.shape != scales.shape):
+        raise ValueError(f"scales (and zeros) must have shape [{N}, {groups}] for qweight "
+                         f"{list(qweight.shape)} at group_size {group_size}, got "
+                         f"{list(scales.shape)}"
+                         + ("" if zeros is None else f" and {list(zeros.shape)}"))
+    q = torch.nn.functional.pad(qweight.float(), (0, groups * G - K)).view(N, groups, G)
+    z = 128.0 if zeros is None else zeros.float()[..., None]
+    w = ((q - z) * scales.float()[..., None]).view(N, groups * G)[:, :K]
+    return w.to(dtype)
+
+
+def prepack_int8(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                 group_size: int) -> torch.Tensor:
+    """Canonical int8 (qweight uint8 [N, K]) -> the CPU prepacked int8 layout (docs/FORMAT.md)."""
+    return _ops.prepack_int8(qweight, scales, zeros, group_size)
+
+
+def unprepack_int8(packed: torch.Tensor, N: int, K: int, group_size: int,
+                   scale_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ops.unprepack_int8(packed, N, K, group_size, scale_dtype)
+
+
+def linear_int8(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_size: int,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ dequantize_int8(W).T + bias, fused, from the int8 prepacked layout."""
+    return _ops.linear_int8(x, packed, N, K, group_size, bias)
+
+
 # ---- fake implementations: shapes and dtypes only ------------------------------------------------
 
 @torch.library.register_fake("int4kit::pack")
@@ -140,4 +180,21 @@ def _linear_fake(x, packed, N, K, group_size, bias):
 
 @torch.library.register_fake("int4kit::linear_w4a8")
 def _linear_w4a8_fake(x, packed, N, K, group_size, bias):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("int4kit::prepack_int8")
+def _prepack_int8_fake(qweight, scales, zeros, group_size):
+    N, K = qweight.shape
+    return qweight.new_empty((prepacked_bytes(N, K, group_size, scales.dtype, qweight.device, 8),))
+
+
+@torch.library.register_fake("int4kit::unprepack_int8")
+def _unprepack_int8_fake(packed, N, K, group_size, scale_dtype):
+    scales = packed.new_empty((N, num_groups(K, group_size)), dtype=scale_dtype)
+    return packed.new_empty((N, K)), scales, torch.empty_like(scales)
+
+
+@torch.library.register_fake("int4kit::linear_int8")
+def _linear_int8_fake(x, packed, N, K, group_size, bias):
     return x.new_empty((*x.shape[:-1], N))

@@ -9,6 +9,16 @@ import torch.nn.functional as F
 
 SYMMETRIC_ZERO = 8
 MAX_CODE = 15
+# int8 weights (Int8Linear): one code per byte, 0..255, symmetric zero point 128
+SYMMETRIC_ZERO_INT8 = 128
+MAX_CODE_INT8 = 255
+
+
+def _code_range(bits: int) -> Tuple[int, int]:
+    """(symmetric zero point, largest code) of `bits`-bit weights."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    return (SYMMETRIC_ZERO, MAX_CODE) if bits == 4 else (SYMMETRIC_ZERO_INT8, MAX_CODE_INT8)
 
 
 def _group_size(group_size: int, K: int) -> int:
@@ -28,9 +38,11 @@ def unpack(qweight: torch.Tensor, K: int) -> torch.Tensor:
     return codes[:, :K].to(torch.uint8)
 
 
-def quantize(weight: torch.Tensor, group_size: int = 128,
-             symmetric: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest. Returns (qweight, scales, zeros) with scales and zeros in weight's dtype."""
+def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
+             bits: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest. Returns (qweight, scales, zeros) with scales and zeros in weight's dtype;
+    bits 8 gives int8's qweight, the codes themselves [N, K]."""
+    zero, max_code = _code_range(bits)
     N, K = weight.shape
     G = _group_size(group_size, K)
     groups = -(-K // G)
@@ -38,37 +50,39 @@ def quantize(weight: torch.Tensor, group_size: int = 128,
     lo = w.amin(dim=-1).clamp(max=0)
     hi = w.amax(dim=-1).clamp(min=0)
     if symmetric:
-        s = torch.maximum(hi, -lo) / 7.5
+        s = torch.maximum(hi, -lo) / (max_code / 2)
     else:
-        s = (hi - lo) / 15
+        s = (hi - lo) / max_code
     s = s.to(weight.dtype).float()  # codes are computed with the scale as it will be stored
     s = torch.where(s > 0, s, torch.ones_like(s))
     if symmetric:
-        z = torch.full_like(s, SYMMETRIC_ZERO)
+        z = torch.full_like(s, zero)
     else:
-        z = torch.round((0 - lo) / s).clamp(0, MAX_CODE)  # +0, not -0, when lo = 0
-    codes = (torch.round(w / s[..., None]) + z[..., None]).clamp(0, MAX_CODE)
+        z = torch.round((0 - lo) / s).clamp(0, max_code)  # +0, not -0, when lo = 0
+    codes = (torch.round(w / s[..., None]) + z[..., None]).clamp(0, max_code)
     codes = codes.reshape(N, groups * G)[:, :K].to(torch.uint8)
-    return pack(codes), s.to(weight.dtype), z.to(weight.dtype)
+    return codes if bits == 8 else pack(codes), s.to(weight.dtype), z.to(weight.dtype)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               group_size: int, K: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+               group_size: int, K: int, dtype: torch.dtype = torch.float64,
+               bits: int = 4) -> torch.Tensor:
     """w = (q - z) * s, computed in float64 and rounded once to dtype."""
+    zero, _ = _code_range(bits)
     G = _group_size(group_size, K)
-    q = unpack(qweight, K).double()
+    q = (qweight if bits == 8 else unpack(qweight, K)).double()
     s = scales.double().repeat_interleave(G, dim=1)[:, :K]
     z = (zeros.double().repeat_interleave(G, dim=1)[:, :K] if zeros is not None
-         else torch.full_like(q, SYMMETRIC_ZERO))
+         else torch.full_like(q, zero))
     return ((q - z) * s).to(dtype)
 
 
 def linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
            zeros: Optional[torch.Tensor], group_size: int,
-           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+           bias: Optional[torch.Tensor] = None, bits: int = 4) -> torch.Tensor:
     """Dequantize in float64, then matmul in float64: the oracle for the fused kernels."""
     K = x.shape[-1]
-    w = dequantize(qweight, scales, zeros, group_size, K, torch.float64)
+    w = dequantize(qweight, scales, zeros, group_size, K, torch.float64, bits)
     return F.linear(x.double(), w, None if bias is None else bias.double())
 
 

@@ -25,8 +25,8 @@ using cpu::Isa;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::vector<uint8_t> random_codes(int64_t count, std::mt19937& rng) {
-  std::uniform_int_distribution<int> dist(0, 15);
+std::vector<uint8_t> random_codes(int64_t count, std::mt19937& rng, int max_code = 15) {
+  std::uniform_int_distribution<int> dist(0, max_code);
   std::vector<uint8_t> codes(static_cast<size_t>(count));
   for (auto& c : codes) c = uint8_t(dist(rng));
   return codes;
@@ -225,16 +225,20 @@ struct Weight {
   std::vector<float> scales, zeros;  // [N, groups]; zeros empty when symmetric
   std::vector<uint8_t> packed;
 
-  float zero(int64_t i) const { return zeros.empty() ? 8.f : zeros[i]; }
+  float zero(int64_t i) const {
+    return zeros.empty() ? float(shape.bits == 8 ? kSymmetricZero8 : kSymmetricZero) : zeros[i];
+  }
 };
 
 // Scales and (fractional) zero points are values of scale_dtype, as canonical ones are.
+// bits 8: an int8 weight (codes 0..255) in the int8 records (prepack_int8).
 Weight make_weight(const Layout& c, bool symmetric, std::mt19937& rng,
-                   DType scale_dtype = DType::F32) {
+                   DType scale_dtype = DType::F32, int bits = 4) {
   const int64_t groups = groups_of(c.K, c.G);
+  const int max_code = bits == 8 ? 255 : 15;
   Weight w;
-  w.shape = PackedShape{c.N, c.K, c.G, scale_dtype};
-  w.codes = random_codes(c.N * c.K, rng);
+  w.shape = PackedShape{c.N, c.K, c.G, scale_dtype, bits};
+  w.codes = random_codes(c.N * c.K, rng, max_code);
   auto in_scale_dtype = [&](std::vector<float> v) {
     for (float& f : v) {
       uint32_t bits = 0;
@@ -244,8 +248,13 @@ Weight make_weight(const Layout& c, bool symmetric, std::mt19937& rng,
     return v;
   };
   w.scales = in_scale_dtype(random_floats(c.N * groups, 0.01f, 0.1f, rng));
-  if (!symmetric) w.zeros = in_scale_dtype(random_floats(c.N * groups, 0.f, 15.f, rng));
+  if (!symmetric) w.zeros = in_scale_dtype(random_floats(c.N * groups, 0.f, float(max_code), rng));
   w.packed.assign(size_t(w.shape.total_bytes()), 0xAA);
+  if (bits == 8) {
+    cpu::prepack_int8(w.codes.data(), w.scales.data(), symmetric ? nullptr : w.zeros.data(),
+                      w.shape, w.packed.data());
+    return w;
+  }
   const std::vector<uint8_t> qweight = reference_pack(w.codes, c.N, c.K);
   cpu::prepack(qweight.data(), w.scales.data(), symmetric ? nullptr : w.zeros.data(), w.shape,
                w.packed.data());
@@ -381,18 +390,22 @@ std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M
 // The activation buffer is NaN-filled by default, like the uninitialised tensors of the glue:
 // nothing may depend on what it held (a finite fill shows reads of what was never written where
 // the outputs should be NaN).
+// An int8 weight (shape.bits 8) runs the int8 entry points the same way.
 Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const float* bias,
                   int64_t ldy, int64_t split, float buffer_fill = kNaN) {
   const PackedShape& s = w.shape;
-  const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, s, M, x.dtype);
+  const bool int8 = s.bits == 8;
+  const cpu::ActivationSizes sizes = int8 ? cpu::activation_sizes_int8(isa, s, M, x.dtype)
+                                          : cpu::activation_sizes(isa, s, M, x.dtype);
   std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4), buffer_fill);
   const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
-  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
-  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
+  const auto prepare = int8 ? &cpu::prepare_activations_int8 : &cpu::prepare_activations;
+  const auto linear = int8 ? &cpu::linear_int8 : &cpu::linear;
+  prepare(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
+  prepare(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
   Matrix y(x.dtype, M, ldy, kNaN);  // NaN: outputs the kernel fails to write show up
-  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, 0, split);
-  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, split,
-              s.row_blocks());
+  linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, 0, split);
+  linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, split, s.row_blocks());
   return y;
 }
 
@@ -407,14 +420,13 @@ namespace {
 
 class FusedLinear : public ::testing::TestWithParam<std::tuple<Isa, Layout>> {};
 
-TEST_P(FusedLinear, MatchesDequantizedMatmul) {
-  const auto [isa, c] = GetParam();
-  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+// The fused linear of `bits`-bit weights against "dequantize, then matmul" in double.
+void check_against_dequantized_matmul(Isa isa, const Layout& c, int bits) {
   std::mt19937 rng(6);
   const int64_t ldx = c.K + 3, ldy = c.N + 5;  // strided rows: gaps are neither read nor written
   const int64_t blocks = (c.N + 15) / 16;
   for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
-    const Weight w = make_weight(c, symmetric, rng, scale_dtype);
+    const Weight w = make_weight(c, symmetric, rng, scale_dtype, bits);
     const std::vector<float> bias_values = random_floats(c.N, -1.f, 1.f, rng);
     for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 200}) {
       for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
@@ -447,6 +459,40 @@ TEST_P(FusedLinear, MatchesDequantizedMatmul) {
           EXPECT_LE(rel, dtype == DType::F32 ? 1e-5 : 1e-2);  // NaN (a missed output) fails too
         }
       }
+    }
+  }
+}
+
+TEST_P(FusedLinear, MatchesDequantizedMatmul) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  check_against_dequantized_matmul(isa, c, 4);
+}
+
+// Int8 weights: the same records with a byte per code (format.h), the float GEMV and tile GEMM.
+TEST_P(FusedLinear, Int8WeightsMatchDequantizedMatmul) {
+  const auto [isa, c] = GetParam();
+  if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
+  check_against_dequantized_matmul(isa, c, 8);
+}
+
+TEST(Int8Prepack, UnprepackRoundTripIsBitExactAndMatchesTheLayout) {
+  std::mt19937 rng(8);
+  for (const Layout& c : {Layout{16, 64, 32}, Layout{17, 130, 64}, Layout{5, 99, 6}, Layout{1, 1, 1}}) {
+    for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
+      const Weight w = make_weight(c, symmetric, rng, scale_dtype, 8);
+      const int64_t groups = groups_of(c.K, c.G);
+      for (int64_t n = 0; n < c.N; ++n)  // byte 16 i + l of record (n / 16, g) holds (n, g G + i)
+        for (int64_t k = 0; k < c.K; ++k) {
+          const uint8_t* rec = group_record(w.packed.data(), w.shape, n / kBlockN, k / c.G);
+          ASSERT_EQ(rec[(k % c.G) * kBlockN + n % kBlockN], w.codes[n * c.K + k]) << n << " " << k;
+        }
+      std::vector<uint8_t> codes(size_t(c.N * c.K));
+      std::vector<float> scales(size_t(c.N * groups)), zeros(size_t(c.N * groups));
+      cpu::unprepack_int8(w.packed.data(), w.shape, codes.data(), scales.data(), zeros.data());
+      EXPECT_EQ(codes, w.codes);
+      EXPECT_EQ(scales, w.scales);
+      for (int64_t i = 0; i < c.N * groups; ++i) EXPECT_EQ(zeros[i], w.zero(i));
     }
   }
 }

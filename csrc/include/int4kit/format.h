@@ -19,6 +19,10 @@ namespace int4kit {
 constexpr int kSymmetricZero = 8;
 constexpr int kMaxCode = 15;
 
+// Int8 weights (Int8Linear) use the same scales and zeros, with one code per byte:
+//   qweight uint8 [N, K]: qweight[n, k] is the code of w[n, k], 0..255; symmetric zero point 128.
+constexpr int kSymmetricZero8 = 128;
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
@@ -119,6 +123,11 @@ inline void store_from_float(void* p, DType t, int64_t i, float v) {
 // totals differ (0, 8, 24 mod 64) and the op glue tells the scale dtype from a buffer's size; and
 // no CPU size is a CUDA one (16, 32 or 48 mod 64, cuda_layout.h), so a buffer prepacked for one
 // device is refused by the other's ops.
+//
+// Int8 weights (PackedShape::bits = 8) take the same blocks, groups, records, parameters and
+// footer; only a record's codes differ: Gp columns x 16 rows of bytes, byte 16 i + l of the
+// record is row 16b+l's code of column k = g*G + i. One 16-byte load (or 8) gives one column of
+// the block's rows, which the float GEMV widens to fp32 lanes and multiplies by one x value.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kCodesPerWord = 8;
@@ -133,14 +142,15 @@ inline uint32_t word_code(uint32_t word, int64_t i) { return (word >> nibble_shi
 struct PackedShape {
   int64_t N = 0, K = 0, G = 0;  // G is the effective group size (K for per channel)
   DType scale_dtype = DType::F32;  // of the records' scales and zero points
+  int bits = 4;                    // 4 (Int4Linear) or 8 (Int8Linear): the records' codes
   int64_t groups() const { return num_groups(K, G); }
   int64_t padded_group() const { return round_up(G, kCodesPerWord); }
   int64_t padded_k() const { return groups() * padded_group(); }
   int64_t row_blocks() const { return ceil_div(N, kBlockN); }
   int64_t words_per_group() const { return padded_group() / kCodesPerWord; }
   int64_t scale_bytes() const { return scale_dtype == DType::F32 ? 4 : 2; }
-  // offset of the scales in a group record: they follow the codes
-  int64_t params_offset() const { return words_per_group() * kBlockN * 4; }
+  // offset of the scales in a group record: they follow the codes (16 rows x Gp codes of `bits`)
+  int64_t params_offset() const { return padded_group() * kBlockN * bits / 8; }
   // bytes of one group record: codes, then 16 scales, then 16 zero points (a multiple of 64)
   int64_t group_record_bytes() const {
     return params_offset() + 2 * kBlockN * scale_bytes();
