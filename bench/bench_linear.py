@@ -3,6 +3,7 @@
 
 Peers (DESIGN.md, section Benchmarks):
   * int4kit      int4kit.ops.linear on a prepacked weight (what Int4Linear.forward calls on CPU)
+  * int8 W8A16   int4kit.ops.linear_int8 on the weight quantized to int8 (Int8Linear on CPU)
   * F.linear     dense, weight in bf16 (x bf16) and in fp32 (x fp32)
   * torch int4   torch.ops.aten._weight_int4pack_mm_for_cpu on the *same* quantized weights
 
@@ -43,9 +44,10 @@ DEFAULT_MS = (1, 16, 128)
 COLD_BYTES = int(1.1 * GiB)       # each implementation's rotation set in cold mode exceeds this
 COLD_MAX_COPIES = 256             # sanity cap (a 4096x4096 int4 weight is ~8.5 MB: 133 copies)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-IMPLS = ("int4kit", "int4kit_a8", "dense_bf16", "dense_fp32", "torch_int4")
+IMPLS = ("int4kit", "int4kit_a8", "int8", "dense_bf16", "dense_fp32", "torch_int4")
 PEERS = ("dense_bf16", "dense_fp32", "torch_int4")  # what int4kit (W4A16) is compared with
-LABELS = {"int4kit": "int4kit", "int4kit_a8": "int4kit W4A8", "dense_bf16": "F.lin bf16",
+LABELS = {"int4kit": "int4kit", "int4kit_a8": "int4kit W4A8", "int8": "int4kit W8A16",
+          "dense_bf16": "F.lin bf16",
           "dense_fp32": "F.lin fp32", "torch_int4": "torch int4"}
 
 
@@ -90,6 +92,10 @@ class Weights:
         self.K, self.N, self.G = K, N, group_size
         self.w = torch.randn(N, K, generator=g) * 0.02
         self.quantized = {dt: ops.quantize(self.w.to(DTYPES[dt]), group_size, False) for dt in dtypes}
+        # the same weight as int8 (Int8Linear), per channel: the precision a mixed plan keeps
+        # its sensitive layers at
+        self.quantized8 = {dt: reference.quantize(self.w.to(DTYPES[dt]), -1, False, bits=8)
+                           for dt in dtypes}
         # weight bytes int4kit's kernels read: its prepacked layout (codes, scales and zeros)
         self.int4_bytes = {dt: ops.prepacked_bytes(N, K, group_size, DTYPES[dt], "cpu") for dt in dtypes}
 
@@ -143,6 +149,8 @@ def cpu_variants(W: Weights, dtypes):
         v[f"int4kit/{dt}"] = (lambda d=dt: W.prepacked(d), lambda x, p: ops.linear(x, p, N, K, G))
         v[f"int4kit_a8/{dt}"] = (lambda d=dt: W.prepacked(d),
                                  lambda x, p: ops.linear_w4a8(x, p, N, K, G))
+        v[f"int8/{dt}"] = (lambda d=dt: ops.prepack_int8(*W.quantized8[d], -1),
+                           lambda x, p: ops.linear_int8(x, p, N, K, -1))
         v[f"torch_int4/{dt}"] = (
             (lambda d=dt: W.torch_int4_cpu(d)),
             lambda x, pw: torch.ops.aten._weight_int4pack_mm_for_cpu(x, pw[0], G, pw[1]))
@@ -167,10 +175,11 @@ def verify(dtypes=("bf16", "fp32"), K: int = 512, N: int = 256,
     errs, problems = {}, []
     for dt in dtypes:
         x = x64.to(DTYPES[dt])
-        ref = reference.linear(x, *W.quantized[dt], group_size)
-        for name in (f"int4kit/{dt}", f"torch_int4/{dt}"):
+        for name in (f"int4kit/{dt}", f"torch_int4/{dt}", f"int8/{dt}"):
             if name not in variants:
                 continue
+            ref = (reference.linear(x, *W.quantized8[dt], -1, bits=8) if name.startswith("int8")
+                   else reference.linear(x, *W.quantized[dt], group_size))
             build, call = variants[name]
             try:
                 y = call(x, build())
@@ -327,6 +336,8 @@ def run(modes=("hot", "cold"), shapes=DEFAULT_SHAPES, ms=DEFAULT_MS, dtypes=("bf
                                       for p in PEERS}
                     a8, bf16 = row["ms"]["int4kit_a8"], row["ms"]["dense_bf16"]
                     row["a8_vs_bf16"] = bf16 / a8 if a8 and bf16 else None
+                    w8 = row["ms"]["int8"]
+                    row["w8_vs_bf16"] = bf16 / w8 if w8 and bf16 else None
                     rows.append(row)
             if mode == "cold":
                 log(f"  cold {K}x{N}: copies rotated: " + ", ".join(
@@ -345,11 +356,12 @@ def format_table(rows, title=None) -> str:
     """Fixed-width table: one line per (shape, M, dtype); ratios are peer ms / int4kit ms."""
     if not rows:
         return "(no results)"
-    head = (f"{'K x N':>12} {'M':>4} {'dtype':>5} | {'int4kit':>8} {'W4A8':>8} {'F.lin bf16':>10} "
-            f"{'F.lin fp32':>10} {'torch int4':>10} | {'int4kit':>7} | {'vs bf16':>7} "
-            f"{'vs fp32':>7} {'vs tint4':>8} | {'W4A8 vs bf16':>12}")
-    sub = (f"{'':>12} {'':>4} {'':>5} | {'ms':>8} {'ms':>8} {'ms':>10} {'ms':>10} {'ms':>10} | "
-           f"{'GB/s':>7} | {'x':>7} {'x':>7} {'x':>8} | {'x':>12}")
+    head = (f"{'K x N':>12} {'M':>4} {'dtype':>5} | {'int4kit':>8} {'W4A8':>8} {'W8A16':>8} "
+            f"{'F.lin bf16':>10} {'F.lin fp32':>10} {'torch int4':>10} | {'int4kit':>7} | "
+            f"{'vs bf16':>7} {'vs fp32':>7} {'vs tint4':>8} | {'W4A8 vs bf16':>12} "
+            f"{'W8A16 vs bf16':>13}")
+    sub = (f"{'':>12} {'':>4} {'':>5} | {'ms':>8} {'ms':>8} {'ms':>8} {'ms':>10} {'ms':>10} "
+           f"{'ms':>10} | {'GB/s':>7} | {'x':>7} {'x':>7} {'x':>8} | {'x':>12} {'x':>13}")
     lines = []
     if title:
         lines.append(title)
@@ -363,11 +375,12 @@ def format_table(rows, title=None) -> str:
         ms, sp = r["ms"], r["speedup"]
         lines.append(
             f"{shape:>12} {r['M']:>4} {r['dtype']:>5} | {_f(ms['int4kit'], '8.3f')} "
-            f"{_f(ms['int4kit_a8'], '8.3f')} {_f(ms['dense_bf16'], '10.3f')} "
+            f"{_f(ms['int4kit_a8'], '8.3f')} {_f(ms.get('int8'), '8.3f')} "
+            f"{_f(ms['dense_bf16'], '10.3f')} "
             f"{_f(ms['dense_fp32'], '10.3f')} {_f(ms['torch_int4'], '10.3f')} | "
             f"{_f(r['gbps'], '7.1f')} | {_f(sp['dense_bf16'], '7.2f')} "
             f"{_f(sp['dense_fp32'], '7.2f')} {_f(sp['torch_int4'], '8.2f')} | "
-            f"{_f(r['a8_vs_bf16'], '12.2f')}")
+            f"{_f(r['a8_vs_bf16'], '12.2f')} {_f(r.get('w8_vs_bf16'), '13.2f')}")
     return "\n".join(lines)
 
 
@@ -389,7 +402,9 @@ def print_tables(rows, log=print):
         "F.linear: dense weight and x in that dtype, measured once per (shape, M) and shown in "
         "both dtype rows.\ntorch int4: aten._weight_int4pack_mm_for_cpu on the same int4 codes, "
         "with x and scales/offsets in the row's dtype.\nW4A8: int4kit with x quantized per row to "
-        "int8 at run time (ops.linear_w4a8); W4A8 vs bf16 = F.linear bf16 ms / W4A8 ms.")
+        "int8 at run time (ops.linear_w4a8); W4A8 vs bf16 = F.linear bf16 ms / W4A8 ms.\nW8A16: "
+        "the weight as int8 per channel (ops.linear_int8, Int8Linear); W8A16 vs bf16 = F.linear "
+        "bf16 ms / W8A16 ms.")
 
 
 def plot(rows, path):

@@ -6,11 +6,13 @@ against fp32, in-domain and out-of-domain).
 
     python bench/mixed_minilm.py                        # gptq and rtn bases, ~10 minutes
     python bench/mixed_minilm.py --bases rtn --budgets 4.5
+    python bench/mixed_minilm.py --int8                 # int8 per channel as a candidate too
 
 Candidates per base method: group sizes 128, 64, 32 and 16 with 16-bit (bfloat16) scales and
 zero points, and dense. Budgets are in bits per weight over the 37 linear layers (codes, scales,
 zero points, bias: QuantReport.total_bits_per_weight); each plan is compared with the uniform
-group size of the nearest size at or below it.
+group size of the nearest size at or below it. With --int8, weight-only int8 per channel (the
+base method without refine_rounds, bfloat16 scales) is a candidate too, and measured uniformly.
 """
 import argparse
 import copy
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--groups", nargs="+", type=int, default=list(GROUPS),
                    help="the candidates' group sizes (with dense)")
     p.add_argument("--table-dir", help="write each sensitivity table here as JSON")
+    p.add_argument("--int8", action="store_true",
+                   help="add int8 per channel (Int8Linear) to the candidates, and run it uniformly")
     args = p.parse_args(argv)
 
     import int4kit
@@ -102,8 +106,15 @@ def main(argv=None) -> int:
         uniform = ({} if args.skip_uniform else
                    {g: run(base, f"uniform g{g}", configs[g]).total_bits_per_weight
                     for g in args.groups})
+        candidates = list(configs.values())
+        if args.int8:
+            int8 = QuantConfig(bits=8, group_size=-1, symmetric=False, scale_dtype=torch.bfloat16,
+                               **dict(BASES[base], refine_rounds=0))
+            candidates.append(int8)
+            if not args.skip_uniform:
+                run(base, "uniform int8 channel", int8)
         t0 = time.perf_counter()
-        table = int4kit.measure_sensitivity(model, list(configs.values()), calib,
+        table = int4kit.measure_sensitivity(model, candidates, calib,
                                             eval_fn=eval_fn, show_progress=False)
         measure_s = time.perf_counter() - t0
         if args.table_dir:

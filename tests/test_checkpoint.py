@@ -442,7 +442,7 @@ def test_save_arguments_are_checked(tmp_path):
         int4kit.save_quantized(model, tmp_path, max_shard_size="five")
     with pytest.raises(ValueError, match="max_shard_size must be positive"):
         int4kit.save_quantized(model, tmp_path, max_shard_size=0)
-    with pytest.raises(ValueError, match="no Int4Linear layer"):
+    with pytest.raises(ValueError, match="no Int4Linear or Int8Linear layer"):
         int4kit.save_quantized(Tiny(), tmp_path)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         int4kit.save_quantized("model", tmp_path)

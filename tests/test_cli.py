@@ -137,15 +137,30 @@ def test_quantize_mixed_precision_within_a_budget(tmp_path):
     bits = float(result.stdout.split("linear layers: ")[1].split(" bits")[0])
     assert 4.5 < bits <= 4.8
     layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
-    assert {s["group_size"] for s in layers.values()} <= {128, 64, 32}
-    assert len({s["group_size"] for s in layers.values()}) > 1
+    int4 = [s for s in layers.values() if s.get("bits", 4) == 4]
+    assert {s["group_size"] for s in int4} <= {128, 64, 32}  # int8 candidates are per channel
+    assert all(s["group_size"] == -1 for s in layers.values() if s.get("bits") == 8)
+    assert len({(s["group_size"], s.get("bits")) for s in layers.values()}) > 1
     assert {s["scale_dtype"] for s in layers.values()} == {"bfloat16"}
     model = transformers.AutoModel.from_pretrained(out)
-    assert sum(isinstance(m, int4kit.Int4Linear) for m in model.modules()) == len(layers)
+    assert sum(isinstance(m, int4kit.nn.QuantLinear) for m in model.modules()) == len(layers)
     low = run("quantize", minilm.get_model_path(), tmp_path / "low", "--method", "rtn",
               "--bits-per-weight", "2", "--calib", calib, expect=2)
     assert "--bits-per-weight" in low.stderr and "below the smallest" in low.stderr
     assert "Traceback" not in low.stderr
+
+
+def test_quantize_int8(tmp_path):
+    out = tmp_path / "int8"
+    run("quantize", minilm.get_model_path(), out, "--method", "rtn", "--bits", "8",
+        "--group-size", "-1")
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert len(layers) == 37 and {s.get("bits") for s in layers.values()} == {8}
+    model = transformers.AutoModel.from_pretrained(out)
+    assert sum(isinstance(m, int4kit.Int8Linear) for m in model.modules()) == 37
+    bad = run("quantize", minilm.get_model_path(), tmp_path / "bad", "--method", "awq",
+              "--bits", "8", expect=2)
+    assert "bits=8" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_quantize_per_tensor(tmp_path):

@@ -399,3 +399,24 @@ def test_opcheck_cuda_ops():
              ("linear", (x, packed, N, K, G, None))]
     for name, args in cases:
         torch.library.opcheck(getattr(torch.ops.int4kit, name).default, args)
+
+
+# ---- Int8Linear on a GPU: canonical tensors, dequantize_int8 + cuBLAS ----------------------------
+
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8linear_on_gpu_matches_reference_and_moves_back(x_dtype, symmetric):
+    from int4kit import Int8Linear
+    linear = make_linear(200, 72)
+    layer = Int8Linear.from_linear(linear, 64, symmetric)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    gpu = copy.deepcopy(layer).cuda()
+    assert gpu.packed is None and gpu.qweight.is_cuda  # no CUDA int8 layout: canonical
+    x = torch.randn(3, 9, 200).to(x_dtype)
+    q, s, z = R.quantize(linear.weight.detach(), 64, symmetric, bits=8)
+    want = R.linear(x.double(), q, s, None if symmetric else z, 64, linear.bias.detach(), bits=8)
+    assert rel_err(gpu(x.cuda()), want) < TOL[x_dtype]
+    back = gpu.cpu()
+    assert back.packed is not None
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -209,3 +209,144 @@ def test_compile_fullgraph_matches_eager():
     x = torch.randn(3, 48)
     compiled = torch.compile(model, fullgraph=True)
     assert torch.equal(compiled(x), model(x))
+
+
+# ---- quantize_model, checkpoints, Hugging Face, what refuses int8 ------------------------------------
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+
+
+def test_quantconfig_bits():
+    assert int4kit.QuantConfig(bits=8).bits == 8
+    assert int4kit.QuantConfig.from_dict(int4kit.QuantConfig(bits=8).to_dict()).bits == 8
+    for bad in (2, 16, True, "8"):
+        with pytest.raises(ValueError, match="bits must be 4"):
+            int4kit.QuantConfig(bits=bad)
+    for kwargs in ({"method": "awq"}, {"method": "hqq"}, {"method": "gptq", "refine_rounds": 1},
+                   {"act_quant": "int8"}):
+        with pytest.raises(ValueError, match="bits=8"):
+            int4kit.QuantConfig(bits=8, **kwargs)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_model_rtn_int8_matches_reference(symmetric):
+    model = _mlp()
+    weights = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    report = int4kit.quantize_model(model, int4kit.QuantConfig(bits=8, group_size=-1,
+                                                               symmetric=symmetric))
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2], Int8Linear)
+    for layer, w in zip((model[0], model[2]), weights):
+        q, s, z = R.quantize(w, -1, symmetric, bits=8)
+        assert torch.equal(layer.canonical()[0], q) and torch.equal(layer.canonical()[1], s)
+    # per channel, fp32 scales and zeros: 8 bits + 32 (+ 32) / K per weight, plus the bias
+    expected = 8 * (96 * 64 + 4 * 96 * (2 if not symmetric else 1) + 4 * 96) / (96 * 64)
+    assert report.bits_per_weight["0"] == pytest.approx(expected)
+
+
+def test_gptq_int8_beats_rtn_int8_on_the_layer_objective():
+    from int4kit.quant.gptq import gptq
+    from int4kit.quant.rtn import codes_objective, rtn
+    torch.manual_seed(1)
+    w = random_weight(48, 128)
+    x = torch.randn(512, 128) @ torch.randn(128, 128) * 0.3  # correlated inputs
+    H = (x.T @ x).double()
+    g = gptq(w, H, 32, False, torch.float32, damp=0.01, bits=8)
+    r = rtn(w, 32, False, torch.float32, bits=8)
+    assert int(g[0].max()) > 15  # the int8 code range is used
+    assert codes_objective(w, *g, 32, H) < 0.9 * codes_objective(w, *r, 32, H)
+
+
+def test_mixed_int4_int8_model_saves_and_loads_bit_exact(tmp_path):
+    model = _mlp()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32, symmetric=False),
+                           layer_configs={"2": int4kit.QuantConfig(bits=8, group_size=32,
+                                                                   symmetric=False,
+                                                                   scale_dtype=torch.bfloat16)})
+    assert isinstance(model[0], int4kit.Int4Linear) and isinstance(model[2], Int8Linear)
+    x = torch.randn(3, 64)
+    y = model(x)
+    int4kit.save_quantized(model, tmp_path)
+    loaded = int4kit.load_quantized(_mlp(seed=5), tmp_path)
+    assert isinstance(loaded[2], Int8Linear) and isinstance(loaded[0], int4kit.Int4Linear)
+    assert loaded[2].scale_dtype == torch.bfloat16
+    for a, b in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a[0] == b[0] and a[1].dtype == b[1].dtype and torch.equal(a[1], b[1]), a[0]
+    assert torch.equal(loaded(x), y)
+    from int4kit.formats.native import CheckpointReader, read_quantization_config
+    layers = read_quantization_config(CheckpointReader(str(tmp_path)))["layers"]
+    assert layers["2"]["bits"] == 8 and "bits" not in layers["0"]  # int4 entries as before
+
+
+def test_int8_checkpoint_errors(tmp_path):
+    import json
+    import safetensors
+    import safetensors.torch
+    model = _mlp()
+    int4kit.quantize_model(model, int4kit.QuantConfig(bits=8, group_size=-1))
+    int4kit.save_quantized(model, tmp_path / "ok")
+    path = tmp_path / "ok" / "model.safetensors"
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata["int4kit_quantization_config"])
+    # bits 7 is refused by name
+    config["layers"]["0"]["bits"] = 7
+    bad = dict(metadata, int4kit_quantization_config=json.dumps(config))
+    (tmp_path / "bad").mkdir()
+    safetensors.torch.save_file(tensors, tmp_path / "bad" / "model.safetensors", metadata=bad)
+    with pytest.raises(int4kit.CheckpointError, match="bits must be 4 or 8"):
+        int4kit.load_quantized(_mlp(), tmp_path / "bad")
+    # an int8 layer read as int4 (bits dropped) meets a qweight of the wrong shape
+    del config["layers"]["0"]["bits"]
+    bad = dict(metadata, int4kit_quantization_config=json.dumps(config))
+    safetensors.torch.save_file(tensors, tmp_path / "bad" / "model.safetensors", metadata=bad)
+    with pytest.raises(int4kit.CheckpointError, match=r"expected shape \[96, 32\]"):
+        int4kit.load_quantized(_mlp(), tmp_path / "bad")
+    # exports to GPTQ / AWQ / compressed-tensors hold int4 only
+    with pytest.raises(int4kit.CheckpointError, match="int8 .bits 8."):
+        int4kit.convert_checkpoint(tmp_path / "ok", tmp_path / "gptq", to="gptq")
+
+
+def test_int8_hf_round_trip(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)).eval()
+    int4kit.quantize_model(model, int4kit.QuantConfig(group_size=32),
+                           layer_configs={"*down_proj": int4kit.QuantConfig(bits=8, group_size=-1)})
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, Int8Linear)
+    assert loaded.model.layers[0].mlp.down_proj.packed is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+
+
+def test_tensor_parallel_refuses_int8():
+    from int4kit.parallel.tensor_parallel import TensorParallelError, _Int4Style
+    layer = Int8Linear.from_linear(make_linear(64, 32), -1)
+    with pytest.raises(TensorParallelError, match="shards an Int4Linear, got Int8Linear"):
+        _Int4Style()._apply(layer, None)
+
+
+def test_sensitivity_with_an_int8_candidate():
+    model = _mlp()
+    calib = [torch.randn(8, 64) for _ in range(2)]
+    candidates = [int4kit.QuantConfig(group_size=32), int4kit.QuantConfig(bits=8, group_size=-1)]
+    table = int4kit.measure_sensitivity(model, candidates, calib, show_progress=False)
+    assert "int8 rtn channel sym" in str(table)
+    for row in table.layers.values():
+        int4_damage, int8_damage, dense_damage = row["damage"]
+        assert dense_damage == 0 < int8_damage < int4_damage / 20
+        assert row["bytes"][2] > row["bytes"][1] > row["bytes"][0]
+    plan = int4kit.plan_mixed_precision(table, bits_per_weight=7)
+    assert any(c is not None and c.bits == 8 for c in plan.values())
+    with pytest.raises(ValueError, match="no int4 format"):
+        int4kit.measure_sensitivity(model, [candidates[1]], calib, show_progress=False)

@@ -1,6 +1,6 @@
 // Google Benchmark microbenchmarks of int4kit's torch-free CPU kernels, single-threaded: the
-// canonical pack/unpack, the CPU prepack, and the fused linear on every ISA in cpu::kAllIsas that
-// this CPU supports, at model shapes. bytes_per_second counts weight bytes (the int4 weight, or for
+// canonical pack/unpack, the CPU prepack, and the fused linear (int4, W4A8 and int8 weights) on
+// every ISA in cpu::kAllIsas that this CPU supports, at model shapes. bytes_per_second counts weight bytes (the int4 weight, or for
 // the linear the whole prepacked stream with its scales and zero points); items_per_second counts
 // codes, or multiply-adds for the linear. The linear's records hold scales and zero points in the
 // activations' dtype, as a model in that dtype has them (bf16 x: 16-bit records, docs/FORMAT.md).
@@ -132,6 +132,34 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
   state.SetItemsProcessed(state.iterations() * M * N * K);
 }
 
+// Int8 weights (Int8Linear's records, per channel as a mixed plan keeps them) the same way.
+void BM_linear_int8(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
+  const PackedShape shape{N, K, K, dtype, 8};
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> code(0, 255);
+  std::uniform_real_distribution<float> scale(0.001f, 0.01f);
+  std::vector<uint8_t> codes(size_t(N * K));
+  for (auto& c : codes) c = uint8_t(code(rng));
+  std::vector<float> scales(static_cast<size_t>(N)), zeros(static_cast<size_t>(N), 128.f);
+  for (auto& v : scales) v = scale(rng);
+  std::vector<uint8_t> packed(size_t(shape.total_bytes()));
+  cpu::prepack_int8(codes.data(), scales.data(), zeros.data(), shape, packed.data());
+  const std::vector<float> x = random_x(dtype, M, K);
+  const cpu::ActivationSizes sizes = cpu::activation_sizes_int8(isa, shape, M, dtype);
+  std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4));
+  std::vector<float> y(size_t(M * N));
+  const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
+  for (auto _ : state) {
+    cpu::prepare_activations_int8(isa, x.data(), dtype, K, shape, acts, 0, M);
+    cpu::linear_int8(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
+                     shape.row_blocks());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * int64_t(packed.size()));
+  state.SetItemsProcessed(state.iterations() * M * N * K);
+}
+
 // W4A8 the same way: quantize x per row to int8, then every row block.
 void BM_linear_a8(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
   const PackedShape shape = linear_shape(dtype, N, K);
@@ -178,9 +206,12 @@ void register_benchmarks() {
         for (DType dtype : {DType::F32, DType::BF16})
           add(std::string("linear/") + cpu::isa_name(isa) + (dtype == DType::F32 ? "/f32" : "/bf16") + tail,
               BM_linear, isa, dtype, M, N, K);
-        if (isa != Isa::Scalar)
+        if (isa != Isa::Scalar) {
           add(std::string("linear_w4a8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear_a8, isa,
               DType::BF16, M, N, K);
+          add(std::string("linear_int8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear_int8,
+              isa, DType::BF16, M, N, K);
+        }
       }
     }
   }

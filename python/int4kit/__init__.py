@@ -2,6 +2,7 @@
 
     import int4kit
     layer = int4kit.Int4Linear.from_linear(linear, group_size=128, symmetric=False)
+    layer8 = int4kit.Int8Linear.from_linear(linear, group_size=-1)  # weight-only int8
     report = int4kit.quantize_model(model, int4kit.QuantConfig(group_size=128))
     int4kit.save_quantized(model, "out")          # or model.save_pretrained("out") (transformers)
     int4kit.load_quantized(skeleton_model, "out")
@@ -17,13 +18,13 @@ The ops are also available directly as torch.ops.int4kit.* (see int4kit.ops).
 from . import hf, ops, qat, reference
 from .formats import (CheckpointError, convert_checkpoint, load_quantized, save_quantized,
                       skeleton)
-from .nn import Int4Linear
+from .nn import Int4Linear, Int8Linear
 from .ops import cpu_isa
 from .quant import (MixedPrecisionPlan, QuantConfig, QuantReport, RecalibrationReport,
                     SensitivityTable, ShiftReport, measure_sensitivity, plan_mixed_precision,
                     quantize_model, recalibrate, shift_report)
 
-__all__ = ["Int4Linear", "QuantConfig", "QuantReport", "quantize_model", "measure_sensitivity",
+__all__ = ["Int4Linear", "Int8Linear", "QuantConfig", "QuantReport", "quantize_model", "measure_sensitivity",
            "plan_mixed_precision", "SensitivityTable", "MixedPrecisionPlan", "shift_report",
            "ShiftReport", "recalibrate", "RecalibrationReport", "ops", "qat",
            "reference",

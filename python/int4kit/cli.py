@@ -1,7 +1,8 @@
 """The `int4kit` command.
 
     int4kit quantize MODEL_DIR OUT_DIR --method gptq --group-size 128 [--symmetric] [--act-order]
-                     [--calib FILE] [--scale-dtype bfloat16] [--bits-per-weight 4.5] [--stream]
+                     [--calib FILE] [--scale-dtype bfloat16] [--bits 8] [--bits-per-weight 4.5]
+                     [--stream]
     int4kit convert SRC DST [--to int4kit|gptq|gptq_v2|compressed-tensors] [--lossy]
     int4kit info CHECKPOINT
     int4kit shift CHECKPOINT --data FILE
@@ -79,7 +80,7 @@ def cmd_quantize(args) -> int:
                                clip_search=args.clip_search, refine_rounds=args.refine_rounds,
                                reconstruction=args.reconstruction, show_progress=True,
                                scale_dtype=None if args.scale_dtype is None
-                               else getattr(torch, args.scale_dtype))
+                               else getattr(torch, args.scale_dtype), bits=args.bits)
     if args.stream:
         return _quantize_streaming(args, quant_config)
     model = hf.model_class(config).from_pretrained(args.model_dir, dtype=torch.float32).eval()
@@ -145,18 +146,26 @@ def _copy_tokenizer(tokenizer, args) -> None:
 STREAM_ALLOCATOR = ("MALLOC_MMAP_THRESHOLD_", "65536")
 
 
-# group sizes --bits-per-weight chooses among (with --group-size's, and dense)
+# group sizes --bits-per-weight chooses among (with --group-size's, int8 per channel, and dense)
 MIXED_GROUP_SIZES = (128, 64, 32)
 
 
 def _mixed_precision_plan(model, quant_config, calib, args):
     """--bits-per-weight: the sensitivity of every layer to the configured method at
-    --group-size and MIXED_GROUP_SIZES (and dense), then the plan within the budget."""
+    --group-size and MIXED_GROUP_SIZES, as int8 per channel where the method quantizes int8
+    (rtn, gptq), and dense; then the plan within the budget."""
     import dataclasses
     from . import measure_sensitivity, plan_mixed_precision
+    from .quant.config import INT8_METHODS
+    if quant_config.bits != 4:
+        raise UserError("--bits-per-weight plans int4 layers (with int8 and dense ones); "
+                        "use --bits 4 with it")
     sizes = dict.fromkeys([args.group_size, *MIXED_GROUP_SIZES])
     candidates = [dataclasses.replace(quant_config, group_size=g, show_progress=False)
                   for g in sizes]
+    if quant_config.method in INT8_METHODS:
+        candidates.append(dataclasses.replace(quant_config, bits=8, group_size=-1,
+                                              refine_rounds=0, show_progress=False))
     table = measure_sensitivity(model, candidates, calib, skip=args.skip)
     try:
         plan = plan_mixed_precision(table, bits_per_weight=args.bits_per_weight)
@@ -316,10 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize block by block from the files without loading the model "
                         "(models larger than memory; resumes after an interruption; "
                         "calibrated methods need --skip lm_head: docs/SCALE.md)")
+    q.add_argument("--bits", type=int, default=4, choices=(4, 8),
+                   help="8: weight-only int8 (Int8Linear; methods rtn and gptq)")
     q.add_argument("--bits-per-weight", type=float, metavar="BITS",
                    help="mixed precision: measure each layer's sensitivity to the method at "
-                        "--group-size, 128, 64 and 32 (and dense), and keep the model within "
-                        "BITS bits per weight over its linear layers (docs/MIXED_PRECISION.md)")
+                        "--group-size, 128, 64 and 32, as int8 per channel (rtn, gptq) and "
+                        "dense, and keep the model within BITS bits per weight over its linear "
+                        "layers (docs/MIXED_PRECISION.md)")
     q.add_argument("--scale-dtype", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the stored scales and zero points (default: the model's, "
                         "float32; 16-bit ones save 0.25 bits per weight at group size 128)")

@@ -28,8 +28,9 @@ import torch.nn as nn
 from .formats.files import (CHECKSUM_KEY, WRITER_KEY, CheckpointError, CheckpointReader,
                             tensor_crc32)
 from .formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, SCALE_DTYPES,
-                             check_layer_tensors, quantization_config, validate_config)
-from .nn import _CANONICAL, INPUT_STATS, Int4Linear, replace_module
+                             check_layer_tensors, layer_bits, quantization_config,
+                             validate_config)
+from .nn import _CANONICAL, INPUT_STATS, Int4Linear, Int8Linear, QuantLinear, replace_module
 
 _registered = {}
 
@@ -49,11 +50,13 @@ def _resolve(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def meta_layer(settings: dict, dtype: torch.dtype) -> Int4Linear:
-    """An Int4Linear whose canonical tensors (and optional inputs) live on the meta device with
-    the checkpoint's dtypes, for transformers' loader to fill in; bias in `dtype`."""
+def meta_layer(settings: dict, dtype: torch.dtype) -> QuantLinear:
+    """An Int4Linear (Int8Linear for bits 8) whose canonical tensors (and optional inputs) live
+    on the meta device with the checkpoint's dtypes, for transformers' loader to fill in; bias
+    in `dtype`."""
     scale_dtype = SCALE_DTYPES[settings["scale_dtype"]]
-    module = Int4Linear(settings["in_features"], settings["out_features"], bias=settings["bias"],
+    cls = Int8Linear if layer_bits(settings) == 8 else Int4Linear
+    module = cls(settings["in_features"], settings["out_features"], bias=settings["bias"],
                         group_size=settings["group_size"], symmetric=settings["symmetric"],
                         scale_dtype=scale_dtype, device="meta", dtype=dtype,
                         act_quant=settings["act_quant"])
@@ -125,7 +128,7 @@ def _layer_checksums(model: nn.Module) -> Dict[str, int]:
     other tensors it may rename or reshape on the way, so only these are vouched for)."""
     checksums = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, QuantLinear):
             own: Dict[str, torch.Tensor] = {}
             module._save_to_state_dict(own, f"{name}." if name else "", False)
             checksums.update({key: tensor_crc32(t) for key, t in own.items()})
@@ -239,7 +242,7 @@ def _register():
 
         def _dequantize(self, model, dtype=None):
             for name, module in list(model.named_modules()):
-                if isinstance(module, Int4Linear):
+                if isinstance(module, QuantLinear):
                     replace_module(model, name, module.to_linear(dtype))
             return model
 

@@ -19,7 +19,8 @@ from .files import (CONFIG_FILE, INDEX_FILE, PT_INDEX_FILE, CheckpointError, Che
                     check_src_dst, parse_size, read_json, write_json_atomic)
 from .native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, check_checksums_present,
                      check_layer_tensors,
-                     layer_keys, read_quantization_config, read_layer, set_config_json)
+                     layer_bits, layer_keys, read_quantization_config, read_layer,
+                     set_config_json)
 
 SOURCES = ("int4kit", "gptq", "gptq_v2", "awq", "compressed-tensors")
 TARGETS = ("int4kit", "gptq", "gptq_v2", "compressed-tensors")
@@ -300,6 +301,11 @@ def _export(reader: CheckpointReader, to: str, lossy: bool, writer: ShardWriter,
             report: ConvertReport) -> dict:
     native = read_quantization_config(reader)
     layers = native["layers"]
+    int8 = [name for name, s in layers.items() if layer_bits(s) != 4]
+    if int8:
+        raise CheckpointError(f"{reader.directory}: layer {int8[0]!r} is int8 (bits 8), which "
+                              f"{to} files cannot hold (int4kit exports int4 layers only); "
+                              f"quantize it to int4 or keep the native format")
     check_checksums_present(reader, layers)
     _check_group_sizes(to, layers, reader.directory)
     written: Dict[str, dict] = {}

@@ -6,6 +6,7 @@ JSON quantization config naming the format version and each layer's settings.
     with int4kit.skeleton():                 # parameters on the meta device, buffers real
         model = MyModel(config)
     int4kit.load_quantized(model, "out")     # swaps the listed nn.Linear layers for Int4Linear
+                                             # (or Int8Linear: a layer's optional "bits": 8)
 
 The config lives in `config.json["quantization_config"]` when the folder is a Hugging Face model
 (written by save_pretrained), else in the safetensors metadata under METADATA_KEY.
@@ -18,8 +19,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..nn import (ACT_QUANTS, INPUT_STATS, Int4Linear, check_group_size, is_permutation,
-                  replace_module)
+from ..nn import (ACT_QUANTS, INPUT_STATS, Int4Linear, Int8Linear, QuantLinear, check_group_size,
+                  is_permutation, replace_module)
 from .. import ops
 from .files import (CHECKSUM_KEY, CONFIG_FILE, WRITER_KEY, CheckpointError, CheckpointReader,
                     ShardWriter, parse_size, read_json, write_json_atomic)
@@ -39,9 +40,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def layer_settings(module: Int4Linear) -> dict:
+def layer_bits(settings: dict) -> int:
+    """A layer's code width: its optional "bits" field (written only for int8), else 4."""
+    return settings.get("bits", 4)
+
+
+def layer_settings(module: QuantLinear) -> dict:
     """One layer's entry in the config: what is needed to rebuild it without the model. The
-    optional field INPUT_STATS is written only when true (older files never have it)."""
+    optional fields are written only when they differ from what older files mean: INPUT_STATS
+    when true, "bits" when 8 (an Int8Linear)."""
     settings = {"in_features": module.in_features, "out_features": module.out_features,
                 "group_size": module.group_size, "symmetric": module.symmetric,
                 "scale_dtype": dtype_name(module.scale_dtype), "act_quant": module.act_quant,
@@ -52,6 +59,8 @@ def layer_settings(module: Int4Linear) -> dict:
                 "input_perm": module.input_perm is not None}
     if getattr(module, INPUT_STATS) is not None:
         settings[INPUT_STATS] = True
+    if module.bits != 4:
+        settings["bits"] = module.bits
     return settings
 
 
@@ -69,15 +78,17 @@ def canonical_settings(tensors: Dict[str, torch.Tensor], in_features: int, group
             "input_perm": "input_perm" in tensors}
 
 
-def quantized_layers(model: nn.Module) -> Dict[str, Int4Linear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, Int4Linear)}
+def quantized_layers(model: nn.Module) -> Dict[str, QuantLinear]:
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, QuantLinear)}
 
 
 def quantization_config(model: nn.Module) -> dict:
-    """The config of `model`'s Int4Linear layers, as saved (a JSON-ready dict)."""
+    """The config of `model`'s Int4Linear and Int8Linear layers, as saved (a JSON-ready dict;
+    "bits": 4 is the layers' default, an int8 layer says "bits": 8 in its settings)."""
     layers = quantized_layers(model)
     if not layers:
-        raise ValueError("model has no Int4Linear layer: quantize it first "
+        raise ValueError("model has no Int4Linear or Int8Linear layer: quantize it first "
                          "(int4kit.quantize_model) or save it with torch/safetensors directly")
     sharded = [name for name, module in layers.items() if getattr(module, "tp_shard", None)]
     if sharded:
@@ -107,7 +118,8 @@ def validate_config(config, source: str) -> dict:
         raise _bad(source, f"has format_version {version}, newer than the {FORMAT_VERSION} this "
                            f"int4kit reads: upgrade int4kit")
     if config.get("bits", 4) != 4:
-        raise _bad(source, f"has bits={config.get('bits')!r}; int4kit stores 4-bit weights only")
+        raise _bad(source, f"has bits={config.get('bits')!r}; the layers' default is 4 (an int8 "
+                           f"layer says so in its own settings)")
     layers = config.get("layers")
     if not isinstance(layers, dict):
         raise _bad(source, "needs 'layers': an object of layer name -> settings")
@@ -142,6 +154,11 @@ def validate_config(config, source: str) -> dict:
                                f"{list(SCALE_DTYPES)}, got {settings['input_scale_dtype']!r}")
         if settings["act_quant"] not in ACT_QUANTS:
             raise _bad(source, f"{where} act_quant must be null or 'int8', got "
+                               f"{settings['act_quant']!r}")
+        if settings.get("bits", 4) not in (4, 8) or isinstance(settings.get("bits"), bool):
+            raise _bad(source, f"{where} bits must be 4 or 8, got {settings['bits']!r}")
+        if layer_bits(settings) == 8 and settings["act_quant"] is not None:
+            raise _bad(source, f"{where} is int8 (bits 8), which has no act_quant; got "
                                f"{settings['act_quant']!r}")
         if settings["method"] is not None and not isinstance(settings["method"], str):
             raise _bad(source, f"{where} method must be a string or null")
@@ -272,8 +289,8 @@ def save_quantized(model: nn.Module, directory: Union[str, os.PathLike],
     failure part-way leaves no checkpoint that loads (and the folder's previous one intact)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, Int4Linear):
-        raise TypeError("model is a single Int4Linear, which a skeleton could not be loaded into "
+    if isinstance(model, QuantLinear):
+        raise TypeError(f"model is a single {type(model).__name__}, which a skeleton could not be loaded into "
                         "in place; save its state_dict (safetensors.torch.save_file("
                         "layer.state_dict(), path)) or wrap it in a module")
     directory = os.fspath(directory)
@@ -314,7 +331,8 @@ def check_layer_tensors(tensors: Dict[str, torch.Tensor], settings: dict, where)
     N, K, G = settings["out_features"], settings["in_features"], settings["group_size"]
     groups = ops.num_groups(K, G)
     scale_dtype = SCALE_DTYPES[settings["scale_dtype"]]
-    expect = {"qweight": ((N, (K + 1) // 2), (torch.uint8,)),
+    qweight_shape = (N, K) if layer_bits(settings) == 8 else (N, (K + 1) // 2)
+    expect = {"qweight": (qweight_shape, (torch.uint8,)),
               "scales": ((N, groups), (scale_dtype,)), "zeros": ((N, groups), (scale_dtype,)),
               "bias": ((N,), _FLOAT_DTYPES),
               "input_scale": ((K,), (SCALE_DTYPES[settings["input_scale_dtype"]],)
@@ -348,9 +366,11 @@ def read_layer(reader: CheckpointReader, name: str, settings: dict) -> Dict[str,
     return tensors
 
 
-def build_layer(settings: dict, tensors: Dict[str, torch.Tensor], device) -> Int4Linear:
-    """An Int4Linear from a layer's checked tensors, prepacked for `device`."""
-    module = Int4Linear.from_quantized(
+def build_layer(settings: dict, tensors: Dict[str, torch.Tensor], device) -> QuantLinear:
+    """An Int4Linear (Int8Linear for bits 8) from a layer's checked tensors, prepacked for
+    `device`."""
+    cls = Int8Linear if layer_bits(settings) == 8 else Int4Linear
+    module = cls.from_quantized(
         tensors["qweight"], tensors["scales"], tensors.get("zeros"), settings["group_size"],
         settings["in_features"], bias=tensors.get("bias"), device=device,
         act_quant=settings["act_quant"])
@@ -367,7 +387,7 @@ def _target_device(module: nn.Module, device) -> torch.device:
     for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if tensor is not None and tensor.device.type != "meta":
             return tensor.device
-    if isinstance(module, Int4Linear) and module._device().type != "meta":
+    if isinstance(module, QuantLinear) and module._device().type != "meta":
         return module._device()
     return torch.device("cpu")
 
@@ -408,7 +428,7 @@ def load_quantized(model: nn.Module, directory: Union[str, os.PathLike], device=
     return load_with(model, directory, device, strict, read_and_build)
 
 
-def read_and_build(reader: CheckpointReader, name: str, settings: dict, device) -> Int4Linear:
+def read_and_build(reader: CheckpointReader, name: str, settings: dict, device) -> QuantLinear:
     """A quantized layer read whole from the checkpoint and built for `device`."""
     return build_layer(settings, read_layer(reader, name, settings), device)
 
@@ -437,7 +457,7 @@ def load_with(model: nn.Module, directory, device, strict: bool,
         except AttributeError:
             raise CheckpointError(f"{reader.directory}: the config lists layer {name!r}, which "
                                   f"model ({type(model).__name__}) does not have") from None
-        if not isinstance(module, (nn.Linear, Int4Linear)) or (
+        if not isinstance(module, (nn.Linear, QuantLinear)) or (
                 module.in_features, module.out_features) != (settings["in_features"],
                                                              settings["out_features"]):
             raise CheckpointError(

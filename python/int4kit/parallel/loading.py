@@ -14,7 +14,7 @@ from typing import Dict, Union
 import torch.nn as nn
 
 from ..formats.files import CheckpointReader
-from ..formats.native import (build_layer, check_layer_tensors, layer_keys, load_with,
+from ..formats.native import (build_layer, check_layer_tensors, layer_bits, layer_keys, load_with,
                               read_and_build, read_quantization_config)
 from .sharding import local_settings, shard_tensors
 from .tensor_parallel import TensorParallelError, _Int4Style, attach, check_agreement
@@ -80,6 +80,10 @@ def load_sharded(model: nn.Module, directory: Union[str, os.PathLike], device_me
         style = styles.get(name)
         if style is None:
             return read_and_build(reader, name, settings, target)
+        if layer_bits(settings) != 4:
+            raise TensorParallelError(f"the plan shards {name!r}, an int8 layer (bits 8) in the "
+                                      f"checkpoint; tensor parallelism shards int4 layers only: "
+                                      f"leave it out of the plan (it loads whole on every rank)")
         shard = style.shard(settings, rank, world)
         check_agreement(settings, shard, style, group)
         prefix = f"{name}."

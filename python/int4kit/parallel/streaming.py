@@ -44,7 +44,7 @@ from ..formats.files import (_TORCH_DTYPES, CheckpointError, CheckpointReader, S
 from ..formats.native import (FORMAT_VERSION, METADATA_KEY, QUANT_METHOD, _set_tensor,
                               check_nothing_missing, layer_settings, model_tensor_aliases,
                               skeleton)
-from ..nn import Int4Linear, replace_module
+from ..nn import Int4Linear, QuantLinear, replace_module
 from ..quant import QuantConfig, QuantReport, quantize_model
 from ..quant import calibration
 from ..quant.blocks import _block_inputs, _first_tensor
@@ -141,7 +141,7 @@ def _layer_sizes(model: nn.Module, reader: CheckpointReader, layers: Dict[str, d
     sizes = {}
     for name, module in model.named_modules():
         own_tensors = name in layers or f"{name}.weight" in reader
-        if not isinstance(module, (nn.Linear, Int4Linear)) or not own_tensors:
+        if not isinstance(module, (nn.Linear, QuantLinear)) or not own_tensors:
             continue
         bias = f"{name}.bias"
         if name in layers:

@@ -6,11 +6,12 @@ import torch
 
 from ..formats.native import SCALE_DTYPES, dtype_name
 from ..nn import check_act_quant
-from .rtn import PER_TENSOR
+from .rtn import BITS, PER_TENSOR
 
 METHODS = ("rtn", "hqq", "gptq", "awq", "awq+gptq", "adaround")
 RECONSTRUCTIONS = ("layer", "block")
 DATA_FREE_METHODS = ("rtn", "hqq")  # the others need calib_data
+INT8_METHODS = ("rtn", "gptq")  # what QuantConfig(bits=8) runs
 
 
 def _int_at_least(value, low: int) -> bool:
@@ -57,7 +58,10 @@ class QuantConfig:
     scale_dtype: the dtype scales and zero points are stored in (and rounded to before any code
       is computed): None for the weight's dtype, or torch.float32 / bfloat16 / float16. A
       float32 model's group-128 asymmetric layer costs 4.5 bits per weight with float32 scales
-      and 4.25 with 16-bit ones (QuantReport.bits_per_weight)."""
+      and 4.25 with 16-bit ones (QuantReport.bits_per_weight).
+    bits: 4 (Int4Linear, the default) or 8 (Int8Linear: weight-only int8, codes 0..255 with a
+      symmetric zero point of 128; methods rtn and gptq, without refine_rounds or act_quant), the
+      precision a mixed-precision plan keeps its most sensitive layers at."""
     group_size: int = 128
     symmetric: bool = True
     method: str = "rtn"
@@ -76,8 +80,17 @@ class QuantConfig:
     reconstruction: str = "layer"
     seed: int = 0
     scale_dtype: Optional[torch.dtype] = None
+    bits: int = 4
 
     def __post_init__(self):
+        if self.bits not in BITS or isinstance(self.bits, bool):
+            raise ValueError(f"QuantConfig.bits must be 4 (Int4Linear) or 8 (Int8Linear), got "
+                             f"{self.bits!r}")
+        if self.bits == 8 and (self.method not in INT8_METHODS or self.refine_rounds
+                               or self.act_quant is not None):
+            raise ValueError(f"QuantConfig(bits=8) quantizes with method 'rtn' or 'gptq' (got "
+                             f"{self.method!r}), refine_rounds=0 (got {self.refine_rounds!r}) and "
+                             f"act_quant=None (got {self.act_quant!r})")
         if self.group_size != PER_TENSOR and (
                 not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or not (
                     self.group_size == -1 or (self.group_size > 0 and self.group_size % 2 == 0))):

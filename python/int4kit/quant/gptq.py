@@ -30,16 +30,17 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import matrix_dtype
-from .rtn import threads_for, MAX_CODE, PER_TENSOR, SYMMETRIC_ZERO, group_size_of, rtn, store_scale
+from .rtn import (threads_for, MAX_CODE, PER_TENSOR, SYMMETRIC_ZERO, group_size_of, max_code, rtn,
+                  store_scale)
 
 CODE_CENTRE = MAX_CODE / 2
 GRAM_ROWS = 256  # rows per slice in GridSystem (a [256, K] float32 product: 4 MiB at K = 4096)
 SYSTEM_BYTES = 64 << 20  # Gram matrices per refit_grid slice (the solve holds about two more)
 
 
-def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight):
+def _group_params(w_slice, symmetric, dtype, clip_search, channel_weight, bits=4):
     _, s, z = rtn(w_slice, -1, symmetric, dtype, clip_search=clip_search,
-                  channel_weight=channel_weight)
+                  channel_weight=channel_weight, bits=bits)
     return s[:, 0], z[:, 0]
 
 
@@ -94,10 +95,11 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
          dtype: Optional[torch.dtype] = None, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, clip_search: bool = False,
          compute_dtype: torch.dtype = torch.float32, refine_rounds: int = 0,
-         codes_dtype: torch.dtype = torch.int64):
+         codes_dtype: torch.dtype = torch.int64, bits: int = 4):
     """w [N, K], H [K, K] (X^T X, any positive scale). Returns (codes [N, K] in codes_dtype (uint8
     takes an eighth of int64's memory), s, z) with s, z
-    [N, groups] in compute_dtype, following the canonical rules (s rounded to `dtype`).
+    [N, groups] in compute_dtype, following the canonical rules (s rounded to `dtype`), for
+    `bits`-bit codes (8: int8 weights, with refine_rounds = 0).
 
     refine_rounds = R > 0 alternates the two halves of the layer objective's minimisation: R times
     a least-squares refit of every group's scale and zero point to the codes (`refit_grid`), with a
@@ -109,6 +111,8 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         N, K = w.shape
         if H.shape != (K, K):
             raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features {K}")
+        if bits != 4 and refine_rounds:
+            raise ValueError(f"GPTQ: refine_rounds refits int4 grids; use 0 with bits={bits}")
         G = group_size_of(group_size, K)
         W = w  # in its own dtype: the pass copies it (transposed) into compute_dtype
         diag = torch.diag(H).double()
@@ -120,14 +124,14 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
 
         def run_pass(grid):
             return _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw,
-                              grid, compute_dtype)
+                              grid, compute_dtype, bits)
 
         if group_size == PER_TENSOR:  # one grid, fixed before the pass, from the whole matrix
             if refine_rounds:
                 raise ValueError("GPTQ: refine_rounds refits each row's scale and zero point, "
                                  "which per-tensor quantization keeps equal; use 0")
             _, S, Z = rtn(W, PER_TENSOR, symmetric, dtype, clip_search=clip_search,
-                          channel_weight=cw, codes_dtype=torch.uint8)
+                          channel_weight=cw, codes_dtype=torch.uint8, bits=bits)
             Q, S, Z = run_pass((S.to(compute_dtype), Z.to(compute_dtype)))
         else:
             Q, S, Z = run_pass(None)
@@ -154,7 +158,7 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
 
 
 def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, grid,
-               compute_dtype=torch.float32):
+               compute_dtype=torch.float32, bits=4):
     """One GPTQ pass over W [N, K] (any float dtype; it works in compute_dtype) with Hinv the Cholesky factor of the damped
     inverse Hessian in visiting order (columns permuted by `perm` when act-order). grid = (S, Z)
     fixes every group's parameters (their zero points may be fractional); None computes them as
@@ -172,7 +176,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
         for g in range(groups):
             sl = slice(g * G, min((g + 1) * G, K))
             S[:, g], Z[:, g] = _group_params(W[:, sl], symmetric, dtype, clip_search,
-                                             None if cw is None else cw[sl])
+                                             None if cw is None else cw[sl], bits)
     # integer zero points: round(w / s) + z, the kernels' and the reference's order; fractional
     # ones must be added before rounding
     fractional = grid is not None and not torch.equal(Z, torch.round(Z))
@@ -194,7 +198,8 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
     WT = torch.empty(K, N, dtype=compute_dtype)  # never a view of the caller's w
     WT.copy_(W.T)
-    QT = torch.empty(K, N, dtype=torch.uint8)  # codes are 0..15: a quarter of float32's memory
+    QT = torch.empty(K, N, dtype=torch.uint8)  # codes 0..15 (0..255): a quarter of float32's memory
+    top = max_code(bits)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = WT[i1:i2].clone()
@@ -210,11 +215,12 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
                     # the whole group lies in W1, updated up to here
                     src = WT[col:min(col + G, K)] if i == 0 else W1[i:i + G]
                     S[:, g], Z[:, g] = _group_params(src.T, symmetric, dtype, clip_search,
-                                                     None if cw is None else cw[col:col + src.shape[0]])
+                                                     None if cw is None else cw[col:col + src.shape[0]],
+                                                     bits)
                 s, z = S[:, g], Z[:, g]
                 wcol = W1[i]
                 q = torch.round(wcol / s + z) if fractional else torch.round(wcol / s).add_(z)
-                q.clamp_(0, MAX_CODE)
+                q.clamp_(0, top)
                 QT[col] = q
                 err = torch.addcmul(wcol, q - z, s, value=-1).div_(Hinv1[i, i])
                 W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)

@@ -37,11 +37,12 @@ FORMAT_VERSION = 1
 
 def candidate_label(config: Optional[QuantConfig]) -> str:
     """A short name for a candidate format: "gptq g128 asym", "rtn channel sym bfloat16
-    scales", "dense"."""
+    scales", "int8 rtn channel sym", "dense"."""
     if config is None:
         return "dense"
     group = {-1: "channel", "tensor": "tensor"}.get(config.group_size, f"g{config.group_size}")
-    parts = [config.method, group, "sym" if config.symmetric else "asym"]
+    parts = ([] if config.bits == 4 else [f"int{config.bits}"]) + [
+        config.method, group, "sym" if config.symmetric else "asym"]
     if config.scale_dtype is not None:
         parts.append(f"{dtype_name(config.scale_dtype)} scales")
     if config.act_quant is not None:
@@ -218,9 +219,9 @@ def _check_candidates(candidates) -> List[Optional[QuantConfig]]:
         if c is not None and not isinstance(c, QuantConfig):
             raise TypeError(f"candidates: each must be an int4kit.QuantConfig or None (dense), "
                             f"got {type(c).__name__}")
-    if not any(isinstance(c, QuantConfig) for c in candidates):
-        raise ValueError("candidates holds no int4 format (a QuantConfig): there is nothing to "
-                         "choose but dense")
+    if not any(isinstance(c, QuantConfig) and c.bits == 4 for c in candidates):
+        raise ValueError("candidates holds no int4 format (a QuantConfig with bits=4): a plan "
+                         "could only choose int8 and dense")
     if len(set(map(_config_key, candidates))) != len(candidates):
         raise ValueError("candidates lists the same format twice")
     weighting = {c.norm_weighting for c in candidates if c is not None and c.needs_calibration}
@@ -241,8 +242,9 @@ def measure_sensitivity(model: nn.Module, candidates, calib_data,
                         show_progress: bool = True) -> SensitivityTable:
     """Per linear layer and per candidate format, the damage of quantizing only that layer.
 
-    candidates: QuantConfigs (int4 with different group sizes, methods, scale dtypes) and None
-      for dense (added when missing: every plan can keep a layer dense).
+    candidates: QuantConfigs (int4 with different group sizes, methods, scale dtypes; int8 with
+      bits=8; at least one int4) and None for dense (added when missing: every plan can keep a
+      layer dense).
     calib_data: model inputs as for quantize_model: the calibration of gptq/awq candidates
       (statistics of every layer are collected once, from the unquantized model: memory K x K
       per layer) and the default metric's data.

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .. import hf
 from ..formats.native import model_tensor_aliases
-from ..nn import INPUT_STATS, Int4Linear, replace_module
+from ..nn import INPUT_STATS, Int4Linear, QuantLinear, replace_module
 from . import calibration
 from .adaround import adaround
 from .awq import awq, awq_scales, scaled_hessian
@@ -108,12 +108,12 @@ def stored_bytes(layer: nn.Module) -> int:
 
 
 def linear_layer_sizes(model: nn.Module) -> Dict[str, Tuple[int, int]]:
-    """QuantReport.layer_sizes of `model`: name -> (stored_bytes, weights) for each nn.Linear
-    and Int4Linear whose weight is its own (tied ones are left out)."""
+    """QuantReport.layer_sizes of `model`: name -> (stored_bytes, weights) for each nn.Linear,
+    Int4Linear and Int8Linear whose weight is its own (tied ones are left out)."""
     tied = _tied_weights(model)
     return {name: (stored_bytes(m), m.in_features * m.out_features)
             for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Int4Linear)) and name not in tied}
+            if isinstance(m, (nn.Linear, QuantLinear)) and name not in tied}
 
 
 def matches_any(name: str, patterns) -> bool:
@@ -123,19 +123,19 @@ def matches_any(name: str, patterns) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _data_free(linear: nn.Linear, config: QuantConfig) -> Int4Linear:
+def _data_free(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
     dtype = config.scale_dtype_for(linear.weight)
     if (config.method == "rtn" and not config.clip_search and dtype == linear.weight.dtype
-            and config.group_size != PER_TENSOR):
+            and config.group_size != PER_TENSOR and config.bits == 4):
         return Int4Linear.from_linear(linear, config.group_size, config.symmetric)
     w = linear.weight.detach().cpu()
     if config.method == "hqq":
         codes, s, z = hqq(w, config.group_size, config.symmetric, dtype)
     else:
         codes, s, z = rtn(w, config.group_size, config.symmetric, dtype,
-                          clip_search=config.clip_search)
+                          clip_search=config.clip_search, bits=config.bits)
     return to_int4linear(linear, codes, s, z, config.group_size, config.symmetric,
-                         scale_dtype=dtype)
+                         scale_dtype=dtype, bits=config.bits)
 
 
 def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
@@ -150,10 +150,10 @@ def _gptq_guarded(name, w, H, config, report, dtype):
     cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
                 block_size=config.block_size, act_order=config.act_order,
                 clip_search=config.clip_search, refine_rounds=config.refine_rounds,
-                codes_dtype=torch.uint8)
+                codes_dtype=torch.uint8, bits=config.bits)
     obj = codes_objective(w, *cand, G, H)
     alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search,
-              codes_dtype=torch.uint8)
+              codes_dtype=torch.uint8, bits=config.bits)
     obj_alt = codes_objective(w, *alt, G, H)
     if obj_alt < obj:
         report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
@@ -239,7 +239,7 @@ def _quantized_from_stats(model, name, linear, stats, config, report, final, con
     H = stats.take_hessian()
     dtype = config.scale_dtype_for(w)
     build = functools.partial(to_int4linear, linear, group_size=config.group_size,
-                              symmetric=config.symmetric, scale_dtype=dtype)
+                              symmetric=config.symmetric, scale_dtype=dtype, bits=config.bits)
     if config.method == "adaround":
         codes, s, z = adaround(w, H, config.group_size, config.symmetric, dtype,
                                config.adaround_iters, config.adaround_reg, config.adaround_lr,
@@ -476,7 +476,7 @@ class Undo:
         # the targets, and Int4Linear layers an AWQ fold may replace (_scale_rows)
         self.layers = {name: model.get_submodule(name) for name in targets}
         self.layers.update({name: m for name, m in model.named_modules()
-                            if isinstance(m, Int4Linear)})
+                            if isinstance(m, QuantLinear)})
         # only the entries a Linear has (weight_norm / spectral_norm move `weight` elsewhere)
         self.params = [(m, {k: m._parameters[k] for k in ("weight", "bias")
                             if k in m._parameters})

@@ -19,10 +19,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import reference
-from ..nn import Int4Linear
+from ..nn import Int4Linear, Int8Linear, QuantLinear
 
 MAX_CODE = 15
 SYMMETRIC_ZERO = 8.0
+BITS = (4, 8)  # int4 (Int4Linear) and int8 (Int8Linear) weights
+
+
+def max_code(bits: int = 4) -> int:
+    """The largest code of `bits`-bit weights: 15 or 255."""
+    return (1 << bits) - 1
+
+
+def symmetric_zero(bits: int = 4) -> float:
+    """The zero point of symmetric `bits`-bit weights: 8 or 128."""
+    return float(1 << (bits - 1))
 # the shrink factors the clipping search tries (1.0 first: ties keep the plain min/max range)
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 .. 0.5
 
@@ -89,14 +100,16 @@ def store_scale(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def minmax_params(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool,
-                  dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """RTN scale and zero point for a range [lo, hi] with lo <= 0 <= hi (any shape)."""
+                  dtype: torch.dtype, bits: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """RTN scale and zero point of `bits`-bit codes for a range [lo, hi] with lo <= 0 <= hi (any
+    shape): symmetric s = max|w| / (max_code / 2) (7.5 or 127.5) around the fixed zero point."""
+    top = max_code(bits)
     if symmetric:
-        s = store_scale(torch.maximum(hi, -lo) / 7.5, dtype)
-        z = torch.full_like(s, SYMMETRIC_ZERO)
+        s = store_scale(torch.maximum(hi, -lo) / (top / 2), dtype)
+        z = torch.full_like(s, symmetric_zero(bits))
     else:
-        s = store_scale((hi - lo) / MAX_CODE, dtype)
-        z = torch.round(-lo / s).clamp(0, MAX_CODE)
+        s = store_scale((hi - lo) / top, dtype)
+        z = torch.round(-lo / s).clamp(0, top)
     return s, z
 
 
@@ -106,9 +119,10 @@ def range_of(wg: torch.Tensor, ratio=1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def fake_quant_grouped(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def fake_quant_grouped(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                       bits: int = 4) -> torch.Tensor:
     """Quantize-dequantize [..., G] with per-group s, z of shape [...]."""
-    q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, MAX_CODE)
+    q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, max_code(bits))
     return (q - z[..., None]) * s[..., None]
 
 
@@ -128,7 +142,7 @@ CODE_ROWS = 256  # rows per slice in codes_for: float temporaries of [256, K], n
 
 
 def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int,
-              codes_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+              codes_dtype: torch.dtype = torch.int64, bits: int = 4) -> torch.Tensor:
     """Codes [N, K] (codes_dtype) of w for per-group s, z [N, groups]; z may be fractional (HQQ).
     Computed in slices of rows (the same values), so the float temporaries stay small."""
     N, K = w.shape
@@ -137,7 +151,7 @@ def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int,
     for r0 in range(0, N, CODE_ROWS):
         rows = slice(r0, r0 + CODE_ROWS)
         q = unclamped_codes(grouped(w[rows].float(), G), s[rows], z[rows], fractional)
-        codes[rows] = ungrouped(q.clamp_(0, MAX_CODE), K)
+        codes[rows] = ungrouped(q.clamp_(0, max_code(bits)), K)
     return codes
 
 
@@ -149,9 +163,9 @@ def dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor, G: int) -> to
 
 def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch.dtype] = None,
         clip_search: bool = False, channel_weight: Optional[torch.Tensor] = None,
-        codes_dtype: torch.dtype = torch.int64):
-    """Round-to-nearest of w [N, K] (computed in float32). Returns (codes in codes_dtype, s, z),
-    s and z in float32.
+        codes_dtype: torch.dtype = torch.int64, bits: int = 4):
+    """Round-to-nearest of w [N, K] (computed in float32) to `bits`-bit codes (4: 0..15, 8:
+    0..255). Returns (codes in codes_dtype, s, z), s and z in float32.
 
     clip_search: per group, shrink the range by each factor of CLIP_GRID and keep the one with the
     smallest squared error, weighted per input channel by `channel_weight` [K] when given (AWQ passes
@@ -169,24 +183,24 @@ def rtn(w: torch.Tensor, group_size: int, symmetric: bool, dtype: Optional[torch
     lo, hi = range_of(wg)
     if per_tensor:
         lo, hi = tensor_wide(lo, hi)
-    s, z = minmax_params(lo, hi, symmetric, dtype)
+    s, z = minmax_params(lo, hi, symmetric, dtype, bits)
     if clip_search:
         cw = None if channel_weight is None else grouped(channel_weight.float()[None], G)
-        best = _group_err(wg, s, z, cw, per_tensor)
+        best = _group_err(wg, s, z, cw, per_tensor, bits)
         for ratio in CLIP_GRID[1:]:
-            s_r, z_r = minmax_params(lo * ratio, hi * ratio, symmetric, dtype)
-            err = _group_err(wg, s_r, z_r, cw, per_tensor)
+            s_r, z_r = minmax_params(lo * ratio, hi * ratio, symmetric, dtype, bits)
+            err = _group_err(wg, s_r, z_r, cw, per_tensor, bits)
             better = err < best
             best = torch.where(better, err, best)
             s = torch.where(better, s_r, s)
             z = torch.where(better, z_r, z)
-    return codes_for(w, s, z, G, codes_dtype), s, z
+    return codes_for(w, s, z, G, codes_dtype, bits), s, z
 
 
-def _group_err(wg, s, z, cw, per_tensor=False):
+def _group_err(wg, s, z, cw, per_tensor=False, bits=4):
     """Squared error of each group [N, groups] (weighted per input channel by cw), or with
     per_tensor of the whole matrix, in every entry."""
-    d = (fake_quant_grouped(wg, s, z) - wg) ** 2
+    d = (fake_quant_grouped(wg, s, z, bits) - wg) ** 2
     if cw is not None:
         d = d * cw
     err = d.sum(-1)
@@ -196,19 +210,21 @@ def _group_err(wg, s, z, cw, per_tensor=False):
 def to_int4linear(linear: nn.Module, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                   group_size: int, symmetric: bool, bias: Optional[torch.Tensor] = None,
                   input_scale: Optional[torch.Tensor] = None,
-                  scale_dtype: Optional[torch.dtype] = None) -> Int4Linear:
-    """Packs (codes, s, z) into the canonical format and builds an Int4Linear on linear's device.
+                  scale_dtype: Optional[torch.dtype] = None, bits: int = 4) -> QuantLinear:
+    """Packs (codes, s, z) into the canonical format and builds an Int4Linear (bits 8: an
+    Int8Linear) on linear's device.
 
     The scale and zero dtype is scale_dtype (default: linear.weight's dtype); input_scale is kept
     in the weight's dtype; bias defaults to linear.bias."""
     weight = linear.weight
     dtype = scale_dtype or weight.dtype
-    qweight = reference.pack(codes.to(torch.uint8).cpu())
+    codes = codes.to(torch.uint8).cpu()
+    qweight = codes if bits == 8 else reference.pack(codes)
     scales = s.to(dtype).cpu()
     zeros = None if symmetric else z.to(dtype).cpu()
     if bias is None and linear.bias is not None:
         bias = linear.bias.detach()
-    module = Int4Linear.from_quantized(qweight, scales, zeros, stored_group_size(group_size),
+    module = (Int8Linear if bits == 8 else Int4Linear).from_quantized(qweight, scales, zeros, stored_group_size(group_size),
                                        linear.in_features,
                                        bias=bias, device=weight.device)
     if input_scale is not None:

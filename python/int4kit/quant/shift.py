@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..nn import INPUT_STATS, Int4Linear
+from ..nn import INPUT_STATS, Int4Linear, QuantLinear
 from . import calibration
 from .rtn import group_size_of
 
@@ -120,7 +120,7 @@ def shift_report(model: nn.Module, data, layers: Optional[List[str]] = None) -> 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     carrying = {name: m for name, m in model.named_modules()
-                if isinstance(m, Int4Linear) and getattr(m, INPUT_STATS) is not None}
+                if isinstance(m, QuantLinear) and getattr(m, INPUT_STATS) is not None}
     if layers is not None:
         unknown = [n for n in layers if n not in carrying]
         if unknown:
@@ -218,16 +218,20 @@ def recalibrate(model: nn.Module, data, teacher: nn.Module, mode: str = "qparams
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be the full-precision model (an nn.Module with the same "
                         f"layer names), got {type(teacher).__name__}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("model has no Int4Linear layer to recalibrate")
+    int8 = [n for n, m in layers.items() if not isinstance(m, Int4Linear)]
+    if int8:
+        raise ValueError(f"recalibrate refits int4 layers; {int8[0]!r} is an Int8Linear (a mixed "
+                         f"plan's): re-quantize the model with quantize_model instead")
     targets = {}
     for name, layer in layers.items():
         try:
             target = teacher.get_submodule(name)
         except AttributeError:
             raise ValueError(f"teacher has no layer {name!r}") from None
-        if not isinstance(target, (nn.Linear, Int4Linear)) or (
+        if not isinstance(target, (nn.Linear, QuantLinear)) or (
                 target.in_features, target.out_features) != (layer.in_features,
                                                              layer.out_features):
             raise ValueError(f"teacher's {name!r} is not a {layer.out_features} x "
@@ -266,7 +270,7 @@ def _recalibrate_full(model, teacher, layers, batches, config) -> RecalibrationR
 def _stored_order_weight(target: nn.Module, layer: Int4Linear) -> torch.Tensor:
     """The teacher layer's weight in `layer`'s stored column order and scale (stored column k
     multiplies x[input_perm[k]] * input_scale[k]), float64."""
-    W = (target.dequantized_weight() if isinstance(target, Int4Linear)
+    W = (target.dequantized_weight() if isinstance(target, QuantLinear)
          else target.weight.detach()).double().cpu()
     if layer.input_perm is not None:
         W = W[:, layer.input_perm.cpu()]
