@@ -52,7 +52,7 @@ def assert_same_checkpoint(model, directory):
     state = model.state_dict()
     quantized = int4kit.formats.native.read_quantization_config(reader)["layers"]
     assert set(quantized) == {n for n, m in model.named_modules()
-                              if isinstance(m, int4kit.Int4Linear)}
+                              if isinstance(m, int4kit.nn.QuantLinear)}
     for key in reader.keys():
         assert torch.equal(reader.get(key), state[key]), key
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
@@ -69,6 +69,21 @@ def test_data_free_streams_the_same_codes(tmp_path, method):
     assert len(report.swapped) == 3 * 7 + 1  # every Linear, lm_head included
     assert_same_checkpoint(in_memory(src, config, None, (), report), tmp_path / "dst")
     assert not os.path.exists(tmp_path / "dst" / streaming.PARTIAL_DIR)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_int8_layers_stream_the_same_codes(tmp_path, method):
+    # a mixed plan's int8 layers, data-free and calibrated, block by block
+    src = tiny_llama_folder(tmp_path / "src")
+    config = int4kit.QuantConfig(method=method, group_size=32, symmetric=False)
+    layer_configs = {"*down_proj": int4kit.QuantConfig(method=method, bits=8, group_size=-1)}
+    batches = calibration() if method == "gptq" else None
+    skip = ("lm_head",) if method == "gptq" else ()
+    report = int4kit.quantize_checkpoint(src, tmp_path / "dst", config, batches, skip=skip,
+                                         layer_configs=layer_configs)
+    model = in_memory(src, config, batches, skip, report, layer_configs)
+    assert isinstance(model.model.layers[0].mlp.down_proj, int4kit.Int8Linear)
+    assert_same_checkpoint(model, tmp_path / "dst")
 
 
 @pytest.mark.parametrize("method, extra", [("gptq", {}), ("gptq", {"act_order": True}),
