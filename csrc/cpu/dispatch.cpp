@@ -40,12 +40,13 @@ bool isa_supported(Isa isa) {
     case Isa::Avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
-    case Isa::Avx512:
+    case Isa::Avx512:  // no AVX-512 BF16 needed: Cascade Lake and Ice Lake run this path too
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
-    case Isa::Amx: {
-      static const bool ok = isa_supported(Isa::Avx512) && cpu_has_amx() && amx::request_permission();
+             __builtin_cpu_supports("avx512vnni");
+    case Isa::Amx: {  // its translation unit is built with the AVX-512 BF16 flags as well
+      static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16") &&
+                             cpu_has_amx() && amx::request_permission();
       return ok;
     }
     default: return true;

@@ -1,6 +1,6 @@
 // AVX-512 instantiation of the vector fused linear (linear_simd.h): 16 fp32 lanes, one vector per
 // 16-row block, twice the work per instruction of the AVX2 path. Built with the AVX-512 F/BW/VL/
-// VNNI/BF16 flags only; dispatch.cpp checks the CPU.
+// VNNI flags only (no BF16, so Cascade Lake and Ice Lake run it); dispatch.cpp checks the CPU.
 #include <immintrin.h>
 
 // GCC 12's AVX-512 conversion intrinsics start from _mm512_undefined_ps(), which its flow

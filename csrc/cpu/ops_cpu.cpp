@@ -282,13 +282,15 @@ struct W4A8 {
 //   4096 x 4096    512   0.84x / 0.84x    0.63x / 0.82x
 // fp16 x keeps the fused kernels (torch's fp16 GEMM here is slower than they are); so does the
 // scalar path, the reference, and a call that shares the CPU with another (ThreadBudget): torch's
-// GEMM would start its own thread team. So does bf16 x on the AVX2 path: a CPU without AVX-512
-// BF16 has no fast bf16 GEMM in torch either (Xeon with AVX-512 but no BF16, AVX2 path, two
-// threads, 4096 x 4096 at M = 1024, bf16: F.linear 567 ms, dequantize + GEMM 586 ms (int4) and
-// 574 ms (int8) against the fused tile GEMM's ~8x its M = 128 time, ~230 ms; docs/benchmarks.md).
+// GEMM would start its own thread team. So does bf16 x on a CPU without AVX-512 BF16, where
+// torch has no fast bf16 GEMM either (Xeon with AVX-512 but no BF16, AVX2 path, two threads,
+// 4096 x 4096 at M = 1024, bf16: F.linear 562 ms, dequantize + GEMM 586 ms (int4) and 574 ms
+// (int8), the fused tile GEMM 221 ms; docs/benchmarks.md). The other paths are forced for tests,
+// so the CPU is asked, not the path.
 constexpr int64_t kLibraryGemmMinRows = 1024;
 bool use_library_gemm(Isa isa, int64_t M, DType dtype, const ThreadBudget& threads) {
-  if (dtype == DType::BF16 && (isa == Isa::Scalar || isa == Isa::Avx2)) return false;
+  static const bool fast_bf16_gemm = __builtin_cpu_supports("avx512bf16");
+  if (dtype == DType::BF16 && !fast_bf16_gemm) return false;
   return M >= kLibraryGemmMinRows && dtype != DType::F16 && isa != Isa::Scalar && threads.alone();
 }
 

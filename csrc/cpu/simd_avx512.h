@@ -1,4 +1,4 @@
-// AVX-512 (F/BW/VL/VNNI/BF16) SIMD traits for linear_simd.h, shared by the AVX-512 and AMX translation
+// AVX-512 (F/BW/VL/VNNI) SIMD traits for linear_simd.h, shared by the AVX-512 and AMX translation
 // units; include only from files compiled with those flags, inside their own anonymous namespace.
 #pragma once
 
@@ -82,12 +82,24 @@ struct Simd {
     const __m128i order = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(q), order));
   }
+  // 16 floats rounded to bf16 as format.h's float_to_bf16 does (nearest even, NaN kept quiet), in
+  // AVX-512 F integer ops: the AVX-512 path runs on CPUs without AVX-512 BF16 (vcvtneps2bf16)
+  // too, such as Intel's Cascade Lake and Ice Lake.
+  static __m256i to_bf16(V v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet_nan));
+  }
   static void store_y16(void* y, DType dtype, int64_t offset, const float* out) {
     const V v = _mm512_load_ps(out);
     auto* h = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + offset);
     switch (dtype) {
       case DType::F32: _mm512_storeu_ps(static_cast<float*>(y) + offset, v); break;
-      case DType::BF16: _mm256_storeu_si256(h, (__m256i)_mm512_cvtneps_pbh(v)); break;
+      case DType::BF16: _mm256_storeu_si256(h, to_bf16(v)); break;
       default: _mm256_storeu_si256(h, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); break;
     }
   }
