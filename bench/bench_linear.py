@@ -19,6 +19,7 @@ quote medians and ratios.
     python bench/bench_linear.py                       # hot + cold, bf16 + fp32, ~5 minutes
     python bench/bench_linear.py --quick --mode hot --shapes 4096x4096 --m 1 16
     python bench/bench_linear.py --json bench/results/linear.json --plot bench/results/linear.png
+    python bench/bench_linear.py --cpu-class avx2        # a CPU without AVX-512, on this one
 
 `run(...)` returns the result rows (dicts) and `format_table(rows)` renders them, for bench/demo.py.
 """
@@ -44,6 +45,15 @@ DEFAULT_MS = (1, 16, 128)
 COLD_BYTES = int(1.1 * GiB)       # each implementation's rotation set in cold mode exceeds this
 COLD_MAX_COPIES = 256             # sanity cap (a 4096x4096 int4 weight is ~8.5 MB: 133 copies)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# --cpu-class: the environment that makes this machine measure a class of CPU it may be more than:
+# int4kit's path and torch's oneDNN / MKL limited to the same instructions (they read these when
+# they load, so the benchmark runs in a child process started with them)
+CPU_CLASSES = {
+    "amx": {"INT4KIT_CPU_ISA": "amx"},
+    "avx512": {"INT4KIT_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx2": {"INT4KIT_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
 IMPLS = ("int4kit", "int4kit_a8", "int8", "dense_bf16", "dense_fp32", "torch_int4")
 PEERS = ("dense_bf16", "dense_fp32", "torch_int4")  # what int4kit (W4A16) is compared with
 LABELS = {"int4kit": "int4kit", "int4kit_a8": "int4kit W4A8", "int8": "int4kit W8A16",
@@ -446,6 +456,30 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def _run_as_cpu_class(cpu_class: str, argv) -> int:
+    """Runs this benchmark (argv without --cpu-class) in a child process whose environment limits
+    int4kit and torch to `cpu_class`; returns its exit status."""
+    import subprocess
+    settings = CPU_CLASSES[cpu_class]
+    if not ops.cpu_isa_supported(settings["INT4KIT_CPU_ISA"]):
+        print(f"--cpu-class {cpu_class}: this CPU cannot run int4kit's "
+              f"{settings['INT4KIT_CPU_ISA']} path (it can emulate the classes below it)",
+              file=sys.stderr)
+        return 2
+    child, skip_next = [], False
+    for arg in argv:
+        if skip_next or arg.startswith("--cpu-class="):
+            skip_next = False
+            continue
+        skip_next = arg == "--cpu-class"
+        if not skip_next:
+            child.append(arg)
+    print(f"cpu class {cpu_class}: " + " ".join(f"{k}={v}" for k, v in settings.items()),
+          flush=True)
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *child],
+                          env={**os.environ, **settings}).returncode
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,7 +497,12 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="save the rows and the environment as JSON")
     p.add_argument("--plot", metavar="PATH", help="save a PNG of int4kit's speedup over bf16")
     p.add_argument("--markdown", metavar="PATH", help="(--device cuda) save the table as Markdown")
+    p.add_argument("--cpu-class", choices=tuple(CPU_CLASSES),
+                   help="measure a class of CPU: int4kit's path and torch's oneDNN / MKL limited "
+                        "to it (avx512 is AVX-512 BF16 without AMX; avx2 has no AVX-512)")
     args = p.parse_args(argv)
+    if args.cpu_class is not None:
+        return _run_as_cpu_class(args.cpu_class, sys.argv[1:] if argv is None else list(argv))
     shapes = [s for tok in args.shapes for s in tok.split(",") if s]
     if args.device == "cuda":
         import bench_linear_cuda

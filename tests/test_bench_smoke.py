@@ -18,6 +18,16 @@ def test_bench_linear(capsys):
     assert "256x128" in capsys.readouterr().out
 
 
+def test_bench_linear_cpu_class(capfd):
+    # a child process with int4kit and torch limited to AVX2 (every x86-64 CI machine has it)
+    import bench_linear
+    assert bench_linear.main(["--quick", "--mode", "hot", "--shapes", "256x128", "--m", "1",
+                              "--dtype", "bf16", "--budget", "0.02", "--cpu-class=avx2"]) == 0
+    out = capfd.readouterr().out
+    assert "cpu class avx2: INT4KIT_CPU_ISA=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in out
+    assert "int4kit CPU path avx2" in out and "256x128" in out
+
+
 def test_bench_linear_cuda_entry_point(capsys):
     import bench_linear
     assert bench_linear.main(["--device", "cuda", "--shapes", "256x128", "--m", "1"]) == 0
