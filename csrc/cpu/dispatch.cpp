@@ -61,108 +61,69 @@ Isa best_isa() {
   return best;
 }
 
-ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
-  switch (isa) {
-    case Isa::Avx2: return avx2::activation_sizes(s, M, dtype);
-    case Isa::Avx512: return avx512::activation_sizes(s, M, dtype);
-    case Isa::Amx: return amx::activation_sizes(s, M, dtype);
-    default: return ref::activation_sizes(s, M, dtype);
+// Calls `call` (a function call without its namespace) in the namespace of `isa`'s translation
+// unit; the scalar reference for Isa::Scalar.
+#define INT4KIT_DISPATCH(isa, call)         \
+  switch (isa) {                            \
+    case Isa::Avx2: return avx2::call;      \
+    case Isa::Avx512: return avx512::call;  \
+    case Isa::Amx: return amx::call;        \
+    default: return ref::call;              \
   }
+
+ActivationSizes activation_sizes(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
+  INT4KIT_DISPATCH(isa, activation_sizes(s, M, dtype));
 }
 
 void prepare_activations(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Avx512: avx512::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Amx: amx::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
-    default: ref::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end); break;
-  }
+  INT4KIT_DISPATCH(isa, prepare_activations(x, dtype, ldx, s, a, m_begin, m_end));
 }
 
 void prepare_activations_a8(Isa isa, const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                             const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Avx512: avx512::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Amx: amx::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    default: ref::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end); break;
-  }
+  INT4KIT_DISPATCH(isa, prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end));
 }
 
 void linear_a8(Isa isa, const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                int64_t block_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Avx512: avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Amx: amx::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    default: ref::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-  }
+  INT4KIT_DISPATCH(isa, linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end));
 }
 
 void dequantize_transposed(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
                            int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    case Isa::Avx512: avx512::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    case Isa::Amx: amx::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    default: ref::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-  }
+  INT4KIT_DISPATCH(isa, dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end));
 }
 
 void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
             const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
             int64_t block_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Avx512: avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Amx: amx::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    default: ref::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-  }
+  INT4KIT_DISPATCH(isa, linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end));
 }
 
-// ---- int8 weights: the same per-ISA switch ---------------------------------------------------------
 ActivationSizes activation_sizes_int8(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
-  switch (isa) {
-    case Isa::Avx2: return avx2::activation_sizes_int8(s, M, dtype);
-    case Isa::Avx512: return avx512::activation_sizes_int8(s, M, dtype);
-    case Isa::Amx: return amx::activation_sizes_int8(s, M, dtype);
-    default: return ref::activation_sizes_int8(s, M, dtype);
-  }
+  INT4KIT_DISPATCH(isa, activation_sizes_int8(s, M, dtype));
 }
 
 void prepare_activations_int8(Isa isa, const void* x, DType dtype, int64_t ldx,
                               const PackedShape& s, const Activations& a, int64_t m_begin,
                               int64_t m_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Avx512: avx512::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    case Isa::Amx: amx::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
-    default: ref::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end); break;
-  }
+  INT4KIT_DISPATCH(isa, prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end));
 }
 
 void linear_int8(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                  int64_t block_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Avx512: avx512::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    case Isa::Amx: amx::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-    default: ref::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end); break;
-  }
+  INT4KIT_DISPATCH(isa, linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end));
 }
 
 void dequantize_transposed_int8(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
                                 int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
-  switch (isa) {
-    case Isa::Avx2: avx2::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    case Isa::Avx512: avx512::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    case Isa::Amx: amx::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-    default: ref::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end); break;
-  }
+  INT4KIT_DISPATCH(isa, dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end));
 }
+
+#undef INT4KIT_DISPATCH
 
 }  // namespace cpu
 }  // namespace int4kit
