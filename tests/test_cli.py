@@ -158,6 +158,9 @@ def test_quantize_int8(tmp_path):
     assert len(layers) == 37 and {s.get("bits") for s in layers.values()} == {8}
     model = transformers.AutoModel.from_pretrained(out)
     assert sum(isinstance(m, int4kit.Int8Linear) for m in model.modules()) == 37
+    info = run("info", out).stdout
+    assert "37 x method rtn, group size -1, asym, float32 scales, W8A16" in info
+    assert "not exportable to GPTQ or compressed-tensors (vLLM): 37 int8 layer(s)" in info
     bad = run("quantize", minilm.get_model_path(), tmp_path / "bad", "--method", "awq",
               "--bits", "8", expect=2)
     assert "bits=8" in bad.stderr and "Traceback" not in bad.stderr

@@ -191,7 +191,7 @@ def describe_checkpoint(path: str) -> str:
     from .formats import vllm
     from .formats.convert import detect_format
     from .formats.files import CheckpointReader
-    from .formats.native import layer_keys, read_quantization_config
+    from .formats.native import layer_bits, layer_keys, read_quantization_config
     if not os.path.exists(path):
         raise UserError(f"CHECKPOINT {path!r} does not exist")
     reader = CheckpointReader(path)
@@ -216,9 +216,10 @@ def describe_checkpoint(path: str) -> str:
     total_tensor_bytes = sum(reader.nbytes(key) for key in reader.keys())
     count_by = {}
     for settings in layers.values():
+        kind = ("W8A16" if layer_bits(settings) == 8 else
+                "W4A8" if settings["act_quant"] == "int8" else "W4A16")
         key = (settings["method"] or "unknown", settings["group_size"],
-               "sym" if settings["symmetric"] else "asym", settings["scale_dtype"],
-               settings["act_quant"] or "W4A16")
+               "sym" if settings["symmetric"] else "asym", settings["scale_dtype"], kind)
         count_by[key] = count_by.get(key, 0) + 1
     lines += [f"  format version {config['format_version']}, {len(layers)} quantized layers, "
               f"{weights / 1e6:.2f} M quantized weights",
@@ -229,8 +230,13 @@ def describe_checkpoint(path: str) -> str:
     for (method, group, sym, dtype, act), count in sorted(count_by.items(), key=str):
         lines.append(f"  {count:4d} x method {method}, group size {group}, {sym}, "
                      f"{dtype} scales, {act}")
-    lines += _vllm_lines(vllm.native_layer_shapes(reader), reader,
-                         "vLLM tensor parallel, once exported to GPTQ or compressed-tensors")
+    int8 = [name for name, settings in layers.items() if layer_bits(settings) == 8]
+    if int8:
+        lines.append(f"  not exportable to GPTQ or compressed-tensors (vLLM): {len(int8)} int8 "
+                     f"layer(s), e.g. {int8[0]}")
+    else:
+        lines += _vllm_lines(vllm.native_layer_shapes(reader), reader,
+                             "vLLM tensor parallel, once exported to GPTQ or compressed-tensors")
     return "\n".join(lines)
 
 
