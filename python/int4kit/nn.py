@@ -103,7 +103,7 @@ class QuantLinear(nn.Module):
     """What Int4Linear and Int8Linear share: y = x @ W.T + bias with W stored as `bits`-bit codes,
     per-group scales and zero points; the layouts per device, the canonical state dict, the
     optional input transforms and statistics. The subclasses say how their codes are stored
-    (the methods between "bit width" markers)."""
+    (the methods under "bit width" below)."""
     bits: int
     symmetric_zero: int
 

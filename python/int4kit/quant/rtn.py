@@ -9,7 +9,9 @@ Every method ends in the same place: integer codes 0..15 [N, K], scales [N, grou
   are fractional, rounded to the weight dtype.
 
 `to_int4linear` packs them and builds an `Int4Linear` with `Int4Linear.from_quantized`, so every
-method runs on the existing fused kernels.
+method runs on the existing fused kernels. With `bits=8` (rtn and the GPTQ pass) the codes are
+0..255 with a symmetric zero point of 128, and `to_int4linear(..., bits=8)` builds an
+`Int8Linear`.
 """
 import contextlib
 from typing import Optional, Tuple
