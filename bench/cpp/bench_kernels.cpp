@@ -112,10 +112,31 @@ std::vector<float> random_x(DType dtype, int64_t M, int64_t K) {
   return x;
 }
 
-// One op as the glue runs it, on one thread: prepare the activations, then every row block.
-void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
-  const PackedShape shape = linear_shape(dtype, N, K);
-  const std::vector<uint8_t>& packed = packed_weight(shape);
+// Int8 weights (Int8Linear's records, per channel as a mixed plan keeps them), built once per
+// shape and shared.
+const std::vector<uint8_t>& packed_int8_weight(const PackedShape& shape) {
+  static std::map<std::tuple<int64_t, int64_t, DType>, std::vector<uint8_t>> cache;
+  const std::tuple key{shape.N, shape.K, shape.scale_dtype};
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> code(0, 255);
+  std::uniform_real_distribution<float> scale(0.001f, 0.01f);
+  std::vector<uint8_t> codes(size_t(shape.N * shape.K));
+  for (auto& c : codes) c = uint8_t(code(rng));
+  std::vector<float> scales(static_cast<size_t>(shape.N)), zeros(static_cast<size_t>(shape.N), 128.f);
+  for (auto& v : scales) v = scale(rng);
+  std::vector<uint8_t> packed(size_t(shape.total_bytes()));
+  cpu::prepack_int8(codes.data(), scales.data(), zeros.data(), shape, packed.data());
+  return cache.emplace(key, std::move(packed)).first->second;
+}
+
+// One op as the glue runs it, on one thread: prepare the activations, then every row block; bits
+// 8 runs int8 weights.
+void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K,
+               int bits) {
+  const PackedShape shape = bits == 8 ? PackedShape{N, K, K, dtype, 8} : linear_shape(dtype, N, K);
+  const std::vector<uint8_t>& packed = bits == 8 ? packed_int8_weight(shape) : packed_weight(shape);
   const std::vector<float> x = random_x(dtype, M, K);
   const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, shape, M, dtype);
   std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4));
@@ -125,34 +146,6 @@ void BM_linear(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t
     cpu::prepare_activations(isa, x.data(), dtype, K, shape, acts, 0, M);
     cpu::linear(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
                 shape.row_blocks());
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(state.iterations() * int64_t(packed.size()));
-  state.SetItemsProcessed(state.iterations() * M * N * K);
-}
-
-// Int8 weights (Int8Linear's records, per channel as a mixed plan keeps them) the same way.
-void BM_linear_int8(benchmark::State& state, Isa isa, DType dtype, int64_t M, int64_t N, int64_t K) {
-  const PackedShape shape{N, K, K, dtype, 8};
-  std::mt19937 rng(11);
-  std::uniform_int_distribution<int> code(0, 255);
-  std::uniform_real_distribution<float> scale(0.001f, 0.01f);
-  std::vector<uint8_t> codes(size_t(N * K));
-  for (auto& c : codes) c = uint8_t(code(rng));
-  std::vector<float> scales(static_cast<size_t>(N)), zeros(static_cast<size_t>(N), 128.f);
-  for (auto& v : scales) v = scale(rng);
-  std::vector<uint8_t> packed(size_t(shape.total_bytes()));
-  cpu::prepack_int8(codes.data(), scales.data(), zeros.data(), shape, packed.data());
-  const std::vector<float> x = random_x(dtype, M, K);
-  const cpu::ActivationSizes sizes = cpu::activation_sizes_int8(isa, shape, M, dtype);
-  std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4));
-  std::vector<float> y(size_t(M * N));
-  const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
-  for (auto _ : state) {
-    cpu::prepare_activations_int8(isa, x.data(), dtype, K, shape, acts, 0, M);
-    cpu::linear_int8(isa, acts, packed.data(), shape, nullptr, y.data(), dtype, N, 0,
-                     shape.row_blocks());
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
@@ -205,12 +198,12 @@ void register_benchmarks() {
                                  std::to_string(M);
         for (DType dtype : {DType::F32, DType::BF16})
           add(std::string("linear/") + cpu::isa_name(isa) + (dtype == DType::F32 ? "/f32" : "/bf16") + tail,
-              BM_linear, isa, dtype, M, N, K);
+              BM_linear, isa, dtype, M, N, K, 4);
         if (isa != Isa::Scalar) {
           add(std::string("linear_w4a8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear_a8, isa,
               DType::BF16, M, N, K);
-          add(std::string("linear_int8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear_int8,
-              isa, DType::BF16, M, N, K);
+          add(std::string("linear_int8/") + cpu::isa_name(isa) + "/bf16" + tail, BM_linear, isa,
+              DType::BF16, M, N, K, 8);
         }
       }
     }

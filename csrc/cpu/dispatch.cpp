@@ -102,27 +102,6 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
   INT4KIT_DISPATCH(isa, linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end));
 }
 
-ActivationSizes activation_sizes_int8(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
-  INT4KIT_DISPATCH(isa, activation_sizes_int8(s, M, dtype));
-}
-
-void prepare_activations_int8(Isa isa, const void* x, DType dtype, int64_t ldx,
-                              const PackedShape& s, const Activations& a, int64_t m_begin,
-                              int64_t m_end) {
-  INT4KIT_DISPATCH(isa, prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end));
-}
-
-void linear_int8(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
-                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                 int64_t block_end) {
-  INT4KIT_DISPATCH(isa, linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end));
-}
-
-void dequantize_transposed_int8(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
-                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
-  INT4KIT_DISPATCH(isa, dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end));
-}
-
 #undef INT4KIT_DISPATCH
 
 }  // namespace cpu

@@ -22,15 +22,6 @@ namespace cpu {
                  int64_t block_end);                                                          \
   void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt,           \
                              int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end); \
-  ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype);        \
-  void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s, \
-                                const Activations& a, int64_t m_begin, int64_t m_end);       \
-  void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,         \
-                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin, \
-                   int64_t block_end);                                                        \
-  void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,      \
-                                  int64_t ldw, DType dtype, int64_t block_begin,              \
-                                  int64_t block_end);                                         \
   }
 
 INT4KIT_DECLARE_ISA(ref)

@@ -253,8 +253,9 @@ bool tiles_fit(const PackedShape& s, int64_t M, int64_t min_rows) {
   return M >= min_rows && s.padded_group() % Flavour::kTileK == 0;
 }
 
+// Int8 weights (s.bits 8) have no tile kernel yet: the AVX-512 paths run them.
 bool usable(const PackedShape& s, int64_t M, DType dtype) {
-  return tiles_fit<Bf16Flavour>(s, M, min_rows(dtype));
+  return s.bits == 4 && tiles_fit<Bf16Flavour>(s, M, min_rows(dtype));
 }
 
 // fp32 x runs on int8 tiles from the int24 grid (Int24Flavour) where groups are whole 64-column
@@ -642,25 +643,6 @@ bool request_permission() {
   // XFEATURE_XTILEDATA); without it the first tile instruction faults.
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-}
-
-// Int8 weights have no tile kernel yet: the AVX-512 float GEMV and tile GEMM run them (from
-// kLibraryGemmMinRows rows, ops_cpu.cpp's library GEMM on the dequantized weight).
-ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype) {
-  return avx512::activation_sizes_int8(s, M, dtype);
-}
-void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                              const Activations& a, int64_t m_begin, int64_t m_end) {
-  avx512::prepare_activations_int8(x, dtype, ldx, s, a, m_begin, m_end);
-}
-void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,
-                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                 int64_t block_end) {
-  avx512::linear_int8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
-}
-void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,
-                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
-  avx512::dequantize_transposed_int8(packed, s, wt, ldw, dtype, block_begin, block_end);
 }
 
 }  // namespace amx

@@ -108,24 +108,6 @@ void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt
     }
 }
 
-// The int8 records run the float GEMV's arithmetic above (record_code reads their bytes).
-ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype) {
-  return activation_sizes(s, M, dtype);
-}
-void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                              const Activations& a, int64_t m_begin, int64_t m_end) {
-  prepare_activations(x, dtype, ldx, s, a, m_begin, m_end);
-}
-void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,
-                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                 int64_t block_end) {
-  linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
-}
-void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,
-                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end) {
-  dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end);
-}
-
 }  // namespace ref
 }  // namespace cpu
 }  // namespace int4kit

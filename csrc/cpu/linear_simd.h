@@ -464,12 +464,18 @@ void gemv_on(const Activations& a, const uint8_t* packed, const Geometry& geo, c
     }
   });
 }
+// The float GEMV of row block b over all rows of x (int8 records always take it).
+template <int kBits>
+void gemv_float(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
+                void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
+  for_row_chunks(a.M, [&](auto rows, int64_t m) {
+    gemv_rows<decltype(rows)::value, kBits>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
+  });
+}
 void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
           void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
   if (a.xint.xq == nullptr) {
-    for_row_chunks(a.M, [&](auto rows, int64_t m) {
-      gemv_rows<decltype(rows)::value>(a, m, packed, geo, bias, y, dtype, ldy, b, N);
-    });
+    gemv_float<4>(a, packed, geo, bias, y, dtype, ldy, b, N);
   } else if (a.xint.planes == Int16Grid::kPlanes) {
     gemv_on<Int16Grid>(a, packed, geo, bias, y, dtype, ldy, b, N);
   } else {
@@ -481,9 +487,9 @@ void gemv(const Activations& a, const uint8_t* packed, const Geometry& geo, cons
 // dequantize_tile's rows, one per real column k, are rows of W^T. The row blocks are the inner loop,
 // so consecutive stores fill consecutive 16-column pieces of the same rows of W^T (block by block,
 // each tile row went to a different page: ~2 ns a weight in TLB misses).
-template <int kBits = 4>
-void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
-                                DType dtype, int64_t block_begin, int64_t block_end) {
+template <int kBits>
+void dequantize_transposed_codes(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
+                                 DType dtype, int64_t block_begin, int64_t block_end) {
   const Geometry geo(s);
   const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
   AlignedBuffer tile = aligned_floats(tile_groups * geo.Gp * kBlockN);
@@ -500,6 +506,16 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
 }
 
 // ---- entry points -------------------------------------------------------------------------------
+// Int8 records (PackedShape::bits 8) go through the same entry points: no fixed-point x (their
+// codes up to 255 would overflow vpmaddubsw's int16 pair sums), the float GEMV and the tile GEMM
+// on byte columns; the weight stream is twice int4's, so at M = 1 the widening of each code stays
+// under the memory time.
+void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
+                                DType dtype, int64_t block_begin, int64_t block_end) {
+  if (s.bits == 8) dequantize_transposed_codes<8>(packed, s, wt, ldw, dtype, block_begin, block_end);
+  else dequantize_transposed_codes<4>(packed, s, wt, ldw, dtype, block_begin, block_end);
+}
+
 // The planes of the GEMV's fixed-point x (Activations::xint), 0 where it runs on floats: two
 // (int16) for bf16 x, whose 8 significant bits that grid holds exactly within 2^7 of a group's
 // largest value; three (int24) for fp32 and fp16 x, within a ulp of fp32 of the group's largest,
@@ -508,9 +524,10 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
 // share each decoded column among the rows (4096x11008, two threads, hot, ms, float -> int24):
 // AVX-512 (unit floats before) M = 1 0.91 -> 0.61, 2 1.14 -> 0.87, 3 1.45 -> 1.15,
 // 4 1.92 -> 1.46, 7 3.53 -> 2.5; AVX2 M = 1 1.36 -> 0.91, but 2 1.78 -> 1.91, 4 2.75 -> 3.95
-// (16 ymm registers hold the pair sums and accumulators of one row of three planes).
-inline int xint_planes(int64_t M, DType dtype) {
-  if (use_gemm(M)) return 0;
+// (16 ymm registers hold the pair sums and accumulators of one row of three planes). Int8 records
+// take none.
+inline int xint_planes(const PackedShape& s, int64_t M, DType dtype) {
+  if (use_gemm(M) || s.bits == 8) return 0;
   if (dtype == DType::BF16) return Int16Grid::kPlanes;
   return M <= Simd::kInt24MaxRows ? Int24Grid::kPlanes : 0;
 }
@@ -518,7 +535,7 @@ inline int xint_planes(int64_t M, DType dtype) {
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
   const int64_t Kp = s.padded_k();
   const bool gemm = use_gemm(M);
-  const int planes = xint_planes(M, dtype);
+  const int planes = xint_planes(s, M, dtype);
   return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0, planes > 0 ? M * Kp : 0, planes};
 }
 
@@ -562,7 +579,7 @@ void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const Pac
   auto float_row = [&](int64_t m) { prepare_float_row(x, dtype, ldx, s, geo, a, m); };
   // xint rows need no float copy; only those with an Inf or a NaN run on it (Activations::xint).
   // (The copy took ~8 us of every K = 11008, M = 1 call, on one thread, before the GEMV starts.)
-  if (const int planes = xint_planes(a.M, dtype); planes > 0) {
+  if (const int planes = xint_planes(s, a.M, dtype); planes > 0) {
     if (planes == Int16Grid::kPlanes)
       quantize_rows<SimdRowOps, Int16Grid>(x, dtype, ldx, s, a.xint, m_begin, m_end, a8_position);
     else
@@ -574,42 +591,25 @@ void prepare_activations_impl(const void* x, DType dtype, int64_t ldx, const Pac
   for (int64_t m = m_begin; m < m_end; ++m) float_row(m);
 }
 
+template <int kBits>
+void linear_codes(const Activations& a, const uint8_t* packed, const PackedShape& s,
+                  const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                  int64_t block_end) {
+  const Geometry geo(s);
+  if (use_gemm(a.M)) {
+    gemm<kBits>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
+    return;
+  }
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    if constexpr (kBits == 4) gemv(a, packed, geo, bias, y, dtype, ldy, b, s.N);
+    else gemv_float<kBits>(a, packed, geo, bias, y, dtype, ldy, b, s.N);
+  }
+}
+
 void linear_impl(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
-            void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
-  const Geometry geo(s);
-  if (use_gemm(a.M)) {
-    gemm<4>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
-    return;
-  }
-  for (int64_t b = block_begin; b < block_end; ++b) gemv(a, packed, geo, bias, y, dtype, ldy, b, s.N);
-}
-
-// ---- int8 weights --------------------------------------------------------------------------------
-// The float GEMV and the tile GEMM on int8 records: no fixed-point x (the byte codes would
-// overflow vpmaddubsw's int16 pair sums), and the weight stream is twice int4's, so at M = 1
-// the float GEMV's widening of each code stays under the memory time.
-ActivationSizes activation_sizes_int8_impl(const PackedShape& s, int64_t M, DType) {
-  return {(use_gemm(M) ? round_up(M, kPanel) : M) * s.padded_k(), M * s.groups(), 0, 0, 0};
-}
-
-void prepare_activations_int8_impl(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
-                                   const Activations& a, int64_t m_begin, int64_t m_end) {
-  const Geometry geo(s);
-  for (int64_t m = m_begin; m < m_end; ++m) prepare_float_row(x, dtype, ldx, s, geo, a, m);
-}
-
-void linear_int8_impl(const Activations& a, const uint8_t* packed, const PackedShape& s,
-                      const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                      int64_t block_end) {
-  const Geometry geo(s);
-  if (use_gemm(a.M)) {
-    gemm<8>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
-    return;
-  }
-  for (int64_t b = block_begin; b < block_end; ++b)
-    for_row_chunks(a.M, [&](auto rows, int64_t m) {
-      gemv_rows<decltype(rows)::value, 8>(a, m, packed, geo, bias, y, dtype, ldy, b, s.N);
-    });
+                 void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
+  if (s.bits == 8) linear_codes<8>(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+  else linear_codes<4>(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
 // The ISA's entry points (kernels_internal.h), defined by the including file after its anonymous
@@ -637,22 +637,5 @@ void linear_int8_impl(const Activations& a, const uint8_t* packed, const PackedS
   }                                                                                                 \
   void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,     \
                              DType dtype, int64_t block_begin, int64_t block_end) {                 \
-    dequantize_transposed_impl<4>(packed, s, wt, ldw, dtype, block_begin, block_end);               \
-  }                                                                                                 \
-  ActivationSizes activation_sizes_int8(const PackedShape& s, int64_t M, DType dtype) {             \
-    return activation_sizes_int8_impl(s, M, dtype);                                                 \
-  }                                                                                                 \
-  void prepare_activations_int8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,      \
-                                const Activations& a, int64_t m_begin, int64_t m_end) {             \
-    prepare_activations_int8_impl(x, dtype, ldx, s, a, m_begin, m_end);                             \
-  }                                                                                                 \
-  void linear_int8(const Activations& a, const uint8_t* packed, const PackedShape& s,               \
-                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,       \
-                   int64_t block_end) {                                                             \
-    linear_int8_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);                    \
-  }                                                                                                 \
-  void dequantize_transposed_int8(const uint8_t* packed, const PackedShape& s, void* wt,            \
-                                  int64_t ldw, DType dtype, int64_t block_begin,                    \
-                                  int64_t block_end) {                                              \
-    dequantize_transposed_impl<8>(packed, s, wt, ldw, dtype, block_begin, block_end);               \
+    dequantize_transposed_impl(packed, s, wt, ldw, dtype, block_begin, block_end);                  \
   }

@@ -239,7 +239,8 @@ int64_t row_block_grain(const PackedShape& shape, int64_t M) {
 }
 int64_t row_grain(const PackedShape& shape) { return std::max<int64_t>(1, 16384 / shape.padded_k()); }
 
-// W4A16, W8A16 and W4A8 share everything but their weights' bits, activation buffers and kernels.
+// W4A16 and W4A8 share everything but their activation buffers and kernels; W8A16 is W4A16 on
+// int8 records.
 struct W4A16 {
   static constexpr int kBits = 4;
   using Acts = Activations;
@@ -248,17 +249,9 @@ struct W4A16 {
   }
   static constexpr auto prepare = &prepare_activations;
   static constexpr auto compute = &linear;
-  static constexpr auto dequantize = &dequantize_transposed;
 };
-struct W8A16 {
+struct W8A16 : W4A16 {  // the same kernels, on int8 records (PackedShape::bits)
   static constexpr int kBits = 8;
-  using Acts = Activations;
-  static Acts workspace(Isa isa, const PackedShape& s, int64_t M, DType dtype) {
-    return activation_workspace(activation_sizes_int8(isa, s, M, dtype), M);
-  }
-  static constexpr auto prepare = &prepare_activations_int8;
-  static constexpr auto compute = &linear_int8;
-  static constexpr auto dequantize = &dequantize_transposed_int8;
 };
 struct W4A8 {
   static constexpr int kBits = 4;
@@ -294,8 +287,7 @@ bool use_library_gemm(Isa isa, int64_t M, DType dtype, const ThreadBudget& threa
   return M >= kLibraryGemmMinRows && dtype != DType::F16 && isa != Isa::Scalar && threads.alone();
 }
 
-// y = x2 . W^T (+ bias) by torch's own GEMM on the weight dequantized by Kind (use_library_gemm).
-template <typename Kind>
+// y = x2 . W^T (+ bias) by torch's own GEMM on the dequantized weight (use_library_gemm).
 at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const PackedShape& shape,
                         Isa isa, DType dtype, const at::Tensor& bias_f, const ThreadBudget& threads) {
   // rows an odd number of cache lines apart (see dequantize_transposed): a 4096-wide fp32 W^T
@@ -309,7 +301,7 @@ at::Tensor library_gemm(const at::Tensor& x2, const at::Tensor& weights, const P
                                 {shape.K, shape.N}, {ldw, 1}, x2.options());
   threads.run(shape.row_blocks(), row_block_grain(shape, 1),  // one pass over the weights, as a GEMV
               [&](int64_t b, int64_t e) {
-                Kind::dequantize(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
+                dequantize_transposed(isa, weights.data_ptr<uint8_t>(), shape, wt.data_ptr(), ldw, dtype, b, e);
               });
   return bias_f.defined() ? at::addmm(bias_f.to(x2.scalar_type()), x2, wt) : at::mm(x2, wt);
 }
@@ -343,7 +335,7 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   const ThreadBudget threads;
   if constexpr (!std::is_same_v<Kind, W4A8>) {
     if (use_library_gemm(isa, M, dtype, threads))
-      return library_gemm<Kind>(x2, packed.contiguous(), shape, isa, dtype, bias_f, threads).view(out_sizes);
+      return library_gemm(x2, packed.contiguous(), shape, isa, dtype, bias_f, threads).view(out_sizes);
   }
   at::Tensor y = at::empty(out_sizes, x.options());
   const typename Kind::Acts acts = Kind::workspace(isa, shape, M, dtype);

@@ -390,22 +390,19 @@ std::vector<double> reference_linear(const Weight& w, const Matrix& x, int64_t M
 // The activation buffer is NaN-filled by default, like the uninitialised tensors of the glue:
 // nothing may depend on what it held (a finite fill shows reads of what was never written where
 // the outputs should be NaN).
-// An int8 weight (shape.bits 8) runs the int8 entry points the same way.
+// An int8 weight (shape.bits 8) runs the same way.
 Matrix run_linear(Isa isa, const Weight& w, const Matrix& x, int64_t M, const float* bias,
                   int64_t ldy, int64_t split, float buffer_fill = kNaN) {
   const PackedShape& s = w.shape;
-  const bool int8 = s.bits == 8;
-  const cpu::ActivationSizes sizes = int8 ? cpu::activation_sizes_int8(isa, s, M, x.dtype)
-                                          : cpu::activation_sizes(isa, s, M, x.dtype);
+  const cpu::ActivationSizes sizes = cpu::activation_sizes(isa, s, M, x.dtype);
   std::vector<float> buffer(size_t(cpu::activation_bytes(sizes, M) / 4), buffer_fill);
   const cpu::Activations acts = cpu::activations_at(reinterpret_cast<uint8_t*>(buffer.data()), sizes, M);
-  const auto prepare = int8 ? &cpu::prepare_activations_int8 : &cpu::prepare_activations;
-  const auto linear = int8 ? &cpu::linear_int8 : &cpu::linear;
-  prepare(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
-  prepare(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
+  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, 0, M / 2);
+  cpu::prepare_activations(isa, x.bytes.data(), x.dtype, x.ld, s, acts, M / 2, M);
   Matrix y(x.dtype, M, ldy, kNaN);  // NaN: outputs the kernel fails to write show up
-  linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, 0, split);
-  linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, split, s.row_blocks());
+  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, 0, split);
+  cpu::linear(isa, acts, w.packed.data(), s, bias, y.bytes.data(), y.dtype, ldy, split,
+              s.row_blocks());
   return y;
 }
 

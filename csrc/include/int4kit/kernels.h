@@ -197,24 +197,15 @@ void linear_a8(Isa isa, const ActivationsA8& a, const uint8_t* packed, const Pac
 
 // ---- int8 weights (Int8Linear): PackedShape with bits = 8 (format.h) -----------------------------
 // codes uint8 [N, K] (the canonical int8 qweight), scales and zeros fp32 [N, groups] as prepack's;
-// zeros == nullptr means symmetric (z = 128).
+// zeros == nullptr means symmetric (z = 128). activation_sizes, prepare_activations, linear and
+// dequantize_transposed take such a shape as they take an int4 one: its x is fp32 rows (GEMV) or
+// panels (GEMM), never fixed point (a code up to 255 times an int8 x overflows vpmaddubsw's pair
+// sums), per group acc = sum_k x[k] * q[k] and y += s * (acc - z * sum_k x[k]) as int4's float
+// GEMV. W4A8 (linear_a8) is int4 only.
 void prepack_int8(const uint8_t* codes, const float* scales, const float* zeros,
                   const PackedShape& shape, uint8_t* packed);
 void unprepack_int8(const uint8_t* packed, const PackedShape& shape, uint8_t* codes, float* scales,
                     float* zeros);
-// y = x . dequant(W)^T + bias with the same contract as prepare_activations / linear (fill the
-// buffers with the ISA that then runs). x is fp32 rows (GEMV) or panels (GEMM), never fixed point:
-// per group acc = sum_k x[k] * q[k] and y += s * (acc - z * sum_k x[k]), as int4's float GEMV.
-ActivationSizes activation_sizes_int8(Isa isa, const PackedShape& s, int64_t M, DType dtype);
-void prepare_activations_int8(Isa isa, const void* x, DType dtype, int64_t ldx,
-                              const PackedShape& s, const Activations& a, int64_t m_begin,
-                              int64_t m_end);
-void linear_int8(Isa isa, const Activations& a, const uint8_t* packed, const PackedShape& s,
-                 const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                 int64_t block_end);
-// dequantize_transposed for int8 records (the library GEMM at large M)
-void dequantize_transposed_int8(Isa isa, const uint8_t* packed, const PackedShape& s, void* wt,
-                                int64_t ldw, DType dtype, int64_t block_begin, int64_t block_end);
 
 // ---- dispatch ---------------------------------------------------------------------------------
 // Best ISA this CPU supports, detected once.
