@@ -397,16 +397,13 @@ class Int4Linear(QuantLinear):
     def _fused(self, x, packed, bias):
         N, K, G = self.out_features, self.in_features, self.group_size
         if self.act_quant == "int8":
-            if packed.device.type != "cpu":
-                raise NotImplementedError(f"Int4Linear(act_quant='int8') runs on CPU only; this "
-                                          f"module is on {packed.device}")
             return ops.linear_w4a8(x, packed, N, K, G, bias)
         return ops.linear(x, packed, N, K, G, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quant is not None and self.packed is None:
+        if self.act_quant is not None and self._device().type != "cpu":
             raise NotImplementedError(f"Int4Linear(act_quant={self.act_quant!r}) runs on CPU "
-                                      f"only; this module is on {self.qweight.device}")
+                                      f"only; this module is on {self._device()}")
         return super().forward(x)
 
 
