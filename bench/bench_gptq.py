@@ -10,10 +10,13 @@ dense and well conditioned like a real layer's input statistics.
     python bench/bench_gptq.py --features 2048 --tokens 16384 --group-size 32
     python bench/bench_gptq.py --refine-rounds 2            # plus two grid refits, one more pass
     python bench/bench_gptq.py --memory 4096 14336 --rows 4096   # peak memory of the solve per K
+    python bench/bench_gptq.py --memory 4096 14336 --rows 4096 --overwrite   # as quantize_model
 
 --memory runs gptq() once per K in a fresh process on a synthetic positive definite Hessian
-(float32, as the caller would hold it) and reports the peak resident memory the call adds above
-its inputs (Linux: /proc/self/clear_refs resets the peak), next to docs/SCALE.md's formula.
+(float32) and reports the peak resident memory the call adds above its inputs (Linux:
+/proc/self/clear_refs resets the peak), next to docs/SCALE.md's formula. --overwrite runs it as
+quantize_model does: H in the calibration engine's dtype (float64 up to K = 4096), taken over by
+the solve (overwrite_hessian=True), uint8 codes returned.
 """
 import argparse
 import os
@@ -43,47 +46,53 @@ def _rss_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
 
 
-def predicted_peak_mib(K: int, N: int, group_size: int) -> float:
+def predicted_peak_mib(K: int, N: int, group_size: int, overwrite: bool = False) -> float:
     """docs/SCALE.md's formula for what gptq() adds above a float32 w and H, the largest of its
-    three phases: the solve (the K x K buffer in the solve dtype, plus the float32 copy of a
-    float64 result), the pass (the float32 factor, the float32 working copy of W^T and the uint8
-    codes) and the return (uint8 codes and the int64 ones returned); 16 MiB of row slices."""
+    three phases: the solve (the K x K buffer in the solve dtype unless H is overwritten, plus the
+    float32 copy of a float64 result), the pass (the float32 factor unless it is H's own memory,
+    the float32 working copy of W^T and the uint8 codes) and the return (uint8 codes and the
+    ones returned: int64, or uint8 with overwrite as quantize_model asks); 16 MiB of row slices."""
     from int4kit.quant.gptq import solve_dtype
     b = solve_dtype(K).itemsize
-    solve = K * K * b + (K * K * 4 if b == 8 else 0)
-    run = K * K * 4 + N * K * (4 + 1)
-    end = N * K * (1 + 8)
+    float32_copy = K * K * 4 if b == 8 else 0
+    solve = (0 if overwrite else K * K * b) + float32_copy
+    run = (0 if overwrite and b == 4 else K * K * 4) + N * K * (4 + 1)
+    end = N * K * (1 + (1 if overwrite else 8))
     return (max(solve, run, end) + (16 << 20)) / 2**20
 
 
-def measure_memory(K: int, N: int, group_size: int) -> None:
+def measure_memory(K: int, N: int, group_size: int, overwrite: bool = False) -> None:
     """One line of the memory table, printed by a fresh process."""
+    from int4kit.quant.calibration import matrix_dtype
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * 0.02
     A = torch.randn(K, 64, generator=g)
-    H = A @ A.T / 64
+    H = (A @ A.T / 64).to(matrix_dtype(K) if overwrite else torch.float32)
     H.diagonal().add_(0.1)
     del A
     open("/proc/self/clear_refs", "w").write("5")
     base = _rss_mib("VmRSS")
     t0 = time.perf_counter()
-    gptq(w, H, group_size, False)
+    gptq(w, H, group_size, False, overwrite_hessian=overwrite,
+         codes_dtype=torch.uint8 if overwrite else torch.int64)
     seconds = time.perf_counter() - t0
     peak = _rss_mib("VmHWM") - base
     from int4kit.quant.gptq import solve_dtype
     print(f"| {K} | {N} | {str(solve_dtype(K)).removeprefix('torch.')} | "
-          f"{K * K * 4 / 2**20:.0f} | {peak:.0f} | {predicted_peak_mib(K, N, group_size):.0f} | "
-          f"{seconds:.0f} s |", flush=True)
+          f"{K * K * H.element_size() / 2**20:.0f} | {peak:.0f} | "
+          f"{predicted_peak_mib(K, N, group_size, overwrite):.0f} | {seconds:.0f} s |", flush=True)
 
 
-def memory_table(sizes, N, group_size) -> int:
+def memory_table(sizes, N, group_size, overwrite=False) -> int:
+    held = ("H in the calibration engine's dtype, overwritten by the solve, uint8 codes"
+            if overwrite else "H (float32)")
     print(f"GPTQ solve, group {group_size} asymmetric, {torch.get_num_threads()} threads; "
-          f"peak resident memory added by gptq() above w (float32) and H (float32)")
-    print("| K | N | solve dtype | H fp32 (MiB) | peak added (MiB) | formula (MiB) | time |\n"
+          f"peak resident memory added by gptq() above w (float32) and {held}")
+    print("| K | N | solve dtype | H (MiB) | peak added (MiB) | formula (MiB) | time |\n"
           "|---|---|---|---|---|---|---|", flush=True)
     for K in sizes:
         code = (f"import sys; sys.argv = ['bench_gptq']; import bench_gptq; "
-                f"bench_gptq.measure_memory({K}, {N or K}, {group_size})")
+                f"bench_gptq.measure_memory({K}, {N or K}, {group_size}, {overwrite})")
         subprocess.run([sys.executable, "-c", code], check=True,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     return 0
@@ -102,9 +111,12 @@ def main(argv=None):
                    help="measure the peak memory of the solve at these in_features instead")
     p.add_argument("--rows", type=int, default=None,
                    help="out_features for --memory (default: K)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--memory as quantize_model runs it: H in the calibration engine's "
+                        "dtype, taken over by the solve")
     args = p.parse_args(argv)
     if args.memory:
-        return memory_table(args.memory, args.rows, args.group_size)
+        return memory_table(args.memory, args.rows, args.group_size, args.overwrite)
     K = N = args.features
     G = K if args.group_size == -1 else args.group_size
     g = torch.Generator().manual_seed(0)

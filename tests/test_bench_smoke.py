@@ -64,11 +64,14 @@ def test_bench_gptq(capsys):
     assert 0 < ratio < 1  # GPTQ below RTN on its own objective
 
 
-def test_bench_gptq_memory(capfd):
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["buffer", "overwrite"])
+def test_bench_gptq_memory(capfd, overwrite):
     """--memory runs each K in a fresh process; the measured peak is within 2x of the formula
-    (a solve that kept several K x K copies would be far above it at this K)."""
+    (a solve that kept several K x K copies would be far above it at this K; overwriting H, one
+    buffer would be)."""
     import bench_gptq
-    assert bench_gptq.main(["--memory", "1536", "--rows", "64", "--group-size", "64"]) == 0
+    assert bench_gptq.main(["--memory", "1536", "--rows", "64", "--group-size", "64",
+                            *overwrite]) == 0
     row = capfd.readouterr().out.strip().splitlines()[-1].split("|")
     measured, formula = float(row[5]), float(row[6])
     assert row[1].strip() == "1536" and 0 < measured < 2 * formula

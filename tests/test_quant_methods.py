@@ -279,6 +279,69 @@ def test_gptq_dead_columns():
     assert (w[:, 3] != 0).any()  # weights are kept, not zeroed
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+@pytest.mark.parametrize("setting", [(32, False, 0), (32, True, 0), (-1, False, 0), (32, False, 3),
+                                     ("tensor", True, 0)],
+                         ids=["g32-asym", "g32-sym", "chan-asym", "g32-refined", "tensor"])
+def test_gptq_objective_out_is_the_layer_objective(setting, act_order):
+    """objective_out, computed from the pass's own errors (and the refit's objective), is each
+    row's layer objective with the undamped H, dead inputs included, within float32's error."""
+    G, sym, rounds = setting
+    if rounds and act_order:
+        pytest.skip("covered without act-order")
+    N, K = 24, 96
+    w = random_weight(N, K)
+    x = correlated_inputs(300, K, seed=7)
+    x[:, [5, 50]] = 0  # dead inputs: H's row and column are zero
+    H = x.T.double() @ x.double()
+    rows = torch.empty(N, dtype=torch.float64)
+    codes, s, z = gptq(w, H, G, sym, damp=0.05, act_order=act_order, refine_rounds=rounds,
+                       objective_out=rows)
+    width = K if G in (-1, "tensor") else G
+    expected = row_objectives(w, dequant(codes, s, z, width), H)
+    assert torch.allclose(rows, expected, rtol=1e-4, atol=1e-6 * float(expected.max()))
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gptq_overwriting_the_hessian_gives_the_same_result(act_order, dtype):
+    """overwrite_hessian takes H's memory for the solve where H has the solve's dtype (float64
+    at this K: H is then overwritten) and a buffer otherwise; the result is the same."""
+    N, K = 16, 80
+    w = random_weight(N, K)
+    x = correlated_inputs(200, K, seed=8)
+    H = (x.T.double() @ x.double()).to(dtype)
+    expected = gptq(w, H, 16, False, act_order=act_order)
+    H_in = H.clone()
+    got = gptq(w, H_in, 16, False, act_order=act_order, overwrite_hessian=True)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert torch.equal(H_in, H) == (dtype == torch.float32)  # float32: the solve runs in float64
+
+
+def test_permute_symmetric_in_place_matches_indexing():
+    import int4kit.quant.gptq as gptq_module
+    K = 37
+    A = torch.randn(K, K, dtype=torch.float64)
+    A = A + A.T
+    perm = torch.arange(K)  # the first four are fixed points, the rest move
+    perm[4:] = 4 + torch.randperm(K - 4, generator=torch.Generator().manual_seed(3))
+    expected = A[perm][:, perm]
+    gptq_module._permute_symmetric_(A, perm, step=5)
+    assert torch.equal(A, expected)
+
+
+def test_gptq_hessian_that_cannot_be_factorised():
+    """A Hessian that no damping makes positive definite: HessianError, at once when H was being
+    overwritten (nothing is left to retry from), after raising the damping otherwise."""
+    from int4kit.quant.gptq import HessianError
+    w = random_weight(8, 32)
+    for overwrite in (False, True):
+        with pytest.raises(HessianError, match="not positive definite"):
+            gptq(w, -torch.eye(32, dtype=torch.float64), 16, False,
+                 overwrite_hessian=overwrite)
+
+
 def damped(H, damp):
     Hd = H.double().clone()
     Hd.diagonal().add_(damp * float(Hd.diagonal().mean()))
@@ -427,8 +490,8 @@ def test_gptq_pass_on_a_given_grid_reproduces_the_pass_that_chose_it(act_order):
     Hinv, _ = gptq_module.damped_inverse_cholesky(H if perm is None else H[perm][:, perm], 0.1)
     Hinv = Hinv.float()
     args = (w, Hinv, perm, G, False, torch.float32, 32, False, None)
-    Q, S, Z = gptq_module._gptq_pass(*args, None)
-    Q2, _, _ = gptq_module._gptq_pass(*args, (S.clone(), Z.clone()))
+    Q, S, Z, _ = gptq_module._gptq_pass(*args, None)
+    Q2, _, _, _ = gptq_module._gptq_pass(*args, (S.clone(), Z.clone()))
     assert torch.equal(Q, Q2)
     assert torch.equal(Q.long(), gptq(w, H, G, False, damp=0.1, block_size=32,
                                       act_order=act_order)[0])
@@ -441,11 +504,11 @@ def test_gptq_refinement_keeps_the_best_round(monkeypatch):
     calls = []
 
     def erratic_pass(W, *args):
-        Q, S, Z = real_pass(W, *args)
+        Q, S, Z, damped_objective = real_pass(W, *args)
         calls.append(1)
         if len(calls) > 1:
             Q = torch.randint(0, 16, Q.shape, generator=torch.Generator().manual_seed(len(calls)))
-        return Q.to(W.dtype), S, Z
+        return Q.to(W.dtype), S, Z, damped_objective
 
     N, K, damp = 16, 64, 0.1
     w = random_weight(N, K)

@@ -390,6 +390,33 @@ def test_norm_weighting_falls_back_per_layer_and_reports_it():
     assert any(name == "a" and "norm weighting off" in note for name, note in report.notes)
 
 
+def test_gptq_layer_whose_hessian_fails_keeps_rtn_with_a_note(monkeypatch):
+    """quantize_model's GPTQ guard: a layer whose Hessian GPTQ cannot factorise (its memory is
+    gone by then) gets plain rounding's codes and a note naming it; the others keep GPTQ."""
+    from int4kit.quant.gptq import HessianError
+    real_gptq = qmodel.gptq
+
+    def failing_for_c(w, H, *args, **kwargs):
+        if w.shape[0] == 8:  # layer c
+            raise HessianError("GPTQ: the Hessian of this layer (16 inputs) is not positive "
+                               "definite with damping 0.01")
+        return real_gptq(w, H, *args, **kwargs)
+
+    monkeypatch.setattr(qmodel, "gptq", failing_for_c)
+    torch.manual_seed(0)
+    net = PooledNormNet().eval()
+    data = [{"x": torch.randn(3, 6, 16)} for _ in range(2)]
+    weight = net.c.weight.detach().clone()
+    report = quantize_model(net, QuantConfig(group_size=16, symmetric=False, method="gptq"),
+                            calib_data=data)
+    assert any(name == "c" and "not positive definite" in note and "kept RTN" in note
+               for name, note in report.notes)
+    for got, expected in zip(net.c.canonical(), R.quantize(weight, 16, symmetric=False)):
+        assert torch.equal(got, expected)
+    assert not any(name == "a" and "kept RTN" in note for name, note in report.notes)
+    assert 0 < report.layer_errors["c"] < 1
+
+
 def test_norm_weights_are_capped_and_reject_non_finite_input():
     ln = nn.LayerNorm(16)
     u = torch.randn(5, 16)

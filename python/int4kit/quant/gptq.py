@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import matrix_dtype
-from .rtn import (threads_for, MAX_CODE, PER_TENSOR, SYMMETRIC_ZERO, group_size_of, max_code, rtn,
-                  store_scale)
+from .rtn import (threads_for, MAX_CODE, OBJECTIVE_ROWS, PER_TENSOR, SYMMETRIC_ZERO, dequant,
+                  group_size_of, max_code, row_objectives, rtn, store_scale)
 
 CODE_CENTRE = MAX_CODE / 2
 GRAM_ROWS = 256  # rows per slice in GridSystem (a [256, K] float32 product: 4 MiB at K = 4096)
@@ -56,27 +56,39 @@ def solve_dtype(K: int) -> torch.dtype:
     return matrix_dtype(K)
 
 
+class HessianError(RuntimeError):
+    """The damped Hessian of a layer could not be factorised (not positive definite)."""
+
+
 def damped_inverse_cholesky(H: torch.Tensor, damp: float, perm: Optional[torch.Tensor] = None,
-                            dtype: Optional[torch.dtype] = None):
+                            dtype: Optional[torch.dtype] = None, overwrite: bool = False):
     """Upper Cholesky factor U of (Hp + damp * mean(diag Hp) * I)^-1 (U^T U = that inverse), with
     Hp = H[perm][:, perm] (H itself without perm) and dead inputs (H_dd = 0) given H_dd = 1;
     raises the damping tenfold (up to 3 times) if a factorisation fails. Returns (U in `dtype`,
-    default solve_dtype(K), damping used). H is not modified.
+    default solve_dtype(K), damping used).
 
-    Memory: one K x K buffer beyond H. The permuted copy is built in slices of rows; the three
-    LAPACK steps (Cholesky, inverse from the factor, Cholesky of the inverse) run in place on the
-    buffer's column-major view (row-major input would make torch copy it for LAPACK). The last
+    Memory: one K x K buffer beyond H, or none with overwrite=True where H is contiguous and of
+    `dtype`: H is then the buffer and its contents are lost (U is a view of it), and a failed
+    factorisation raises HessianError at once, having nothing left to retry from. The permuted
+    copy is built in slices of rows (in place: `_permute_symmetric_`); the three LAPACK steps
+    (Cholesky, inverse from the factor, Cholesky of the inverse) run in place on the buffer's
+    column-major view (row-major input would make torch copy it for LAPACK). The last
     factorisation is the lower factor of the column-major view, which read row-major is U."""
     K = H.shape[0]
     dtype = dtype or solve_dtype(K)
-    work = torch.empty(K, K, dtype=dtype)
+    in_place = overwrite and H.dtype == dtype and H.is_contiguous()
+    work = H if in_place else torch.empty(K, K, dtype=dtype)
     cm = work.mT  # column-major view: LAPACK works on it in place
     info = torch.empty((), dtype=torch.int32)
     step = max(1, (16 << 20) // (K * H.element_size()))
-    for attempt in range(4):
-        for r0 in range(0, K, step):
-            rows = slice(r0, min(r0 + step, K))
-            work[rows] = H[rows] if perm is None else H[perm[rows]][:, perm]
+    for attempt in range(1 if in_place else 4):
+        if in_place:
+            if perm is not None:
+                _permute_symmetric_(work, perm, step)
+        else:
+            for r0 in range(0, K, step):
+                rows = slice(r0, min(r0 + step, K))
+                work[rows] = H[rows] if perm is None else H[perm[rows]][:, perm]
         diagonal = work.diagonal()
         diagonal.masked_fill_(diagonal == 0, 1.0)
         diagonal.add_(damping(diagonal, damp))
@@ -86,16 +98,54 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, perm: Optional[torch.T
             torch.linalg.cholesky_ex(cm, out=(cm, info))
             if int(info) == 0:
                 return work.triu_(), damp
-        damp = damp * 10 if damp > 0 else 1e-6
-    raise RuntimeError(f"GPTQ: the Hessian of this layer ({K} inputs) is not positive definite "
-                       f"even with damping {damp:g}; its calibration data may be degenerate")
+        if not in_place:
+            damp = damp * 10 if damp > 0 else 1e-6
+    raise HessianError(f"GPTQ: the Hessian of this layer ({K} inputs) is not positive definite "
+                       f"with damping {damp:g}; its calibration data may be degenerate")
+
+
+def _permute_symmetric_(A: torch.Tensor, perm: torch.Tensor, step: int):
+    """A <- A[perm][:, perm] in place: the columns in slices of `step` rows, then the rows along
+    the permutation's cycles with one row of scratch (row i takes row perm[i])."""
+    K = A.shape[0]
+    for r0 in range(0, K, step):
+        rows = slice(r0, min(r0 + step, K))
+        A[rows] = A[rows][:, perm]
+    order = perm.tolist()
+    moved = [False] * K
+    for start in range(K):
+        if moved[start] or order[start] == start:
+            continue
+        first = A[start].clone()
+        i = start
+        while True:
+            moved[i] = True
+            j = order[i]
+            if j == start:
+                A[i] = first
+                break
+            A[i] = A[j]
+            i = j
+
+
+def _damping_terms(W, Q, S, Z, G, damping_added, dead):
+    """[N] float64: what the damping adds to each row's layer objective, damping_added *
+    ||d||^2 + ||d_dead||^2 with d = w - dequant(q) (dead inputs sit at 1 + damping on the
+    diagonal the factor used, at 0 in H)."""
+    terms = torch.empty(W.shape[0], dtype=torch.float64)
+    for r0 in range(0, W.shape[0], OBJECTIVE_ROWS):
+        rows = slice(r0, r0 + OBJECTIVE_ROWS)
+        d = (W[rows].double() - dequant(Q[rows], S[rows], Z[rows], G).double()).square_()
+        terms[rows] = damping_added * d.sum(1) + d[:, dead].sum(1)
+    return terms
 
 
 def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
          dtype: Optional[torch.dtype] = None, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, clip_search: bool = False,
          compute_dtype: torch.dtype = torch.float32, refine_rounds: int = 0,
-         codes_dtype: torch.dtype = torch.int64, bits: int = 4):
+         codes_dtype: torch.dtype = torch.int64, bits: int = 4, overwrite_hessian: bool = False,
+         objective_out: Optional[torch.Tensor] = None):
     """w [N, K], H [K, K] (X^T X, any positive scale). Returns (codes [N, K] in codes_dtype (uint8
     takes an eighth of int64's memory), s, z) with s, z
     [N, groups] in compute_dtype, following the canonical rules (s rounded to `dtype`), for
@@ -105,7 +155,17 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
     a least-squares refit of every group's scale and zero point to the codes (`refit_grid`), with a
     GPTQ pass on each refitted grid in between (R - 1 passes). Each row keeps the codes and grid
     with the lowest damped objective seen, the plain pass's included, so refinement never makes a
-    row worse on it. Asymmetric zero points then become fractional (FORMAT.md allows it)."""
+    row worse on it. Asymmetric zero points then become fractional (FORMAT.md allows it).
+
+    overwrite_hessian=True lets the solve take H's memory (with refine_rounds = 0, which needs H
+    afterwards; damped_inverse_cholesky's `overwrite`): the caller must treat H's contents as
+    lost, whatever happens. objective_out, an [N] float64 tensor, receives each row's layer objective
+    (w - w_hat) H (w - w_hat)^T of the returned codes. Without refine_rounds it comes from the
+    pass, not from H (which may be gone): the pass leaves W - W_hat = E U (E its scaled errors, U
+    the factor), and U Hd U^T = I for the damped Hd, so the damped objective is ||e||^2 per row;
+    the damping's share is then taken off (`_damping_terms`). The pass's float32 arithmetic makes
+    that about 1e-4 relative to a float64 evaluation with H; with refine_rounds it is that
+    evaluation."""
     with threads_for(w.shape[0] * min(block_size, w.shape[1])):
         dtype = dtype or w.dtype
         N, K = w.shape
@@ -116,9 +176,11 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         G = group_size_of(group_size, K)
         W = w  # in its own dtype: the pass copies it (transposed) into compute_dtype
         diag = torch.diag(H).double()
-        diag[diag == 0] = 1.0  # dead inputs, as damped_inverse_cholesky treats them
+        dead = diag == 0
+        diag[dead] = 1.0  # dead inputs, as damped_inverse_cholesky treats them
         perm = torch.argsort(diag, descending=True) if act_order else None
-        Hinv, damp = damped_inverse_cholesky(H, damp, perm)
+        overwrite = overwrite_hessian and refine_rounds == 0
+        Hinv, damp = damped_inverse_cholesky(H, damp, perm, overwrite=overwrite)
         Hinv = Hinv.to(compute_dtype)  # no copy when the solve ran in compute_dtype
         cw = diag.to(compute_dtype) if clip_search else None
 
@@ -132,9 +194,9 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                                  "which per-tensor quantization keeps equal; use 0")
             _, S, Z = rtn(W, PER_TENSOR, symmetric, dtype, clip_search=clip_search,
                           channel_weight=cw, codes_dtype=torch.uint8, bits=bits)
-            Q, S, Z = run_pass((S.to(compute_dtype), Z.to(compute_dtype)))
+            Q, S, Z, damped_obj = run_pass((S.to(compute_dtype), Z.to(compute_dtype)))
         else:
-            Q, S, Z = run_pass(None)
+            Q, S, Z, damped_obj = run_pass(None)
         if refine_rounds > 0:
             Hd = H.to(compute_dtype, copy=True)
             # the diagonal the Cholesky factor used: dead inputs at 1, plus the damping
@@ -151,9 +213,15 @@ def gptq(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
                              for new, old in zip((Q, S, Z), best))
                 best_obj = torch.where(better, obj, best_obj)
                 if r + 1 < refine_rounds:
-                    Q, S, Z = run_pass((S, Z))
+                    Q, S, Z, _ = run_pass((S, Z))
             Q, S, Z = best
         Hinv = None  # frees the largest buffer before the returned codes are made
+        if objective_out is not None:
+            if refine_rounds > 0:  # H is still there (the refit's objective is float32's)
+                objective_out.copy_(row_objectives(W, Q, S, Z, G, H))
+            else:
+                objective_out.copy_(damped_obj - _damping_terms(W, Q, S, Z, G,
+                                                                damping(diag, damp), dead))
         return Q.to(codes_dtype, memory_format=torch.contiguous_format), S, Z
 
 
@@ -163,7 +231,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     inverse Hessian in visiting order (columns permuted by `perm` when act-order). grid = (S, Z)
     fixes every group's parameters (their zero points may be fractional); None computes them as
     the pass goes (or up front, "static", for act-order and per channel). Returns codes (uint8),
-    S, Z."""
+    S, Z and each row's damped objective, the squared norm of its scaled errors (see gptq)."""
     N, K = W.shape
     groups = -(-K // G)
     if grid is not None:
@@ -200,6 +268,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     WT.copy_(W.T)
     QT = torch.empty(K, N, dtype=torch.uint8)  # codes 0..15 (0..255): a quarter of float32's memory
     top = max_code(bits)
+    damped_obj = torch.zeros(N, dtype=torch.float64)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
         W1 = WT[i1:i2].clone()
@@ -227,10 +296,11 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
                 Err1[i] = err
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+        damped_obj += Err1.double().square_().sum(0)
     Q = QT.T
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return Q, S, Z
+    return Q, S, Z, damped_obj
 
 
 class LayerTerms:

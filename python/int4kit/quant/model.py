@@ -17,7 +17,7 @@ from .adaround import adaround
 from .awq import awq, awq_scales, scaled_hessian
 from .blocks import find_blocks, quantize_blocks
 from .config import QuantConfig
-from .gptq import gptq
+from .gptq import HessianError, gptq
 from .hqq import hqq
 from .rtn import (PER_TENSOR, codes_objective, dequant, group_size_of, layer_objective, rtn,
                   to_int4linear, wider_than)
@@ -139,27 +139,47 @@ def _data_free(linear: nn.Linear, config: QuantConfig) -> QuantLinear:
 
 
 def _rel(obj: float, w: torch.Tensor, H: torch.Tensor) -> float:
-    base = layer_objective(w, torch.zeros_like(w), H)
+    base = _zero_objective(w, H)
     return obj / base if base > 0 else 0.0
 
 
+def _zero_objective(w: torch.Tensor, H: torch.Tensor) -> float:
+    """The layer objective of an all-zero w_hat: what report.layer_errors divides by."""
+    return layer_objective(w, torch.zeros((), dtype=w.dtype).expand(w.shape), H)
+
+
 def _gptq_guarded(name, w, H, config, report, dtype):
-    """GPTQ, unless plain rounding (with the same clip setting) does better on the layer objective."""
+    """GPTQ, unless plain rounding (with the same clip setting) does better on the layer
+    objective. Returns the codes, scales and zero points, and their objective relative to an
+    all-zero weight's (report.layer_errors).
+
+    H is consumed: without refine_rounds the solve runs in its memory (one K x K buffer less,
+    docs/SCALE.md), so whatever needs H (the plain rounding's objective, the relative error's
+    base) comes first, and GPTQ reports its own objective. A Hessian GPTQ cannot factorise keeps
+    the plain rounding, with a note."""
     G = group_size_of(config.group_size, w.shape[1])
     # codes 0..15 as uint8: an eighth of int64's memory (two [N, K] sets are alive here)
-    cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
-                block_size=config.block_size, act_order=config.act_order,
-                clip_search=config.clip_search, refine_rounds=config.refine_rounds,
-                codes_dtype=torch.uint8, bits=config.bits)
-    obj = codes_objective(w, *cand, G, H)
     alt = rtn(w, config.group_size, config.symmetric, dtype, clip_search=config.clip_search,
               codes_dtype=torch.uint8, bits=config.bits)
     obj_alt = codes_objective(w, *alt, G, H)
-    if obj_alt < obj:
-        report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
-                                   f"({obj_alt:.4g} < {obj:.4g}); kept RTN"))
-        return alt, obj_alt
-    return cand, obj
+    base = _zero_objective(w, H)
+    rows = torch.empty(w.shape[0], dtype=torch.float64)
+    try:
+        cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
+                    block_size=config.block_size, act_order=config.act_order,
+                    clip_search=config.clip_search, refine_rounds=config.refine_rounds,
+                    codes_dtype=torch.uint8, bits=config.bits, overwrite_hessian=True,
+                    objective_out=rows)
+    except HessianError as e:
+        report.notes.append((name, f"{e}; kept RTN"))
+        cand, obj = alt, obj_alt
+    else:
+        obj = float(rows.sum())
+        if obj_alt < obj:
+            report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
+                                       f"({obj_alt:.4g} < {obj:.4g}); kept RTN"))
+            cand, obj = alt, obj_alt
+    return cand, (obj / base if base > 0 else 0.0)
 
 
 def _fold_into_producer(model, name, s, report, final=None,
@@ -248,8 +268,8 @@ def _quantized_from_stats(model, name, linear, stats, config, report, final, con
         report.layer_errors[name] = _rel(codes_objective(w, codes, s, z, G, H), w, H)
         return build(codes=codes, s=s, z=z), None
     if config.method == "gptq":
-        (codes, s, z), obj = _gptq_guarded(name, w, H, config, report, dtype)
-        report.layer_errors[name] = _rel(obj, w, H)
+        (codes, s, z), report.layer_errors[name] = _gptq_guarded(name, w, H, config, report,
+                                                                 dtype)
         return build(codes=codes, s=s, z=z), None
     # AWQ, and AWQ's scaling followed by GPTQ
     G = group_size_of(config.group_size, w.shape[1])

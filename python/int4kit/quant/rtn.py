@@ -251,10 +251,17 @@ def layer_objective(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> fl
 
 def codes_objective(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                     G: int, H: torch.Tensor) -> float:
-    """layer_objective(w, dequant(codes, s, z, G), H), dequantizing one slice of rows at a time
-    (the same sums: the slices are layer_objective's)."""
-    total = 0.0
+    """layer_objective(w, dequant(codes, s, z, G), H), dequantizing one slice of rows at a time."""
+    return float(row_objectives(w, codes, s, z, G, H).sum())
+
+
+def row_objectives(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                   G: int, H: torch.Tensor) -> torch.Tensor:
+    """[N] float64: each row's (w - w_hat) H (w - w_hat)^T, w_hat = dequant(codes, s, z, G), in
+    H's dtype, in slices of rows as layer_objective."""
+    objective = torch.empty(w.shape[0], dtype=torch.float64)
     for r0 in range(0, w.shape[0], OBJECTIVE_ROWS):
         rows = slice(r0, r0 + OBJECTIVE_ROWS)
-        total += layer_objective(w[rows], dequant(codes[rows], s[rows], z[rows], G), H)
-    return total
+        d = w[rows].to(H.dtype) - dequant(codes[rows], s[rows], z[rows], G).to(H.dtype)
+        objective[rows] = ((d @ H) * d).double().sum(1)
+    return objective
