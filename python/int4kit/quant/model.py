@@ -163,18 +163,18 @@ def _gptq_guarded(name, w, H, config, report, dtype):
               codes_dtype=torch.uint8, bits=config.bits)
     obj_alt = codes_objective(w, *alt, G, H)
     base = _zero_objective(w, H)
-    rows = torch.empty(w.shape[0], dtype=torch.float64)
+    row_objective = torch.empty(w.shape[0], dtype=torch.float64)
     try:
         cand = gptq(w, H, config.group_size, config.symmetric, dtype=dtype, damp=config.damp,
                     block_size=config.block_size, act_order=config.act_order,
                     clip_search=config.clip_search, refine_rounds=config.refine_rounds,
                     codes_dtype=torch.uint8, bits=config.bits, overwrite_hessian=True,
-                    objective_out=rows)
+                    objective_out=row_objective)
     except HessianError as e:
         report.notes.append((name, f"{e}; kept RTN"))
         cand, obj = alt, obj_alt
     else:
-        obj = float(rows.sum())
+        obj = float(row_objective.sum())
         if obj_alt < obj:
             report.notes.append((name, f"RTN beat GPTQ on the calibration objective "
                                        f"({obj_alt:.4g} < {obj:.4g}); kept RTN"))
