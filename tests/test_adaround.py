@@ -61,6 +61,45 @@ def test_layerwise_adaround_beats_nearest_on_the_layer_objective(symmetric):
     assert torch.equal(codes, again)  # deterministic
 
 
+def test_polishing_ends_at_a_local_minimum_below_the_learned_rounding():
+    from test_descent import move_gains
+    w, H = correlated_layer(seed=5)
+    learned, s, z = ar.adaround(w, H, 32, False, torch.float32, iters=300)
+    polished, s2, z2 = ar.adaround(w, H, 32, False, torch.float32, iters=300, polish_sweeps=50)
+    assert torch.equal(s, s2) and torch.equal(z, z2)
+    before = layer_objective(w, dequant(learned, s, z, 32), H)
+    assert layer_objective(w, dequant(polished, s, z, 32), H) < before
+    up, down, size = move_gains(w, polished, s, z, 32, H)
+    assert bool((torch.minimum(up, down) >= -1e-3 * size - 1e-9 * before).all())
+    # some codes left the floor / ceiling pair the learned rounding chooses from
+    exact = w / s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    assert bool(((polished < exact.floor()) | (polished > exact.floor() + 1)).any())
+
+
+def test_damping_is_the_ridge_on_the_hessian_diagonal():
+    w, H = correlated_layer(seed=6)
+    Hd = H.clone()
+    Hd.diagonal().add_(0.3 * float(torch.diagonal(H).mean()))
+    for polish in (0, 20):  # without the clipping search the grid does not read H
+        damped = ar.adaround(w, H, 32, True, torch.float32, iters=200, clip_search=False,
+                             damp=0.3, polish_sweeps=polish)
+        ridge = ar.adaround(w, Hd, 32, True, torch.float32, iters=200, clip_search=False,
+                            polish_sweeps=polish)
+        assert all(torch.equal(a, b) for a, b in zip(damped, ridge))
+    assert ar.damped(H, 0.0) is H
+
+
+def test_refine_rounds_refit_the_grid_and_lower_the_objective():
+    w, H = correlated_layer(seed=7)
+    codes, s, z = ar.adaround(w, H, 32, False, torch.float32, iters=300, polish_sweeps=20)
+    refined, s2, z2 = ar.adaround(w, H, 32, False, torch.float32, iters=300, polish_sweeps=20,
+                                  refine_rounds=2)
+    assert not torch.equal(s, s2) and not torch.equal(z2, torch.round(z2))  # fractional z
+    assert layer_objective(w, dequant(refined, s2, z2, 32), H) < \
+        layer_objective(w, dequant(codes, s, z, 32), H)
+    assert 0 <= int(refined.min()) and int(refined.max()) <= 15
+
+
 def test_regulariser_drives_every_rounding_to_a_decision():
     w, H = correlated_layer(seed=1)
     nearest, s, z = rtn(w, 32, False)
@@ -95,19 +134,24 @@ def block_error(fp, model, batches):
                    for b in batches)
 
 
-@pytest.mark.parametrize("reconstruction", ["layer", "block"])
-def test_adaround_quantizes_bert_better_than_its_grid_rounded(reconstruction):
+@pytest.mark.parametrize("reconstruction, refine_rounds", [("layer", 0), ("layer", 2),
+                                                            ("block", 0)])
+def test_adaround_quantizes_bert_better_than_its_grid_rounded(reconstruction, refine_rounds):
     calib = bert_batches(n=4)
     fp = tiny_bert()
     nearest = tiny_bert()
     quantize_model(nearest, QuantConfig(group_size=32, symmetric=False, clip_search=True))
     model = tiny_bert()
     config = QuantConfig(group_size=32, symmetric=False, method="adaround", clip_search=True,
-                         adaround_iters=200, reconstruction=reconstruction)
+                         adaround_iters=200, reconstruction=reconstruction,
+                         refine_rounds=refine_rounds)
     report = quantize_model(model, config, calib)
     assert len(report.swapped) == 13
     assert all(isinstance(model.get_submodule(n), Int4Linear) for n in report.swapped)
     assert block_error(fp, model, calib) < 0.8 * block_error(fp, nearest, calib)
+    if refine_rounds:  # refitted grids: fractional zero points, stored as such
+        zeros = [model.get_submodule(n).canonical()[2] for n in report.swapped]
+        assert any(not torch.equal(z, torch.round(z)) for z in zeros)
     if reconstruction == "block":  # reproducible with the seed
         again = tiny_bert()
         quantize_model(again, config, calib)
@@ -141,9 +185,13 @@ def test_block_reconstruction_on_a_llama():
     (dict(method="gptq", reconstruction="block"), "applies to method 'adaround'"),
     (dict(method="adaround", reconstruction="model"), "reconstruction must be 'layer' or 'block'"),
     (dict(method="adaround", adaround_iters=-1), "adaround_iters must be a non-negative int"),
+    (dict(method="adaround", adaround_polish_sweeps=1.5),
+     "adaround_polish_sweeps must be a non-negative int"),
     (dict(method="adaround", adaround_lr=0), "adaround_lr must be a positive number"),
     (dict(method="adaround", adaround_reg=float("nan")), "adaround_reg must be a non-negative"),
     (dict(method="adaround", seed=-2), "seed must be a non-negative int"),
+    (dict(method="adaround", reconstruction="block", refine_rounds=2),
+     "refine_rounds refits each layer's grid"),
 ])
 def test_bad_adaround_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

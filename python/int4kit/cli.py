@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--symmetric", action="store_true", help="zero point fixed at 8")
     q.add_argument("--act-order", action="store_true", help="GPTQ visits columns by Hessian size")
     q.add_argument("--clip-search", action="store_true", help="MSE-optimal clipping of each group")
-    q.add_argument("--refine-rounds", type=int, default=0, help="GPTQ scale/zero refits")
+    q.add_argument("--refine-rounds", type=int, default=0,
+                   help="least-squares refits of the group scales and zero points (gptq, "
+                        "awq+gptq, layer-wise adaround)")
     q.add_argument("--stream", action="store_true",
                    help="quantize block by block from the files without loading the model "
                         "(models larger than memory; resumes after an interruption; "

@@ -42,6 +42,7 @@ METHODS = (("rtn", dict(method="rtn")),
 EVAL_SETS = {"in-domain": eval_data.EVAL_IN_DOMAIN, "out-of-domain": eval_data.EVAL_OUT_OF_DOMAIN}
 # learned rounding: minutes per run on 2 cores, so only when asked for (--methods)
 SLOW_METHODS = (("adaround", dict(method="adaround", clip_search=True)),
+                ("adaround refined", dict(method="adaround", clip_search=True, refine_rounds=2)),
                 ("adaround block", dict(method="adaround", clip_search=True,
                                         reconstruction="block")))
 

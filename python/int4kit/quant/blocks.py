@@ -12,8 +12,9 @@ quantized (through dense stand-ins), so a block learns to absorb the error that 
   3. the block's layers are replaced by soft-rounded ones (adaround.SoftRounding) and Adam
      minimises the block output's mean squared error (padding tokens left out), divided by that
      of plain rounding, plus reg times the rounding regulariser, one calibration batch per step,
-     drawn with QuantConfig.seed; the hard codes are kept unless plain rounding reconstructs the
-     block better.
+     drawn with QuantConfig.seed; each layer's hard codes are polished on its own damped layer
+     objective (as layer-wise AdaRound's: 0.9747 -> 0.9755 out of domain on MiniLM) and kept
+     unless plain rounding reconstructs the block better.
 Layers outside every block (a pooler, a classifier head) get layer-wise AdaRound (quant.model).
 """
 import math
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from ..nn import replace_module
 from . import calibration
-from .adaround import WARMUP, SoftRounding, beta_at, grid
+from .adaround import WARMUP, SoftRounding, beta_at, damped, grid
+from .descent import coordinate_descent
 from .rtn import group_size_of, to_int4linear
 
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")
@@ -187,7 +189,9 @@ def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Mod
             replace_module(model, n, _SoftLinear(soft[n], layers[n].bias))
         if base > 0 and config.adaround_iters > 0:
             _optimise(block, inputs, targets, masks, soft, base, config, generator, block_name)
-        learned = {n: to_int4linear(layers[n], soft[n].codes(), grids[n][1], grids[n][2],
+        learned = {n: to_int4linear(layers[n], _polished(soft[n], layers[n], grids[n],
+                                                         stats[n].hessian, config),
+                                    grids[n][1], grids[n][2],
                                     config.group_size, config.symmetric,
                                     scale_dtype=config.scale_dtype_for(layers[n].weight))
                     for n in names}
@@ -199,6 +203,18 @@ def _quantize_blocks(model, blocks, batches, config, report) -> Dict[str, nn.Mod
             _stand_in(model, nearest, layers)
         final.update(learned)
     return final
+
+
+def _polished(soft, layer, grid_params, H, config) -> torch.Tensor:
+    """The block's learned codes of one layer, polished on its damped layer objective (with the
+    layer's inputs as the partly quantized model gives them; quant/descent.py)."""
+    codes = soft.codes()
+    if not config.adaround_polish_sweeps:
+        return codes
+    _, s, z = grid_params
+    return coordinate_descent(layer.weight.detach().float().cpu(), codes, s, z,
+                              group_size_of(config.group_size, layer.in_features),
+                              damped(H, config.damp), config.adaround_polish_sweeps)
 
 
 def _optimise(block, inputs, targets, masks, soft, base, config, generator, block_name):

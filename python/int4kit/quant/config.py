@@ -32,12 +32,14 @@ class QuantConfig:
       weighted by the input's second moment; awq always searches, on the output error).
     damp: GPTQ damping, as a fraction of the mean of the Hessian diagonal (0.2 by default: on
       MiniLM it generalised better to text unlike the calibration text than the paper's 0.01 or
-      0.1, in every setting measured; docs/ACCURACY.md).
+      0.1, in every setting measured; docs/ACCURACY.md); layer-wise AdaRound's objective is
+      damped the same way (0.9712 -> 0.9731 out of domain on MiniLM, docs/QAT.md).
     block_size: GPTQ lazy-update block (columns).
     act_order: GPTQ visits columns by decreasing Hessian diagonal (with static groups).
     refine_rounds: GPTQ (gptq, awq+gptq) then alternates this many least-squares refits of each
       group's scale and zero point to the codes with GPTQ passes on the refitted grid (0: the
-      paper's single pass; each round costs a GPTQ pass and about half another; docs/ACCURACY.md).
+      paper's single pass; each round costs a GPTQ pass and about half another; docs/ACCURACY.md);
+      layer-wise AdaRound alternates them with coordinate-descent polishing.
     calib_max_tokens: at most this many (non-padding) tokens per layer are used (None: all).
     norm_weighting: in the calibration statistics (gptq, awq, awq+gptq), weight each token of a
       layer by 1 / sigma_t^2 of the input of the first LayerNorm / RMSNorm called after the layer
@@ -54,7 +56,9 @@ class QuantConfig:
       adaround_reg times the mean rounding regulariser; reconstruction "layer" (each layer's
       output, through its Hessian: exact and deterministic) or "block" (every layer of a
       transformer block at once against the block's full-precision output, BRECQ; batches drawn
-      with `seed`).
+      with `seed`). The learned codes are then polished by at most adaround_polish_sweeps sweeps
+      of coordinate descent on the damped layer objective (quant/descent.py: single codes move by
+      one step, also past the floor / ceiling pair AdaRound chooses from; 0 turns it off).
     scale_dtype: the dtype scales and zero points are stored in (and rounded to before any code
       is computed): None for the weight's dtype, or torch.float32 / bfloat16 / float16. A
       float32 model's group-128 asymmetric layer costs 4.5 bits per weight with float32 scales
@@ -77,6 +81,7 @@ class QuantConfig:
     adaround_iters: int = 1000
     adaround_lr: float = 3e-2
     adaround_reg: float = 10.0
+    adaround_polish_sweeps: int = 20
     reconstruction: str = "layer"
     seed: int = 0
     scale_dtype: Optional[torch.dtype] = None
@@ -117,9 +122,10 @@ class QuantConfig:
         if not _int_at_least(self.refine_rounds, 0):
             raise ValueError(f"QuantConfig.refine_rounds must be a non-negative int, got "
                              f"{self.refine_rounds!r}")
-        if not _int_at_least(self.adaround_iters, 0):
-            raise ValueError(f"QuantConfig.adaround_iters must be a non-negative int, got "
-                             f"{self.adaround_iters!r}")
+        for name in ("adaround_iters", "adaround_polish_sweeps"):
+            if not _int_at_least(getattr(self, name), 0):
+                raise ValueError(f"QuantConfig.{name} must be a non-negative int, got "
+                                 f"{getattr(self, name)!r}")
         for name, low in (("adaround_lr", "positive"), ("adaround_reg", "non-negative")):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
@@ -131,6 +137,10 @@ class QuantConfig:
         if self.reconstruction == "block" and self.method != "adaround":
             raise ValueError(f"QuantConfig.reconstruction='block' applies to method 'adaround', "
                              f"not {self.method!r}")
+        if self.reconstruction == "block" and self.refine_rounds:
+            raise ValueError("QuantConfig.refine_rounds refits each layer's grid to its own "
+                             "objective, which reconstruction='block' does not learn against; "
+                             "use refine_rounds=0 or reconstruction='layer'")
         if not _int_at_least(self.seed, 0):
             raise ValueError(f"QuantConfig.seed must be a non-negative int, got {self.seed!r}")
         if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES.values():

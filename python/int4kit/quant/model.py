@@ -263,7 +263,9 @@ def _quantized_from_stats(model, name, linear, stats, config, report, final, con
     if config.method == "adaround":
         codes, s, z = adaround(w, H, config.group_size, config.symmetric, dtype,
                                config.adaround_iters, config.adaround_reg, config.adaround_lr,
-                               clip_search=config.clip_search)
+                               clip_search=config.clip_search, damp=config.damp,
+                               polish_sweeps=config.adaround_polish_sweeps,
+                               refine_rounds=config.refine_rounds)
         G = group_size_of(config.group_size, w.shape[1])
         report.layer_errors[name] = _rel(codes_objective(w, codes, s, z, G, H), w, H)
         return build(codes=codes, s=s, z=z), None
