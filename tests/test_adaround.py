@@ -6,6 +6,7 @@ import torch
 from int4kit import Int4Linear, QuantConfig, quantize_model
 from int4kit.quant import adaround as ar
 from int4kit.quant.blocks import find_blocks
+from int4kit.quant.gptq import damped
 from int4kit.quant.rtn import dequant, layer_objective, rtn
 
 from test_quant_model import bert_batches, tiny_bert
@@ -81,12 +82,12 @@ def test_damping_is_the_ridge_on_the_hessian_diagonal():
     Hd = H.clone()
     Hd.diagonal().add_(0.3 * float(torch.diagonal(H).mean()))
     for polish in (0, 20):  # without the clipping search the grid does not read H
-        damped = ar.adaround(w, H, 32, True, torch.float32, iters=200, clip_search=False,
-                             damp=0.3, polish_sweeps=polish)
+        with_damp = ar.adaround(w, H, 32, True, torch.float32, iters=200, clip_search=False,
+                                damp=0.3, polish_sweeps=polish)
         ridge = ar.adaround(w, Hd, 32, True, torch.float32, iters=200, clip_search=False,
                             polish_sweeps=polish)
-        assert all(torch.equal(a, b) for a, b in zip(damped, ridge))
-    assert ar.damped(H, 0.0) is H
+        assert all(torch.equal(a, b) for a, b in zip(with_damp, ridge))
+    assert damped(H, 0.0) is H
 
 
 def test_refine_rounds_refit_the_grid_and_lower_the_objective():

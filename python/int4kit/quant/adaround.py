@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 import torch
 
 from .descent import coordinate_descent
-from .gptq import LayerTerms, damping, refit_grid
+from .gptq import LayerTerms, damped, refit_grid
 from .rtn import MAX_CODE, codes_objective, group_size_of, grouped, rtn, ungrouped
 
 ZETA, GAMMA = 1.1, -0.1
@@ -91,16 +91,6 @@ def grid(w: torch.Tensor, H: Optional[torch.Tensor], group_size: int, symmetric:
     """Round-to-nearest (codes, s, z), the clipping search weighted by diag(H) when given."""
     weight = None if H is None else torch.diagonal(H).float()
     return rtn(w, group_size, symmetric, dtype, clip_search=clip_search, channel_weight=weight)
-
-
-def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """H with GPTQ's damping (damp times the mean of its diagonal) added to the diagonal: a copy,
-    or H itself when damp is 0."""
-    if not damp:
-        return H
-    Hd = H.clone()
-    Hd.diagonal().add_(damping(torch.diagonal(H), damp))
-    return Hd
 
 
 def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from ..nn import replace_module
 from . import calibration
-from .adaround import WARMUP, SoftRounding, beta_at, damped, grid
+from .adaround import WARMUP, SoftRounding, beta_at, grid
 from .descent import coordinate_descent
+from .gptq import damped
 from .rtn import group_size_of, to_int4linear
 
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past", "cache")

@@ -17,7 +17,7 @@ every sweep, so float32 drift cannot accumulate across sweeps.
 """
 import torch
 
-from .rtn import MAX_CODE, codes_objective, ungrouped
+from .rtn import MAX_CODE, codes_objective, dequant, ungrouped
 
 BLOCK = 128
 # a move must lower its row's objective by this share of its own size s^2 H_kk, so that float32
@@ -33,12 +33,12 @@ def coordinate_descent(w: torch.Tensor, codes: torch.Tensor, s: torch.Tensor, z:
     N, K = w.shape
     Hf = H.float()
     diag = torch.diagonal(Hf)
-    step = ungrouped(s.float()[..., None].expand(N, s.shape[1], G), K)  # each weight's scale
-    zero = ungrouped(z.float()[..., None].expand(N, z.shape[1], G), K)
+    s, z = s.float(), z.float()
+    step = ungrouped(s[..., None].expand(N, s.shape[1], G), K)  # each weight's scale
     q = codes.float().clone()
     W = w.float()
     for _ in range(max_sweeps):
-        g = ((q - zero) * step - W) @ Hf
+        g = (dequant(q, s, z, G) - W) @ Hf
         moved = 0
         for k0 in range(0, K, BLOCK):
             k1 = min(k0 + BLOCK, K)

@@ -50,6 +50,16 @@ def damping(diagonal: torch.Tensor, damp: float) -> float:
     return damp * (float(diagonal.double().mean()) or 1.0)
 
 
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H with the damping added to its diagonal (dead inputs stay at the damping alone): a copy,
+    or H itself when damp is 0. The objective layer-wise AdaRound and its polishing minimise."""
+    if not damp:
+        return H
+    Hd = H.clone()
+    Hd.diagonal().add_(damping(torch.diagonal(H), damp))
+    return Hd
+
+
 def solve_dtype(K: int) -> torch.dtype:
     """The dtype of the Hessian solve for K inputs: float64 while its K x K buffer takes at most
     128 MiB (K <= 4096), float32 above (at K = 28672 one float64 buffer alone is 6.6 GB)."""
