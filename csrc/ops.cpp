@@ -38,6 +38,11 @@ TORCH_LIBRARY(int4kit, m) {
   m.def("unprepack_int8(Tensor packed, int N, int K, int group_size, ScalarType scale_dtype) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_int8(Tensor x, Tensor packed, int N, int K, int group_size, Tensor? bias) -> Tensor");
+  // GPTQ's column loop over one sub-block (CPU; python/int4kit/quant/gptq.py): quantizes the rows
+  // of w [cols, n] (columns of W^T) in order against scales/zeros [groups, n] rows group_of_col,
+  // writing codes and scaled errors, and passes each error on to the later rows of w.
+  m.def("gptq_columns(Tensor(a!) w, Tensor hinv, Tensor scales, Tensor zeros, Tensor group_of_col, "
+        "Tensor(b!) codes, Tensor(c!) errors, bool fractional, int max_code) -> ()");
 }
 
 namespace {

@@ -67,6 +67,13 @@ def _opcheck_cases():
             (f"linear_int8-bf16-bias-3d-{tag}", "linear_int8",
              (torch.randn(2, 9, K, dtype=torch.bfloat16), packed, N, K, G, torch.randn(N))),
         ]
+    w = torch.randn(8, N)
+    scales = torch.rand(3, N) + 0.1
+    zeros = torch.randint(0, 16, (3, N)).float()
+    cases.append(("gptq_columns", "gptq_columns",
+                  (w, torch.eye(8) + torch.randn(8, 8).triu(1), scales, zeros,
+                   torch.tensor([0, 0, 1, 1, 1, 2, 2, 2]), torch.empty(8, N, dtype=torch.uint8),
+                   torch.empty(8, N), False, 15)))
     return cases
 
 
@@ -96,6 +103,8 @@ def test_fake_shapes_match_real_outputs():
     for _, name, args in OPCHECK_CASES:
         op = getattr(torch.ops.int4kit, name).default
         real = op(*args)
+        if real is None:  # an op that only writes into its arguments
+            continue
         with FakeTensorMode() as mode:
             fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
             fake = op(*fake_args)

@@ -331,6 +331,79 @@ def test_permute_symmetric_in_place_matches_indexing():
     assert torch.equal(A, expected)
 
 
+def reference_gptq_columns(w, hinv, scales, zeros, group_of_col, fractional, max_code):
+    """GPTQ's column loop written out one column at a time in torch ops (the pass's loop before it
+    moved into C++): returns (w updated, codes, errors)."""
+    w = w.clone()
+    codes = torch.empty(w.shape, dtype=torch.uint8)
+    errors = torch.empty_like(w)
+    for c in range(w.shape[0]):
+        s, z = scales[group_of_col[c]], zeros[group_of_col[c]]
+        q = torch.round(w[c] / s + z) if fractional else torch.round(w[c] / s) + z
+        q = torch.nan_to_num(q, nan=0.0).clamp(0, max_code)
+        codes[c] = q.to(torch.uint8)
+        errors[c] = (w[c] - (q - z) * s) / hinv[c, c]
+        for r in range(c + 1, w.shape[0]):
+            w[r] = w[r] - hinv[c, r] * errors[c]
+    return w, codes, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fractional,max_code", [(False, 15), (True, 15), (False, 255)],
+                         ids=["int4", "fractional-zeros", "int8"])
+def test_gptq_column_loop_matches_the_reference(dtype, fractional, max_code):
+    from int4kit import ops
+    torch.manual_seed(0)
+    cols, n = 11, 777  # n > 256: split between threads; odd sizes
+    scale = 8.0 if max_code == 15 else 120.0
+    w = torch.randn(cols, n, dtype=dtype) * scale
+    w[3, 5] = float("nan")  # a NaN weight becomes code 0
+    # hinv as a view with a larger row stride, as the pass passes a sub-block of its factor
+    factor = torch.eye(cols + 5, dtype=dtype) + 0.3 * torch.randn(cols + 5, cols + 5, dtype=dtype).triu(1)
+    hinv = factor[2:2 + cols, 2:2 + cols]
+    scales = torch.rand(4, n, dtype=dtype) + 0.5
+    zeros = torch.rand(4, n, dtype=dtype) * max_code
+    zeros = zeros if fractional else zeros.round()
+    group_of_col = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 3, 3, 3])
+    # w and codes as row slices of larger buffers (row stride n, offset), errors plain
+    w_buf = torch.zeros(cols + 2, n, dtype=dtype)
+    w_buf[1:1 + cols] = w
+    codes_buf = torch.zeros(cols + 2, n, dtype=torch.uint8)
+    errors = torch.empty(cols, n, dtype=dtype)
+    ops.gptq_columns(w_buf[1:1 + cols], hinv, scales, zeros, group_of_col, codes_buf[1:1 + cols],
+                     errors, fractional, max_code)
+    w_ref, codes_ref, errors_ref = reference_gptq_columns(w, hinv, scales, zeros, group_of_col,
+                                                          fractional, max_code)
+    assert torch.equal(codes_buf[1:1 + cols], codes_ref)
+    assert torch.equal(codes_buf[0], torch.zeros(n, dtype=torch.uint8))  # nothing outside the view
+    assert codes_buf[1 + 3, 5] == 0
+    # row c of w is left as read: the reference's own update of it is not part of the contract
+    for c in range(1, cols):
+        torch.testing.assert_close(w_buf[1 + c], w_ref[c], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(errors, errors_ref, rtol=0, atol=0, equal_nan=True)
+
+
+def test_gptq_column_loop_bad_arguments():
+    from int4kit import ops
+    w, hinv = torch.randn(4, 8), torch.eye(4)
+    s, z, g = torch.ones(2, 8), torch.zeros(2, 8), torch.tensor([0, 0, 1, 1])
+    codes, errors = torch.empty(4, 8, dtype=torch.uint8), torch.empty(4, 8)
+    with pytest.raises(RuntimeError, match="w must be float32 or float64"):
+        ops.gptq_columns(w.half(), hinv, s, z, g, codes, errors, False, 15)
+    with pytest.raises(RuntimeError, match="hinv must be \\[4, 4\\]"):
+        ops.gptq_columns(w, torch.eye(3), s, z, g, codes, errors, False, 15)
+    with pytest.raises(RuntimeError, match="group_of_col must index the 2 rows of scales"):
+        ops.gptq_columns(w, hinv, s, z, torch.tensor([0, 1, 2, 0]), codes, errors, False, 15)
+    with pytest.raises(RuntimeError, match="codes must be Byte"):
+        ops.gptq_columns(w, hinv, s, z, g, errors, errors, False, 15)
+    with pytest.raises(RuntimeError, match="w must have unit stride"):
+        ops.gptq_columns(torch.randn(8, 4).T, hinv, s, z, g, codes, errors, False, 15)
+    with pytest.raises(RuntimeError, match="scales must be Float, got Double"):
+        ops.gptq_columns(w, hinv, s.double(), z, g, codes, errors, False, 15)
+    with pytest.raises(RuntimeError, match="max_code must be in 1..255"):
+        ops.gptq_columns(w, hinv, s, z, g, codes, errors, False, 256)
+
+
 def test_gptq_hessian_that_cannot_be_factorised():
     """A Hessian that no damping makes positive definite: HessianError, at once when H was being
     overwritten (nothing is left to retry from), after raising the damping otherwise."""

@@ -134,6 +134,19 @@ def linear_int8(x: torch.Tensor, packed: torch.Tensor, N: int, K: int, group_siz
     return _ops.linear_int8(x, packed, N, K, group_size, bias)
 
 
+# ---- GPTQ's column loop ----------------------------------------------------------------------------
+
+def gptq_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_of_col: torch.Tensor, codes: torch.Tensor, errors: torch.Tensor,
+                 fractional: bool, max_code: int) -> None:
+    """One sub-block of a GPTQ pass on W^T, in place (CPU, float32 or float64): for each row c of
+    w [cols, n] in order, codes[c] = clamp(round(w[c] / s) + z, 0, max_code) (round(w[c] / s + z)
+    when `fractional`) with s, z the rows group_of_col[c] of scales, zeros [groups, n];
+    errors[c] = (w[c] - (codes[c] - z) s) / hinv[c, c]; then w[r] -= hinv[c, r] errors[c] for
+    every later row r. Every [*, n] argument needs unit stride along n (views are fine)."""
+    _ops.gptq_columns(w, hinv, scales, zeros, group_of_col, codes, errors, fractional, max_code)
+
+
 # ---- fake implementations: shapes and dtypes only ------------------------------------------------
 
 @torch.library.register_fake("int4kit::pack")
@@ -198,3 +211,8 @@ def _unprepack_int8_fake(packed, N, K, group_size, scale_dtype):
 @torch.library.register_fake("int4kit::linear_int8")
 def _linear_int8_fake(x, packed, N, K, group_size, bias):
     return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.register_fake("int4kit::gptq_columns")
+def _gptq_columns_fake(w, hinv, scales, zeros, group_of_col, codes, errors, fractional, max_code):
+    return None

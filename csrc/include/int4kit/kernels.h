@@ -207,6 +207,24 @@ void prepack_int8(const uint8_t* codes, const float* scales, const float* zeros,
 void unprepack_int8(const uint8_t* packed, const PackedShape& shape, uint8_t* codes, float* scales,
                     float* zeros);
 
+// ---- GPTQ's column loop (python/int4kit/quant/gptq.py) -----------------------------------------
+// One sub-block of a GPTQ pass on W^T: `cols` consecutive columns of W in visiting order, each a
+// row w [cols, n] (row stride ldw) holding that column's value for every output row. For c in
+// order: q = clamp(round_half_even(w_c / s + z) (fractional zero points) or
+// round_half_even(w_c / s) + z, 0, max_code) with s, z the rows group_of_col[c] of scales and
+// zeros [groups, n] (row stride ldsz); codes[c] = q; errors[c] = (w_c - (q - z) s) / hinv[c, c];
+// then w_r -= hinv[c, r] errors[c] for every later row r < cols (hinv: the sub-block of the
+// inverse Hessian's upper Cholesky factor, row stride ldh). Independent across the n entries, so
+// callers split n between threads. Row c of w is left as it was read.
+void gptq_columns(float* w, int64_t ldw, const float* hinv, int64_t ldh, const float* scales,
+                  const float* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
+                  int64_t ldq, float* errors, int64_t lde, int64_t cols, int64_t n,
+                  bool fractional, int max_code);
+void gptq_columns(double* w, int64_t ldw, const double* hinv, int64_t ldh, const double* scales,
+                  const double* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
+                  int64_t ldq, double* errors, int64_t lde, int64_t cols, int64_t n,
+                  bool fractional, int max_code);
+
 // ---- dispatch ---------------------------------------------------------------------------------
 // Best ISA this CPU supports, detected once.
 Isa best_isa();

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from .calibration import matrix_dtype
 from .rtn import (threads_for, MAX_CODE, OBJECTIVE_ROWS, PER_TENSOR, SYMMETRIC_ZERO, dequant,
                   group_size_of, max_code, row_objectives, rtn, store_scale)
@@ -244,20 +245,21 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     S, Z and each row's damped objective, the squared norm of its scaled errors (see gptq)."""
     N, K = W.shape
     groups = -(-K // G)
+    # the grid as rows [groups, N]: the column loop reads one group's scales for all rows at once
     if grid is not None:
-        S, Z = grid
+        ST, ZT = (t.T.to(compute_dtype).contiguous() for t in grid)
     else:
-        S = torch.empty(N, groups, dtype=compute_dtype)
-        Z = torch.empty(N, groups, dtype=compute_dtype)
+        ST = torch.empty(groups, N, dtype=compute_dtype)
+        ZT = torch.empty(groups, N, dtype=compute_dtype)
     static = grid is not None or perm is not None or G == K
     if grid is None and static:
         for g in range(groups):
             sl = slice(g * G, min((g + 1) * G, K))
-            S[:, g], Z[:, g] = _group_params(W[:, sl], symmetric, dtype, clip_search,
-                                             None if cw is None else cw[sl], bits)
+            ST[g], ZT[g] = _group_params(W[:, sl], symmetric, dtype, clip_search,
+                                         None if cw is None else cw[sl], bits)
     # integer zero points: round(w / s) + z, the kernels' and the reference's order; fractional
     # ones must be added before rounding
-    fractional = grid is not None and not torch.equal(Z, torch.round(Z))
+    fractional = grid is not None and not torch.equal(ZT, torch.round(ZT))
     if perm is not None:
         W = W[:, perm]
     col_group = (perm if perm is not None else torch.arange(K)) // G
@@ -267,17 +269,17 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     if not static:
         B = max(G, (B // G) * G) if G < B else (G if G % B else B)
 
-    # The pass runs on W^T (columns of W are contiguous rows here). Inside a block, the
-    # per-column rank-1 updates only touch a sub-block of `sub` columns (cache-resident); each
-    # finished sub-block passes its errors on to the rest of the block with one matmul. Same
-    # arithmetic as updating the whole block per column, in another order. A group's first
-    # column must see every update made so far, so in the non-static case sub-blocks start on
-    # group boundaries (sub divides G), or are the block.
-    sub = next((c for c in (32, 16, 8) if static or G % c == 0), B)
+    # The pass runs on W^T (columns of W are contiguous rows here). Inside a block, the per-column
+    # steps (quantize, then a rank-1 update of the later columns) run over sub-blocks of `sub`
+    # columns in the native column loop (ops.gptq_columns: cache-resident, one call per
+    # sub-block); each finished sub-block passes its errors on to the rest of the block with one
+    # matmul. Same arithmetic as updating the whole block per column, in another order. A group's
+    # first column must see every update made so far, so in the non-static case sub-blocks start
+    # on group boundaries (sub divides G, which is even).
+    sub = next(c for c in (32, 16, 8, 4, 2) if static or G % c == 0)
     WT = torch.empty(K, N, dtype=compute_dtype)  # never a view of the caller's w
     WT.copy_(W.T)
     QT = torch.empty(K, N, dtype=torch.uint8)  # codes 0..15 (0..255): a quarter of float32's memory
-    top = max_code(bits)
     damped_obj = torch.zeros(N, dtype=torch.float64)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
@@ -286,27 +288,21 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
         Hinv1 = Hinv[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, sub):
             j2 = min(j1 + sub, i2 - i1)
-            for i in range(j1, j2):
-                col = i1 + i
-                g = int(col_group[col])
-                if not static and col % G == 0:
-                    # at a block start WT is up to date (W1 is a fresh copy); inside a block
-                    # the whole group lies in W1, updated up to here
-                    src = WT[col:min(col + G, K)] if i == 0 else W1[i:i + G]
-                    S[:, g], Z[:, g] = _group_params(src.T, symmetric, dtype, clip_search,
-                                                     None if cw is None else cw[col:col + src.shape[0]],
-                                                     bits)
-                s, z = S[:, g], Z[:, g]
-                wcol = W1[i]
-                q = torch.round(wcol / s + z) if fractional else torch.round(wcol / s).add_(z)
-                q.clamp_(0, top)
-                QT[col] = q
-                err = torch.addcmul(wcol, q - z, s, value=-1).div_(Hinv1[i, i])
-                W1[i:j2].addr_(Hinv1[i, i:j2], err, alpha=-1)
-                Err1[i] = err
+            col = i1 + j1
+            if not static and col % G == 0:
+                # at a block start WT is up to date (W1 is a fresh copy); inside a block the
+                # whole group lies in W1, updated up to here
+                src = WT[col:min(col + G, K)] if j1 == 0 else W1[j1:j1 + G]
+                g = col // G
+                ST[g], ZT[g] = _group_params(src.T, symmetric, dtype, clip_search,
+                                             None if cw is None else cw[col:col + src.shape[0]],
+                                             bits)
+            ops.gptq_columns(W1[j1:j2], Hinv1[j1:j2, j1:j2], ST, ZT, col_group[col:i1 + j2],
+                             QT[col:i1 + j2], Err1[j1:j2], fractional, max_code(bits))
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         damped_obj += Err1.double().square_().sum(0)
+    S, Z = ST.T.contiguous(), ZT.T.contiguous()
     Q = QT.T
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]

@@ -1,0 +1,61 @@
+// The inner column loop of a GPTQ pass (python/int4kit/quant/gptq.py, _gptq_pass), the part that is
+// one small step per column and so cannot run as a few large torch ops. Scalar C++ compiled with no
+// ISA flags: the row loops are contiguous, so the compiler vectorises them for the baseline ISA.
+#include <cmath>
+
+#include "int4kit/kernels.h"
+
+namespace int4kit {
+namespace cpu {
+namespace {
+
+template <typename T>
+void gptq_columns_impl(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* scales,
+                       const T* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
+                       int64_t ldq, T* errors, int64_t lde, int64_t cols, int64_t n,
+                       bool fractional, int max_code) {
+  const T top = static_cast<T>(max_code);
+  for (int64_t c = 0; c < cols; ++c) {
+    T* wc = w + c * ldw;
+    const T* s = scales + group_of_col[c] * ldsz;
+    const T* z = zeros + group_of_col[c] * ldsz;
+    uint8_t* qc = codes + c * ldq;
+    T* ec = errors + c * lde;
+    const T d = hinv[c * ldh + c];
+    for (int64_t j = 0; j < n; ++j) {
+      // torch's order: round(w / s) + z for integer zero points, round(w / s + z) for fractional
+      // ones; nearbyint rounds half to even in the default rounding mode, as torch.round does
+      T q = fractional ? std::nearbyint(wc[j] / s[j] + z[j]) : std::nearbyint(wc[j] / s[j]) + z[j];
+      q = q > top ? top : (q >= T(0) ? q : T(0));  // a NaN weight becomes code 0
+      qc[j] = static_cast<uint8_t>(q);
+      ec[j] = (wc[j] - (q - z[j]) * s[j]) / d;
+    }
+    // the error passes on to the later columns of the sub-block: w_r -= hinv[c, r] * e_c
+    for (int64_t r = c + 1; r < cols; ++r) {
+      const T h = hinv[c * ldh + r];
+      T* wr = w + r * ldw;
+      for (int64_t j = 0; j < n; ++j) wr[j] -= h * ec[j];
+    }
+  }
+}
+
+}  // namespace
+
+void gptq_columns(float* w, int64_t ldw, const float* hinv, int64_t ldh, const float* scales,
+                  const float* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
+                  int64_t ldq, float* errors, int64_t lde, int64_t cols, int64_t n,
+                  bool fractional, int max_code) {
+  gptq_columns_impl(w, ldw, hinv, ldh, scales, zeros, ldsz, group_of_col, codes, ldq, errors, lde,
+                    cols, n, fractional, max_code);
+}
+
+void gptq_columns(double* w, int64_t ldw, const double* hinv, int64_t ldh, const double* scales,
+                  const double* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
+                  int64_t ldq, double* errors, int64_t lde, int64_t cols, int64_t n,
+                  bool fractional, int max_code) {
+  gptq_columns_impl(w, ldw, hinv, ldh, scales, zeros, ldsz, group_of_col, codes, ldq, errors, lde,
+                    cols, n, fractional, max_code);
+}
+
+}  // namespace cpu
+}  // namespace int4kit
