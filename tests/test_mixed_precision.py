@@ -350,6 +350,74 @@ def test_damage_is_the_output_error_with_only_that_layer_quantized(config):
             t.numel() * 4 for t in model.get_submodule(name).state_dict().values())
 
 
+def _llama(layers=3):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=layers, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("model_name", ["bert", "llama"])
+def test_replayed_blocks_give_the_same_damages(model_name):
+    # measure_sensitivity replays the blocks before the measured layer's block from a recording
+    # (BlockReplay): the damages must be bit-identical to full forwards, and the early blocks
+    # must really be skipped
+    if model_name == "bert":
+        model, batches = tiny_bert(), bert_batches()
+        blocks = model.encoder.layer
+    else:
+        model = _llama()
+        g = torch.Generator().manual_seed(3)
+        batches = [{"input_ids": torch.randint(0, 64, (2, 9), generator=g)} for _ in range(3)]
+        blocks = model.model.layers
+    candidates = [G32_RTN, QuantConfig(group_size=16, symmetric=True)]
+    calls = [0] * len(blocks)
+
+    def count(i):
+        def hook(module, args):
+            calls[i] += 1
+        return hook
+    handles = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
+    replayed = measure_sensitivity(model, candidates, batches, show_progress=False)
+    replayed_calls = list(calls)
+    calls[:] = [0] * len(blocks)
+    full = measure_sensitivity(model, candidates, batches, show_progress=False, replay=False)
+    for h in handles:
+        h.remove()
+    assert replayed.layers.keys() == full.layers.keys()
+    for name in full.layers:
+        assert replayed.layers[name]["damage"] == full.layers[name]["damage"], name
+    assert replayed_calls[0] < calls[0] and replayed_calls[-1] == calls[-1]
+    assert all(isinstance(b, nn.Module) and type(b).__name__ != "_Replayed" for b in blocks)
+
+
+class _ReversedStack(nn.Module):
+    """Blocks in a ModuleList called last to first: replaying "earlier" blocks would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(3))
+
+    def forward(self, x):
+        for block in reversed(self.layers):
+            x = block(x)
+        return x
+
+
+def test_replay_stays_off_for_blocks_called_out_of_order():
+    model = _ReversedStack()
+    batches = [torch.randn(5, 32) for _ in range(2)]
+    replayed = measure_sensitivity(model, [G32_RTN], batches, show_progress=False)
+    full = measure_sensitivity(model, [G32_RTN], batches, show_progress=False, replay=False)
+    for name in full.layers:
+        assert replayed.layers[name]["damage"] == full.layers[name]["damage"], name
+    # the replay would have given the last-called block (index 0) the damage of zero
+    assert all(full.layers[name]["damage"][0] > 0 for name in full.layers)
+
+
 def test_shared_inputs_are_found():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,

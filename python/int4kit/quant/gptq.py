@@ -432,7 +432,9 @@ class GridSystem:
         64), keeps its S, Z."""
         N, P = self.rhs.shape
         ng = S.shape[1]
-        gram = self.gram + torch.diag_embed(1e-7 * self.gram.diagonal(dim1=1, dim2=2))
+        gram = self.gram.clone()
+        diagonal = gram.diagonal(dim1=1, dim2=2)
+        diagonal.add_(1e-7 * diagonal)
         rhs = self.rhs.clone()
         fixed = self.one_code
         if bool(fixed.any()):  # a_g = S_g known: move its terms to the right-hand side
