@@ -6,6 +6,7 @@
 #include <cstring>
 #include <array>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -24,7 +25,12 @@ struct Simd {
   using VI = __m256i;
   static constexpr int kLanes = 8;
   static constexpr int kMicroRows = 6;  // 6 x 16: 12 accumulators + 2 weight vectors + 1 x
-  static constexpr int kInt24MaxRows = 1;  // linear_simd.h's xint_planes
+  // linear_simd.h's gemm_min_rows and xint_planes: bf16 x on the int16 grid beat the GEMM below
+  // 64 rows (level from there); int24 x only for one row (16 ymm registers), and fp32 / fp16 x
+  // with more rows on the float GEMV, which the GEMM beats from 8
+  static constexpr int64_t kGemmMinRowsBf16 = 64;
+  static constexpr int64_t kGemmMinRowsFloat = 8;
+  static constexpr int64_t kInt24MaxRows = 1;
 
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_load_ps(p); }

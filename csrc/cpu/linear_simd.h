@@ -16,8 +16,9 @@
 // int32 lanes); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize, add_i,
 // hsum_i, store_a8_codes.
 //
-// Two paths, chosen by M:
-//  * GEMV (M < kGemmMinRows), memory-bound: the weight stream is read once per kGemvRows rows of x.
+// Two paths, chosen by M (gemm_min_rows: a crossover measured per ISA and dtype of x):
+//  * GEMV, memory-bound at small M: the weight stream is read once per kGemvRows rows of x (at
+//    larger M each row block's weights stay in cache while every row of x passes them).
 //    One word vector holds 8 columns of kLanes rows. x runs as fixed point (Activations::xint) on
 //    W4A8's integer kernel: masks give the code bytes of 4 columns per lane, which meet 4 bytes of
 //    x in byte dot products; bf16 x as int16 (two int8 planes, two dot products per code byte),
@@ -30,20 +31,28 @@
 //    -> 77 us.
 //    The float GEMV (fp32 and fp16 x with more rows on AVX2, and rows with an Inf or a NaN)
 //    shifts, masks and converts each column to fp32 and multiplies it into per-group accumulators.
-//  * GEMM (M >= kGemmMinRows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
+//  * GEMM (from gemm_min_rows; int8 records, AVX2 with more rows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
 //    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
 //    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
 //    broadcasts walk one contiguous stream instead of kMicroRows rows 4 KiB-aliased in L1.
 
 constexpr int64_t kVecs = kBlockN / Simd::kLanes;  // vectors per 16-row block
 constexpr int64_t kGemvRows = 4;                   // rows of x sharing one pass over the weights
-constexpr int64_t kGemmMinRows = 8;                // from here on dequantize-to-buffer GEMM wins
 constexpr int64_t kTileK = 256;                    // columns dequantized per tile (16 KiB fp32)
 constexpr int64_t kRowChunk = 192;                 // rows of x per accumulator tile (12 KiB)
 constexpr int64_t kPanel = Simd::kMicroRows;       // rows of x per GEMM panel
 static_assert(kRowChunk % kPanel == 0, "row chunks must hold whole panels");
 
-inline bool use_gemm(int64_t M) { return M >= kGemmMinRows; }
+// The rows of x from which the GEMM takes over from the GEMV, measured per ISA (the Simd traits;
+// docs/benchmarks.md, "GEMV or GEMM"): the GEMV on fixed-point x (byte dot products) against
+// fp32 FMAs on dequantized tiles. Int8 records have only the float GEMV, which the GEMM beats from
+// 8 rows.
+constexpr int64_t kGemmMinRowsInt8 = 8;
+inline int64_t gemm_min_rows(const PackedShape& s, DType dtype) {
+  if (s.bits == 8) return kGemmMinRowsInt8;
+  return dtype == DType::BF16 ? Simd::kGemmMinRowsBf16 : Simd::kGemmMinRowsFloat;
+}
+inline bool use_gemm(const PackedShape& s, int64_t M, DType dtype) { return M >= gemm_min_rows(s, dtype); }
 
 // The GEMV streams each row block once; the hardware prefetcher alone reached ~12 GB/s of the
 // ~23 GB/s this machine reads from DRAM with two cores, a software prefetch 4 KiB ahead (one per
@@ -527,14 +536,14 @@ void dequantize_transposed_impl(const uint8_t* packed, const PackedShape& s, voi
 // (16 ymm registers hold the pair sums and accumulators of one row of three planes). Int8 records
 // take none.
 inline int xint_planes(const PackedShape& s, int64_t M, DType dtype) {
-  if (use_gemm(M) || s.bits == 8) return 0;
+  if (use_gemm(s, M, dtype) || s.bits == 8) return 0;
   if (dtype == DType::BF16) return Int16Grid::kPlanes;
   return M <= Simd::kInt24MaxRows ? Int24Grid::kPlanes : 0;
 }
 
 ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dtype) {
   const int64_t Kp = s.padded_k();
-  const bool gemm = use_gemm(M);
+  const bool gemm = use_gemm(s, M, dtype);
   const int planes = xint_planes(s, M, dtype);
   return {(gemm ? round_up(M, kPanel) : M) * Kp, M * s.groups(), 0, planes > 0 ? M * Kp : 0, planes};
 }
@@ -543,7 +552,7 @@ ActivationSizes activation_sizes_impl(const PackedShape& s, int64_t M, DType dty
 // float GEMV, or a panel row of the GEMM.
 void prepare_float_row(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                        const Geometry& geo, const Activations& a, int64_t m) {
-  const bool panels = use_gemm(a.M);
+  const bool panels = use_gemm(s, a.M, dtype);
   // GEMV reads rows; GEMM reads panels of kPanel rows, column-major inside the panel
   float* row = panels ? a.x + (m / kPanel) * geo.Kp * kPanel + m % kPanel : a.x + m * geo.Kp;
   const int64_t stride = panels ? kPanel : 1;
@@ -596,7 +605,7 @@ void linear_codes(const Activations& a, const uint8_t* packed, const PackedShape
                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                   int64_t block_end) {
   const Geometry geo(s);
-  if (use_gemm(a.M)) {
+  if (use_gemm(s, a.M, dtype)) {
     gemm<kBits>(a, packed, geo, bias, y, dtype, ldy, block_begin, block_end, s.N);
     return;
   }

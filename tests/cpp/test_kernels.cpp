@@ -425,7 +425,10 @@ void check_against_dequantized_matmul(Isa isa, const Layout& c, int bits) {
   for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
     const Weight w = make_weight(c, symmetric, rng, scale_dtype, bits);
     const std::vector<float> bias_values = random_floats(c.N, -1.f, 1.f, rng);
-    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 200}) {
+    // both sides of every ISA's GEMV / GEMM crossover (linear_simd.h's gemm_min_rows): AVX2 bf16
+    // 63 / 64, AVX-512 fp32 and fp16 1023 / 1024, int8 records 7 / 8
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 63, 64, 200, 1030}) {
+      if (M == 1030 && isa == Isa::Scalar) continue;  // one path at every M: spare its time
       for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
         Matrix x(dtype, M, ldx, kNaN);
         const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
@@ -508,13 +511,14 @@ double ulp_of(double v, DType dtype) {
 // and fp16 values are exact within 2^6 / 2^11 of it, as are all of them in this test but those
 // sharing a group with the 3000 below. x quantized to int8 would miss by ~8 ulps, fp32 x on int16
 // by ~2^-15 of the 3000 (the fp32 rows fail then). fp32 and fp16 rows past the ISA's
-// kInt24MaxRows run on the float GEMV (or AMX tiles), within the same bound.
+// kInt24MaxRows run on the float GEMV (or AMX tiles), and rows past its GEMV / GEMM crossover on
+// the GEMM, within the same bound.
 TEST_P(FusedLinear, FixedPointXIsExactToTheOutputsRounding) {
   const auto [isa, c] = GetParam();
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
   std::mt19937 rng(10);
   const Weight w = make_weight(c, false, rng);
-  for (int64_t M : {1, 2, 3, 5, 7}) {
+  for (int64_t M : {1, 2, 3, 5, 7, 9, 33, 70}) {
     for (DType dtype : {DType::BF16, DType::F16, DType::F32}) {
       const double half_step = dtype == DType::BF16 ? 1.0 / (127 * 257) : 1.0 / (127 * 65793);  // of max|x|
       SCOPED_TRACE(std::string("M=") + std::to_string(M) + " " + dtype_name(dtype));
