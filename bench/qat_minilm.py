@@ -10,6 +10,7 @@ converts, evaluates on the accuracy harness's sets and saves a normal int4 check
     python bench/qat_minilm.py --recipe codes-frozen     # scales and zero points only
     python bench/qat_minilm.py --recipe full             # weights + LSQ + every other parameter
     python bench/qat_minilm.py --recipe w4a8             # full, with int8 activations (W4A8)
+    python bench/qat_minilm.py --recipe w4a8 --epochs 2 --schedule cosine   # decayed rates
 
 Writes (OUT: build/qat/RECIPE by default) OUT/train_log.csv, OUT/train.png (loss and
 validation cosine per step), OUT/result.json and the checkpoint (OUT/checkpoint,
@@ -66,6 +67,8 @@ def parse_args(argv=None):
                    help="scales and zero points (0 freezes them)")
     p.add_argument("--other-lr", type=float, default=None,
                    help="every other parameter: biases, norms, embeddings (0 freezes them)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rates constant, or decayed to 0 over the steps on a cosine")
     p.add_argument("--cosine", type=float, default=1.0, help="weight of the embedding cosine term")
     p.add_argument("--hidden", type=float, default=1.0,
                    help="weight of the hidden-state MSE term (all 6 layers)")
@@ -140,6 +143,8 @@ def main(argv=None) -> int:
     log = [dict(step=0, loss="", val_cos=pooled_cosine(student, val_teacher, val_batches),
                 seconds=0.0)]
     print(f"step 0: validation cosine {log[0]['val_cos']:.4f}", flush=True)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+                 if args.schedule == "cosine" else None)
     t_train = time.perf_counter()
     bar = progress(range(1, steps + 1), True, desc=args.recipe)
     for step in bar:
@@ -153,6 +158,8 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         row = dict(step=step, loss=float(loss.detach()), val_cos="",
                    seconds=time.perf_counter() - t_train)
         if step % args.eval_every == 0 or step == steps:
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
     plot(log, os.path.join(args.out, "train.png"), args.recipe)
     result = dict(recipe=args.recipe, base=args.base, steps=steps, batch_size=args.batch_size,
                   train_sentences=len(train_text), lr=dict(weights=weight_lr, qparams=qparam_lr,
-                                                           other=other_lr),
+                                                           other=other_lr, schedule=args.schedule),
                   loss=dict(cosine=args.cosine, hidden=args.hidden),
                   train_seconds=round(train_seconds), total_seconds=round(
                       time.perf_counter() - t_start),

@@ -38,9 +38,11 @@ def cpu_isa(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _clean_isa_env(monkeypatch):
-    """Tests that do not force a path run on the default one, whatever the caller's environment."""
-    if ISA_ENV in os.environ:
-        monkeypatch.delenv(ISA_ENV)
+    """Tests that do not force a path run on the default one, whatever the caller's environment
+    (the default crossover between the GEMV and the GEMM as well)."""
+    for name in (ISA_ENV, "INT4KIT_GEMM_MIN_ROWS"):
+        if name in os.environ:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

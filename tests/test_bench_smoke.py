@@ -28,6 +28,14 @@ def test_bench_linear_cpu_class(capfd):
     assert "int4kit CPU path avx2" in out and "256x128" in out
 
 
+def test_bench_crossover(capfd):
+    # child processes with the GEMM and the GEMV forced in turn (INT4KIT_GEMM_MIN_ROWS)
+    import bench_crossover
+    assert bench_crossover.main(["--isa", "avx2", "--dtypes", "bf16", "--shapes", "256x128",
+                                 "--m", "8", "--reps", "1", "--rounds", "1"]) == 0
+    assert "| avx2 | bf16 | 256x128 | 8 |" in capfd.readouterr().out
+
+
 def test_bench_linear_cuda_entry_point(capsys):
     import bench_linear
     assert bench_linear.main(["--device", "cuda", "--shapes", "256x128", "--m", "1"]) == 0

@@ -75,6 +75,31 @@ def test_linear_matches_reference(cpu_isa, M, shape, with_bias, symmetric, dtype
     check_linear(x, N, K, G, symmetric, with_bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gemm_min_rows_forces_either_path(cpu_isa, monkeypatch, dtype):
+    # INT4KIT_GEMM_MIN_ROWS moves the switch between the GEMV and the GEMM (bench_crossover.py):
+    # both match the reference at the same M, and for fp32 x they are different arithmetic
+    # (fixed-point or float GEMV against fp32 FMAs on dequantized tiles)
+    if cpu_isa == "scalar":
+        pytest.skip("the scalar path has one kernel at every M")
+    N, K, G, M = 37, 384, 128, 16
+    x = torch.randn(M, K).to(dtype)
+    outputs = {}
+    for rows in ("1", "100000"):
+        monkeypatch.setenv("INT4KIT_GEMM_MIN_ROWS", rows)
+        outputs[rows] = check_linear(x, N, K, G, False, True)
+    if dtype == torch.float32 and cpu_isa != "amx":  # AMX runs its tiles at this M either way
+        assert not torch.equal(outputs["1"], outputs["100000"])
+
+
+def test_gemm_min_rows_bad_value(monkeypatch):
+    monkeypatch.setenv("INT4KIT_GEMM_MIN_ROWS", "eight")
+    with pytest.raises(RuntimeError, match="INT4KIT_GEMM_MIN_ROWS=eight is not auto or a positive"):
+        check_linear(torch.randn(8, 64), 16, 64, 32, False, False)
+    monkeypatch.setenv("INT4KIT_GEMM_MIN_ROWS", "auto")
+    check_linear(torch.randn(8, 64), 16, 64, 32, False, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("M", [1, 9, 33])
 def test_linear_low_precision_x_with_fp32_scales(cpu_isa, M, dtype):

@@ -1,6 +1,7 @@
 // CPU feature detection and the per-ISA dispatch of the fused linear. Compiled without ISA flags.
 #include <cpuid.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "kernels_internal.h"
@@ -103,6 +104,13 @@ void linear(Isa isa, const Activations& a, const uint8_t* packed, const PackedSh
 }
 
 #undef INT4KIT_DISPATCH
+
+namespace {
+std::atomic<int64_t> forced_gemm_min_rows{0};
+}  // namespace
+
+void set_gemm_min_rows(int64_t rows) { forced_gemm_min_rows.store(rows, std::memory_order_relaxed); }
+int64_t forced_gemm_rows() { return forced_gemm_min_rows.load(std::memory_order_relaxed); }
 
 }  // namespace cpu
 }  // namespace int4kit

@@ -50,6 +50,7 @@ static_assert(kRowChunk % kPanel == 0, "row chunks must hold whole panels");
 constexpr int64_t kGemmMinRowsInt8 = 8;
 inline int64_t gemm_min_rows(const PackedShape& s, DType dtype) {
   if (s.bits == 8) return kGemmMinRowsInt8;
+  if (const int64_t forced = forced_gemm_rows(); forced > 0) return forced;
   return dtype == DType::BF16 ? Simd::kGemmMinRowsBf16 : Simd::kGemmMinRowsFloat;
 }
 inline bool use_gemm(const PackedShape& s, int64_t M, DType dtype) { return M >= gemm_min_rows(s, dtype); }

@@ -30,6 +30,18 @@ Isa selected_isa() {
 
 namespace {
 
+// INT4KIT_GEMM_MIN_ROWS: unset, empty or "auto" for the measured crossovers (0), else a positive
+// row count from which int4 linear calls take the GEMM (kernels.h set_gemm_min_rows).
+int64_t gemm_min_rows_from_env() {
+  const char* env = std::getenv("INT4KIT_GEMM_MIN_ROWS");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return 0;
+  char* end = nullptr;
+  const long long rows = std::strtoll(env, &end, 10);
+  TORCH_CHECK(*end == '\0' && rows > 0, "int4kit: INT4KIT_GEMM_MIN_ROWS=", env,
+              " is not auto or a positive number of rows");
+  return rows;
+}
+
 // Per-thread scratch memory that only grows: a fresh multi-megabyte allocation per call would be
 // mmap'ed and page-faulted every time (32 MB: ~7.5 ms of faults against ~0.9 ms to write it).
 // Plain aligned memory, so nothing of torch's is left to destroy at thread or process exit.
@@ -331,6 +343,7 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   if (M == 0 || N == 0) return at::empty(out_sizes, x.options());
 
   const Isa isa = selected_isa();
+  set_gemm_min_rows(gemm_min_rows_from_env());
   const DType dtype = to_kernel_dtype(x.scalar_type());
   const ThreadBudget threads;
   if constexpr (!std::is_same_v<Kind, W4A8>) {

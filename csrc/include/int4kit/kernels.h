@@ -231,6 +231,12 @@ Isa best_isa();
 bool isa_supported(Isa isa);
 // Parses "scalar" / "avx2" / "avx512" / "amx"; returns false for an unknown name.
 bool parse_isa(const char* name, Isa* out);
+// Where int4 linear calls leave the GEMV for the GEMM. 0 (the default): each ISA's measured
+// crossover (linear_simd.h's gemm_min_rows); rows > 0: the GEMM from that many rows of x on every
+// vector ISA, for measuring the crossovers (bench/bench_crossover.py; the op glue sets it from
+// INT4KIT_GEMM_MIN_ROWS on every call). Process-wide.
+void set_gemm_min_rows(int64_t rows);
+int64_t forced_gemm_rows();
 
 }  // namespace cpu
 }  // namespace int4kit
