@@ -362,8 +362,11 @@ def test_gptq_column_loop_matches_the_reference(dtype, fractional, max_code):
     factor = torch.eye(cols + 5, dtype=dtype) + 0.3 * torch.randn(cols + 5, cols + 5, dtype=dtype).triu(1)
     hinv = factor[2:2 + cols, 2:2 + cols]
     scales = torch.rand(4, n, dtype=dtype) + 0.5
-    zeros = torch.rand(4, n, dtype=dtype) * max_code
-    zeros = zeros if fractional else zeros.round()
+    # zeros as a view whose row stride differs from scales'
+    zeros = (torch.rand(4, n + 3, dtype=dtype) * max_code)[:, :n]
+    if not fractional:
+        zeros.round_()
+    assert zeros.stride(0) != scales.stride(0)
     group_of_col = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 3, 3, 3])
     # w and codes as row slices of larger buffers (row stride n, offset), errors plain
     w_buf = torch.zeros(cols + 2, n, dtype=dtype)

@@ -7,13 +7,11 @@
 
 namespace int4kit {
 namespace cpu {
-namespace {
 
 template <typename T>
-void gptq_columns_impl(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* scales,
-                       const T* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
-                       int64_t ldq, T* errors, int64_t lde, int64_t cols, int64_t n,
-                       bool fractional, int max_code) {
+void gptq_columns(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* scales, const T* zeros,
+                  int64_t ldsz, const int64_t* group_of_col, uint8_t* codes, int64_t ldq,
+                  T* errors, int64_t lde, int64_t cols, int64_t n, bool fractional, int max_code) {
   const T top = static_cast<T>(max_code);
   for (int64_t c = 0; c < cols; ++c) {
     T* wc = w + c * ldw;
@@ -39,23 +37,12 @@ void gptq_columns_impl(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* s
   }
 }
 
-}  // namespace
-
-void gptq_columns(float* w, int64_t ldw, const float* hinv, int64_t ldh, const float* scales,
-                  const float* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
-                  int64_t ldq, float* errors, int64_t lde, int64_t cols, int64_t n,
-                  bool fractional, int max_code) {
-  gptq_columns_impl(w, ldw, hinv, ldh, scales, zeros, ldsz, group_of_col, codes, ldq, errors, lde,
-                    cols, n, fractional, max_code);
-}
-
-void gptq_columns(double* w, int64_t ldw, const double* hinv, int64_t ldh, const double* scales,
-                  const double* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
-                  int64_t ldq, double* errors, int64_t lde, int64_t cols, int64_t n,
-                  bool fractional, int max_code) {
-  gptq_columns_impl(w, ldw, hinv, ldh, scales, zeros, ldsz, group_of_col, codes, ldq, errors, lde,
-                    cols, n, fractional, max_code);
-}
+template void gptq_columns<float>(float*, int64_t, const float*, int64_t, const float*,
+                                  const float*, int64_t, const int64_t*, uint8_t*, int64_t, float*,
+                                  int64_t, int64_t, int64_t, bool, int);
+template void gptq_columns<double>(double*, int64_t, const double*, int64_t, const double*,
+                                   const double*, int64_t, const int64_t*, uint8_t*, int64_t,
+                                   double*, int64_t, int64_t, int64_t, bool, int);
 
 }  // namespace cpu
 }  // namespace int4kit

@@ -31,9 +31,9 @@
 //    -> 77 us.
 //    The float GEMV (fp32 and fp16 x with more rows on AVX2, and rows with an Inf or a NaN)
 //    shifts, masks and converts each column to fp32 and multiplies it into per-group accumulators.
-//  * GEMM (from gemm_min_rows; int8 records, AVX2 with more rows): a tile of kTileK columns x 16 rows is dequantized to fp32 in an
-//    L1-resident buffer, then a kMicroRows x 16 register-blocked FMA microkernel sweeps all rows of
-//    x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
+//  * GEMM (from gemm_min_rows: int8 records, AVX2 with more rows): a tile of kTileK columns x 16
+//    rows is dequantized to fp32 in an L1-resident buffer, then a kMicroRows x 16 register-blocked
+//    FMA microkernel sweeps all rows of x. x is laid out in panels of kMicroRows rows ([Kp][kMicroRows] each), so the microkernel's
 //    broadcasts walk one contiguous stream instead of kMicroRows rows 4 KiB-aliased in L1.
 
 constexpr int64_t kVecs = kBlockN / Simd::kLanes;  // vectors per 16-row block
@@ -53,7 +53,9 @@ inline int64_t gemm_min_rows(const PackedShape& s, DType dtype) {
   if (const int64_t forced = forced_gemm_rows(); forced > 0) return forced;
   return dtype == DType::BF16 ? Simd::kGemmMinRowsBf16 : Simd::kGemmMinRowsFloat;
 }
-inline bool use_gemm(const PackedShape& s, int64_t M, DType dtype) { return M >= gemm_min_rows(s, dtype); }
+inline bool use_gemm(const PackedShape& s, int64_t M, DType dtype) {
+  return M >= gemm_min_rows(s, dtype);
+}
 
 // The GEMV streams each row block once; the hardware prefetcher alone reached ~12 GB/s of the
 // ~23 GB/s this machine reads from DRAM with two cores, a software prefetch 4 KiB ahead (one per

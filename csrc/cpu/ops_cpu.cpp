@@ -367,9 +367,9 @@ at::Tensor run_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N, 
   return y;
 }
 
-// One sub-block of a GPTQ pass (kernels.h gptq_columns): w, codes, errors [cols, n] with unit
-// stride along n (views into the pass's buffers are fine), hinv [cols, cols] likewise, scales and
-// zeros [groups, n], group_of_col int64 [cols]. Updates w, fills codes and errors in place.
+// One sub-block of a GPTQ pass (kernels.h gptq_columns): w, codes, errors [cols, n], written in
+// place, so they need unit stride along n (views into the pass's buffers are fine); hinv
+// [cols, cols], scales and zeros [groups, n] and group_of_col int64 [cols] are read (any layout).
 void gptq_columns_cpu(const at::Tensor& w, const at::Tensor& hinv, const at::Tensor& scales,
                       const at::Tensor& zeros, const at::Tensor& group_of_col,
                       const at::Tensor& codes, const at::Tensor& errors, bool fractional,
@@ -378,19 +378,14 @@ void gptq_columns_cpu(const at::Tensor& w, const at::Tensor& hinv, const at::Ten
   TORCH_CHECK(t == at::kFloat || t == at::kDouble, "int4kit: w must be float32 or float64, got ", t);
   check_dim(w, 2, "w");
   const int64_t cols = w.size(0), n = w.size(1);
-  const std::pair<const at::Tensor*, const char*> rows_n[] = {
-      {&hinv, "hinv"}, {&scales, "scales"}, {&zeros, "zeros"}, {&codes, "codes"},
+  const std::pair<const at::Tensor*, const char*> matrices[] = {
+      {&w, "w"}, {&hinv, "hinv"}, {&scales, "scales"}, {&zeros, "zeros"}, {&codes, "codes"},
       {&errors, "errors"}};
-  for (const auto& [tensor, name] : rows_n) {
+  for (const auto& [tensor, name] : matrices) {
     check_dim(*tensor, 2, name);
     check_device(*tensor, w, name);
-    TORCH_CHECK(tensor->stride(1) == 1 || tensor->size(1) <= 1, "int4kit: ", name,
-                " must have unit stride in its last dimension, got strides ", tensor->strides());
-    if (tensor != &codes) check_dtype(*tensor, t, name);
+    check_dtype(*tensor, tensor == &codes ? at::kByte : t, name);
   }
-  TORCH_CHECK(w.stride(1) == 1 || n <= 1, "int4kit: w must have unit stride in its last "
-              "dimension, got strides ", w.strides());
-  check_dtype(codes, at::kByte, "codes");
   TORCH_CHECK(hinv.size(0) == cols && hinv.size(1) == cols, "int4kit: hinv must be [", cols, ", ",
               cols, "], got ", hinv.sizes());
   TORCH_CHECK(codes.sizes() == w.sizes() && errors.sizes() == w.sizes(), "int4kit: codes and "
@@ -398,6 +393,9 @@ void gptq_columns_cpu(const at::Tensor& w, const at::Tensor& hinv, const at::Ten
               errors.sizes());
   TORCH_CHECK(scales.size(1) == n && zeros.sizes() == scales.sizes(), "int4kit: scales and zeros "
               "must be [groups, ", n, "], got ", scales.sizes(), " and ", zeros.sizes());
+  for (const auto& [tensor, name] : {matrices[0], matrices[4], matrices[5]})  // w, codes, errors
+    TORCH_CHECK(tensor->stride(1) == 1 || n <= 1, "int4kit: ", name, " must have unit stride in "
+                "its last dimension, got strides ", tensor->strides());
   check_dtype(group_of_col, at::kLong, "group_of_col");
   TORCH_CHECK(group_of_col.dim() == 1 && group_of_col.size(0) == cols, "int4kit: group_of_col must "
               "be [", cols, "], got ", group_of_col.sizes());
@@ -408,12 +406,13 @@ void gptq_columns_cpu(const at::Tensor& w, const at::Tensor& hinv, const at::Ten
   TORCH_CHECK(std::all_of(g, g + cols, [&](int64_t v) { return v >= 0 && v < scales.size(0); }),
               "int4kit: group_of_col must index the ", scales.size(0), " rows of scales");
   if (cols == 0 || n == 0) return;
+  // the read-only inputs in one layout (no copy when they have it): scales and zeros share ldsz
+  const at::Tensor h = hinv.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   // entries of n are independent: split them between threads, 256 or more each
   AT_DISPATCH_FLOATING_TYPES(t, "gptq_columns", [&] {
     at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
-      gptq_columns(w.data_ptr<scalar_t>() + b, w.stride(0), hinv.data_ptr<scalar_t>(),
-                   hinv.stride(0), scales.data_ptr<scalar_t>() + b,
-                   zeros.data_ptr<scalar_t>() + b, scales.stride(0), g,
+      gptq_columns(w.data_ptr<scalar_t>() + b, w.stride(0), h.data_ptr<scalar_t>(), cols,
+                   s.data_ptr<scalar_t>() + b, z.data_ptr<scalar_t>() + b, n, g,
                    codes.data_ptr<uint8_t>() + b, codes.stride(0),
                    errors.data_ptr<scalar_t>() + b, errors.stride(0), cols, e - b, fractional,
                    int(max_code));

@@ -143,7 +143,8 @@ def gptq_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zero
     w [cols, n] in order, codes[c] = clamp(round(w[c] / s) + z, 0, max_code) (round(w[c] / s + z)
     when `fractional`) with s, z the rows group_of_col[c] of scales, zeros [groups, n];
     errors[c] = (w[c] - (codes[c] - z) s) / hinv[c, c]; then w[r] -= hinv[c, r] errors[c] for
-    every later row r. Every [*, n] argument needs unit stride along n (views are fine)."""
+    every later row r. w, codes and errors are written in place and need unit stride along n
+    (views are fine); the other arguments may have any layout."""
     _ops.gptq_columns(w, hinv, scales, zeros, group_of_col, codes, errors, fractional, max_code)
 
 

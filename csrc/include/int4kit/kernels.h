@@ -216,14 +216,11 @@ void unprepack_int8(const uint8_t* packed, const PackedShape& shape, uint8_t* co
 // then w_r -= hinv[c, r] errors[c] for every later row r < cols (hinv: the sub-block of the
 // inverse Hessian's upper Cholesky factor, row stride ldh). Independent across the n entries, so
 // callers split n between threads. Row c of w is left as it was read.
-void gptq_columns(float* w, int64_t ldw, const float* hinv, int64_t ldh, const float* scales,
-                  const float* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
-                  int64_t ldq, float* errors, int64_t lde, int64_t cols, int64_t n,
-                  bool fractional, int max_code);
-void gptq_columns(double* w, int64_t ldw, const double* hinv, int64_t ldh, const double* scales,
-                  const double* zeros, int64_t ldsz, const int64_t* group_of_col, uint8_t* codes,
-                  int64_t ldq, double* errors, int64_t lde, int64_t cols, int64_t n,
-                  bool fractional, int max_code);
+// T is float or double (the two instantiations gptq.cpp makes).
+template <typename T>
+void gptq_columns(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* scales, const T* zeros,
+                  int64_t ldsz, const int64_t* group_of_col, uint8_t* codes, int64_t ldq,
+                  T* errors, int64_t lde, int64_t cols, int64_t n, bool fractional, int max_code);
 
 // ---- dispatch ---------------------------------------------------------------------------------
 // Best ISA this CPU supports, detected once.

@@ -280,6 +280,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
     WT = torch.empty(K, N, dtype=compute_dtype)  # never a view of the caller's w
     WT.copy_(W.T)
     QT = torch.empty(K, N, dtype=torch.uint8)  # codes 0..15 (0..255): a quarter of float32's memory
+    top = max_code(bits)
     damped_obj = torch.zeros(N, dtype=torch.float64)
     for i1 in range(0, K, B):
         i2 = min(i1 + B, K)
@@ -298,7 +299,7 @@ def _gptq_pass(W, Hinv, perm, G, symmetric, dtype, block_size, clip_search, cw, 
                                              None if cw is None else cw[col:col + src.shape[0]],
                                              bits)
             ops.gptq_columns(W1[j1:j2], Hinv1[j1:j2, j1:j2], ST, ZT, col_group[col:i1 + j2],
-                             QT[col:i1 + j2], Err1[j1:j2], fractional, max_code(bits))
+                             QT[col:i1 + j2], Err1[j1:j2], fractional, top)
             W1[j2:].addmm_(Hinv1[j1:j2, j2:].T, Err1[j1:j2], alpha=-1)
         WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
         damped_obj += Err1.double().square_().sum(0)

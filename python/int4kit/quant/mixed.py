@@ -227,8 +227,7 @@ class BlockReplay:
         outputs = []
 
         def hook(module, args, output):
-            outputs.append(pytree.tree_map_only(torch.Tensor, torch.Tensor.detach,
-                                                             output))
+            outputs.append(pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, output))
             raise calibration.StopForward
         replay = (self._replaying(parent, index) if self.recorded == (parent, index - 1)
                   else contextlib.nullcontext())
@@ -253,7 +252,7 @@ class _Replayed(nn.Module):
 
     def forward(self, *args, **kwargs):
         return pytree.tree_map_only(torch.Tensor, torch.clone,
-                                                 self.replay.outputs[self.replay.batch])
+                                    self.replay.outputs[self.replay.batch])
 
 
 class OutputError:
