@@ -26,12 +26,13 @@ INCLUDE_DIRS = [str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
 # One static library per instruction set: (name, sources, ISA flags). Static libraries are linked
 # in this order, so each must come before the ones it calls: the dispatcher first, then AMX (which
-# falls back to AVX-512), AVX-512, AVX2.
+# falls back to AVX-512), AVX-512 BF16 (likewise), AVX-512, AVX2.
 ISA_LIBRARIES = [
     ("int4kit_cpu_base", ["csrc/cpu/format_ref.cpp", "csrc/cpu/linear_ref.cpp", "csrc/cpu/gptq.cpp",
                           "csrc/cpu/dispatch.cpp"], []),
     ("int4kit_cpu_amx", ["csrc/cpu/linear_amx.cpp"],
      AVX512_FLAGS + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"]),
+    ("int4kit_cpu_avx512bf16", ["csrc/cpu/linear_avx512bf16.cpp"], AVX512_FLAGS + ["-mavx512bf16"]),
     ("int4kit_cpu_avx512", ["csrc/cpu/linear_avx512.cpp"], AVX512_FLAGS),
     ("int4kit_cpu_avx2", ["csrc/cpu/linear_avx2.cpp"], ["-mavx2", "-mfma", "-mf16c"]),
 ]

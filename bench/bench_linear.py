@@ -50,7 +50,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # they load, so the benchmark runs in a child process started with them)
 CPU_CLASSES = {
     "amx": {"INT4KIT_CPU_ISA": "amx"},
-    "avx512": {"INT4KIT_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx512bf16": {"INT4KIT_CPU_ISA": "avx512bf16", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx512": {"INT4KIT_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
     "avx2": {"INT4KIT_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
@@ -499,7 +500,8 @@ def main(argv=None):
     p.add_argument("--markdown", metavar="PATH", help="(--device cuda) save the table as Markdown")
     p.add_argument("--cpu-class", choices=tuple(CPU_CLASSES),
                    help="measure a class of CPU: int4kit's path and torch's oneDNN / MKL limited "
-                        "to it (avx512 is AVX-512 BF16 without AMX; avx2 has no AVX-512)")
+                        "to it (avx512bf16: AVX-512 BF16 without AMX, as Zen 4/5; avx512: no BF16 "
+                        "either, as Ice Lake; avx2: no AVX-512)")
     args = p.parse_args(argv)
     if args.cpu_class is not None:
         return _run_as_cpu_class(args.cpu_class, sys.argv[1:] if argv is None else list(argv))

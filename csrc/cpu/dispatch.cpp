@@ -13,6 +13,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Amx: return "amx";
     default: return "scalar";
   }
@@ -22,6 +23,7 @@ bool parse_isa(const char* name, Isa* out) {
   if (std::strcmp(name, "scalar") == 0) *out = Isa::Scalar;
   else if (std::strcmp(name, "avx2") == 0) *out = Isa::Avx2;
   else if (std::strcmp(name, "avx512") == 0) *out = Isa::Avx512;
+  else if (std::strcmp(name, "avx512bf16") == 0) *out = Isa::Avx512Bf16;
   else if (std::strcmp(name, "amx") == 0) *out = Isa::Amx;
   else return false;
   return true;
@@ -45,9 +47,10 @@ bool isa_supported(Isa isa) {
       return isa_supported(Isa::Avx2) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512vnni");
+    case Isa::Avx512Bf16:
+      return isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
     case Isa::Amx: {  // its translation unit is built with the AVX-512 BF16 flags as well
-      static const bool ok = isa_supported(Isa::Avx512) && __builtin_cpu_supports("avx512bf16") &&
-                             cpu_has_amx() && amx::request_permission();
+      static const bool ok = isa_supported(Isa::Avx512Bf16) && cpu_has_amx() && amx::request_permission();
       return ok;
     }
     default: return true;
@@ -55,8 +58,9 @@ bool isa_supported(Isa isa) {
 }
 
 Isa best_isa() {
-  static const Isa best = isa_supported(Isa::Amx)      ? Isa::Amx
-                          : isa_supported(Isa::Avx512) ? Isa::Avx512
+  static const Isa best = isa_supported(Isa::Amx)          ? Isa::Amx
+                          : isa_supported(Isa::Avx512Bf16) ? Isa::Avx512Bf16
+                          : isa_supported(Isa::Avx512)     ? Isa::Avx512
                           : isa_supported(Isa::Avx2)  ? Isa::Avx2
                                                       : Isa::Scalar;
   return best;
@@ -68,6 +72,7 @@ Isa best_isa() {
   switch (isa) {                            \
     case Isa::Avx2: return avx2::call;      \
     case Isa::Avx512: return avx512::call;  \
+    case Isa::Avx512Bf16: return avx512bf16::call; \
     case Isa::Amx: return amx::call;        \
     default: return ref::call;              \
   }

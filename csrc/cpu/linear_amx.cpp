@@ -442,7 +442,7 @@ void tiled_linear(const Flavour& f, int64_t M, const uint8_t* packed, const Pack
 // From kDequantRows rows on, the B tiles of a row-block pair are dequantized once to bf16
 // ((q - z) * s rounded to bf16: the rounding a bf16 dense layer's weights have) per K chunk, and
 // C accumulates over the whole chunk; between chunks the C tiles go to the partial sums and back.
-constexpr int64_t kDequantRows = 64;
+constexpr int64_t kDequantRows = kBf16DequantizedMinRows;
 
 // B tiles of groups [g0, g1) of one row block: tile t covers columns 32t .. 32t+31 of the range;
 // row r holds the bf16 pair (w[2r], w[2r+1]) of the tile's columns for each of the 16 output rows.

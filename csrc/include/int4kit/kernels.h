@@ -44,10 +44,18 @@ void unprepack(const uint8_t* packed, const PackedShape& shape, uint8_t* qweight
                float* zeros);
 
 // ---- fused linear: y[M, N] = x[M, K] . dequant(W)^T + bias ------------------------------------
-// Amx is the AVX-512 path plus AMX bf16 tiles for bf16 activations with several rows.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
-constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx};  // every path, for tests and benchmarks
+// Avx512 needs AVX-512 F/BW/VL/VNNI (Cascade Lake, Ice Lake); Avx512Bf16 is that path plus a
+// vdpbf16ps GEMM for bf16 and fp16 activations with several rows (Zen 4, Zen 5); Amx is the AVX-512
+// path plus AMX tiles from a few rows.
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
+constexpr Isa kAllIsas[] = {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx};  // every path, for tests and benchmarks
 const char* isa_name(Isa isa);
+// From this many rows of bf16 x the Avx512Bf16 and Amx paths multiply with the weights
+// dequantized to bf16, (q - z) s rounded to nearest even (a bf16 dense layer's rounding of its
+// weights), in one accumulation over K instead of one per group: every output is then within
+// 2^-9 sum_k |x_k w_k| (plus fp32 accumulation) of the exact result, where the other paths are
+// within an ulp of the output plus fp32 rounding (docs/FORMAT.md).
+constexpr int64_t kBf16DequantizedMinRows = 64;
 
 // x as fixed-point integers in int8 planes, the form the integer dot products (vpdpbusd,
 // vpmaddubsw, AMX int8 tiles) take. W4A8: each row of x gets its own scale, max|x| / 127 (1 for an
@@ -226,7 +234,7 @@ void gptq_columns(T* w, int64_t ldw, const T* hinv, int64_t ldh, const T* scales
 // Best ISA this CPU supports, detected once.
 Isa best_isa();
 bool isa_supported(Isa isa);
-// Parses "scalar" / "avx2" / "avx512" / "amx"; returns false for an unknown name.
+// Parses "scalar" / "avx2" / "avx512" / "avx512bf16" / "amx"; returns false for an unknown name.
 bool parse_isa(const char* name, Isa* out);
 // Where int4 linear calls leave the GEMV for the GEMM. 0 (the default): each ISA's measured
 // crossover (linear_simd.h's gemm_min_rows); rows > 0: the GEMM from that many rows of x on every
