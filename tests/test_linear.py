@@ -138,6 +138,16 @@ LONG_K_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("M", [31, 32, 70, 300])
+def test_linear_per_channel_groups_longer_than_a_chunk(cpu_isa, M, dtype):
+    # the avx512bf16 GEMM (from 32 rows; bf16 x on bf16 weights from 64) takes K in chunks of 256
+    # columns: a per-channel group (G = K) is cut into pieces and its zero-point term added once;
+    # 300 rows: more than one 256-row pass per weight tile
+    x = torch.randn(M, 1100).to(dtype)
+    check_linear(x, 35, 1100, -1, False, True)
+
+
 @pytest.mark.parametrize("M,K,dtype", LONG_K_CASES, ids=[f"M{m}-K{k}-{str(d)[6:]}" for m, k, d in LONG_K_CASES])
 def test_linear_long_k_in_chunks(cpu_isa, two_threads, M, K, dtype):
     x = torch.randn(M, K).to(dtype)

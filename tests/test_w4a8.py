@@ -28,7 +28,7 @@ def a8_cost_bound(y):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] >= 64], ids=_shape_id)
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 11, 12, 20, 33])  # 11 / 12: the AVX-512 GEMV / GEMM switch
 def test_w4a8_matches_references(cpu_isa, M, shape, symmetric, dtype):
     N, K, G = shape
     qweight, scales, zeros, packed, bias = make_layer(N, K, G, symmetric, True, dtype)
@@ -46,6 +46,17 @@ def test_w4a8_accuracy_cost_on_a_model_sized_layer(cpu_isa, dtype):
     x = torch.randn(16, K).to(dtype)
     y = ops.linear_w4a8(x, packed, N, K, G, bias)
     assert rel_err(y, R.linear(x, qweight, scales, zeros, G, bias)) <= A8_VS_W4A16
+
+
+@pytest.mark.parametrize("M", [12, 300])
+def test_w4a8_per_channel_groups_longer_than_a_chunk(cpu_isa, M):
+    # the AVX-512 W4A8 GEMM takes K in chunks of 512 columns: a per-channel group (G = K) is cut
+    # into pieces, its zero-point term added once; 300 rows: more than one 256-row pass per tile
+    N, K = 35, 1100
+    qweight, scales, zeros, packed, bias = make_layer(N, K, -1, False, True, torch.bfloat16)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    y = ops.linear_w4a8(x, packed, N, K, -1, bias)
+    assert rel_err(y, R.linear_w4a8(x, qweight, scales, zeros, -1, bias)) <= A8_TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("M", [9, 100])

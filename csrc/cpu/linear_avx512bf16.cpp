@@ -50,8 +50,12 @@ constexpr int64_t kChunkPairs = 128;  // column pairs per weight tile: 128 x 3 x
 constexpr int64_t kRowChunk = 256;    // rows of x per pass over a tile (their sums: 48 KiB)
 static_assert(kRowChunk % kRows == 0, "row chunks hold whole panels");
 constexpr int64_t kPrefetchBytes = 4096;
-// Rows of x from which the GEMM takes over from the AVX-512 GEMV (INT4KIT_GEMM_MIN_ROWS moves it)
-constexpr int64_t kGemmMinRows = 8;
+// Rows of x from which the GEMM takes over from the AVX-512 GEMV on int16 / int24 planes
+// (INT4KIT_GEMM_MIN_ROWS moves it). That GEMV's vpdpbusd also issues two per cycle on Zen 5, so it
+// holds level far up: bench/bench_crossover.py, AMD EPYC (Zen 5), two threads, hot, GEMM / GEMV
+// time, bf16 x: 4096x11008 M = 8 1.43x, 16 1.20x, 24 1.09x, 32 0.77-1.01x, 64 0.71-0.94x, 128 0.81x
+// (11008x4096 alike); fp16 x level from 32 to 128 (0.64x to 1.16x, noisy).
+constexpr int64_t kGemmMinRows = 32;
 
 int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : 2; }
 

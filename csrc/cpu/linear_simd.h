@@ -439,9 +439,171 @@ void prepare_activations_a8_impl(const void* x, DType dtype, int64_t ldx, const 
   quantize_rows<SimdRowOps, Int8Grid>(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
 }
 
+// ---- W4A8 GEMM (4-way byte dot products: AVX-512 VNNI) ------------------------------------------
+// From kA8GemmMinRows rows the GEMV's weight vectors would be decoded once per 4 rows; here the code
+// bytes of kA8Blocks row blocks over a chunk of columns are laid out once in an L1 tile that every
+// row of x passes, and a microkernel of kA8Rows rows x kA8Blocks blocks keeps 24 int32
+// accumulators in registers: per quad of columns 3 tile loads and 8 broadcasts of 4 x bytes feed
+// 24 vpdpbusd (64 multiply-adds each). Tile quad 2w holds word w's low nibbles (columns 0, 4, 1, 5
+// of each lane) and quad 2w + 1 its high nibbles (2, 6, 3, 7): x's bytes 4q .. 4q + 3 in the W4A8
+// order (a8_position) are exactly what meets quad q. Per group the int32 sums are drained into fp32:
+// c += s (acc - z sum xq); the row's scale is applied once at the end.
+constexpr int kA8Rows = 8;
+constexpr int kA8Blocks = 3;
+constexpr int64_t kA8ChunkQuads = 128;  // 512 columns: a 24 KiB tile
+constexpr int64_t kA8TileStride = kA8Blocks * kBlockN;  // int32 per tile quad
+constexpr int64_t kA8SegmentParams = 2 * kA8Blocks * kBlockN;  // floats: s and z of each block
+// Rows of x from which W4A8 takes the GEMM (INT4KIT_GEMM_MIN_ROWS moves it too). 4096x11008, hot,
+// two threads, AMD EPYC (Zen 5), two alternating runs, ms GEMV -> GEMM: M = 8 1.09 / 1.24 ->
+// 1.44 / 1.48, 12 1.66 / 2.37 -> 1.59 / 1.83, 16 2.41 / 2.42 -> 2.14 / 2.27, 24 3.71 / 3.54 ->
+// 2.58 / 2.53, 128 12.0 -> 9.85.
+constexpr int64_t kA8GemmMinRows = 12;
+
+// A piece of one group inside a chunk: whole groups where a group fits the chunk, else consecutive
+// pieces of it (per-channel scales); the zero-point term goes with the group's first piece.
+struct A8Segment {
+  int64_t group, tile_quad, group_quad, quads;
+};
+
+template <typename S = Simd>
+void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_t nb,
+                   const A8Segment* segs, int nseg, int64_t quads, int32_t* tile, float* params) {
+  for (int64_t v = 0; v < kA8Blocks; ++v) {
+    if (v >= nb) {  // past the thread's range: zeros, computed and not stored
+      for (int64_t q = 0; q < quads; ++q)
+        std::fill(tile + q * kA8TileStride + v * kBlockN, tile + q * kA8TileStride + (v + 1) * kBlockN, 0);
+      for (int i = 0; i < nseg; ++i)
+        std::fill(params + i * kA8SegmentParams + v * kBlockN, params + i * kA8SegmentParams + (v + 1) * kBlockN, 0.f);
+      continue;
+    }
+    for (int i = 0; i < nseg; ++i) {
+      const A8Segment& sg = segs[i];
+      const uint8_t* rec = packed + (b + v) * geo.block_bytes + sg.group * geo.record_bytes;
+      S::store(params + i * kA8SegmentParams + v * kBlockN, geo.scales(rec, 0));
+      S::store(params + i * kA8SegmentParams + (kA8Blocks + v) * kBlockN, geo.zeros(rec, 0));
+      const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.group_quad / 2 * kBlockN;
+      int32_t* row = tile + sg.tile_quad * kA8TileStride + v * kBlockN;
+      for (int64_t w = 0; w < sg.quads / 2; ++w, row += 2 * kA8TileStride) {
+        prefetch_ahead(codes + w * kBlockN);
+        const typename S::VI c = S::load_words(codes + w * kBlockN);
+        const typename S::VI lo = S::low_nibbles(c), hi = S::high_nibbles(c);
+        std::memcpy(row, &lo, sizeof(lo));  // one 64-byte store each (S::kLanes == kBlockN)
+        std::memcpy(row + kA8TileStride, &hi, sizeof(hi));
+      }
+    }
+  }
+}
+
+// acc[r][block] += the byte dot products of `quads` quads of columns: row r's x bytes at
+// x + r * ldx, the tile at its quad. The r and block loops are unrolled before GCC's scalar
+// replacement of acc (see microkernel), so acc stays in registers.
+template <int R, typename S>
+inline void accumulate_a8(typename S::VI (&acc)[R][kA8Blocks], const int8_t* x, int64_t ldx,
+                          const int32_t* tq, int64_t quads) {
+  for (int64_t q = 0; q < quads; ++q, x += 4, tq += kA8TileStride) {
+    typename S::VI w[kA8Blocks];
+#pragma GCC unroll 4
+    for (int v = 0; v < kA8Blocks; ++v) w[v] = S::load_words(reinterpret_cast<const uint32_t*>(tq + v * kBlockN));
+    const int8_t* xr = x;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r, xr += ldx) {
+      const typename S::VI xb = S::bcast4(xr);
+#pragma GCC unroll 4
+      for (int v = 0; v < kA8Blocks; ++v) S::dot_u8s8_in_place(acc[r][v], w[v], xb);
+    }
+  }
+}
+
+// c[r][block][16] += s (sum xq q - z sum xq) over the chunk's segments for R rows of x (row r's
+// bytes of the chunk at x + r * ldx, its group sums at xq_sum[r * groups + g]).
+template <int R, typename S = Simd>
+void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const A8Segment* segs, int nseg,
+                    const float* params, const int32_t* xq_sum, int64_t groups, float* c) {
+  typename S::VI acc[R][kA8Blocks];
+  for (int i = 0; i < nseg; ++i, params += kA8SegmentParams) {
+    const A8Segment& sg = segs[i];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < kA8Blocks; ++v) acc[r][v] = S::zero_i();
+    accumulate_a8<R, S>(acc, x + sg.tile_quad * 4, ldx, tile + sg.tile_quad * kA8TileStride, sg.quads);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename S::V xs = S::broadcast_value(sg.group_quad == 0 ? float(xq_sum[r * groups + sg.group]) : 0.f);
+#pragma GCC unroll 4
+      for (int v = 0; v < kA8Blocks; ++v) {
+        float* o = c + (r * kA8Blocks + v) * kBlockN;
+        const typename S::V centred = S::fnmadd(S::load(params + (kA8Blocks + v) * kBlockN), xs, S::to_float(acc[r][v]));
+        S::store(o, S::fmadd(S::load(params + v * kBlockN), centred, S::load(o)));
+      }
+    }
+  }
+}
+
+using MicroA8Fn = void (*)(const int8_t*, int64_t, const int32_t*, const A8Segment*, int, const float*,
+                           const int32_t*, int64_t, float*);
+template <typename S, int... R>
+constexpr std::array<MicroA8Fn, sizeof...(R) + 1> micro_a8_table(std::integer_sequence<int, R...>) {
+  return {nullptr, &microkernel_a8<R + 1, S>...};
+}
+
+template <typename S = Simd>
+void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s, const float* bias,
+             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
+  static_assert(S::kLanes == kBlockN && !S::kPairSums, "one vector per row block, 4-way byte dot products");
+  static constexpr auto kMicroA8 = micro_a8_table<S>(std::make_integer_sequence<int, kA8Rows>{});  // [r]: r rows
+  const Geometry geo(s);
+  const int64_t group_quads = geo.Gp / 4, total_quads = geo.Kp / 4;
+  const int64_t step = group_quads <= kA8ChunkQuads ? kA8ChunkQuads / group_quads * group_quads : kA8ChunkQuads;
+  const int64_t max_segments = kA8ChunkQuads / 2 + 1;  // groups of 8 columns: 2 quads each
+  AlignedBuffer tile_buffer = aligned_floats(kA8ChunkQuads * kA8TileStride);
+  int32_t* tile = reinterpret_cast<int32_t*>(tile_buffer.get());
+  AlignedBuffer params = aligned_floats(max_segments * kA8SegmentParams);
+  const int64_t chunk_rows = std::min(round_up(a.M, kA8Rows), kRowChunk);
+  AlignedBuffer c = aligned_floats(chunk_rows * kA8Blocks * kBlockN);
+  std::unique_ptr<A8Segment[]> segs(new A8Segment[max_segments]);
+  for (int64_t b = block_begin; b < block_end; b += kA8Blocks) {
+    const int64_t nb = std::min<int64_t>(kA8Blocks, block_end - b);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
+      const int64_t rows = std::min(kRowChunk, a.M - m0);
+      std::fill(c.get(), c.get() + round_up(rows, kA8Rows) * kA8Blocks * kBlockN, 0.f);
+      for (int64_t q0 = 0; q0 < total_quads; q0 += step) {
+        const int64_t q1 = std::min(total_quads, q0 + step);
+        int nseg = 0;
+        for (int64_t q = q0; q < q1; ++nseg) {
+          const int64_t g = q / group_quads, end = std::min(q1, (g + 1) * group_quads);
+          segs[nseg] = {g, q - q0, q - g * group_quads, end - q};
+          q = end;
+        }
+        build_a8_tile<S>(packed, geo, b, nb, segs.get(), nseg, q1 - q0, tile, params.get());
+        for (int64_t r0 = 0; r0 < rows; r0 += kA8Rows) {
+          const int64_t m = m0 + r0;
+          kMicroA8[std::min<int64_t>(kA8Rows, rows - r0)](a.xq + m * geo.Kp + q0 * 4, geo.Kp, tile, segs.get(), nseg,
+                                                          params.get(), a.xq_sum + m * geo.groups, geo.groups,
+                                                          c.get() + r0 * kA8Blocks * kBlockN);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const typename S::V x_scale = S::broadcast(a.scale + m0 + r);
+        for (int64_t v = 0; v < nb; ++v) {
+          float* o = c.get() + (r * kA8Blocks + v) * kBlockN;
+          S::store(o, S::mul(S::load(o), x_scale));
+          store_row16(y, dtype, (m0 + r) * ldy + (b + v) * kBlockN, o, bias, (b + v) * kBlockN, s.N);
+        }
+      }
+    }
+  }
+}
+
+template <typename S = Simd>  // a template, so AVX2 (pair sums) never instantiates gemm_a8
 void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
                     const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                     int64_t block_end) {
+  if constexpr (!S::kPairSums) {  // vpdpbusd: the tile GEMM from kA8GemmMinRows rows
+    const int64_t forced = forced_gemm_rows();
+    if (a.M >= (forced > 0 ? forced : kA8GemmMinRows))
+      return gemm_a8<S>(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+  }
   const Geometry geo(s);
   for (int64_t b = block_begin; b < block_end; ++b)
     for_row_chunks(a.M, [&](auto rows, int64_t m) {

@@ -48,6 +48,10 @@ struct Simd {
   }
   static constexpr bool kPairSums = false;  // vpdpbusd sums straight into int32
   static VI dot_u8s8(VI acc, VI u8, VI s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }  // VNNI
+  // The same in place, as inline assembly: with 24 accumulators live (linear_simd.h's gemm_a8)
+  // GCC 12 allocates the intrinsic's result apart from its accumulator, then copies it back and
+  // stores it to the stack on every quad; the tied asm operand keeps each in its register.
+  static void dot_u8s8_in_place(VI& acc, VI u8, VI s8) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8)); }
   static V to_float(VI v) { return _mm512_cvtepi32_ps(v); }
   static VI load_words(const uint32_t* p) { return _mm512_loadu_si512(p); }
   // 16 int8 codes (linear_simd.h's int8 records) widened to fp32

@@ -426,8 +426,9 @@ void check_against_dequantized_matmul(Isa isa, const Layout& c, int bits) {
     const Weight w = make_weight(c, symmetric, rng, scale_dtype, bits);
     const std::vector<float> bias_values = random_floats(c.N, -1.f, 1.f, rng);
     // both sides of every ISA's GEMV / GEMM crossover (linear_simd.h's gemm_min_rows): AVX2 bf16
-    // 63 / 64, AVX-512 fp32 and fp16 1023 / 1024, int8 records 7 / 8
-    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 33, 63, 64, 200, 1030}) {
+    // 63 / 64, AVX-512 fp32 and fp16 1023 / 1024, AVX-512 BF16 31 / 32 (and its bf16 weights from
+    // 64), int8 records 7 / 8
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 13, 31, 32, 33, 63, 64, 200, 1030}) {
       if (M == 1030 && isa == Isa::Scalar) continue;  // one path at every M: spare its time
       for (DType dtype : {DType::F32, DType::BF16, DType::F16}) {
         Matrix x(dtype, M, ldx, kNaN);
@@ -630,7 +631,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),
                        ::testing::Values(Layout{3, 100, 32}, Layout{7, 256, 256},
                                          Layout{37, 384, 128}, Layout{64, 1000, 64},
-                                         Layout{17, 130, 6}, Layout{20, 33, 33}, Layout{16, 9, 2})),
+                                         Layout{17, 130, 6}, Layout{20, 33, 33}, Layout{16, 9, 2},
+                                         Layout{19, 1100, 1100})),  // a group longer than a K chunk
     [](const ::testing::TestParamInfo<std::tuple<Isa, Layout>>& info) {
       return std::string(cpu::isa_name(std::get<0>(info.param))) + "_" +
              layout_name(std::get<1>(info.param));
@@ -661,7 +663,7 @@ TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
   const int64_t ldy = c.N + 3;
   for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
     const Weight w = make_weight(c, symmetric, rng, scale_dtype);
-    for (int64_t M : {1, 3, 4, 5, 9, 33}) {
+    for (int64_t M : {1, 3, 4, 5, 9, 11, 12, 33, 300}) {  // AVX-512: the GEMM from 12 rows
       SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " scales " +
                    dtype_name(scale_dtype) + " M=" + std::to_string(M));
       Matrix x(DType::F32, M, c.K, 0.f);
@@ -778,7 +780,8 @@ INSTANTIATE_TEST_SUITE_P(
     AllIsas, W4A8Linear,
     ::testing::Combine(::testing::ValuesIn(cpu::kAllIsas),
                        ::testing::Values(Layout{3, 100, 32}, Layout{37, 384, 128},
-                                         Layout{64, 1000, 64}, Layout{17, 130, 6})),
+                                         Layout{64, 1000, 64}, Layout{17, 130, 6},
+                                         Layout{19, 1100, 1100})),  // a group longer than a K chunk
     [](const ::testing::TestParamInfo<std::tuple<Isa, Layout>>& info) {
       return std::string(cpu::isa_name(std::get<0>(info.param))) + "_" +
              layout_name(std::get<1>(info.param));
