@@ -148,6 +148,14 @@ def test_linear_per_channel_groups_longer_than_a_chunk(cpu_isa, M, dtype):
     check_linear(x, 35, 1100, -1, False, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_linear_x_past_l3_share(cpu_isa, dtype):
+    # x over 8 MiB: the avx512bf16 GEMM passes 4 weight tiles (12 row blocks) per read of x;
+    # 13 row blocks (a partial pass and a partial tile), 272 rows (two 256-row chunks)
+    x = torch.randn(272, 16000).to(dtype)
+    check_linear(x, 200, 16000, 128, False, True)
+
+
 @pytest.mark.parametrize("M,K,dtype", LONG_K_CASES, ids=[f"M{m}-K{k}-{str(d)[6:]}" for m, k, d in LONG_K_CASES])
 def test_linear_long_k_in_chunks(cpu_isa, two_threads, M, K, dtype):
     x = torch.randn(M, K).to(dtype)
@@ -245,7 +253,8 @@ def test_linear_large_activations(cpu_isa):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", [(37, 384, 128), (16, 99, 32), (7, 256, -1)], ids=_shape_id)
 def test_linear_large_m(cpu_isa, shape, with_bias, dtype):
-    # from M = 1024 bf16 and fp32 x go to torch's GEMM on the dequantized weight (ops_cpu.cpp)
+    # from M = 1024 bf16 and fp32 x go to torch's GEMM on the dequantized weight (ops_cpu.cpp;
+    # bf16 x on the avx512bf16 path keeps its own GEMM)
     N, K, G = shape
     torch.manual_seed(3)
     check_linear(torch.randn(2, 600, K).to(dtype), N, K, G, False, with_bias)
