@@ -272,11 +272,12 @@ bool dequantized(int64_t M, DType dtype) { return dtype == DType::BF16 && M >= k
 // ---- the GEMM over row blocks [block_begin, block_end) -------------------------------------------
 // x streams past each tile of kBlocks row blocks once. Where x outgrows its share of L3 (it and
 // the weights together: DRAM otherwise), a pass takes kPassTiles tiles side by side instead, so
-// every panel of x read into L1 meets all of them: x streams once per 12 row blocks. Below that a
-// single tile (L1-resident, 24 KiB) is faster. Zen 5, two threads, bf16 x, ms one tile -> four,
-// best of two alternating runs: 11008x4096 M = 1023 171 -> 137 (x 22.5 MB); M = 512 55 -> 57,
-// 4096x11008 M = 1023 116 -> 117, M = 128 13.9 -> 14.8, M = 32 4.38 -> 4.73.
-constexpr int64_t kPassTiles = 4;
+// every panel of x read into L1 meets all of them: x streams once per 24 row blocks. Below that a
+// single tile (L1-resident, 24 KiB) is faster. Zen 5, two threads, bf16 x, ms one tile -> eight,
+// two alternating runs (the machine is noisy): 11008x4096 M = 1023 (x 22.5 MB) 157-176 -> 123-127
+// (four tiles: 134-136), M = 512 58-96 -> 58-60; 4096x11008 M = 1023 (x 8.4 MB, one tile) 110-117
+// against 121-128, M = 128 14.8-15.6 against 14.8-15.4.
+constexpr int64_t kPassTiles = 8;
 constexpr int64_t kSingleTileMaxXBytes = int64_t(8) << 20;
 
 void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
