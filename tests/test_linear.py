@@ -254,7 +254,7 @@ def test_linear_large_activations(cpu_isa):
 @pytest.mark.parametrize("shape", [(37, 384, 128), (16, 99, 32), (7, 256, -1)], ids=_shape_id)
 def test_linear_large_m(cpu_isa, shape, with_bias, dtype):
     # from M = 1024 bf16 and fp32 x go to torch's GEMM on the dequantized weight (ops_cpu.cpp;
-    # bf16 x on the avx512bf16 path keeps its own GEMM)
+    # the avx512bf16 path keeps its own kernels)
     N, K, G = shape
     torch.manual_seed(3)
     check_linear(torch.randn(2, 600, K).to(dtype), N, K, G, False, with_bias)

@@ -1,6 +1,7 @@
 // AVX-512 BF16 path of the fused int4 linear (AMD Zen 4 and Zen 5, Intel Cooper Lake; AMX CPUs
-// have it too): the AVX-512 path plus a register-blocked vdpbf16ps GEMM for bf16 and fp16 x from
-// gemm_min_rows rows on. Built with the AVX-512 flags plus -mavx512bf16.
+// have it too): the AVX-512 SIMD path (linear_simd.h, instantiated here with this class's
+// crossovers) plus a register-blocked vdpbf16ps GEMM for bf16 and fp16 x from kGemmMinRows rows
+// on. Built with the AVX-512 flags plus -mavx512bf16.
 //
 // Exact, like the AMX tiles: each column pair of a word becomes the bf16 pair (1 + q/16) (one
 // shift and one ternary-logic op per 16 pairs), and x is bf16: bf16 x itself, fp16 x as two
@@ -27,12 +28,16 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <utility>
 
+#include "act_quant.h"
 #include "kernels_internal.h"
 #include "simd_avx512.h"
 #include "store_row.h"
@@ -42,7 +47,19 @@ namespace cpu {
 namespace avx512bf16 {
 namespace {
 
-using Simd = avx512_simd::Simd;
+// The AVX-512 traits with this class's crossover for fp32 x: the int24 GEMV at every M. Its
+// FMA GEMM streams fp32 x panels past every row block (11008x4096, M = 1024: 856 ms), and torch's
+// fp32 GEMM on the dequantized weight (what the avx512 path hands M >= 1024 to) is no faster than
+// F.linear fp32 here (546-562 ms), where the GEMV took 250-284 ms at M = 1023 (Zen 5, two threads).
+struct Simd : avx512_simd::Simd {
+  static constexpr int64_t kGemmMinRowsFloat = std::numeric_limits<int64_t>::max();
+};
+
+// The GEMVs, fp32 x, W4A8 and the dense weights: linear_simd.h in its own namespace (its names
+// would collide with the GEMM's below).
+namespace simd {
+#include "linear_simd.h"
+}  // namespace simd
 
 constexpr int kRows = 8;    // rows of x per microkernel, and per panel of x
 constexpr int kBlocks = 3;  // row blocks (16 output channels each) per microkernel
@@ -60,7 +77,7 @@ constexpr int64_t kGemmMinRows = 32;
 int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : 2; }
 
 bool usable(const PackedShape& s, int64_t M, DType dtype) {
-  if (s.bits != 4 || dtype == DType::F32) return false;  // fp32 x: the AVX-512 path's kernels
+  if (s.bits != 4 || dtype == DType::F32) return false;  // fp32 x: the int24 GEMV (Simd above)
   const int64_t forced = forced_gemm_rows();
   return M >= (forced > 0 ? forced : kGemmMinRows);
 }
@@ -378,14 +395,14 @@ void prepare_row(const void* x, DType dtype, int64_t ldx, const PackedShape& s, 
 }  // namespace
 
 ActivationSizes activation_sizes(const PackedShape& s, int64_t M, DType dtype) {
-  if (!usable(s, M, dtype)) return avx512::activation_sizes(s, M, dtype);
+  if (!usable(s, M, dtype)) return simd::activation_sizes_impl(s, M, dtype);
   return {0, M * s.groups(), round_up(M, kRows) * s.padded_k() * planes_for(dtype)};
 }
 
 void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                          const Activations& a, int64_t m_begin, int64_t m_end) {
   if (!usable(s, a.M, dtype)) {
-    avx512::prepare_activations(x, dtype, ldx, s, a, m_begin, m_end);
+    simd::prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);
     return;
   }
   for (int64_t m = m_begin; m < m_end; ++m) prepare_row(x, dtype, ldx, s, a, m);
@@ -394,27 +411,27 @@ void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedSh
 void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
             void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   if (!usable(s, a.M, dtype)) {
-    avx512::linear(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+    simd::linear_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
     return;
   }
   gemm(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
-// W4A8 and the dense weights are the AVX-512 path's.
+// W4A8 and the dense weights: the AVX-512 SIMD path's kernels.
 void prepare_activations_a8(const void* x, DType dtype, int64_t ldx, const PackedShape& s,
                             const ActivationsA8& a, int64_t m_begin, int64_t m_end) {
-  avx512::prepare_activations_a8(x, dtype, ldx, s, a, m_begin, m_end);
+  simd::prepare_activations_a8_impl(x, dtype, ldx, s, a, m_begin, m_end);
 }
 
 void linear_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
                const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
                int64_t block_end) {
-  avx512::linear_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
+  simd::linear_a8_impl(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
 }
 
 void dequantize_transposed(const uint8_t* packed, const PackedShape& s, void* wt, int64_t ldw,
                            DType dtype, int64_t block_begin, int64_t block_end) {
-  avx512::dequantize_transposed(packed, s, wt, ldw, dtype, block_begin, block_end);
+  simd::dequantize_transposed_impl(packed, s, wt, ldw, dtype, block_begin, block_end);
 }
 
 }  // namespace avx512bf16

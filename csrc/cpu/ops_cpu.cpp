@@ -291,16 +291,15 @@ struct W4A8 {
 // torch has no fast bf16 GEMM either (Xeon with AVX-512 but no BF16, AVX2 path, two threads,
 // 4096 x 4096 at M = 1024, bf16: F.linear 562 ms, dequantize + GEMM 586 ms (int4) and 574 ms
 // (int8), the fused tile GEMM 221 ms; docs/benchmarks.md). The other paths are forced for tests,
-// so the CPU is asked, not the path. And so does bf16 x on the avx512bf16 path (AMD Zen 4/5),
-// whose vdpbf16ps GEMM is as fast or faster (AMD EPYC Zen 5, two threads, ms at M = 1023 fused,
-// 1024 library: 4096 x 11008 113-123 / 145-164, 11008 x 4096 123-127 / 137, 4096 x 4096 43 / 52,
-// MiniLM's FFN 1.7-1.8 / 1.6-1.8). fp32 x there keeps the library GEMM (546-562 ms, F.linear fp32
-// 547-574), though the int24 GEMV it leaves at M = 1023 took 250-284 ms: the FMA GEMM it would
-// otherwise get streams its fp32 x panels from DRAM (11008 x 4096: 856 ms).
+// so the CPU is asked, not the path. And so does the avx512bf16 path (AMD Zen 4/5), where torch's
+// GEMMs are no match for its kernels: its vdpbf16ps GEMM for bf16 x, the int24 GEMV for fp32 x
+// (AMD EPYC Zen 5, two threads, ms at M = 1023 fused, 1024 dequantize + GEMM: bf16 4096 x 11008
+// 113-123 / 145-164, 11008 x 4096 123-127 / 137, 4096 x 4096 43 / 52, MiniLM's FFN 1.7-1.8 /
+// 1.6-1.8; fp32 4096 x 11008 250 / 562, 11008 x 4096 284 / 546, F.linear fp32 547 and 574).
 constexpr int64_t kLibraryGemmMinRows = 1024;
 bool use_library_gemm(Isa isa, int64_t M, DType dtype, const ThreadBudget& threads) {
   static const bool fast_bf16_gemm = __builtin_cpu_supports("avx512bf16");
-  if (dtype == DType::BF16 && (!fast_bf16_gemm || isa == Isa::Avx512Bf16)) return false;
+  if (isa == Isa::Avx512Bf16 || (dtype == DType::BF16 && !fast_bf16_gemm)) return false;
   return M >= kLibraryGemmMinRows && dtype != DType::F16 && isa != Isa::Scalar && threads.alone();
 }
 
