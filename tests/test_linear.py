@@ -149,11 +149,12 @@ def test_linear_per_channel_groups_longer_than_a_chunk(cpu_isa, M, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_linear_x_past_l3_share(cpu_isa, dtype):
-    # x over 8 MiB: the avx512bf16 GEMM passes 4 weight tiles (12 row blocks) per read of x;
-    # 13 row blocks (a partial pass and a partial tile), 272 rows (two 256-row chunks)
-    x = torch.randn(272, 16000).to(dtype)
-    check_linear(x, 200, 16000, 128, False, True)
+def test_linear_gemm_passes(cpu_isa, dtype):
+    # the avx512bf16 GEMM takes 8 weight tiles (24 row blocks) per pass over a row chunk of x:
+    # 60 row blocks, 30 per thread (a full pass, then a partial one ending in a partial tile; the
+    # last block 6 rows), 272 rows (two 256-row chunks), 16 chunks of K
+    x = torch.randn(272, 4000).to(dtype)
+    check_linear(x, 950, 4000, 128, False, True)
 
 
 @pytest.mark.parametrize("M,K,dtype", LONG_K_CASES, ids=[f"M{m}-K{k}-{str(d)[6:]}" for m, k, d in LONG_K_CASES])

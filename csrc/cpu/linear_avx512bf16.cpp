@@ -66,7 +66,6 @@ constexpr int kBlocks = 3;  // row blocks (16 output channels each) per microker
 constexpr int64_t kChunkPairs = 128;  // column pairs per weight tile: 128 x 3 x 64 B = 24 KiB
 constexpr int64_t kRowChunk = 256;    // rows of x per pass over a tile (their sums: 48 KiB)
 static_assert(kRowChunk % kRows == 0, "row chunks hold whole panels");
-constexpr int64_t kPrefetchBytes = 4096;
 // Rows of x from which the GEMM takes over from the AVX-512 GEMV on int16 / int24 planes
 // (INT4KIT_GEMM_MIN_ROWS moves it). That GEMV's vpdpbusd also issues two per cycle on Zen 5, so it
 // holds level far up: bench/bench_crossover.py, AMD EPYC (Zen 5), two threads, hot, GEMM / GEMV
@@ -191,7 +190,7 @@ void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t 
       const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.group_pair / 4 * kBlockN;
       uint32_t* row = tile + sg.tile_pair * kPairStride + v * kBlockN;
       for (int64_t w = 0; w < sg.pairs / 4; ++w, row += 4 * kPairStride) {
-        __builtin_prefetch(reinterpret_cast<const char*>(codes + w * kBlockN) + kPrefetchBytes, 0, 3);
+        simd::prefetch_ahead(codes + w * kBlockN);
         const __m512i c = Simd::load_words(codes + w * kBlockN);
         if constexpr (kDequantized) store_weight_pairs(c, scale, zs, row);
         else store_code_pairs(c, row);
@@ -287,15 +286,16 @@ constexpr auto kDequantizedMicro = dequantized_table(std::make_integer_sequence<
 bool dequantized(int64_t M, DType dtype) { return dtype == DType::BF16 && M >= kBf16DequantizedMinRows; }
 
 // ---- the GEMM over row blocks [block_begin, block_end) -------------------------------------------
-// x streams past each tile of kBlocks row blocks once. Where x outgrows its share of L3 (it and
-// the weights together: DRAM otherwise), a pass takes kPassTiles tiles side by side instead, so
-// every panel of x read into L1 meets all of them: x streams once per 24 row blocks. Below that a
-// single tile (L1-resident, 24 KiB) is faster. Zen 5, two threads, bf16 x, ms one tile -> eight,
-// two alternating runs (the machine is noisy): 11008x4096 M = 1023 (x 22.5 MB) 157-176 -> 123-127
-// (four tiles: 134-136), M = 512 58-96 -> 58-60; 4096x11008 M = 1023 (x 8.4 MB, one tile) 110-117
-// against 121-128, M = 128 14.8-15.6 against 14.8-15.4.
+// A pass takes kPassTiles tiles (24 row blocks) and a row chunk of x: per chunk of K, each tile is
+// built in turn into L1 and every panel of x passes it. x is read from L3 or DRAM once per pass
+// (its chunk window, kRowChunk rows x kChunkPairs pairs: 128 KiB, 256 for fp16, stays in L2 for
+// the later tiles), and the first tile requests each next panel's window into L2 while it runs:
+// a new panel is a new page, which the hardware prefetcher does not foresee. The c rows of a pass
+// (384 KiB) live in L2 too. Zen 5, two threads, bf16 x, hot, median ratio to F.linear bf16 over
+// 8-12 alternating rounds, one tile per pass -> this: 11008x4096 M = 512 0.95 -> 0.98-0.99,
+// M = 1024 0.65 -> 1.01 (x 22.5 MB), 128 1.10 -> 1.13; 4096x11008 M = 512 1.05 -> 1.08, M = 32
+// level (1.35); the x prefetch alone: M = 512 0.955 -> 0.98-0.99.
 constexpr int64_t kPassTiles = 8;
-constexpr int64_t kSingleTileMaxXBytes = int64_t(8) << 20;
 
 void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
           void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
@@ -306,13 +306,12 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
   constexpr int64_t kTileWords = kChunkPairs * kPairStride, kParams = kMaxSegments * kSegmentParams;
   const int64_t c_rows = std::min(round_up(a.M, kRows), kRowChunk);
   const int64_t c_floats = c_rows * kBlocks * kBlockN;  // one tile's output rows
-  const int64_t pass_tiles = a.M * s.padded_k() * 2 * P > kSingleTileMaxXBytes ? kPassTiles : 1;
-  auto tiles = aligned_array<uint32_t>(pass_tiles * kTileWords);
-  auto params = aligned_array<float>(pass_tiles * kParams);
-  auto c = aligned_array<float>(pass_tiles * c_floats);
+  auto tile = aligned_array<uint32_t>(kTileWords);
+  auto params = aligned_array<float>(kParams);
+  auto c = aligned_array<float>(kPassTiles * c_floats);
   Segment segs[kMaxSegments];
-  for (int64_t b0 = block_begin; b0 < block_end; b0 += pass_tiles * kBlocks) {
-    const int64_t pass_blocks = std::min(pass_tiles * kBlocks, block_end - b0);
+  for (int64_t b0 = block_begin; b0 < block_end; b0 += kPassTiles * kBlocks) {
+    const int64_t pass_blocks = std::min(kPassTiles * kBlocks, block_end - b0);
     const int64_t ntiles = ceil_div(pass_blocks, int64_t(kBlocks));
     for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, a.M - m0);
@@ -322,20 +321,21 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
         const int nseg = segments_of(s, c0, c1, segs);
         for (int64_t t = 0; t < ntiles; ++t) {
           const int64_t b = b0 + t * kBlocks, nb = std::min<int64_t>(kBlocks, pass_blocks - t * kBlocks);
-          if (dequant) build_tile<true>(packed, s, b, nb, segs, nseg, c1 - c0, tiles.get() + t * kTileWords, params.get() + t * kParams);
-          else build_tile<false>(packed, s, b, nb, segs, nseg, c1 - c0, tiles.get() + t * kTileWords, params.get() + t * kParams);
-        }
-        for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-          const int64_t m = m0 + r0;  // a multiple of kRows: the start of a panel
-          const int64_t live = std::min<int64_t>(kRows, rows - r0);
-          const uint32_t* x = xpairs + ((m / kRows) * half + c0) * kRows * P;
-          for (int64_t t = 0; t < ntiles; ++t) {
+          if (dequant) build_tile<true>(packed, s, b, nb, segs, nseg, c1 - c0, tile.get(), params.get());
+          else build_tile<false>(packed, s, b, nb, segs, nseg, c1 - c0, tile.get(), params.get());
+          for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+            const int64_t m = m0 + r0;  // a multiple of kRows: the start of a panel
+            const int64_t live = std::min<int64_t>(kRows, rows - r0);
+            const uint32_t* x = xpairs + ((m / kRows) * half + c0) * kRows * P;
             float* out = c.get() + t * c_floats + r0 * kBlocks * kBlockN;
-            const uint32_t* tile = tiles.get() + t * kTileWords;
+            if (t == 0 && r0 + kRows < rows) {  // the next panel's window
+              const char* next = reinterpret_cast<const char*>(x + half * kRows * P);
+              for (int64_t o = 0; o < (c1 - c0) * kRows * P * 4; o += 64) _mm_prefetch(next + o, _MM_HINT_T1);
+            }
             if (dequant)
-              kDequantizedMicro[live](x, tile, c1 - c0, out);
+              kDequantizedMicro[live](x, tile.get(), c1 - c0, out);
             else
-              kMicro[P - 1][live](x, tile, segs, nseg, params.get() + t * kParams, a.xsum + m * groups, groups, out);
+              kMicro[P - 1][live](x, tile.get(), segs, nseg, params.get(), a.xsum + m * groups, groups, out);
           }
         }
       }
