@@ -37,6 +37,7 @@
 #include <utility>
 
 #include "act_quant.h"
+#include "gemm_blocking.h"
 #include "kernels_internal.h"
 #include "simd_avx512.h"
 #include "store_row.h"
@@ -104,16 +105,6 @@ inline const TileConfig* tile_config_for(int64_t M) {
 }
 
 int planes_for(DType dtype) { return dtype == DType::BF16 ? 1 : dtype == DType::F16 ? 2 : 3; }
-
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-template <typename T>
-std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
-  void* p = std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)));
-  if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
-}
 
 // Splits 16 fp32 values into bf16 planes hi, mid, lo (truncations, so each remainder is exact).
 inline void split_bf16(__m512 v, int planes, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
@@ -365,7 +356,7 @@ class PartialSums {
  private:
   int64_t rows_;
   bool across_chunks_;
-  std::unique_ptr<float[], AlignedFree> sums_;
+  AlignedArray<float> sums_;
 };
 
 template <typename Flavour>

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "act_quant.h"
+#include "gemm_blocking.h"
 #include "kernels_internal.h"
 #include "store_row.h"
 

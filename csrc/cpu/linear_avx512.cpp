@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "act_quant.h"
+#include "gemm_blocking.h"
 #include "kernels_internal.h"
 #include "store_row.h"
 #include "simd_avx512.h"

@@ -38,6 +38,7 @@
 #include <utility>
 
 #include "act_quant.h"
+#include "gemm_blocking.h"
 #include "kernels_internal.h"
 #include "simd_avx512.h"
 #include "store_row.h"
@@ -81,46 +82,11 @@ bool usable(const PackedShape& s, int64_t M, DType dtype) {
   return M >= (forced > 0 ? forced : kGemmMinRows);
 }
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-template <typename T>
-std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
-  void* p = std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)));
-  if (p == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
-}
-
-// ---- K in chunks, each cut into segments of one group ------------------------------------------
-// Column pairs are counted over the padded K (groups of Gp columns, Gp / 2 pairs). A chunk holds
-// whole groups where a group fits in kChunkPairs, else consecutive pieces of one group (per-channel
-// scales: G = K); either way every segment is whole words of 8 columns (Gp and kChunkPairs are
-// multiples of 8 columns).
-struct Segment {
-  int64_t group;
-  int64_t tile_pair;   // its first pair's row in the chunk's tile
-  int64_t group_pair;  // and that pair's index in the group (0: the accumulators start at the
-                       // zero-point term, else at 0 and add to what the group's earlier pieces left)
-  int64_t pairs;
-};
-constexpr int64_t kMaxSegments = kChunkPairs / 4;  // groups of 8 columns: 4 pairs each
-
-int64_t chunk_pairs(const PackedShape& s) {
-  const int64_t group_pairs = s.padded_group() / 2;
-  return group_pairs <= kChunkPairs ? kChunkPairs / group_pairs * group_pairs : kChunkPairs;
-}
-
-// The segments of column pairs [c0, c1); returns how many.
-int segments_of(const PackedShape& s, int64_t c0, int64_t c1, Segment* out) {
-  const int64_t group_pairs = s.padded_group() / 2;
-  int n = 0;
-  for (int64_t p = c0; p < c1; ++n) {
-    const int64_t g = p / group_pairs, end = std::min(c1, (g + 1) * group_pairs);
-    out[n] = {g, p - c0, p - g * group_pairs, end - p};
-    p = end;
-  }
-  return n;
-}
+// K in chunks of column pairs (gemm_blocking.h): at most kChunkPairs, whole groups where they fit.
+// Every segment is whole words of 8 columns (Gp and kChunkPairs are multiples of 8 columns), so a
+// chunk holds at most kChunkPairs / 4 segments.
+constexpr int64_t kMaxSegments = kChunkPairs / 4;
+int64_t group_pairs(const PackedShape& s) { return s.padded_group() / 2; }
 
 // ---- the weight tile -----------------------------------------------------------------------------
 // tile[pair][block][16]: for each of the 16 output channels of row block b + block, a bf16 pair
@@ -163,7 +129,7 @@ inline void store_weight_pairs(__m512i c, __m512 scale, __m512 zs, uint32_t* row
 
 template <bool kDequantized>
 void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t nb,
-                const Segment* segs, int nseg, int64_t pairs, uint32_t* tile, float* params) {
+                const KSegment* segs, int nseg, int64_t pairs, uint32_t* tile, float* params) {
   const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
   for (int64_t v = 0; v < kBlocks; ++v) {
     float* scale16 = params + v * kBlockN;  // segment i's: + i * kSegmentParams
@@ -177,7 +143,7 @@ void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t 
       continue;
     }
     for (int i = 0; i < nseg; ++i) {
-      const Segment& sg = segs[i];
+      const KSegment& sg = segs[i];
       const uint8_t* rec = packed + (b + v) * block_bytes + sg.group * record_bytes;
       const void* rp = record_params(rec, s);
       const __m512 scale = Simd::load_x(rp, s.scale_dtype, scale_index(0));
@@ -187,9 +153,9 @@ void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t 
         _mm512_store_ps(scale16 + i * kSegmentParams, _mm512_mul_ps(scale, _mm512_set1_ps(16.f)));
         _mm512_store_ps(offset + i * kSegmentParams, _mm512_fnmadd_ps(zero, _mm512_set1_ps(0.0625f), _mm512_set1_ps(-1.f)));
       }
-      const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.group_pair / 4 * kBlockN;
-      uint32_t* row = tile + sg.tile_pair * kPairStride + v * kBlockN;
-      for (int64_t w = 0; w < sg.pairs / 4; ++w, row += 4 * kPairStride) {
+      const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.in_group / 4 * kBlockN;
+      uint32_t* row = tile + sg.in_chunk * kPairStride + v * kBlockN;
+      for (int64_t w = 0; w < sg.units / 4; ++w, row += 4 * kPairStride) {
         simd::prefetch_ahead(codes + w * kBlockN);
         const __m512i c = Simd::load_words(codes + w * kBlockN);
         if constexpr (kDequantized) store_weight_pairs(c, scale, zs, row);
@@ -225,18 +191,18 @@ inline void accumulate(__m512 (&acc)[R][kBlocks], const uint32_t* xp, const uint
 // segment's accumulators start at its group's zero-point term (or 0 for a group's later pieces)
 // and are drained into c with the group's scale.
 template <int R, int P>
-void microkernel(const uint32_t* x, const uint32_t* tile, const Segment* segs, int nseg,
+void microkernel(const uint32_t* x, const uint32_t* tile, const KSegment* segs, int nseg,
                  const float* params, const float* xsum, int64_t groups, float* c) {
   __m512 acc[R][kBlocks];
   for (int i = 0; i < nseg; ++i, params += kSegmentParams) {
-    const Segment& sg = segs[i];
+    const KSegment& sg = segs[i];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 xs = _mm512_set1_ps(sg.group_pair == 0 ? xsum[r * groups + sg.group] : 0.f);
+      const __m512 xs = _mm512_set1_ps(sg.in_group == 0 ? xsum[r * groups + sg.group] : 0.f);
 #pragma GCC unroll 4
       for (int v = 0; v < kBlocks; ++v) acc[r][v] = _mm512_mul_ps(_mm512_load_ps(params + (kBlocks + v) * kBlockN), xs);
     }
-    accumulate<R, P>(acc, x + sg.tile_pair * kRows * P, tile + sg.tile_pair * kPairStride, sg.pairs);
+    accumulate<R, P>(acc, x + sg.in_chunk * kRows * P, tile + sg.in_chunk * kPairStride, sg.units);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -263,7 +229,7 @@ void microkernel_dequantized(const uint32_t* x, const uint32_t* tile, int64_t pa
     for (int v = 0; v < kBlocks; ++v) _mm512_store_ps(c + (r * kBlocks + v) * kBlockN, acc[r][v]);
 }
 
-using MicroFn = void (*)(const uint32_t*, const uint32_t*, const Segment*, int, const float*,
+using MicroFn = void (*)(const uint32_t*, const uint32_t*, const KSegment*, int, const float*,
                          const float*, int64_t, float*);
 using DequantizedFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*);
 template <int P, int... R>
@@ -301,7 +267,7 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
           void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   const int P = planes_for(dtype);
   const bool dequant = dequantized(a.M, dtype);
-  const int64_t half = s.padded_k() / 2, groups = s.groups(), step = chunk_pairs(s);
+  const int64_t half = s.padded_k() / 2, groups = s.groups(), step = chunk_units(group_pairs(s), kChunkPairs);
   const uint32_t* xpairs = reinterpret_cast<const uint32_t*>(a.x_bf16);
   constexpr int64_t kTileWords = kChunkPairs * kPairStride, kParams = kMaxSegments * kSegmentParams;
   const int64_t c_rows = std::min(round_up(a.M, kRows), kRowChunk);
@@ -309,7 +275,7 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
   auto tile = aligned_array<uint32_t>(kTileWords);
   auto params = aligned_array<float>(kParams);
   auto c = aligned_array<float>(kPassTiles * c_floats);
-  Segment segs[kMaxSegments];
+  KSegment segs[kMaxSegments];
   for (int64_t b0 = block_begin; b0 < block_end; b0 += kPassTiles * kBlocks) {
     const int64_t pass_blocks = std::min(kPassTiles * kBlocks, block_end - b0);
     const int64_t ntiles = ceil_div(pass_blocks, int64_t(kBlocks));
@@ -318,7 +284,7 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
       std::fill(c.get(), c.get() + ntiles * c_floats, 0.f);
       for (int64_t c0 = 0; c0 < half; c0 += step) {
         const int64_t c1 = std::min(half, c0 + step);
-        const int nseg = segments_of(s, c0, c1, segs);
+        const int nseg = k_segments(group_pairs(s), c0, c1, segs);
         for (int64_t t = 0; t < ntiles; ++t) {
           const int64_t b = b0 + t * kBlocks, nb = std::min<int64_t>(kBlocks, pass_blocks - t * kBlocks);
           if (dequant) build_tile<true>(packed, s, b, nb, segs, nseg, c1 - c0, tile.get(), params.get());

@@ -1,7 +1,8 @@
 // The vector fused int4 linear on the CPU prepacked layout (format.h), written once over a SIMD
 // traits type and instantiated by each ISA's translation unit (linear_avx2.cpp, linear_avx512.cpp),
-// which defines `Simd` and includes this file inside its own namespace. Only include it from such a
-// file: everything here is compiled with that file's -m flags.
+// which defines `Simd` and includes this file inside its own namespace (after act_quant.h,
+// gemm_blocking.h and store_row.h). Only include it from such a file: everything here is compiled
+// with that file's -m flags.
 //
 // Simd provides: V (fp32 vector), VI (int vector), kLanes (8 or 16), kMicroRows (rows of the GEMM
 // microkernel), zero(), load(p), store(p, v) (aligned), loadu(p), storeu(p, v), broadcast(p),
@@ -256,20 +257,12 @@ constexpr std::array<MicroFn, sizeof...(R) + 1> micro_table(std::integer_sequenc
 // kMicro[r] handles r rows, r = 1 .. kMicroRows
 constexpr auto kMicro = micro_table(std::make_integer_sequence<int, Simd::kMicroRows>{});
 
-struct AlignedFree {
-  void operator()(float* p) const { std::free(p); }
-};
-using AlignedBuffer = std::unique_ptr<float, AlignedFree>;
-inline AlignedBuffer aligned_floats(int64_t count) {
-  return AlignedBuffer(static_cast<float*>(std::aligned_alloc(64, size_t(round_up(count * 4, 64)))));
-}
-
 template <int kBits>
 void gemm(const Activations& a, const uint8_t* packed, const Geometry& geo, const float* bias,
           void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end, int64_t N) {
   const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
-  AlignedBuffer tile = aligned_floats(tile_groups * geo.Gp * kBlockN);
-  AlignedBuffer acc = aligned_floats(kRowChunk * kBlockN);
+  auto tile = aligned_array<float>(tile_groups * geo.Gp * kBlockN);
+  auto acc = aligned_array<float>(kRowChunk * kBlockN);
   for (int64_t b = block_begin; b < block_end; ++b) {
     for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, a.M - m0);
@@ -459,15 +452,9 @@ constexpr int64_t kA8SegmentParams = 2 * kA8Blocks * kBlockN;  // floats: s and 
 // 2.58 / 2.53, 128 12.0 -> 9.85.
 constexpr int64_t kA8GemmMinRows = 12;
 
-// A piece of one group inside a chunk: whole groups where a group fits the chunk, else consecutive
-// pieces of it (per-channel scales); the zero-point term goes with the group's first piece.
-struct A8Segment {
-  int64_t group, tile_quad, group_quad, quads;
-};
-
 template <typename S = Simd>
 void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_t nb,
-                   const A8Segment* segs, int nseg, int64_t quads, int32_t* tile, float* params) {
+                   const KSegment* segs, int nseg, int64_t quads, int32_t* tile, float* params) {
   for (int64_t v = 0; v < kA8Blocks; ++v) {
     if (v >= nb) {  // past the thread's range: zeros, computed and not stored
       for (int64_t q = 0; q < quads; ++q)
@@ -477,13 +464,13 @@ void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_
       continue;
     }
     for (int i = 0; i < nseg; ++i) {
-      const A8Segment& sg = segs[i];
+      const KSegment& sg = segs[i];
       const uint8_t* rec = packed + (b + v) * geo.block_bytes + sg.group * geo.record_bytes;
       S::store(params + i * kA8SegmentParams + v * kBlockN, geo.scales(rec, 0));
       S::store(params + i * kA8SegmentParams + (kA8Blocks + v) * kBlockN, geo.zeros(rec, 0));
-      const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.group_quad / 2 * kBlockN;
-      int32_t* row = tile + sg.tile_quad * kA8TileStride + v * kBlockN;
-      for (int64_t w = 0; w < sg.quads / 2; ++w, row += 2 * kA8TileStride) {
+      const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.in_group / 2 * kBlockN;
+      int32_t* row = tile + sg.in_chunk * kA8TileStride + v * kBlockN;
+      for (int64_t w = 0; w < sg.units / 2; ++w, row += 2 * kA8TileStride) {
         prefetch_ahead(codes + w * kBlockN);
         const typename S::VI c = S::load_words(codes + w * kBlockN);
         const typename S::VI lo = S::low_nibbles(c), hi = S::high_nibbles(c);
@@ -517,19 +504,19 @@ inline void accumulate_a8(typename S::VI (&acc)[R][kA8Blocks], const int8_t* x, 
 // c[r][block][16] += s (sum xq q - z sum xq) over the chunk's segments for R rows of x (row r's
 // bytes of the chunk at x + r * ldx, its group sums at xq_sum[r * groups + g]).
 template <int R, typename S = Simd>
-void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const A8Segment* segs, int nseg,
+void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSegment* segs, int nseg,
                     const float* params, const int32_t* xq_sum, int64_t groups, float* c) {
   typename S::VI acc[R][kA8Blocks];
   for (int i = 0; i < nseg; ++i, params += kA8SegmentParams) {
-    const A8Segment& sg = segs[i];
+    const KSegment& sg = segs[i];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
       for (int v = 0; v < kA8Blocks; ++v) acc[r][v] = S::zero_i();
-    accumulate_a8<R, S>(acc, x + sg.tile_quad * 4, ldx, tile + sg.tile_quad * kA8TileStride, sg.quads);
+    accumulate_a8<R, S>(acc, x + sg.in_chunk * 4, ldx, tile + sg.in_chunk * kA8TileStride, sg.units);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const typename S::V xs = S::broadcast_value(sg.group_quad == 0 ? float(xq_sum[r * groups + sg.group]) : 0.f);
+      const typename S::V xs = S::broadcast_value(sg.in_group == 0 ? float(xq_sum[r * groups + sg.group]) : 0.f);
 #pragma GCC unroll 4
       for (int v = 0; v < kA8Blocks; ++v) {
         float* o = c + (r * kA8Blocks + v) * kBlockN;
@@ -540,7 +527,7 @@ void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const A8S
   }
 }
 
-using MicroA8Fn = void (*)(const int8_t*, int64_t, const int32_t*, const A8Segment*, int, const float*,
+using MicroA8Fn = void (*)(const int8_t*, int64_t, const int32_t*, const KSegment*, int, const float*,
                            const int32_t*, int64_t, float*);
 template <typename S, int... R>
 constexpr std::array<MicroA8Fn, sizeof...(R) + 1> micro_a8_table(std::integer_sequence<int, R...>) {
@@ -554,14 +541,13 @@ void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s
   static constexpr auto kMicroA8 = micro_a8_table<S>(std::make_integer_sequence<int, kA8Rows>{});  // [r]: r rows
   const Geometry geo(s);
   const int64_t group_quads = geo.Gp / 4, total_quads = geo.Kp / 4;
-  const int64_t step = group_quads <= kA8ChunkQuads ? kA8ChunkQuads / group_quads * group_quads : kA8ChunkQuads;
-  const int64_t max_segments = kA8ChunkQuads / 2 + 1;  // groups of 8 columns: 2 quads each
-  AlignedBuffer tile_buffer = aligned_floats(kA8ChunkQuads * kA8TileStride);
-  int32_t* tile = reinterpret_cast<int32_t*>(tile_buffer.get());
-  AlignedBuffer params = aligned_floats(max_segments * kA8SegmentParams);
+  const int64_t step = chunk_units(group_quads, kA8ChunkQuads);
+  constexpr int64_t kMaxSegments = kA8ChunkQuads / 2;  // whole words of 8 columns: 2 quads each
+  auto tile = aligned_array<int32_t>(kA8ChunkQuads * kA8TileStride);
+  auto params = aligned_array<float>(kMaxSegments * kA8SegmentParams);
   const int64_t chunk_rows = std::min(round_up(a.M, kA8Rows), kRowChunk);
-  AlignedBuffer c = aligned_floats(chunk_rows * kA8Blocks * kBlockN);
-  std::unique_ptr<A8Segment[]> segs(new A8Segment[max_segments]);
+  auto c = aligned_array<float>(chunk_rows * kA8Blocks * kBlockN);
+  KSegment segs[kMaxSegments];
   for (int64_t b = block_begin; b < block_end; b += kA8Blocks) {
     const int64_t nb = std::min<int64_t>(kA8Blocks, block_end - b);
     for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
@@ -569,16 +555,11 @@ void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s
       std::fill(c.get(), c.get() + round_up(rows, kA8Rows) * kA8Blocks * kBlockN, 0.f);
       for (int64_t q0 = 0; q0 < total_quads; q0 += step) {
         const int64_t q1 = std::min(total_quads, q0 + step);
-        int nseg = 0;
-        for (int64_t q = q0; q < q1; ++nseg) {
-          const int64_t g = q / group_quads, end = std::min(q1, (g + 1) * group_quads);
-          segs[nseg] = {g, q - q0, q - g * group_quads, end - q};
-          q = end;
-        }
-        build_a8_tile<S>(packed, geo, b, nb, segs.get(), nseg, q1 - q0, tile, params.get());
+        const int nseg = k_segments(group_quads, q0, q1, segs);
+        build_a8_tile<S>(packed, geo, b, nb, segs, nseg, q1 - q0, tile.get(), params.get());
         for (int64_t r0 = 0; r0 < rows; r0 += kA8Rows) {
           const int64_t m = m0 + r0;
-          kMicroA8[std::min<int64_t>(kA8Rows, rows - r0)](a.xq + m * geo.Kp + q0 * 4, geo.Kp, tile, segs.get(), nseg,
+          kMicroA8[std::min<int64_t>(kA8Rows, rows - r0)](a.xq + m * geo.Kp + q0 * 4, geo.Kp, tile.get(), segs, nseg,
                                                           params.get(), a.xq_sum + m * geo.groups, geo.groups,
                                                           c.get() + r0 * kA8Blocks * kBlockN);
         }
@@ -666,7 +647,7 @@ void dequantize_transposed_codes(const uint8_t* packed, const PackedShape& s, vo
                                  DType dtype, int64_t block_begin, int64_t block_end) {
   const Geometry geo(s);
   const int64_t tile_groups = std::max<int64_t>(1, kTileK / geo.Gp);
-  AlignedBuffer tile = aligned_floats(tile_groups * geo.Gp * kBlockN);
+  auto tile = aligned_array<float>(tile_groups * geo.Gp * kBlockN);
   for (int64_t g0 = 0; g0 < geo.groups; g0 += tile_groups) {
     const int64_t g1 = std::min(geo.groups, g0 + tile_groups);
     for (int64_t b = block_begin; b < block_end; ++b) {
