@@ -20,6 +20,7 @@ quote medians and ratios.
     python bench/bench_linear.py --quick --mode hot --shapes 4096x4096 --m 1 16
     python bench/bench_linear.py --json bench/results/linear.json --plot bench/results/linear.png
     python bench/bench_linear.py --cpu-class avx2        # a CPU without AVX-512, on this one
+    python bench/bench_linear.py --plot-classes a.json b.json --plot classes.png  # per class
 
 `run(...)` returns the result rows (dicts) and `format_table(rows)` renders them, for bench/demo.py.
 """
@@ -80,6 +81,8 @@ def environment() -> dict:
             "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "int4kit_cpu_isa": int4kit.cpu_isa(), "torch": torch.__version__,
             "int4kit": int4kit.__version__,
+            "cpu_class": next((c for c, env in CPU_CLASSES.items()
+                               if all(os.environ.get(k) == v for k, v in env.items())), None),
             "loadavg": [round(v, 2) for v in os.getloadavg()]}
 
 
@@ -418,7 +421,46 @@ def print_tables(rows, log=print):
         "bf16 ms / W8A16 ms.")
 
 
+LINE_IMPLS = (("int4kit", "W4A16", "-"), ("int4kit_a8", "W4A8", "--"))
+
+
+def _speedup_lines(ax, rows, baseline: str, title: str):
+    """One axes: int4kit's speedup over `baseline` against M (both log scale), a line per shape
+    and variant (W4A16 solid, W4A8 dashed)."""
+    shapes = list(dict.fromkeys(f"{r['K']}x{r['N']}" for r in rows))
+    ms = sorted({r["M"] for r in rows})
+    lo, hi = 1.0, 1.0
+    for k, shape in enumerate(shapes):
+        for impl, label, style in LINE_IMPLS:
+            pts = sorted((r["M"], r["ms"][baseline] / r["ms"][impl]) for r in rows
+                         if f"{r['K']}x{r['N']}" == shape and r["ms"].get(impl) and r["ms"].get(baseline))
+            if not pts:
+                continue
+            ax.plot([m for m, _ in pts], [v for _, v in pts], style, marker="o", ms=3,
+                    color=f"C{k}", label=f"{label} {shape}")
+            lo, hi = min(lo, *(v for _, v in pts)), max(hi, *(v for _, v in pts))
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ticks = [t for t in (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32) if lo / 1.2 <= t <= hi * 1.2]
+    ax.set_yticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("M (rows of x)")
+    ax.set_ylabel(f"speedup over {LABELS[baseline]}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def plot(rows, path):
+    """int4kit's speedup over F.linear bf16 against M: a panel per mode and dtype of x."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -428,32 +470,35 @@ def plot(rows, path):
     fig, axes = plt.subplots(len(modes), len(dts), figsize=(6 * len(dts), 4.2 * len(modes)),
                              squeeze=False)
     for (i, mode), (j, dt) in ((a, b) for a in enumerate(modes) for b in enumerate(dts)):
-        ax = axes[i][j]
-        prow = [r for r in rows if r["mode"] == mode and r["dtype"] == dt]
-        shapes = list(dict.fromkeys(f"{r['K']}x{r['N']}" for r in prow))
-        ms = list(dict.fromkeys(r["M"] for r in prow))
-        width = 0.8 / max(1, len(ms))
-        for k, M in enumerate(ms):
-            vals = []
-            for s in shapes:
-                r = next((r for r in prow if f"{r['K']}x{r['N']}" == s and r["M"] == M), None)
-                v = r["speedup"]["dense_bf16"] if r else None
-                vals.append(v if v is not None else 0.0)
-            xs = [c + (k - (len(ms) - 1) / 2) * width for c in range(len(shapes))]
-            bars = ax.bar(xs, vals, width, label=f"M={M}")
-            for b, v in zip(bars, vals):
-                ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                            va="bottom", fontsize=7)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels(shapes)
-        ax.set_xlabel("K x N")
-        ax.set_ylabel("speedup of int4kit over F.linear bf16")
-        ax.set_title(f"{mode} weights, {dt} activations")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+        _speedup_lines(axes[i][j], [r for r in rows if r["mode"] == mode and r["dtype"] == dt],
+                       "dense_bf16", f"{mode} weights, {dt} activations")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def class_baseline(env: dict) -> str:
+    """The dense peer a CPU class is compared with: F.linear bf16, except without AVX-512, where
+    torch's bf16 GEMM is emulated and F.linear fp32 is what users run (#15's AVX2 targets)."""
+    return "dense_fp32" if env.get("int4kit_cpu_isa") == "avx2" else "dense_bf16"
+
+
+def plot_classes(runs, path):
+    """Speedup against M per CPU class: runs is [(environment, rows)] from --json files of
+    --cpu-class runs; a column per class (bf16 x), a row per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for _, rows in runs for r in rows))
+    fig, axes = plt.subplots(len(modes), len(runs), figsize=(5.5 * len(runs), 4.2 * len(modes)),
+                             squeeze=False)
+    for j, (env, rows) in enumerate(runs):
+        for i, mode in enumerate(modes):
+            title = (f"{env.get('cpu_class') or env['int4kit_cpu_isa']} path on {env['cpu']}\n"
+                     f"{mode} weights, bf16 x, {env['threads']} threads")
+            _speedup_lines(axes[i][j], [r for r in rows if r["mode"] == mode and r["dtype"] == "bf16"],
+                           class_baseline(env), title)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -497,12 +542,26 @@ def main(argv=None):
                    help="cuda runs bench/bench_linear_cuda.py (its own shapes and M unless given)")
     p.add_argument("--json", metavar="PATH", help="save the rows and the environment as JSON")
     p.add_argument("--plot", metavar="PATH", help="save a PNG of int4kit's speedup over bf16")
+    p.add_argument("--plot-classes", nargs="+", metavar="JSON",
+                   help="measure nothing: plot speedup against M per CPU class from the --json "
+                        "files of earlier runs (one per --cpu-class) into --plot's PATH")
     p.add_argument("--markdown", metavar="PATH", help="(--device cuda) save the table as Markdown")
     p.add_argument("--cpu-class", choices=tuple(CPU_CLASSES),
                    help="measure a class of CPU: int4kit's path and torch's oneDNN / MKL limited "
                         "to it (avx512bf16: AVX-512 BF16 without AMX, as Zen 4/5; avx512: no BF16 "
                         "either, as Ice Lake; avx2: no AVX-512)")
     args = p.parse_args(argv)
+    if args.plot_classes:
+        if not args.plot:
+            p.error("--plot-classes needs --plot PATH")
+        runs = []
+        for path in args.plot_classes:
+            with open(path) as f:
+                saved = json.load(f)
+            runs.append((saved["environment"], saved["rows"]))
+        plot_classes(runs, args.plot)
+        print(f"saved {args.plot}")
+        return 0
     if args.cpu_class is not None:
         return _run_as_cpu_class(args.cpu_class, sys.argv[1:] if argv is None else list(argv))
     shapes = [s for tok in args.shapes for s in tok.split(",") if s]

@@ -28,6 +28,29 @@ def test_bench_linear_cpu_class(capfd):
     assert "int4kit CPU path avx2" in out and "256x128" in out
 
 
+def test_bench_linear_plots(tmp_path, capfd):
+    # a run on this CPU's path and one as the AVX2 class, each saved as JSON, then the per-class
+    # plot from both files (speedup against M; the AVX2 panel against F.linear fp32)
+    import json
+
+    import bench_linear
+    common = ["--quick", "--mode", "hot", "--shapes", "256x128", "--m", "1", "8", "--dtype", "bf16",
+              "--budget", "0.02"]
+    here, avx2 = tmp_path / "here.json", tmp_path / "avx2.json"
+    assert bench_linear.main([*common, "--json", str(here), "--plot", str(tmp_path / "here.png")]) == 0
+    assert bench_linear.main([*common, "--json", str(avx2), "--cpu-class", "avx2"]) == 0
+    envs = [json.loads(p.read_text())["environment"] for p in (here, avx2)]
+    assert envs[1]["cpu_class"] == "avx2" and envs[1]["int4kit_cpu_isa"] == "avx2"
+    assert [bench_linear.class_baseline(e) for e in envs][1] == "dense_fp32"
+    out = tmp_path / "classes.png"
+    assert bench_linear.main(["--plot-classes", str(here), str(avx2), "--plot", str(out)]) == 0
+    for png in (tmp_path / "here.png", out):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):  # --plot-classes without --plot
+        bench_linear.main(["--plot-classes", str(here)])
+    capfd.readouterr()
+
+
 def test_bench_crossover(capfd):
     # child processes with the GEMM and the GEMV forced in turn (INT4KIT_GEMM_MIN_ROWS)
     import bench_crossover
