@@ -148,11 +148,12 @@ def test_linear_per_channel_groups_longer_than_a_chunk(cpu_isa, M, dtype):
     check_linear(x, 35, 1100, -1, False, True)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_linear_gemm_passes(cpu_isa, dtype):
-    # the avx512bf16 GEMM takes 8 weight tiles (24 row blocks) per pass over a row chunk of x:
-    # 60 row blocks, 30 per thread (a full pass, then a partial one ending in a partial tile; the
-    # last block 6 rows), 272 rows (two 256-row chunks), 16 chunks of K
+    # the GEMMs take several row blocks per pass over a row chunk of x (avx512bf16: 8 tiles of 3
+    # blocks over 256 rows; linear_simd.h's FMA GEMM, the AVX2 path's from 8 rows: 8 blocks over
+    # 192): 60 row blocks, 30 per thread (full passes, then a partial one ending in a partial
+    # tile; the last block 6 rows), 272 rows (a full row chunk and a partial one), 16 chunks of K
     x = torch.randn(272, 4000).to(dtype)
     check_linear(x, 950, 4000, 128, False, True)
 

@@ -1,6 +1,6 @@
-// Pieces shared by the CPU GEMMs' blocking (linear_simd.h's W4A8 GEMM, linear_avx512bf16.cpp,
-// linear_amx.cpp): 64-byte-aligned scratch arrays, and K cut into chunks whose segments each lie in
-// one quantization group.
+// Pieces shared by the CPU GEMMs' blocking (linear_simd.h, linear_avx512bf16.cpp, linear_amx.cpp):
+// 64-byte-aligned scratch arrays, prefetching a window of x, and K cut into chunks whose segments
+// each lie in one quantization group.
 #pragma once
 
 #include <algorithm>
@@ -27,6 +27,12 @@ AlignedArray<T> aligned_array(int64_t count) {
   void* p = std::aligned_alloc(64, size_t(round_up(count * int64_t(sizeof(T)), 64)));
   if (p == nullptr) throw std::bad_alloc();
   return AlignedArray<T>(static_cast<T*>(p));
+}
+
+// Requests [p, p + bytes) into L2 (prefetcht1), a line at a time: a GEMM's next window of x
+// while the current one is multiplied.
+inline void prefetch_window(const void* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(static_cast<const char*>(p) + o, 0, 2);
 }
 
 // ---- K in chunks, each cut into segments of one group ------------------------------------------

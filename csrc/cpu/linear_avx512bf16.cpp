@@ -294,10 +294,7 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
             const int64_t live = std::min<int64_t>(kRows, rows - r0);
             const uint32_t* x = xpairs + ((m / kRows) * half + c0) * kRows * P;
             float* out = c.get() + t * c_floats + r0 * kBlocks * kBlockN;
-            if (t == 0 && r0 + kRows < rows) {  // the next panel's window
-              const char* next = reinterpret_cast<const char*>(x + half * kRows * P);
-              for (int64_t o = 0; o < (c1 - c0) * kRows * P * 4; o += 64) _mm_prefetch(next + o, _MM_HINT_T1);
-            }
+            if (t == 0 && r0 + kRows < rows) prefetch_window(x + half * kRows * P, (c1 - c0) * kRows * P * 4);
             if (dequant)
               kDequantizedMicro[live](x, tile.get(), c1 - c0, out);
             else
