@@ -92,8 +92,7 @@ int64_t group_pairs(const PackedShape& s) { return s.padded_group() / 2; }
 // tile[pair][block][16]: for each of the 16 output channels of row block b + block, a bf16 pair
 // over the pair's two columns: exact (1 + q/16) codes, or with kDequantized the weights
 // (q - z) s rounded to bf16. params[segment][2][block][16] (exact codes only): 16 s and
-// -(1 + z/16). Blocks past the thread's range (nb < kBlocks) are zeros: their products are
-// computed, not stored.
+// -(1 + z/16). Only the nb blocks in the thread's range are built (the microkernels take B = nb).
 constexpr int64_t kPairStride = kBlocks * kBlockN;          // uint32 per tile pair
 constexpr int64_t kSegmentParams = 2 * kBlocks * kBlockN;   // floats per segment in params
 
@@ -129,19 +128,11 @@ inline void store_weight_pairs(__m512i c, __m512 scale, __m512 zs, uint32_t* row
 
 template <bool kDequantized>
 void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t nb,
-                const KSegment* segs, int nseg, int64_t pairs, uint32_t* tile, float* params) {
+                const KSegment* segs, int nseg, uint32_t* tile, float* params) {
   const int64_t record_bytes = s.group_record_bytes(), block_bytes = s.row_block_bytes();
-  for (int64_t v = 0; v < kBlocks; ++v) {
+  for (int64_t v = 0; v < nb; ++v) {
     float* scale16 = params + v * kBlockN;  // segment i's: + i * kSegmentParams
     float* offset = params + (kBlocks + v) * kBlockN;
-    if (v >= nb) {
-      for (int64_t p = 0; p < pairs; ++p) _mm512_store_si512(tile + p * kPairStride + v * kBlockN, _mm512_setzero_si512());
-      for (int i = 0; i < nseg && !kDequantized; ++i) {
-        _mm512_store_ps(scale16 + i * kSegmentParams, _mm512_setzero_ps());
-        _mm512_store_ps(offset + i * kSegmentParams, _mm512_setzero_ps());
-      }
-      continue;
-    }
     for (int i = 0; i < nseg; ++i) {
       const KSegment& sg = segs[i];
       const uint8_t* rec = packed + (b + v) * block_bytes + sg.group * record_bytes;
@@ -166,22 +157,23 @@ void build_tile(const uint8_t* packed, const PackedShape& s, int64_t b, int64_t 
 }
 
 // ---- the microkernels ----------------------------------------------------------------------------
-// acc[r][block] += the products of `pairs` column pairs: x at the panel's first such pair
-// ([pair][kRows][P]), the tile at its row. The r, block and plane loops are unrolled before GCC's
-// scalar replacement of acc (see linear_simd.h's microkernel), so acc stays in registers.
-template <int R, int P>
-inline void accumulate(__m512 (&acc)[R][kBlocks], const uint32_t* xp, const uint32_t* tp, int64_t pairs) {
+// acc[r][block] += the products of `pairs` column pairs for B of the tile's row blocks (B < kBlocks
+// in a thread's last tile, whose other blocks are past its range): x at the panel's first such
+// pair ([pair][kRows][P]), the tile at its row. The r, block and plane loops are unrolled before
+// GCC's scalar replacement of acc (see linear_simd.h's microkernel), so acc stays in registers.
+template <int R, int P, int B>
+inline void accumulate(__m512 (&acc)[R][B], const uint32_t* xp, const uint32_t* tp, int64_t pairs) {
   for (int64_t j = 0; j < pairs; ++j, xp += kRows * P, tp += kPairStride) {
-    __m512bh w[kBlocks];
+    __m512bh w[B];
 #pragma GCC unroll 4
-    for (int v = 0; v < kBlocks; ++v) w[v] = (__m512bh)_mm512_load_si512(tp + v * kBlockN);
+    for (int v = 0; v < B; ++v) w[v] = (__m512bh)_mm512_load_si512(tp + v * kBlockN);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
       for (int q = 0; q < P; ++q) {
         const __m512bh xb = (__m512bh)_mm512_set1_epi32(int(xp[r * P + q]));
 #pragma GCC unroll 4
-        for (int v = 0; v < kBlocks; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xb, w[v]);
+        for (int v = 0; v < B; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xb, w[v]);
       }
   }
 }
@@ -190,23 +182,23 @@ inline void accumulate(__m512 (&acc)[R][kBlocks], const uint32_t* xp, const uint
 // panel at the chunk's first pair); xsum: row r's group sums at xsum[r * groups + g]. Each
 // segment's accumulators start at its group's zero-point term (or 0 for a group's later pieces)
 // and are drained into c with the group's scale.
-template <int R, int P>
+template <int R, int P, int B>
 void microkernel(const uint32_t* x, const uint32_t* tile, const KSegment* segs, int nseg,
                  const float* params, const float* xsum, int64_t groups, float* c) {
-  __m512 acc[R][kBlocks];
+  __m512 acc[R][B];
   for (int i = 0; i < nseg; ++i, params += kSegmentParams) {
     const KSegment& sg = segs[i];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xs = _mm512_set1_ps(sg.in_group == 0 ? xsum[r * groups + sg.group] : 0.f);
 #pragma GCC unroll 4
-      for (int v = 0; v < kBlocks; ++v) acc[r][v] = _mm512_mul_ps(_mm512_load_ps(params + (kBlocks + v) * kBlockN), xs);
+      for (int v = 0; v < B; ++v) acc[r][v] = _mm512_mul_ps(_mm512_load_ps(params + (kBlocks + v) * kBlockN), xs);
     }
-    accumulate<R, P>(acc, x + sg.in_chunk * kRows * P, tile + sg.in_chunk * kPairStride, sg.units);
+    accumulate<R, P, B>(acc, x + sg.in_chunk * kRows * P, tile + sg.in_chunk * kPairStride, sg.units);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < kBlocks; ++v) {
+      for (int v = 0; v < B; ++v) {
         float* o = c + (r * kBlocks + v) * kBlockN;
         _mm512_store_ps(o, _mm512_fmadd_ps(_mm512_load_ps(params + v * kBlockN), acc[r][v], _mm512_load_ps(o)));
       }
@@ -215,36 +207,46 @@ void microkernel(const uint32_t* x, const uint32_t* tile, const KSegment* segs, 
 
 // Dequantized weights (bf16 x): c[r][block][16] += x . tile over the chunk's pairs, one
 // accumulation for the whole chunk.
-template <int R>
+template <int R, int B>
 void microkernel_dequantized(const uint32_t* x, const uint32_t* tile, int64_t pairs, float* c) {
-  __m512 acc[R][kBlocks];
+  __m512 acc[R][B];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kBlocks; ++v) acc[r][v] = _mm512_load_ps(c + (r * kBlocks + v) * kBlockN);
-  accumulate<R, 1>(acc, x, tile, pairs);
+    for (int v = 0; v < B; ++v) acc[r][v] = _mm512_load_ps(c + (r * kBlocks + v) * kBlockN);
+  accumulate<R, 1, B>(acc, x, tile, pairs);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kBlocks; ++v) _mm512_store_ps(c + (r * kBlocks + v) * kBlockN, acc[r][v]);
+    for (int v = 0; v < B; ++v) _mm512_store_ps(c + (r * kBlocks + v) * kBlockN, acc[r][v]);
 }
 
 using MicroFn = void (*)(const uint32_t*, const uint32_t*, const KSegment*, int, const float*,
                          const float*, int64_t, float*);
 using DequantizedFn = void (*)(const uint32_t*, const uint32_t*, int64_t, float*);
-template <int P, int... R>
+template <int P, int B, int... R>
 constexpr std::array<MicroFn, sizeof...(R) + 1> micro_table(std::integer_sequence<int, R...>) {
-  return {nullptr, &microkernel<R + 1, P>...};
+  return {nullptr, &microkernel<R + 1, P, B>...};
 }
-template <int... R>
+template <int B, int... R>
 constexpr std::array<DequantizedFn, sizeof...(R) + 1> dequantized_table(std::integer_sequence<int, R...>) {
-  return {nullptr, &microkernel_dequantized<R + 1>...};
+  return {nullptr, &microkernel_dequantized<R + 1, B>...};
 }
-// kMicro[P - 1][r] and kDequantizedMicro[r] handle r rows (1 .. kRows) of x
-constexpr std::array<std::array<MicroFn, kRows + 1>, 2> kMicro = {
-    micro_table<1>(std::make_integer_sequence<int, kRows>{}),
-    micro_table<2>(std::make_integer_sequence<int, kRows>{})};
-constexpr auto kDequantizedMicro = dequantized_table(std::make_integer_sequence<int, kRows>{});
+template <int P, int... B>
+constexpr std::array<std::array<MicroFn, kRows + 1>, sizeof...(B)> micro_tables(std::integer_sequence<int, B...>) {
+  return {micro_table<P, B + 1>(std::make_integer_sequence<int, kRows>{})...};
+}
+template <int... B>
+constexpr std::array<std::array<DequantizedFn, kRows + 1>, sizeof...(B)> dequantized_tables(std::integer_sequence<int, B...>) {
+  return {dequantized_table<B + 1>(std::make_integer_sequence<int, kRows>{})...};
+}
+// kMicro[P - 1][B - 1][r] and kDequantizedMicro[B - 1][r] handle r rows (1 .. kRows) of x and B row
+// blocks (1 .. kBlocks): a thread's last tile may hold fewer blocks, whose products would otherwise
+// be computed for nothing (2048x256 at M = 512: 8 blocks a thread, 3 tiles for 2.67 tiles' work).
+constexpr std::array<std::array<std::array<MicroFn, kRows + 1>, kBlocks>, 2> kMicro = {
+    micro_tables<1>(std::make_integer_sequence<int, kBlocks>{}),
+    micro_tables<2>(std::make_integer_sequence<int, kBlocks>{})};
+constexpr auto kDequantizedMicro = dequantized_tables(std::make_integer_sequence<int, kBlocks>{});
 
 // bf16 x from kBf16DequantizedMinRows rows (kernels.h) runs on dequantized weights: one
 // accumulation per chunk instead of a drain per group (4096x11008 M = 128, two threads, hot: G = 128
@@ -287,8 +289,8 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
         const int nseg = k_segments(group_pairs(s), c0, c1, segs);
         for (int64_t t = 0; t < ntiles; ++t) {
           const int64_t b = b0 + t * kBlocks, nb = std::min<int64_t>(kBlocks, pass_blocks - t * kBlocks);
-          if (dequant) build_tile<true>(packed, s, b, nb, segs, nseg, c1 - c0, tile.get(), params.get());
-          else build_tile<false>(packed, s, b, nb, segs, nseg, c1 - c0, tile.get(), params.get());
+          if (dequant) build_tile<true>(packed, s, b, nb, segs, nseg, tile.get(), params.get());
+          else build_tile<false>(packed, s, b, nb, segs, nseg, tile.get(), params.get());
           for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
             const int64_t m = m0 + r0;  // a multiple of kRows: the start of a panel
             const int64_t live = std::min<int64_t>(kRows, rows - r0);
@@ -296,9 +298,9 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
             float* out = c.get() + t * c_floats + r0 * kBlocks * kBlockN;
             if (t == 0 && r0 + kRows < rows) prefetch_window(x + half * kRows * P, (c1 - c0) * kRows * P * 4);
             if (dequant)
-              kDequantizedMicro[live](x, tile.get(), c1 - c0, out);
+              kDequantizedMicro[nb - 1][live](x, tile.get(), c1 - c0, out);
             else
-              kMicro[P - 1][live](x, tile.get(), segs, nseg, params.get(), a.xsum + m * groups, groups, out);
+              kMicro[P - 1][nb - 1][live](x, tile.get(), segs, nseg, params.get(), a.xsum + m * groups, groups, out);
           }
         }
       }
@@ -311,6 +313,26 @@ void gemm(const Activations& a, const uint8_t* packed, const PackedShape& s, con
           }
     }
   }
+}
+
+// Columns i .. Gp - 1 of a group (its last len % 16 columns, then padding zeros) into one row's
+// pairs of planes, a pair at a time: dst is the row's pair i / 2 (pairs kRows * P apart); returns
+// the columns' sum.
+float prepare_tail(const void* x, DType dtype, int64_t src, int64_t len, int64_t i, int64_t Gp, int P,
+                   uint32_t* dst) {
+  float sum = 0.f;
+  for (; i < Gp; i += 2, dst += kRows * P) {
+    uint32_t pair[2] = {0, 0};
+    for (int e = 0; e < 2; ++e) {
+      const float v = i + e < len ? load_as_float(x, dtype, src + i + e) : 0.f;
+      sum += v;
+      const uint32_t bits = float_to_bits(v), hi = bits & 0xFFFF0000u;
+      pair[0] |= (hi >> 16) << (16 * e);
+      pair[1] |= (float_to_bits(v - bits_to_float(hi)) >> 16) << (16 * e);
+    }
+    for (int q = 0; q < P; ++q) dst[q] = pair[q];
+  }
+  return sum;
 }
 
 // Row m of x into its panel (pairs of bf16 planes) and its group sums into a.xsum.
@@ -339,19 +361,57 @@ void prepare_row(const void* x, DType dtype, int64_t ldx, const PackedShape& s, 
         for (int t = 0; t < 8; ++t) dst[(i / 2 + t) * kRows * P + q] = pairs[t];
       }
     }
-    float tail = 0.f;
-    for (; i < Gp; i += 2) {  // the group's last columns and its padding (zeros), a pair at a time
-      uint32_t pair[2] = {0, 0};
-      for (int e = 0; e < 2; ++e) {
-        const float v = i + e < len ? load_as_float(x, dtype, src + i + e) : 0.f;
-        tail += v;
-        const uint32_t bits = float_to_bits(v), hi = bits & 0xFFFF0000u;
-        pair[0] |= (hi >> 16) << (16 * e);
-        pair[1] |= (float_to_bits(v - bits_to_float(hi)) >> 16) << (16 * e);
-      }
-      for (int q = 0; q < P; ++q) dst[(i / 2) * kRows * P + q] = pair[q];
-    }
+    const float tail = prepare_tail(x, dtype, src, len, i, Gp, P, dst + (i / 2) * kRows * P);
     a.xsum[m * groups + g] = _mm512_reduce_add_ps(sum) + tail;
+  }
+}
+
+// v[r] holds 8 32-bit elements of row r; afterwards v[c] holds column c (element r from row r).
+inline void transpose8x8(__m256i (&v)[8]) {
+  __m256i t[8], u[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm256_unpacklo_epi32(v[2 * k], v[2 * k + 1]);      // r0 c0, r1 c0, r0 c1, r1 c1 | c4, c5
+    t[2 * k + 1] = _mm256_unpackhi_epi32(v[2 * k], v[2 * k + 1]);  // c2, c3 | c6, c7
+  }
+  for (int k = 0; k < 2; ++k) {
+    u[4 * k] = _mm256_unpacklo_epi64(t[4 * k], t[4 * k + 2]);          // rows 4k .. 4k+3 of c0 | c4
+    u[4 * k + 1] = _mm256_unpackhi_epi64(t[4 * k], t[4 * k + 2]);      // c1 | c5
+    u[4 * k + 2] = _mm256_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);  // c2 | c6
+    u[4 * k + 3] = _mm256_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);  // c3 | c7
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+    v[c + 4] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+  }
+}
+
+// Rows m .. m + kRows - 1 of bf16 x (one whole panel; one plane): per 16 columns the rows' 8 pairs
+// (one 256-bit load each) are transposed 8 x 8 into the panel's [pair][row] order and stored as 8
+// vectors, where prepare_row writes each row's pairs one by one. The same sums in the same order
+// as prepare_row's. (2048x256 at M = 512, one thread: the prepare was ~12% of the call.)
+void prepare_panel_bf16(const void* x, int64_t ldx, const PackedShape& s, const Activations& a, int64_t m) {
+  const int64_t Gp = s.padded_group(), half = s.padded_k() / 2, groups = s.groups();
+  const uint16_t* xb = static_cast<const uint16_t*>(x);
+  uint32_t* panel = reinterpret_cast<uint32_t*>(a.x_bf16) + (m / kRows) * half * kRows;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t len = s.group_len(g), src = m * ldx + g * s.G;
+    uint32_t* dst = panel + g * (Gp / 2) * kRows;  // pair i / 2, row r: + (i / 2) * kRows + r
+    __m512 sum[kRows];
+    for (int r = 0; r < kRows; ++r) sum[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      __m256i v[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + src + r * ldx + i));
+        sum[r] = _mm512_add_ps(sum[r], _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v[r]), 16)));
+      }
+      transpose8x8(v);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (i / 2 + t) * kRows), v[t]);
+    }
+    for (int r = 0; r < kRows; ++r) {
+      const float tail = prepare_tail(x, DType::BF16, src + r * ldx, len, i, Gp, 1, dst + (i / 2) * kRows + r);
+      a.xsum[(m + r) * groups + g] = _mm512_reduce_add_ps(sum[r]) + tail;
+    }
   }
 }
 
@@ -368,7 +428,14 @@ void prepare_activations(const void* x, DType dtype, int64_t ldx, const PackedSh
     simd::prepare_activations_impl(x, dtype, ldx, s, a, m_begin, m_end);
     return;
   }
-  for (int64_t m = m_begin; m < m_end; ++m) prepare_row(x, dtype, ldx, s, a, m);
+  for (int64_t m = m_begin; m < m_end;) {
+    if (dtype == DType::BF16 && m % kRows == 0 && m + kRows <= m_end) {
+      prepare_panel_bf16(x, ldx, s, a, m);
+      m += kRows;
+    } else {
+      prepare_row(x, dtype, ldx, s, a, m++);
+    }
+  }
 }
 
 void linear(const Activations& a, const uint8_t* packed, const PackedShape& s, const float* bias,
