@@ -59,6 +59,18 @@ def test_w4a8_per_channel_groups_longer_than_a_chunk(cpu_isa, M):
     assert rel_err(y, R.linear_w4a8(x, qweight, scales, zeros, -1, bias)) <= A8_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_w4a8_gemm_passes(cpu_isa, symmetric):
+    # the AVX-512 W4A8 GEMM takes 8 tiles of 3 row blocks per pass over a row chunk of x: 61 row
+    # blocks, 30-31 per thread (a full pass, then a partial one ending in a tile of 1-2 blocks; the
+    # last block 6 rows), 200 rows (a 192-row chunk and a partial one), 8 chunks of K
+    N, K, G = 966, 4000, 128
+    qweight, scales, zeros, packed, bias = make_layer(N, K, G, symmetric, True, torch.bfloat16)
+    x = torch.randn(200, K).to(torch.bfloat16)
+    y = ops.linear_w4a8(x, packed, N, K, G, bias)
+    assert rel_err(y, R.linear_w4a8(x, qweight, scales, zeros, G, bias)) <= A8_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("M", [9, 100])
 def test_w4a8_long_k_in_chunks(cpu_isa, two_threads, M):
     # 100 rows of int8 x with K = 12928 (1.4 MB) span two of the AMX path's K chunks (see

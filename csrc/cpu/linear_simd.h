@@ -468,17 +468,11 @@ constexpr int64_t kA8SegmentParams = 2 * kA8Blocks * kBlockN;  // floats: s and 
 // 2.58 / 2.53, 128 12.0 -> 9.85.
 constexpr int64_t kA8GemmMinRows = 12;
 
+// The tile's nb row blocks in the thread's range (the microkernels take B = nb).
 template <typename S = Simd>
 void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_t nb,
-                   const KSegment* segs, int nseg, int64_t quads, int32_t* tile, float* params) {
-  for (int64_t v = 0; v < kA8Blocks; ++v) {
-    if (v >= nb) {  // past the thread's range: zeros, computed and not stored
-      for (int64_t q = 0; q < quads; ++q)
-        std::fill(tile + q * kA8TileStride + v * kBlockN, tile + q * kA8TileStride + (v + 1) * kBlockN, 0);
-      for (int i = 0; i < nseg; ++i)
-        std::fill(params + i * kA8SegmentParams + v * kBlockN, params + i * kA8SegmentParams + (v + 1) * kBlockN, 0.f);
-      continue;
-    }
+                   const KSegment* segs, int nseg, int32_t* tile, float* params) {
+  for (int64_t v = 0; v < nb; ++v) {
     for (int i = 0; i < nseg; ++i) {
       const KSegment& sg = segs[i];
       const uint8_t* rec = packed + (b + v) * geo.block_bytes + sg.group * geo.record_bytes;
@@ -497,44 +491,45 @@ void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_
   }
 }
 
-// acc[r][block] += the byte dot products of `quads` quads of columns: row r's x bytes at
-// x + r * ldx, the tile at its quad. The r and block loops are unrolled before GCC's scalar
-// replacement of acc (see microkernel), so acc stays in registers.
-template <int R, typename S>
-inline void accumulate_a8(typename S::VI (&acc)[R][kA8Blocks], const int8_t* x, int64_t ldx,
+// acc[r][block] += the byte dot products of `quads` quads of columns for B of the tile's row blocks
+// (fewer than kA8Blocks in a thread's last tile): row r's x bytes at x + r * ldx, the tile at its
+// quad. The r and block loops are unrolled before GCC's scalar replacement of acc (see
+// microkernel), so acc stays in registers.
+template <int R, typename S, int B>
+inline void accumulate_a8(typename S::VI (&acc)[R][B], const int8_t* x, int64_t ldx,
                           const int32_t* tq, int64_t quads) {
   for (int64_t q = 0; q < quads; ++q, x += 4, tq += kA8TileStride) {
-    typename S::VI w[kA8Blocks];
+    typename S::VI w[B];
 #pragma GCC unroll 4
-    for (int v = 0; v < kA8Blocks; ++v) w[v] = S::load_words(reinterpret_cast<const uint32_t*>(tq + v * kBlockN));
+    for (int v = 0; v < B; ++v) w[v] = S::load_words(reinterpret_cast<const uint32_t*>(tq + v * kBlockN));
     const int8_t* xr = x;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r, xr += ldx) {
       const typename S::VI xb = S::bcast4(xr);
 #pragma GCC unroll 4
-      for (int v = 0; v < kA8Blocks; ++v) S::dot_u8s8_in_place(acc[r][v], w[v], xb);
+      for (int v = 0; v < B; ++v) S::dot_u8s8_in_place(acc[r][v], w[v], xb);
     }
   }
 }
 
 // c[r][block][16] += s (sum xq q - z sum xq) over the chunk's segments for R rows of x (row r's
 // bytes of the chunk at x + r * ldx, its group sums at xq_sum[r * groups + g]).
-template <int R, typename S = Simd>
+template <int R, typename S, int B>
 void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSegment* segs, int nseg,
                     const float* params, const int32_t* xq_sum, int64_t groups, float* c) {
-  typename S::VI acc[R][kA8Blocks];
+  typename S::VI acc[R][B];
   for (int i = 0; i < nseg; ++i, params += kA8SegmentParams) {
     const KSegment& sg = segs[i];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < kA8Blocks; ++v) acc[r][v] = S::zero_i();
-    accumulate_a8<R, S>(acc, x + sg.in_chunk * 4, ldx, tile + sg.in_chunk * kA8TileStride, sg.units);
+      for (int v = 0; v < B; ++v) acc[r][v] = S::zero_i();
+    accumulate_a8<R, S, B>(acc, x + sg.in_chunk * 4, ldx, tile + sg.in_chunk * kA8TileStride, sg.units);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const typename S::V xs = S::broadcast_value(sg.in_group == 0 ? float(xq_sum[r * groups + sg.group]) : 0.f);
 #pragma GCC unroll 4
-      for (int v = 0; v < kA8Blocks; ++v) {
+      for (int v = 0; v < B; ++v) {
         float* o = c + (r * kA8Blocks + v) * kBlockN;
         const typename S::V centred = S::fnmadd(S::load(params + (kA8Blocks + v) * kBlockN), xs, S::to_float(acc[r][v]));
         S::store(o, S::fmadd(S::load(params + v * kBlockN), centred, S::load(o)));
@@ -545,49 +540,69 @@ void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSe
 
 using MicroA8Fn = void (*)(const int8_t*, int64_t, const int32_t*, const KSegment*, int, const float*,
                            const int32_t*, int64_t, float*);
-template <typename S, int... R>
+template <typename S, int B, int... R>
 constexpr std::array<MicroA8Fn, sizeof...(R) + 1> micro_a8_table(std::integer_sequence<int, R...>) {
-  return {nullptr, &microkernel_a8<R + 1, S>...};
+  return {nullptr, &microkernel_a8<R + 1, S, B>...};
 }
+// [B - 1][r]: B row blocks (1 .. kA8Blocks), r rows (1 .. kA8Rows)
+template <typename S, int... B>
+constexpr std::array<std::array<MicroA8Fn, kA8Rows + 1>, sizeof...(B)> micro_a8_tables(std::integer_sequence<int, B...>) {
+  return {micro_a8_table<S, B + 1>(std::make_integer_sequence<int, kA8Rows>{})...};
+}
+
+// Tiles per pass over a row chunk of x (as the avx512bf16 GEMM): per chunk of columns each tile is
+// built in turn and the rows pass it, so x's window (kRowChunk rows x 512 bytes: 96 KiB) stays in
+// L2 for the later tiles, and the first tile requests the next rows' window ahead. One tile per
+// pass streamed all of x (5.6 MB at 11008x4096, M = 512) past every 3 row blocks.
+constexpr int64_t kA8PassTiles = 8;
 
 template <typename S = Simd>
 void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s, const float* bias,
              void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
   static_assert(S::kLanes == kBlockN && !S::kPairSums, "one vector per row block, 4-way byte dot products");
-  static constexpr auto kMicroA8 = micro_a8_table<S>(std::make_integer_sequence<int, kA8Rows>{});  // [r]: r rows
+  static constexpr auto kMicroA8 = micro_a8_tables<S>(std::make_integer_sequence<int, kA8Blocks>{});
   const Geometry geo(s);
   const int64_t group_quads = geo.Gp / 4, total_quads = geo.Kp / 4;
   const int64_t step = chunk_units(group_quads, kA8ChunkQuads);
   constexpr int64_t kMaxSegments = kA8ChunkQuads / 2;  // whole words of 8 columns: 2 quads each
   auto tile = aligned_array<int32_t>(kA8ChunkQuads * kA8TileStride);
   auto params = aligned_array<float>(kMaxSegments * kA8SegmentParams);
-  const int64_t chunk_rows = std::min(round_up(a.M, kA8Rows), kRowChunk);
-  auto c = aligned_array<float>(chunk_rows * kA8Blocks * kBlockN);
+  const int64_t c_floats = std::min(round_up(a.M, kA8Rows), kRowChunk) * kA8Blocks * kBlockN;  // a tile's
+  auto c = aligned_array<float>(kA8PassTiles * c_floats);
   KSegment segs[kMaxSegments];
-  for (int64_t b = block_begin; b < block_end; b += kA8Blocks) {
-    const int64_t nb = std::min<int64_t>(kA8Blocks, block_end - b);
+  for (int64_t b0 = block_begin; b0 < block_end; b0 += kA8PassTiles * kA8Blocks) {
+    const int64_t pass_blocks = std::min(kA8PassTiles * kA8Blocks, block_end - b0);
+    const int64_t ntiles = ceil_div(pass_blocks, int64_t(kA8Blocks));
     for (int64_t m0 = 0; m0 < a.M; m0 += kRowChunk) {
       const int64_t rows = std::min(kRowChunk, a.M - m0);
-      std::fill(c.get(), c.get() + round_up(rows, kA8Rows) * kA8Blocks * kBlockN, 0.f);
+      std::fill(c.get(), c.get() + ntiles * c_floats, 0.f);
       for (int64_t q0 = 0; q0 < total_quads; q0 += step) {
         const int64_t q1 = std::min(total_quads, q0 + step);
         const int nseg = k_segments(group_quads, q0, q1, segs);
-        build_a8_tile<S>(packed, geo, b, nb, segs, nseg, q1 - q0, tile.get(), params.get());
-        for (int64_t r0 = 0; r0 < rows; r0 += kA8Rows) {
-          const int64_t m = m0 + r0;
-          kMicroA8[std::min<int64_t>(kA8Rows, rows - r0)](a.xq + m * geo.Kp + q0 * 4, geo.Kp, tile.get(), segs, nseg,
-                                                          params.get(), a.xq_sum + m * geo.groups, geo.groups,
-                                                          c.get() + r0 * kA8Blocks * kBlockN);
+        for (int64_t t = 0; t < ntiles; ++t) {
+          const int64_t nb = std::min<int64_t>(kA8Blocks, pass_blocks - t * kA8Blocks);
+          build_a8_tile<S>(packed, geo, b0 + t * kA8Blocks, nb, segs, nseg, tile.get(), params.get());
+          for (int64_t r0 = 0; r0 < rows; r0 += kA8Rows) {
+            const int64_t m = m0 + r0, live = std::min<int64_t>(kA8Rows, rows - r0);
+            const int8_t* x = a.xq + m * geo.Kp + q0 * 4;
+            if (t == 0)  // the next rows' window
+              for (int64_t r = live; r < std::min<int64_t>(2 * kA8Rows, rows - r0); ++r)
+                prefetch_window(x + r * geo.Kp, (q1 - q0) * 4);
+            kMicroA8[nb - 1][live](x, geo.Kp, tile.get(), segs, nseg, params.get(), a.xq_sum + m * geo.groups,
+                                   geo.groups, c.get() + t * c_floats + r0 * kA8Blocks * kBlockN);
+          }
         }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const typename S::V x_scale = S::broadcast(a.scale + m0 + r);
-        for (int64_t v = 0; v < nb; ++v) {
-          float* o = c.get() + (r * kA8Blocks + v) * kBlockN;
-          S::store(o, S::mul(S::load(o), x_scale));
-          store_row16(y, dtype, (m0 + r) * ldy + (b + v) * kBlockN, o, bias, (b + v) * kBlockN, s.N);
+      for (int64_t t = 0; t < ntiles; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+          const typename S::V x_scale = S::broadcast(a.scale + m0 + r);
+          for (int64_t v = 0; v < std::min<int64_t>(kA8Blocks, pass_blocks - t * kA8Blocks); ++v) {
+            const int64_t b = b0 + t * kA8Blocks + v;
+            float* o = c.get() + t * c_floats + (r * kA8Blocks + v) * kBlockN;
+            S::store(o, S::mul(S::load(o), x_scale));
+            store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, o, bias, b * kBlockN, s.N);
+          }
         }
-      }
     }
   }
 }
