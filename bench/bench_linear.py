@@ -558,6 +558,9 @@ def main(argv=None):
         for path in args.plot_classes:
             with open(path) as f:
                 saved = json.load(f)
+            if not isinstance(saved, dict) or not {"environment", "rows"} <= saved.keys():
+                p.error(f"--plot-classes: {path} is not a --json file of this benchmark "
+                        "(expected the keys 'environment' and 'rows')")
             runs.append((saved["environment"], saved["rows"]))
         plot_classes(runs, args.plot)
         print(f"saved {args.plot}")

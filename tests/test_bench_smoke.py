@@ -48,6 +48,11 @@ def test_bench_linear_plots(tmp_path, capfd):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # --plot-classes without --plot
         bench_linear.main(["--plot-classes", str(here)])
+    stray = tmp_path / "stray.json"
+    stray.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):  # not a --json file of bench_linear.py
+        bench_linear.main(["--plot-classes", str(stray), "--plot", str(out)])
+    assert "is not a --json file of this benchmark" in capfd.readouterr().err
     capfd.readouterr()
 
 
