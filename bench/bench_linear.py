@@ -47,13 +47,14 @@ COLD_BYTES = int(1.1 * GiB)       # each implementation's rotation set in cold m
 COLD_MAX_COPIES = 256             # sanity cap (a 4096x4096 int4 weight is ~8.5 MB: 133 copies)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # --cpu-class: the environment that makes this machine measure a class of CPU it may be more than:
-# int4kit's path and torch's oneDNN / MKL limited to the same instructions (they read these when
-# they load, so the benchmark runs in a child process started with them)
+# int4kit's path and torch's oneDNN / MKL / own ATen kernels (the torch int4 peer is one of them)
+# limited to the same instructions (they read these when they load, so the benchmark runs in a
+# child process started with them)
 CPU_CLASSES = {
     "amx": {"INT4KIT_CPU_ISA": "amx"},
     "avx512bf16": {"INT4KIT_CPU_ISA": "avx512bf16", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
     "avx512": {"INT4KIT_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
-    "avx2": {"INT4KIT_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "avx2": {"INT4KIT_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 IMPLS = ("int4kit", "int4kit_a8", "int8", "dense_bf16", "dense_fp32", "torch_int4")
@@ -80,6 +81,7 @@ def environment() -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "int4kit_cpu_isa": int4kit.cpu_isa(), "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "int4kit": int4kit.__version__,
             "cpu_class": next((c for c, env in CPU_CLASSES.items()
                                if all(os.environ.get(k) == v for k, v in env.items())), None),
@@ -88,7 +90,8 @@ def environment() -> dict:
 
 def describe(env: dict) -> str:
     s = (f"date {env['date']} | CPU {env['cpu']} | torch threads {env['threads']} | "
-         f"int4kit CPU path {env['int4kit_cpu_isa']} | torch {env['torch']} | "
+         f"int4kit CPU path {env['int4kit_cpu_isa']} | torch {env['torch']} "
+         f"(ATen kernels {env.get('torch_cpu_capability', '?')}) | "
          f"load avg {env['loadavg'][0]:.2f}")
     if "gpu" in env:
         s += f" | GPU {env['gpu']}"
