@@ -28,7 +28,9 @@ def a8_cost_bound(y):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] >= 64], ids=_shape_id)
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 11, 12, 20, 33])  # 11 / 12: the AVX-512 GEMV / GEMM switch
+# 11 / 12 and 23 / 24: the AVX-512 and AVX2 GEMV / GEMM switches; 26, 27, 33: AVX2's last 2, 3, 1
+# rows on the GEMM's narrower microkernels
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 9, 11, 12, 20, 23, 24, 26, 27, 33])
 def test_w4a8_matches_references(cpu_isa, M, shape, symmetric, dtype):
     N, K, G = shape
     qweight, scales, zeros, packed, bias = make_layer(N, K, G, symmetric, True, dtype)
@@ -61,9 +63,10 @@ def test_w4a8_per_channel_groups_longer_than_a_chunk(cpu_isa, M):
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_w4a8_gemm_passes(cpu_isa, symmetric):
-    # the AVX-512 W4A8 GEMM takes 8 tiles of 3 row blocks per pass over a row chunk of x: 61 row
-    # blocks, 30-31 per thread (a full pass, then a partial one ending in a tile of 1-2 blocks; the
-    # last block 6 rows), 200 rows (a 192-row chunk and a partial one), 8 chunks of K
+    # the W4A8 GEMM takes 8 tiles per pass over a row chunk of x (AVX-512: 3 row blocks each,
+    # AVX2: 1): 61 row blocks, 30-31 per thread (AVX-512: a full pass, then a partial one ending in a
+    # tile of 1-2 blocks; the last block 6 rows), 200 rows (a 192-row chunk and a partial one), 8
+    # chunks of K
     N, K, G = 966, 4000, 128
     qweight, scales, zeros, packed, bias = make_layer(N, K, G, symmetric, True, torch.bfloat16)
     x = torch.randn(200, K).to(torch.bfloat16)

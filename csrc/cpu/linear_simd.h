@@ -12,10 +12,11 @@
 // fp32 values written to y as dtype), kInt24MaxRows (xint_planes), high_bytes and low_bytes
 // (act_quant.h's ScalarDigits per lane, for the GEMV's fixed-point x). For W4A8: zero_i(),
 // low_nibbles(w), high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums:
-// false with dot_u8s8(acc, u8, s8) (4-way byte dot product into int32 lanes), true with
-// pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and widen_pairs(acc, pairs) (into
-// int32 lanes); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize, add_i,
-// hsum_i, store_a8_codes.
+// false with dot_u8s8(acc, u8, s8) and dot_u8s8_in_place (4-way byte dot product into int32
+// lanes), true with pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and widen_pairs(acc,
+// pairs) (into int32 lanes); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize,
+// add_i, hsum_i, store_a8_codes; the W4A8 GEMM's kA8Rows x kA8Blocks microkernel and
+// kA8GemmMinRows, the rows from which it runs.
 //
 // Two paths, chosen by M (gemm_min_rows: a crossover measured per ISA and dtype of x):
 //  * GEMV, memory-bound at small M: the weight stream is read once per kGemvRows rows of x (at
@@ -448,25 +449,27 @@ void prepare_activations_a8_impl(const void* x, DType dtype, int64_t ldx, const 
   quantize_rows<SimdRowOps, Int8Grid>(x, dtype, ldx, s, a, m_begin, m_end, a8_position);
 }
 
-// ---- W4A8 GEMM (4-way byte dot products: AVX-512 VNNI) ------------------------------------------
-// From kA8GemmMinRows rows the GEMV's weight vectors would be decoded once per 4 rows; here the code
-// bytes of kA8Blocks row blocks over a chunk of columns are laid out once in an L1 tile that every
-// row of x passes, and a microkernel of kA8Rows rows x kA8Blocks blocks keeps 24 int32
-// accumulators in registers: per quad of columns 3 tile loads and 8 broadcasts of 4 x bytes feed
-// 24 vpdpbusd (64 multiply-adds each). Tile quad 2w holds word w's low nibbles (columns 0, 4, 1, 5
-// of each lane) and quad 2w + 1 its high nibbles (2, 6, 3, 7): x's bytes 4q .. 4q + 3 in the W4A8
-// order (a8_position) are exactly what meets quad q. Per group the int32 sums are drained into fp32:
-// c += s (acc - z sum xq); the row's scale is applied once at the end.
-constexpr int kA8Rows = 8;
-constexpr int kA8Blocks = 3;
-constexpr int64_t kA8ChunkQuads = 128;  // 512 columns: a 24 KiB tile
+// ---- W4A8 GEMM (4-way byte dot products: vpdpbusd on AVX-512 VNNI, vpmaddubsw pairs on AVX2) -----
+// From Simd::kA8GemmMinRows rows the GEMV's weight vectors would be decoded once per few rows;
+// here the code bytes of kA8Blocks row blocks over a chunk of columns are laid out once in an L1
+// tile that every row of x passes, and a microkernel of kA8Rows rows x kA8Blocks blocks keeps its
+// accumulators in registers (AVX-512: 8 x 3, 24 int32 accumulators; per quad of columns 3 tile
+// loads and 8 broadcasts of 4 x bytes feed 24 vpdpbusd of 64 multiply-adds each). Tile quad 2w
+// holds word w's low nibbles (columns 0, 4, 1, 5 of each lane) and quad 2w + 1 its high nibbles
+// (2, 6, 3, 7): x's bytes 4q .. 4q + 3 in the W4A8 order (a8_position) are exactly what meets quad
+// q. Per group the int32 sums are drained into fp32: c += s (acc - z sum xq); the row's scale is
+// applied once at the end. AVX2 (kPairSums) sums vpmaddubsw's int16 pairs over kA8QuadsPerWiden
+// quads before widening them into the int32 accumulators: 4 x 2 vectors of int16 pairs in
+// registers (the int32 ones mostly spilled, touched once per 8 quads), 139 G multiply-adds/s a
+// core in a stand-alone loop on Zen 5 where its GEMV reached ~97 and fp32 FMAs ~56.
+constexpr int kA8Rows = Simd::kA8Rows;
+constexpr int kA8Blocks = Simd::kA8Blocks;
+constexpr int64_t kA8ChunkQuads = 128;  // 512 columns: 8 KiB of tile per row block
 constexpr int64_t kA8TileStride = kA8Blocks * kBlockN;  // int32 per tile quad
 constexpr int64_t kA8SegmentParams = 2 * kA8Blocks * kBlockN;  // floats: s and z of each block
-// Rows of x from which W4A8 takes the GEMM (INT4KIT_GEMM_MIN_ROWS moves it too). 4096x11008, hot,
-// two threads, AMD EPYC (Zen 5), two alternating runs, ms GEMV -> GEMM: M = 8 1.09 / 1.24 ->
-// 1.44 / 1.48, 12 1.66 / 2.37 -> 1.59 / 1.83, 16 2.41 / 2.42 -> 2.14 / 2.27, 24 3.71 / 3.54 ->
-// 2.58 / 2.53, 128 12.0 -> 9.85.
-constexpr int64_t kA8GemmMinRows = 12;
+// vpmaddubsw's int16 pair sums are at most 2 * 15 * 128 = 3840 in magnitude (codes 0..15, x
+// bytes -128..127), so 8 quads of them stay under 2^15
+constexpr int64_t kA8QuadsPerWiden = 8;
 
 // The tile's nb row blocks in the thread's range (the microkernels take B = nb).
 template <typename S = Simd>
@@ -476,63 +479,119 @@ void build_a8_tile(const uint8_t* packed, const Geometry& geo, int64_t b, int64_
     for (int i = 0; i < nseg; ++i) {
       const KSegment& sg = segs[i];
       const uint8_t* rec = packed + (b + v) * geo.block_bytes + sg.group * geo.record_bytes;
-      S::store(params + i * kA8SegmentParams + v * kBlockN, geo.scales(rec, 0));
-      S::store(params + i * kA8SegmentParams + (kA8Blocks + v) * kBlockN, geo.zeros(rec, 0));
+      for (int64_t h = 0; h < kVecs; ++h) {
+        S::store(params + i * kA8SegmentParams + v * kBlockN + h * S::kLanes, geo.scales(rec, h * S::kLanes));
+        S::store(params + i * kA8SegmentParams + (kA8Blocks + v) * kBlockN + h * S::kLanes,
+                 geo.zeros(rec, h * S::kLanes));
+      }
       const uint32_t* codes = reinterpret_cast<const uint32_t*>(rec) + sg.in_group / 2 * kBlockN;
       int32_t* row = tile + sg.in_chunk * kA8TileStride + v * kBlockN;
       for (int64_t w = 0; w < sg.units / 2; ++w, row += 2 * kA8TileStride) {
         prefetch_ahead(codes + w * kBlockN);
-        const typename S::VI c = S::load_words(codes + w * kBlockN);
-        const typename S::VI lo = S::low_nibbles(c), hi = S::high_nibbles(c);
-        std::memcpy(row, &lo, sizeof(lo));  // one 64-byte store each (S::kLanes == kBlockN)
-        std::memcpy(row + kA8TileStride, &hi, sizeof(hi));
+        for (int64_t h = 0; h < kVecs; ++h) {
+          const typename S::VI c = S::load_words(codes + w * kBlockN + h * S::kLanes);
+          const typename S::VI lo = S::low_nibbles(c), hi = S::high_nibbles(c);
+          std::memcpy(row + h * S::kLanes, &lo, sizeof(lo));  // one whole-vector store each
+          std::memcpy(row + kA8TileStride + h * S::kLanes, &hi, sizeof(hi));
+        }
       }
     }
   }
 }
 
-// acc[r][block] += the byte dot products of `quads` quads of columns for B of the tile's row blocks
-// (fewer than kA8Blocks in a thread's last tile): row r's x bytes at x + r * ldx, the tile at its
-// quad. The r and block loops are unrolled before GCC's scalar replacement of acc (see
-// microkernel), so acc stays in registers.
-template <int R, typename S, int B>
-inline void accumulate_a8(typename S::VI (&acc)[R][B], const int8_t* x, int64_t ldx,
+// acc[r][j] += the byte dot products of `quads` quads of columns for V vectors of the tile (fewer
+// than kA8Blocks * kVecs in a thread's last tile): row r's x bytes at x + r * ldx, the tile at its
+// quad. The r and j loops are unrolled before GCC's scalar replacement of acc (see microkernel),
+// so acc stays in registers.
+template <int R, typename S, int V>
+inline void accumulate_a8(typename S::VI (&acc)[R][V], const int8_t* x, int64_t ldx,
                           const int32_t* tq, int64_t quads) {
   for (int64_t q = 0; q < quads; ++q, x += 4, tq += kA8TileStride) {
-    typename S::VI w[B];
+    typename S::VI w[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < B; ++v) w[v] = S::load_words(reinterpret_cast<const uint32_t*>(tq + v * kBlockN));
+    for (int j = 0; j < V; ++j) w[j] = S::load_words(reinterpret_cast<const uint32_t*>(tq + j * S::kLanes));
     const int8_t* xr = x;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r, xr += ldx) {
       const typename S::VI xb = S::bcast4(xr);
 #pragma GCC unroll 4
-      for (int v = 0; v < B; ++v) S::dot_u8s8_in_place(acc[r][v], w[v], xb);
+      for (int j = 0; j < V; ++j) S::dot_u8s8_in_place(acc[r][j], w[j], xb);
     }
   }
 }
 
-// c[r][block][16] += s (sum xq q - z sum xq) over the chunk's segments for R rows of x (row r's
-// bytes of the chunk at x + r * ldx, its group sums at xq_sum[r * groups + g]).
-template <int R, typename S, int B>
-void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSegment* segs, int nseg,
-                    const float* params, const int32_t* xq_sum, int64_t groups, float* c) {
-  typename S::VI acc[R][B];
-  for (int i = 0; i < nseg; ++i, params += kA8SegmentParams) {
-    const KSegment& sg = segs[i];
+// The same with int16 pair sums (kPairSums): R x V of them in registers, widened into the int32
+// sums acc[r][j] (kLanes each) in memory every kA8QuadsPerWiden quads (16 ymm registers do not
+// hold both sets).
+template <int R, typename S, int V>
+inline void accumulate_a8_pairs(int32_t (&acc)[R][V][S::kLanes], const int8_t* x, int64_t ldx,
+                                const int32_t* tq, int64_t quads) {
+  for (int64_t q0 = 0; q0 < quads; q0 += kA8QuadsPerWiden) {
+    typename S::VI pairs[R][V];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < B; ++v) acc[r][v] = S::zero_i();
-    accumulate_a8<R, S, B>(acc, x + sg.in_chunk * 4, ldx, tile + sg.in_chunk * kA8TileStride, sg.units);
+      for (int j = 0; j < V; ++j) pairs[r][j] = S::zero_i();
+    for (int64_t q = q0; q < std::min(quads, q0 + kA8QuadsPerWiden); ++q) {
+      if constexpr (R == 4 && V == 2) {  // the full microkernel: in assembly
+        S::add_pair_sums_4x2(pairs, tq + q * kA8TileStride, x + q * 4, ldx);
+        continue;
+      }
+      typename S::VI w[V];
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) w[j] = S::load_words(reinterpret_cast<const uint32_t*>(tq + q * kA8TileStride + j * S::kLanes));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const typename S::VI xb = S::bcast4(x + r * ldx + q * 4);
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) pairs[r][j] = S::add_pairs(pairs[r][j], S::pair_sums(w[j], xb));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < V; ++j) S::store_words(acc[r][j], S::widen_pairs(S::load_words(acc[r][j]), pairs[r][j]));
+  }
+}
+
+// c[r][block][16] += s (sum xq q - z sum xq) over the chunk's segments for R rows of x and B row
+// blocks (row r's bytes of the chunk at x + r * ldx, its group sums at xq_sum[r * groups + g]).
+template <int R, typename S, int B>
+void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSegment* segs, int nseg,
+                    const float* params, const int32_t* xq_sum, int64_t groups, float* c) {
+  constexpr int V = B * kVecs;
+  typename S::VI acc[R][V];
+  for (int i = 0; i < nseg; ++i, params += kA8SegmentParams) {
+    const KSegment& sg = segs[i];
+    const int8_t* xs0 = x + sg.in_chunk * 4;
+    const int32_t* tq = tile + sg.in_chunk * kA8TileStride;
+    if constexpr (S::kPairSums) {
+      alignas(64) int32_t sums[R][V][S::kLanes];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) S::store_words(sums[r][j], S::zero_i());
+      accumulate_a8_pairs<R, S, V>(sums, xs0, ldx, tq, sg.units);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) acc[r][j] = S::load_words(sums[r][j]);
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < V; ++j) acc[r][j] = S::zero_i();
+      accumulate_a8<R, S, V>(acc, xs0, ldx, tq, sg.units);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const typename S::V xs = S::broadcast_value(sg.in_group == 0 ? float(xq_sum[r * groups + sg.group]) : 0.f);
 #pragma GCC unroll 4
-      for (int v = 0; v < B; ++v) {
-        float* o = c + (r * kA8Blocks + v) * kBlockN;
-        const typename S::V centred = S::fnmadd(S::load(params + (kA8Blocks + v) * kBlockN), xs, S::to_float(acc[r][v]));
-        S::store(o, S::fmadd(S::load(params + v * kBlockN), centred, S::load(o)));
+      for (int j = 0; j < V; ++j) {  // vector j of a row's outputs, scales and zero points alike
+        float* o = c + r * kA8Blocks * kBlockN + j * S::kLanes;
+        const typename S::V centred =
+            S::fnmadd(S::load(params + kA8Blocks * kBlockN + j * S::kLanes), xs, S::to_float(acc[r][j]));
+        S::store(o, S::fmadd(S::load(params + j * S::kLanes), centred, S::load(o)));
       }
     }
   }
@@ -559,7 +618,6 @@ constexpr int64_t kA8PassTiles = 8;
 template <typename S = Simd>
 void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s, const float* bias,
              void* y, DType dtype, int64_t ldy, int64_t block_begin, int64_t block_end) {
-  static_assert(S::kLanes == kBlockN && !S::kPairSums, "one vector per row block, 4-way byte dot products");
   static constexpr auto kMicroA8 = micro_a8_tables<S>(std::make_integer_sequence<int, kA8Blocks>{});
   const Geometry geo(s);
   const int64_t group_quads = geo.Gp / 4, total_quads = geo.Kp / 4;
@@ -599,7 +657,7 @@ void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s
           for (int64_t v = 0; v < std::min<int64_t>(kA8Blocks, pass_blocks - t * kA8Blocks); ++v) {
             const int64_t b = b0 + t * kA8Blocks + v;
             float* o = c.get() + t * c_floats + (r * kA8Blocks + v) * kBlockN;
-            S::store(o, S::mul(S::load(o), x_scale));
+            for (int64_t h = 0; h < kVecs; ++h) S::store(o + h * S::kLanes, S::mul(S::load(o + h * S::kLanes), x_scale));
             store_row16(y, dtype, (m0 + r) * ldy + b * kBlockN, o, bias, b * kBlockN, s.N);
           }
         }
@@ -607,15 +665,12 @@ void gemm_a8(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s
   }
 }
 
-template <typename S = Simd>  // a template, so AVX2 (pair sums) never instantiates gemm_a8
-void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
-                    const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
-                    int64_t block_end) {
-  if constexpr (!S::kPairSums) {  // vpdpbusd: the tile GEMM from kA8GemmMinRows rows
-    const int64_t forced = forced_gemm_rows();
-    if (a.M >= (forced > 0 ? forced : kA8GemmMinRows))
-      return gemm_a8<S>(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
-  }
+inline void linear_a8_impl(const ActivationsA8& a, const uint8_t* packed, const PackedShape& s,
+                           const float* bias, void* y, DType dtype, int64_t ldy, int64_t block_begin,
+                           int64_t block_end) {
+  const int64_t forced = forced_gemm_rows();
+  if (a.M >= (forced > 0 ? forced : Simd::kA8GemmMinRows))
+    return gemm_a8(a, packed, s, bias, y, dtype, ldy, block_begin, block_end);
   const Geometry geo(s);
   for (int64_t b = block_begin; b < block_end; ++b)
     for_row_chunks(a.M, [&](auto rows, int64_t m) {

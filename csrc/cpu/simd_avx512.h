@@ -24,6 +24,13 @@ struct Simd {
   static constexpr int64_t kGemmMinRowsBf16 = std::numeric_limits<int64_t>::max();
   static constexpr int64_t kGemmMinRowsFloat = 1024;
   static constexpr int64_t kInt24MaxRows = std::numeric_limits<int64_t>::max();  // every GEMV row
+  // W4A8 GEMM (linear_simd.h's gemm_a8): 8 rows x 3 row blocks, 24 int32 accumulators, from 12
+  // rows of x (INT4KIT_GEMM_MIN_ROWS moves it too). 4096x11008, hot, two threads, AMD EPYC (Zen
+  // 5), two alternating runs, ms GEMV -> GEMM: M = 8 1.09 / 1.24 -> 1.44 / 1.48, 12 1.66 / 2.37 ->
+  // 1.59 / 1.83, 16 2.41 / 2.42 -> 2.14 / 2.27, 24 3.71 / 3.54 -> 2.58 / 2.53, 128 12.0 -> 9.85.
+  static constexpr int kA8Rows = 8;
+  static constexpr int kA8Blocks = 3;
+  static constexpr int64_t kA8GemmMinRows = 12;
 
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }

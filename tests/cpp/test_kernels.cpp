@@ -663,7 +663,7 @@ TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
   const int64_t ldy = c.N + 3;
   for (const auto& [symmetric, scale_dtype] : symmetry_and_scale_dtypes()) {
     const Weight w = make_weight(c, symmetric, rng, scale_dtype);
-    for (int64_t M : {1, 3, 4, 5, 9, 11, 12, 33, 300}) {  // AVX-512: the GEMM from 12 rows
+    for (int64_t M : {1, 3, 4, 5, 9, 11, 12, 26, 27, 33, 300}) {  // the GEMM from 12 (AVX-512), 24 (AVX2) rows
       SCOPED_TRACE(std::string(symmetric ? "symmetric" : "asymmetric") + " scales " +
                    dtype_name(scale_dtype) + " M=" + std::to_string(M));
       Matrix x(DType::F32, M, c.K, 0.f);
@@ -731,10 +731,11 @@ TEST_P(W4A8Linear, TiesRoundHalfEvenAndNonFiniteRowsAreMarked) {
   EXPECT_EQ(scales[3], 1.f);
 }
 
-// The integer GEMVs at their extremes: every code 15 and every x at -max|x| makes each byte dot
-// product as large as it gets (AVX2 sums vpmaddubsw pairs in int16 over 4 words: 4 * 2 * 3840
-// stays under 2^15; an overflow would wrap). W4A8 against its int8 reference; bf16 x (the int16
-// grid in two planes) against the exact product.
+// The integer kernels at their extremes: every code 15 and every x at -max|x| makes each byte dot
+// product as large as it gets (AVX2 sums vpmaddubsw pairs in int16 over 8 quads of columns, in
+// the GEMV and the W4A8 GEMM alike: 8 * 2 * 15 * 128 stays under 2^15; an overflow would wrap).
+// W4A8 against its int8 reference, one row (the GEMVs) and 40 (the GEMMs); bf16 x (the int16 grid
+// in two planes) against the exact product.
 TEST_P(W4A8Linear, IntegerDotProductsHoldTheirExtremes) {
   const auto [isa, c] = GetParam();
   if (!cpu::isa_supported(isa)) GTEST_SKIP() << cpu::isa_name(isa) << " is not supported here";
@@ -744,22 +745,26 @@ TEST_P(W4A8Linear, IntegerDotProductsHoldTheirExtremes) {
   const std::vector<uint8_t> qweight = reference_pack(w.codes, c.N, c.K);
   cpu::prepack(qweight.data(), w.scales.data(), w.zeros.data(), w.shape, w.packed.data());
   for (float value : {-1.f, -1.984375f}) {  // int16 codes -16384 and -32512 (high byte -127)
-    Matrix x(DType::BF16, 1, c.K, value);
-    const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, 1);
-    std::vector<int8_t> codes(size_t(sizes.codes), 0);
-    std::vector<int32_t> sums(size_t(sizes.sums), 0);
-    std::vector<float> scales(size_t(sizes.scales), kNaN);
-    const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), 1};
-    cpu::prepare_activations_a8(isa, x.bytes.data(), DType::BF16, c.K, w.shape, acts, 0, 1);
-    Matrix y8(DType::F32, 1, c.N, kNaN);
-    cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y8.bytes.data(), DType::F32, c.N,
-                   0, w.shape.row_blocks());
-    const std::vector<double> ref8 = reference_linear_a8(w, x, 1);
-    const std::vector<double> ref = reference_linear(w, x, 1);
-    const Matrix y16 = run_linear(isa, w, x, 1, nullptr, c.N, w.shape.row_blocks());
-    for (int64_t n = 0; n < c.N; ++n) {
-      ASSERT_NEAR(y8.get(0, n), ref8[n], 1e-5 * std::fabs(ref8[n]) + 1e-4) << "W4A8, column " << n;
-      ASSERT_NEAR(y16.get(0, n), ref[n], ulp_of(ref[n], DType::BF16) + 1e-4) << "bf16 x, column " << n;
+    for (int64_t M : {1, 40}) {
+      SCOPED_TRACE("bf16 x " + std::to_string(value) + " M=" + std::to_string(M));
+      Matrix x(DType::BF16, M, c.K, value);
+      const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
+      std::vector<int8_t> codes(size_t(sizes.codes), 0);
+      std::vector<int32_t> sums(size_t(sizes.sums), 0);
+      std::vector<float> scales(size_t(sizes.scales), kNaN);
+      const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
+      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::BF16, c.K, w.shape, acts, 0, M);
+      Matrix y8(DType::F32, M, c.N, kNaN);
+      cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y8.bytes.data(), DType::F32, c.N,
+                     0, w.shape.row_blocks());
+      const std::vector<double> ref8 = reference_linear_a8(w, x, M);
+      const std::vector<double> ref = reference_linear(w, x, M);
+      const Matrix y16 = run_linear(isa, w, x, M, nullptr, c.N, w.shape.row_blocks());
+      for (int64_t i = 0; i < M * c.N; ++i) {
+        const int64_t m = i / c.N, n = i % c.N;
+        ASSERT_NEAR(y8.get(m, n), ref8[i], 1e-5 * std::fabs(ref8[i]) + 1e-4) << "W4A8, output " << i;
+        ASSERT_NEAR(y16.get(m, n), ref[i], ulp_of(ref[i], DType::BF16) + 1e-4) << "bf16 x, output " << i;
+      }
     }
   }
   // fp32 x on the int24 grid (the GEMV at M = 1, int8 AMX tiles from 4 rows): -1 and just under -2
