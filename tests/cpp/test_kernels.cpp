@@ -654,6 +654,23 @@ std::vector<double> reference_linear_a8(const Weight& w, const Matrix& x, int64_
   return reference_linear(w, xq, M);
 }
 
+// W4A8's int8 activations of M rows in buffers of their own, filled with what
+// prepare_activations_a8 must overwrite (codes 0x55, sums -1, scales NaN), and the view the
+// kernels take (it points into the buffers: not copyable).
+struct A8Activations {
+  std::vector<int8_t> codes;
+  std::vector<int32_t> sums;
+  std::vector<float> scales;
+  cpu::ActivationsA8 acts;
+  A8Activations(const PackedShape& shape, int64_t M)
+      : codes(size_t(cpu::activation_a8_sizes(shape, M).codes), 0x55),
+        sums(size_t(cpu::activation_a8_sizes(shape, M).sums), -1),
+        scales(size_t(cpu::activation_a8_sizes(shape, M).scales), kNaN),
+        acts{codes.data(), sums.data(), scales.data(), M} {}
+  A8Activations(const A8Activations&) = delete;
+  A8Activations& operator=(const A8Activations&) = delete;
+};
+
 class W4A8Linear : public ::testing::TestWithParam<std::tuple<Isa, Layout>> {};
 
 TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
@@ -669,14 +686,10 @@ TEST_P(W4A8Linear, MatchesInt8QuantizedReference) {
       Matrix x(DType::F32, M, c.K, 0.f);
       const std::vector<float> xv = random_floats(M * c.K, -1.f, 1.f, rng);
       for (int64_t i = 0; i < M * c.K; ++i) x.set(i / c.K, i % c.K, xv[i]);
-      const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
-      std::vector<int8_t> codes(size_t(sizes.codes), 0x55);
-      std::vector<int32_t> sums(size_t(sizes.sums), -1);
-      std::vector<float> scales(size_t(sizes.scales), kNaN);
-      const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
-      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
+      A8Activations a8(w.shape, M);
+      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, a8.acts, 0, M);
       Matrix y(DType::F32, M, ldy, kNaN);
-      cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, ldy,
+      cpu::linear_a8(isa, a8.acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, ldy,
                      0, w.shape.row_blocks());
       const std::vector<double> ref = reference_linear_a8(w, x, M);
       double err2 = 0.0, ref2 = 0.0;
@@ -704,14 +717,10 @@ TEST_P(W4A8Linear, TiesRoundHalfEvenAndNonFiniteRowsAreMarked) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < c.K; ++k) x.set(m, k, float(int64_t(rng() % 254) - 127) + 0.5f);
   for (int64_t m = 0; m < M; ++m) x.set(m, (m * 7) % c.K, 127.f);  // max|x| = 127: scale 1
-  const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
-  std::vector<int8_t> codes(size_t(sizes.codes), 0);
-  std::vector<int32_t> sums(size_t(sizes.sums), 0);
-  std::vector<float> scales(size_t(sizes.scales), kNaN);
-  const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
-  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
+  A8Activations a8(w.shape, M);
+  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, a8.acts, 0, M);
   Matrix y(DType::F32, M, c.N, kNaN);
-  cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, c.N, 0,
+  cpu::linear_a8(isa, a8.acts, w.packed.data(), w.shape, nullptr, y.bytes.data(), DType::F32, c.N, 0,
                  w.shape.row_blocks());
   const std::vector<double> ref = reference_linear_a8(w, x, M);
   double err2 = 0.0, ref2 = 0.0;
@@ -724,11 +733,11 @@ TEST_P(W4A8Linear, TiesRoundHalfEvenAndNonFiniteRowsAreMarked) {
 
   x.set(1, c.K - 1, -std::numeric_limits<float>::infinity());
   x.set(2, 0, std::copysign(kNaN, -1.f));  // sign bit set: still above every finite |x|
-  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, acts, 0, M);
-  EXPECT_EQ(scales[0], 1.f);
-  EXPECT_TRUE(std::isnan(scales[1]));
-  EXPECT_TRUE(std::isnan(scales[2]));
-  EXPECT_EQ(scales[3], 1.f);
+  cpu::prepare_activations_a8(isa, x.bytes.data(), DType::F32, c.K, w.shape, a8.acts, 0, M);
+  EXPECT_EQ(a8.scales[0], 1.f);
+  EXPECT_TRUE(std::isnan(a8.scales[1]));
+  EXPECT_TRUE(std::isnan(a8.scales[2]));
+  EXPECT_EQ(a8.scales[3], 1.f);
 }
 
 // The integer kernels at their extremes: every code 15 and every x at -max|x| makes each byte dot
@@ -748,14 +757,10 @@ TEST_P(W4A8Linear, IntegerDotProductsHoldTheirExtremes) {
     for (int64_t M : {1, 40}) {
       SCOPED_TRACE("bf16 x " + std::to_string(value) + " M=" + std::to_string(M));
       Matrix x(DType::BF16, M, c.K, value);
-      const cpu::ActivationA8Sizes sizes = cpu::activation_a8_sizes(w.shape, M);
-      std::vector<int8_t> codes(size_t(sizes.codes), 0);
-      std::vector<int32_t> sums(size_t(sizes.sums), 0);
-      std::vector<float> scales(size_t(sizes.scales), kNaN);
-      const cpu::ActivationsA8 acts{codes.data(), sums.data(), scales.data(), M};
-      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::BF16, c.K, w.shape, acts, 0, M);
+      A8Activations a8(w.shape, M);
+      cpu::prepare_activations_a8(isa, x.bytes.data(), DType::BF16, c.K, w.shape, a8.acts, 0, M);
       Matrix y8(DType::F32, M, c.N, kNaN);
-      cpu::linear_a8(isa, acts, w.packed.data(), w.shape, nullptr, y8.bytes.data(), DType::F32, c.N,
+      cpu::linear_a8(isa, a8.acts, w.packed.data(), w.shape, nullptr, y8.bytes.data(), DType::F32, c.N,
                      0, w.shape.row_blocks());
       const std::vector<double> ref8 = reference_linear_a8(w, x, M);
       const std::vector<double> ref = reference_linear(w, x, M);
