@@ -137,8 +137,9 @@ struct Simd {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static VI load_words(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static VI load_words(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }  // aligned
-  static void store_words(int32_t* p, VI v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+  // kLanes int32 sums at an aligned address (the W4A8 GEMM's widened pair sums)
+  static VI load_sums(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void store_sums(int32_t* p, VI v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
   template <int kShift>
   static V codes_to_float(VI words) {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(words, kShift), _mm256_set1_epi32(0xF)));

@@ -14,7 +14,8 @@
 // low_nibbles(w), high_nibbles(w) (bytes of codes), bcast4(p) (4 int8 in every lane), kPairSums:
 // false with dot_u8s8(acc, u8, s8) and dot_u8s8_in_place (4-way byte dot product into int32
 // lanes), true with pair_sums(u8, s8) (int16 sums of byte pairs), add_pairs and widen_pairs(acc,
-// pairs) (into int32 lanes); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize,
+// pairs) (into int32 lanes), add_pair_sums_4x2 and load_sums / store_sums (the W4A8 GEMM's step
+// and its int32 sums in memory); to_float(vi), and the quantizer's max_abs_bits, hmax_u32, quantize,
 // add_i, hsum_i, store_a8_codes; the W4A8 GEMM's kA8Rows x kA8Blocks microkernel and
 // kA8GemmMinRows, the rows from which it runs.
 //
@@ -459,9 +460,9 @@ void prepare_activations_a8_impl(const void* x, DType dtype, int64_t ldx, const 
 // (2, 6, 3, 7): x's bytes 4q .. 4q + 3 in the W4A8 order (a8_position) are exactly what meets quad
 // q. Per group the int32 sums are drained into fp32: c += s (acc - z sum xq); the row's scale is
 // applied once at the end. AVX2 (kPairSums) sums vpmaddubsw's int16 pairs over kA8QuadsPerWiden
-// quads before widening them into the int32 accumulators: 4 x 2 vectors of int16 pairs in
-// registers (the int32 ones mostly spilled, touched once per 8 quads), 139 G multiply-adds/s a
-// core in a stand-alone loop on Zen 5 where its GEMV reached ~97 and fp32 FMAs ~56.
+// quads before widening them into int32 sums kept in memory (touched once per 8 quads): 4 x 2
+// vectors of int16 pairs in registers, stepped by Simd::add_pair_sums_4x2, 143 G multiply-adds/s a
+// core at M = 512 on Zen 5 where its GEMV reached ~100 and fp32 FMAs ~56.
 constexpr int kA8Rows = Simd::kA8Rows;
 constexpr int kA8Blocks = Simd::kA8Blocks;
 constexpr int64_t kA8ChunkQuads = 128;  // 512 columns: 8 KiB of tile per row block
@@ -535,22 +536,22 @@ inline void accumulate_a8_pairs(int32_t (&acc)[R][V][S::kLanes], const int8_t* x
     for (int64_t q = q0; q < std::min(quads, q0 + kA8QuadsPerWiden); ++q) {
       if constexpr (R == 4 && V == 2) {  // the full microkernel: in assembly
         S::add_pair_sums_4x2(pairs, tq + q * kA8TileStride, x + q * 4, ldx);
-        continue;
-      }
-      typename S::VI w[V];
+      } else {  // a thread's last rows
+        typename S::VI w[V];
 #pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) w[j] = S::load_words(reinterpret_cast<const uint32_t*>(tq + q * kA8TileStride + j * S::kLanes));
+        for (int j = 0; j < V; ++j) w[j] = S::load_words(reinterpret_cast<const uint32_t*>(tq + q * kA8TileStride + j * S::kLanes));
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const typename S::VI xb = S::bcast4(x + r * ldx + q * 4);
+        for (int r = 0; r < R; ++r) {
+          const typename S::VI xb = S::bcast4(x + r * ldx + q * 4);
 #pragma GCC unroll 4
-        for (int j = 0; j < V; ++j) pairs[r][j] = S::add_pairs(pairs[r][j], S::pair_sums(w[j], xb));
+          for (int j = 0; j < V; ++j) pairs[r][j] = S::add_pairs(pairs[r][j], S::pair_sums(w[j], xb));
+        }
       }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int j = 0; j < V; ++j) S::store_words(acc[r][j], S::widen_pairs(S::load_words(acc[r][j]), pairs[r][j]));
+      for (int j = 0; j < V; ++j) S::store_sums(acc[r][j], S::widen_pairs(S::load_sums(acc[r][j]), pairs[r][j]));
   }
 }
 
@@ -570,12 +571,12 @@ void microkernel_a8(const int8_t* x, int64_t ldx, const int32_t* tile, const KSe
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int j = 0; j < V; ++j) S::store_words(sums[r][j], S::zero_i());
+        for (int j = 0; j < V; ++j) S::store_sums(sums[r][j], S::zero_i());
       accumulate_a8_pairs<R, S, V>(sums, xs0, ldx, tq, sg.units);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-        for (int j = 0; j < V; ++j) acc[r][j] = S::load_words(sums[r][j]);
+        for (int j = 0; j < V; ++j) acc[r][j] = S::load_sums(sums[r][j]);
     } else {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
