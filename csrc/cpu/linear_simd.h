@@ -316,6 +316,9 @@ constexpr int a8_position(int column) { return 2 * (column % 4) + column / 4; }
 // With kPairSums (AVX2: no vpdpbusd, so vpmaddubsw gives int16 pair sums, vpmaddwd widens them),
 // the pair sums of up to kWordsPerWiden words add up in int16 before one widening: each is at most
 // 2 * 15 * 128 = 3840 in size, two per word (low and high nibbles), 4 words 30720 < 2^15.
+// The W4A8 kernels take the traits as a template parameter S (always Simd) so that S::kPairSums's
+// branches are dependent: `if constexpr` then discards the one whose functions this ISA's Simd
+// lacks (AVX-512 has no pair_sums, AVX2 no dot_u8s8); with Simd named directly both must compile.
 template <int R, typename Grid, typename S = Simd>
 void gemv_rows_a8(const ActivationsA8& a, int64_t m0, const uint8_t* packed, const Geometry& geo,
                   const float* bias, void* y, DType dtype, int64_t ldy, int64_t b, int64_t N) {
