@@ -44,7 +44,9 @@ EVAL_SETS = {"in-domain": eval_data.EVAL_IN_DOMAIN, "out-of-domain": eval_data.E
 SLOW_METHODS = (("adaround", dict(method="adaround", clip_search=True)),
                 ("adaround refined", dict(method="adaround", clip_search=True, refine_rounds=2)),
                 ("adaround block", dict(method="adaround", clip_search=True,
-                                        reconstruction="block")))
+                                        reconstruction="block")),
+                ("adaround block refined", dict(method="adaround", clip_search=True,
+                                                reconstruction="block", refine_rounds=2)))
 
 
 def pick(names: Optional[str], what: str):

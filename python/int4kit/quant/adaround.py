@@ -122,17 +122,28 @@ def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    codes, s_out, z_out = soft.codes(), s, z
-    if polish_sweeps:
-        codes = coordinate_descent(W, codes, s, z, G, H, polish_sweeps)
-    if refine_rounds:
-        layer = LayerTerms(W, Hf, G, symmetric)
-        for _ in range(refine_rounds):
-            s_fit, z_fit, before, after = refit_grid(layer, codes, s_out, z_out, dtype)
-            better = (after < before)[:, None]
-            s_out, z_out = torch.where(better, s_fit, s_out), torch.where(better, z_fit, z_out)
-            if polish_sweeps:
-                codes = coordinate_descent(W, codes, s_out, z_out, G, H, polish_sweeps)
+    codes, s_out, z_out = polish_and_refine(W, H, soft.codes(), s, z, G, symmetric, dtype,
+                                            polish_sweeps, refine_rounds)
     if codes_objective(W, codes, s_out, z_out, G, H) > base:
         return nearest, s, z
     return codes, s_out, z_out
+
+
+def polish_and_refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, s: torch.Tensor,
+                      z: torch.Tensor, G: int, symmetric: bool, dtype: torch.dtype,
+                      polish_sweeps: int, refine_rounds: int):
+    """Learned codes polished by at most polish_sweeps sweeps of coordinate descent on the (damped)
+    layer objective of H, then refine_rounds times: each row's group parameters refitted to its
+    codes by least squares (GPTQ's refit_grid; a row keeps its grid unless the refit lowers its
+    objective) and the codes polished again on the new grid. Returns (codes, s, z)."""
+    if polish_sweeps:
+        codes = coordinate_descent(W, codes, s, z, G, H, polish_sweeps)
+    if refine_rounds:
+        layer = LayerTerms(W, H.float(), G, symmetric)
+        for _ in range(refine_rounds):
+            s_fit, z_fit, before, after = refit_grid(layer, codes, s, z, dtype)
+            better = (after < before)[:, None]
+            s, z = torch.where(better, s_fit, s), torch.where(better, z_fit, z)
+            if polish_sweeps:
+                codes = coordinate_descent(W, codes, s, z, G, H, polish_sweeps)
+    return codes, s, z

@@ -59,6 +59,10 @@ class QuantConfig:
       with `seed`). The learned codes are then polished by at most adaround_polish_sweeps sweeps
       of coordinate descent on the damped layer objective (quant/descent.py: single codes move by
       one step, also past the floor / ceiling pair AdaRound chooses from; 0 turns it off).
+      Block-wise, adaround_layer_weight weighs the block's layers' own damped objectives (each
+      relative to plain rounding's) against the block loss (0: the block loss alone; holds each
+      layer's damped Hessian through the block's learning), and refine_rounds refits each
+      layer's grid to its learned codes as layer-wise.
     scale_dtype: the dtype scales and zero points are stored in (and rounded to before any code
       is computed): None for the weight's dtype, or torch.float32 / bfloat16 / float16. A
       float32 model's group-128 asymmetric layer costs 4.5 bits per weight with float32 scales
@@ -82,6 +86,7 @@ class QuantConfig:
     adaround_lr: float = 3e-2
     adaround_reg: float = 10.0
     adaround_polish_sweeps: int = 20
+    adaround_layer_weight: float = 1.0
     reconstruction: str = "layer"
     seed: int = 0
     scale_dtype: Optional[torch.dtype] = None
@@ -126,7 +131,8 @@ class QuantConfig:
             if not _int_at_least(getattr(self, name), 0):
                 raise ValueError(f"QuantConfig.{name} must be a non-negative int, got "
                                  f"{getattr(self, name)!r}")
-        for name, low in (("adaround_lr", "positive"), ("adaround_reg", "non-negative")):
+        for name, low in (("adaround_lr", "positive"), ("adaround_reg", "non-negative"),
+                          ("adaround_layer_weight", "non-negative")):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
                     0 <= value < float("inf")) or (low == "positive" and value == 0):
@@ -137,10 +143,6 @@ class QuantConfig:
         if self.reconstruction == "block" and self.method != "adaround":
             raise ValueError(f"QuantConfig.reconstruction='block' applies to method 'adaround', "
                              f"not {self.method!r}")
-        if self.reconstruction == "block" and self.refine_rounds:
-            raise ValueError("QuantConfig.refine_rounds refits each layer's grid to its own "
-                             "objective, which reconstruction='block' does not learn against; "
-                             "use refine_rounds=0 or reconstruction='layer'")
         if not _int_at_least(self.seed, 0):
             raise ValueError(f"QuantConfig.seed must be a non-negative int, got {self.seed!r}")
         if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES.values():
