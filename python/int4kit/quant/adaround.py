@@ -75,6 +75,12 @@ class SoftRounding:
         q = self._codes(rectified_sigmoid(self.v))
         return ungrouped((q - self.z[..., None]) * self.s[..., None], self.K)
 
+    def objective(self, w: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        """tr((w - W_soft) H (w - W_soft)^T), the layer objective of the current soft weight
+        (differentiable in v; H float32)."""
+        d = w - self.soft_weight()
+        return ((d @ H) * d).sum()
+
     def regulariser(self, beta: float) -> torch.Tensor:
         """mean(1 - |2 h - 1|^beta) over the weights: 0 once every h is 0 or 1."""
         return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).mean()
@@ -114,8 +120,7 @@ def adaround(w: torch.Tensor, H: torch.Tensor, group_size: int, symmetric: bool,
     soft = SoftRounding(W, s, z, G)
     optimizer = torch.optim.Adam([soft.v], lr=lr)
     for step in range(iters):
-        d = W - soft.soft_weight()
-        loss = ((d @ Hf) * d).sum() / base
+        loss = soft.objective(W, Hf) / base
         beta = beta_at(step, iters, warmup)
         if beta is not None:
             loss = loss + reg * soft.regulariser(beta)

@@ -247,10 +247,8 @@ def _optimise(block, inputs, targets, masks, soft, base, config, generator, bloc
             index = int(torch.randint(len(inputs), (1,), generator=generator))
             loss = _block_loss(block, inputs, targets, masks, index) / base
             if layer_objectives:  # each layer's own damped objective, relative to plain rounding's
-                layer_loss = 0
-                for n, (W, Hd, nearest) in layer_objectives.items():
-                    d = W - soft[n].soft_weight()
-                    layer_loss = layer_loss + ((d @ Hd) * d).sum() / nearest
+                layer_loss = sum(soft[n].objective(W, Hd) / nearest
+                                 for n, (W, Hd, nearest) in layer_objectives.items())
                 loss = loss + config.adaround_layer_weight * layer_loss / len(layer_objectives)
             beta = beta_at(step, iters, WARMUP)
             if beta is not None:
